@@ -1,0 +1,174 @@
+"""`zopro`: the headless command line (run, validate, ls, status, export). Never imports textual."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from engine.recipe import RecipeError, load_recipe
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+app = typer.Typer(
+    name="zopro",
+    help="Preference optimisation of language models, first-order (RLOO) and zeroth-order, from the terminal.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def default_run_dir(root: Path, name: str, method: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{name}-{method}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{method}-{stamp}-{n}"
+    return path
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path | None, typer.Argument(help="recipe TOML (default: the embedded recipes/tiny.toml)")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="where to write the run (default: ROOT/NAME-METHOD-TIME)")] = None,
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value (repeatable)")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory from its last checkpoint")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress, only the summary")] = False,
+) -> None:
+    """Train: SFT, reward model, then iterations of policy optimisation and reward refinement."""
+    from engine.runner import run_training
+
+    if resume is not None:
+        if recipe is not None or set_:
+            fail("--resume takes the recipe saved in the run directory; drop the recipe argument and --set")
+        code = run_training(None, [], run_dir=resume, resume=True, quiet=quiet, console=console, err=err)
+    else:
+        path = recipe if recipe is not None else embedded_recipe()
+        code = run_training(path, set_ or [], run_dir=run_dir or None, root=root, resume=False, quiet=quiet,
+                            console=console, err=err)
+    raise typer.Exit(code)
+
+
+def embedded_recipe() -> Path:
+    """recipes/tiny.toml from the source tree, or the copy shipped inside the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "recipes" / "tiny.toml", here / "recipes" / "tiny.toml"):
+        if candidate.exists():
+            return candidate
+    fail("the embedded recipe recipes/tiny.toml is missing from this installation; pass a recipe file")
+    raise AssertionError
+
+
+@app.command()
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="recipe files")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")] = None,
+    show: Annotated[bool, typer.Option("--show", help="print the fully resolved recipe")] = False,
+) -> None:
+    """Check recipes without running anything."""
+    from engine.recipe import dump_recipe
+
+    bad = 0
+    for path in recipes:
+        try:
+            resolved = load_recipe(path, set_ or [])
+        except RecipeError as error:
+            err.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+            bad += 1
+            continue
+        console.print(f"[green]ok[/] {path}: method {resolved.policy.method}, model {resolved.model.base}, "
+                      f"{resolved.train.iterations} iterations x {resolved.train.updates_per_iteration} updates")
+        if show:
+            console.print(dump_recipe(resolved), markup=False)
+    raise typer.Exit(EXIT_BAD_INPUT if bad else EXIT_OK)
+
+
+@app.command("ls")
+def list_runs_command(
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON list instead of a table")] = False,
+) -> None:
+    """The runs under ROOT: name, method, status, iteration, scores."""
+    from engine.reader import list_runs
+    from engine.report import runs_table
+
+    runs = list_runs(root)
+    if as_json:
+        print(json.dumps([r.to_json() for r in runs], indent=1, default=str))
+        return
+    if not runs:
+        console.print(f"no runs under {root}/ yet: start one with `zopro run`")
+        return
+    console.print(runs_table(runs))
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """One run's state, latest metrics and per-iteration evaluations."""
+    from engine.reader import is_run_dir, read_events, run_info
+    from engine.report import status_panel
+
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
+    info = run_info(run_dir)
+    evals = [e for e in read_events(run_dir) if e.get("type") == "eval"]
+    if as_json:
+        data = info.to_json()
+        data["evaluations"] = [{"iteration": e.get("iteration"), **e.get("metrics", {})} for e in evals]
+        print(json.dumps(data, indent=1, default=str))
+        return
+    console.print(status_panel(info, evals))
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    format: Annotated[str, typer.Option("--format", "-f", help="csv or json")] = "csv",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")] = None,
+) -> None:
+    """Write a run's metrics as CSV (one row per metrics event) or JSON."""
+    from engine.reader import is_run_dir
+    from engine.report import export_metrics
+
+    if format not in ("csv", "json"):
+        fail(f"--format {format!r} is not accepted; choose csv or json")
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
+    text = export_metrics(run_dir, format)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        err.print(f"wrote {output}")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

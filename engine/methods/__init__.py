@@ -1,0 +1,30 @@
+"""Policy update methods: each takes one rollout and changes the policy adapter (method.md sections 2-3)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from engine.rollout import Rollout
+
+
+class PolicyUpdate(Protocol):
+    """One way to turn a rollout into a change of the policy adapter."""
+
+    name: str
+    zeroth_order: bool
+
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float) -> dict[str, float]:
+        """Change the policy adapter in place; return the update's metrics."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def make_update(method: str, context: Any) -> PolicyUpdate:
+    """The update step of `method` for this run (the pipeline passes itself as context)."""
+    if method == "rloo":
+        from engine.methods.rloo import RLOOUpdate
+
+        return RLOOUpdate(context)
+    raise ValueError(f"unknown policy method {method!r}")

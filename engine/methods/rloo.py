@@ -1,0 +1,44 @@
+"""`rloo`: first-order policy update with the clipped surrogate on sequence ratios and AdamW."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.objectives import clipped_surrogate
+from engine.rollout import Rollout, token_logprobs
+
+
+class RLOOUpdate:
+    """loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), back-propagated into the policy adapter."""
+
+    name = "rloo"
+    zeroth_order = False
+
+    def __init__(self, run: Any):
+        self.pm, self.counters = run.pm, run.counters
+        self.clip_range = run.recipe.policy.clip_range
+        config = run.recipe.rloo
+        self.lr, self.max_grad_norm = config.lr, config.max_grad_norm
+        self.params = list(self.pm.adapter_parameters("policy").values())
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * lr_scale
+        with self.pm.adapter("policy"):
+            new_logprobs = token_logprobs(self.pm, rollout.sequences, self.counters)
+            loss, stats = clipped_surrogate(new_logprobs, rollout.old_logprobs, rollout.advantages, self.clip_range)
+            loss.backward()
+        self.counters.add(backward_passes=1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss/policy": float(loss), "policy/grad_norm": float(grad_norm), "policy/lr": self.lr * lr_scale, **stats}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

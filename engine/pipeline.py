@@ -1,0 +1,601 @@
+"""The pipeline of one run (method.md section 1): SFT, reward model, then iterations of
+[policy updates -> least-confident rollouts -> second sample -> judge -> reward refinement -> keep-close]
+each closed by a held-out evaluation. Resumable at any step: every random draw comes from a generator
+seeded by (run seed, what, where), and a checkpoint holds adapters, optimisers and the loop position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import __version__
+from engine.judges import GoldJudge, RewardJudge
+from engine.methods import make_update
+from engine.models import load_adapters, load_preference_model, resolve_base, resolve_device, save_adapters
+from engine.objectives import bradley_terry_loss, sft_loss
+from engine.recipe import Recipe, dump_recipe
+from engine.rollout import collect_rollout, encode_responses, position_ids, reward_scores, sample, token_logprobs
+from engine.rundir import RunWriter, atomic_write_json, latest_checkpoint
+from engine.tasks import make_task
+from engine.telemetry import Counters, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
+
+STAGES = ("sft", "reward", "policy", "refine", "eval", "done")
+
+
+class StopRun(Exception):
+    """Training stopped on request (control `stop`, SIGINT, SIGTERM) after a checkpoint."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TrainingFailed(RuntimeError):
+    """Training could not go on (for example a non-finite loss); the message is for the user."""
+
+
+def seeded(seed: int, *where: Any) -> int:
+    """A 63-bit seed that is a pure function of the run seed and a position in the run."""
+    text = ":".join(str(x) for x in (seed, *where))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def generator(seed: int, *where: Any) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seeded(seed, *where))
+    return gen
+
+
+@dataclass
+class RunState:
+    """The loop position and the small per-iteration state; saved as JSON in every checkpoint."""
+
+    stage: str = "sft"
+    iteration: int = 0
+    step: int = 0
+    global_step: int = 0
+    policy_updates: int = 0
+    elapsed: float = 0.0
+    event_seq: int = 0
+    rollouts: list[dict] = field(default_factory=list)  # this iteration's (prompt, response, score)
+    judged_pairs: list[dict] | None = None
+    judge_stats: dict[str, int] = field(default_factory=dict)
+    sft_eval_answers: list[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # one row per evaluation (sft baseline, iterations)
+    counters: dict = field(default_factory=dict)
+    latest: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """One run: owns the model, the task, the writer and the loop state."""
+
+    def __init__(self, recipe: Recipe, writer: RunWriter, *, listener: Callable[[dict], None] | None = None):
+        self.recipe = recipe
+        self.writer = writer
+        self.listener = listener
+        self.seed = recipe.seed
+        self.state = RunState()
+        self.counters = Counters()
+        self.clock = Stopwatch()
+        self.signal_received: str | None = None
+        self.stage_started = time.monotonic()
+        self.task = make_task(recipe.task.name, recipe.seed)
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        self.device = resolve_device(recipe.device)
+        base = resolve_base(recipe.model.base, self.task.corpus(), recipe.seed, recipe.model.cache_dir)
+        m = recipe.model
+        self.pm = load_preference_model(base, dtype=m.dtype, device=self.device, lora_rank=m.lora_rank,
+                                        lora_alpha=m.lora_alpha, target_modules=m.target_modules, seed=recipe.seed)
+        self.train_prompts = self.task.prompts(recipe.task.train_prompts, "train")
+        self.eval_prompts = self.task.prompts(recipe.task.eval_prompts, "eval")
+        self.sft_optimizer = torch.optim.AdamW(self.pm.adapter_parameters("sft").values(), lr=recipe.sft.lr)
+        self.reward_optimizer = self._reward_optimizer(recipe.reward.lr)
+        self.refine_optimizer = self._reward_optimizer(recipe.refine.lr)
+        self.method = make_update(recipe.policy.method, self)
+        self.reward_before_refine: dict[str, torch.Tensor] | None = None
+
+    def _reward_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        params = list(self.pm.adapter_parameters("reward").values()) + list(self.pm.score_head.parameters())
+        return torch.optim.AdamW(params, lr=lr)
+
+    # -- the run -----------------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        r = self.recipe
+        kept = math.ceil(r.refine.keep_fraction * r.train.prompts_per_update * r.train.samples_per_prompt
+                         * r.train.updates_per_iteration)
+        refine = r.refine.epochs * math.ceil(kept / r.refine.batch_size)
+        return r.sft.steps + r.reward.steps + r.train.iterations * (r.train.updates_per_iteration + refine)
+
+    def start(self) -> None:
+        """A new run: write the resolved recipe and meta, then train."""
+        path = self.writer.path
+        (path / "recipe.toml").write_text(dump_recipe(self.recipe))
+        meta = {
+            "zopro": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "host": platform.node(), "device": str(self.device), "seed": self.seed, "pid": _pid(),
+            "started": time.time(), "method": self.recipe.policy.method, "base": self.pm.base_path,
+            "argv": sys.argv,
+        }
+        with _suppress_import_errors():
+            import transformers, peft  # noqa: E401
+
+            meta.update(transformers=transformers.__version__, peft=peft.__version__)
+        if self.device.type == "cuda":
+            meta["gpu"] = torch.cuda.get_device_name(self.device)
+        atomic_write_json(path / "meta.json", meta)
+        self.writer.update_status(state="running", method=self.recipe.policy.method, started=meta["started"],
+                                  iterations=self.recipe.train.iterations, total_steps=self.total_steps, name=path.name)
+        self.emit("run_start", recipe=self.recipe.to_dict(), total_steps=self.total_steps)
+        self.train()
+
+    def resume(self) -> None:
+        """Continue from the latest checkpoint: same data order, same sampling, same directions."""
+        checkpoint = latest_checkpoint(self.writer.path)
+        self.writer.load_status()
+        if checkpoint is None:
+            self.writer.seq = 0
+            self.writer.update_status(state="running", pid=_pid())
+            self.emit("resume", rewind_to_seq=0, checkpoint=None)
+            self.train()
+            return
+        self.load_checkpoint(checkpoint)
+        self.writer.seq = self.state.event_seq
+        self.writer.update_status(state="running", error=None)
+        self.emit("resume", rewind_to_seq=self.state.event_seq, checkpoint=checkpoint.name)
+        self.train()
+
+    def train(self) -> None:
+        self._install_signal_handlers()
+        try:
+            while self.state.stage != "done":
+                stage = self.state.stage
+                self.counters.enter(stage)
+                if self.state.step == 0:
+                    self.stage_started = time.monotonic()
+                    reset_peak(self.device)
+                    self.emit("stage_start", message=_stage_title(stage, self.state.iteration))
+                    self.writer.update_status(stage=stage, iteration=self._iteration_or_none(), step=0)
+                {"sft": self.run_sft, "reward": self.run_reward, "policy": self.run_policy,
+                 "refine": self.run_refine, "eval": self.run_eval}[stage]()
+            self.writer.update_status(state="finished", stage="done", latest=self.state.latest,
+                                      elapsed=self.clock.elapsed())
+            self.emit("run_end", status="finished", history=self.state.history)
+        except StopRun as stop:
+            self.writer.update_status(state="stopped", stopped_by=stop.reason, latest=self.state.latest)
+            self.emit("run_end", status="stopped", reason=stop.reason)
+            raise
+
+    # -- stage 1: SFT ------------------------------------------------------------------------------------
+    def run_sft(self) -> None:
+        r = self.recipe
+        examples = self.task.sft_examples(r.task.sft_examples)
+        self.pm.use("sft")
+        while self.state.step < r.sft.steps:
+            step = self.state.step
+            order = torch.randperm(len(examples), generator=generator(self.seed, "sft", step))[: r.sft.batch_size]
+            batch = [examples[i] for i in order.tolist()]
+            seqs = encode_responses(self.pm, [e.prompt for e in batch], [e.response for e in batch],
+                                    max_prompt_tokens=r.model.max_prompt_tokens, max_new_tokens=r.model.max_new_tokens)
+            mask = seqs.attention_mask
+            logits = self.pm.model(input_ids=seqs.input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            labels = seqs.input_ids.clone()
+            labels[:, : seqs.prompt_width] = -100
+            labels[:, seqs.prompt_width :][seqs.response_mask == 0] = -100
+            loss = sft_loss(logits, labels)
+            loss.backward()
+            self.sft_optimizer.step()
+            self.sft_optimizer.zero_grad(set_to_none=True)
+            self.counters.add(forward_passes=1, backward_passes=1, tokens=int(mask.sum()))
+            self._check_finite(loss.detach(), "sft", "loss/sft")
+            self.advance()
+            if self.state.step % 10 == 0 or self.state.step == r.sft.steps:
+                self.metrics({"loss/sft": float(loss.detach())})
+            self.between_steps()
+        self.pm.copy_adapter("sft", "policy")  # the policy starts as a copy of the SFT model
+        self.end_stage("reward", checkpoint="sft")
+
+    # -- stage 2: the reward model -----------------------------------------------------------------------
+    def run_reward(self) -> None:
+        r = self.recipe
+        pairs = self.task.preference_pairs(r.task.preference_pairs)
+        while self.state.step < r.reward.steps:
+            step = self.state.step
+            order = torch.randperm(len(pairs), generator=generator(self.seed, "reward", step))[: r.reward.batch_size]
+            batch = [pairs[i] for i in order.tolist()]
+            loss, accuracy = self._bradley_terry_step([p.prompt for p in batch], [p.chosen for p in batch],
+                                                      [p.rejected for p in batch], self.reward_optimizer)
+            self._check_finite(loss, "reward", "loss/reward")
+            self.advance()
+            if self.state.step % 10 == 0 or self.state.step == r.reward.steps:
+                self.metrics({"loss/reward": loss, "reward/accuracy": accuracy})
+            self.between_steps()
+        self._center_reward(pairs)
+        held_out = self.task.preference_pairs(256) if hasattr(self.task, "preference_pairs") else []
+        accuracy = self._reward_accuracy(held_out)
+        self.metrics({"reward/eval_accuracy": accuracy})
+        self.evaluate(label="sft")
+        self.end_stage("policy", checkpoint="reward")
+
+    def _bradley_terry_step(self, prompts: list[str], chosen: list[str], rejected: list[str],
+                            optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+        r = self.recipe
+        with self.pm.adapter("reward"):
+            seqs = encode_responses(self.pm, prompts + prompts, chosen + rejected,
+                                    max_prompt_tokens=r.model.max_prompt_tokens, max_new_tokens=r.model.max_new_tokens)
+            scores = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
+        n = len(prompts)
+        loss = bradley_terry_loss(scores[:n], scores[n:])
+        loss.backward()
+        self.counters.add(backward_passes=1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss), float((scores[:n] > scores[n:]).float().mean())
+
+    @torch.no_grad()
+    def _score_texts(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        r = self.recipe
+        out = []
+        for start in range(0, len(prompts), 64):
+            seqs = encode_responses(self.pm, prompts[start : start + 64], responses[start : start + 64],
+                                    max_prompt_tokens=r.model.max_prompt_tokens, max_new_tokens=r.model.max_new_tokens)
+            out.append(reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def _center_reward(self, pairs: list) -> None:
+        """Shift the score head so the reward model's mean score on its training answers is 0: then
+        'least confident' (smallest |score|) means near the decision boundary, as method.md intends."""
+        sample_pairs = pairs[:256]
+        scores = self._score_texts([p.prompt for p in sample_pairs] * 2,
+                                   [p.chosen for p in sample_pairs] + [p.rejected for p in sample_pairs])
+        if len(scores):
+            self.pm.score_head.bias -= scores.mean()
+
+    @torch.no_grad()
+    def _reward_accuracy(self, pairs: list) -> float:
+        if not pairs:
+            return float("nan")
+        chosen = self._score_texts([p.prompt for p in pairs], [p.chosen for p in pairs])
+        rejected = self._score_texts([p.prompt for p in pairs], [p.rejected for p in pairs])
+        return float((chosen > rejected).float().mean())
+
+    # -- stage 3a: policy optimisation -------------------------------------------------------------------
+    def iteration_prompts(self, iteration: int) -> list[str]:
+        """Iteration i trains on its own chunk of the training prompts."""
+        per = max(len(self.train_prompts) // self.recipe.train.iterations, self.recipe.train.prompts_per_update)
+        start = (iteration * per) % len(self.train_prompts)
+        chunk = (self.train_prompts + self.train_prompts)[start : start + per]
+        return chunk
+
+    def run_policy(self) -> None:
+        r = self.recipe
+        i = self.state.iteration
+        chunk = self.iteration_prompts(i)
+        updates = r.train.updates_per_iteration
+        while self.state.step < updates:
+            step = self.state.step
+            started = time.monotonic()
+            order = torch.randperm(len(chunk), generator=generator(self.seed, "prompts", i, step))
+            prompts = [chunk[j] for j in order[: r.train.prompts_per_update].tolist()]
+            rollout = collect_rollout(
+                self.pm, prompts, k=r.train.samples_per_prompt, kl_coef=r.policy.kl_coef,
+                max_new_tokens=r.model.max_new_tokens, max_prompt_tokens=r.model.max_prompt_tokens,
+                temperature=r.policy.temperature, generator=generator(self.seed, "rollout", i, step),
+                counters=self.counters,
+            )
+            lr_scale = 1.0
+            update_metrics = self.method.update(rollout, update_index=self.state.policy_updates,
+                                                step_in_iteration=step, lr_scale=lr_scale)
+            seqs = rollout.sequences
+            finished = seqs.finished.tolist()
+            gold = [self.task.gold(p, a, f) for p, a, f in zip(seqs.prompts, seqs.responses, finished, strict=True)]
+            scores = rollout.scores.tolist()
+            self.state.rollouts.extend(
+                {"prompt": p, "response": a, "score": s} for p, a, s in zip(seqs.prompts, seqs.responses, scores, strict=True)
+            )
+            tokens = seqs.response_mask.sum(-1).clamp(min=1)
+            entropy = float((-rollout.old_logprobs.sum(-1) / tokens).mean())
+            self.state.policy_updates += 1
+            self.advance()
+            self.metrics({
+                "objective/scores": float(rollout.scores.mean()),
+                "objective/rlhf_reward": float(rollout.rlhf_reward.mean()),
+                "objective/kl": float(rollout.kl.mean()),
+                "objective/entropy": entropy,
+                "objective/gold": sum(gold) / len(gold),
+                "objective/response_length": float(seqs.response_mask.sum(-1).float().mean()),
+                "objective/finished": sum(finished) / len(finished),
+                "policy/update": self.state.policy_updates,
+                "time/update_s": time.monotonic() - started,
+                **update_metrics,
+            })
+            if self.state.policy_updates % r.log.samples_every == 0 or step == updates - 1:
+                self.write_samples(seqs.prompts, seqs.responses, scores, gold)
+            if r.log.checkpoint_every and self.state.policy_updates % r.log.checkpoint_every == 0:
+                self.checkpoint("resume")
+            self.between_steps()
+        self.end_stage("refine")
+
+    # -- stage 3b-f: least-confident rollouts, second sample, judge, reward refinement, keep-close -------------
+    def judge_pairs(self) -> None:
+        r = self.recipe
+        i = self.state.iteration
+        seen: set[tuple[str, str]] = set()
+        unique = []
+        for row in self.state.rollouts:
+            key = (row["prompt"], row["response"])
+            if key not in seen:
+                seen.add(key)
+                unique.append(row)
+        unique.sort(key=lambda row: abs(row["score"]))
+        kept = unique[: max(1, math.ceil(r.refine.keep_fraction * len(unique)))]
+        with torch.no_grad(), self.pm.adapter("policy"):
+            second = sample(self.pm, [row["prompt"] for row in kept], max_new_tokens=r.model.max_new_tokens,
+                            max_prompt_tokens=r.model.max_prompt_tokens, temperature=r.policy.temperature,
+                            generator=generator(self.seed, "second", i), counters=self.counters)
+        judge = self.make_judge()
+        coin = random.Random(seeded(self.seed, "judge-order", i))
+        flips = [coin.random() < 0.5 for _ in kept]  # order randomised against position bias
+        firsts = [row["response"] if not f else b for row, b, f in zip(kept, second.responses, flips, strict=True)]
+        seconds = [b if not f else row["response"] for row, b, f in zip(kept, second.responses, flips, strict=True)]
+        verdicts = judge.compare([row["prompt"] for row in kept], firsts, seconds)
+        pairs, undecided = [], 0
+        for row, a, b, verdict in zip(kept, firsts, seconds, verdicts, strict=True):
+            if verdict is None:
+                undecided += 1
+                continue
+            pairs.append({"prompt": row["prompt"], "chosen": a if verdict == 0 else b, "rejected": b if verdict == 0 else a})
+        self.state.judged_pairs = pairs
+        self.state.judge_stats = {"rollouts": len(self.state.rollouts), "unique": len(unique), "kept": len(kept),
+                                  "judged": len(pairs), "no_verdict": undecided}
+        self.reward_before_refine = self._reward_snapshot()
+
+    def make_judge(self):
+        r = self.recipe
+        if r.refine.judge == "gold":
+            return GoldJudge(self.task)
+        if r.refine.judge == "reward":
+            return RewardJudge(self.pm, self.counters, r.model.max_prompt_tokens, r.model.max_new_tokens)
+        raise TrainingFailed(f"refine.judge = {r.refine.judge!r} is not available yet")
+
+    def _reward_snapshot(self) -> dict[str, torch.Tensor]:
+        snapshot = {n: p.detach().clone() for n, p in self.pm.adapter_parameters("reward").items()}
+        snapshot.update({f"score_head.{n}": p.detach().clone() for n, p in self.pm.score_head.named_parameters()})
+        return snapshot
+
+    def run_refine(self) -> None:
+        r = self.recipe
+        i = self.state.iteration
+        if self.state.judged_pairs is None:
+            self.judge_pairs()
+            self.emit("judge", **self.state.judge_stats, judge=r.refine.judge)
+        pairs = self.state.judged_pairs
+        per_epoch = math.ceil(len(pairs) / r.refine.batch_size) if pairs else 0
+        steps = r.refine.epochs * per_epoch
+        while self.state.step < steps:
+            step = self.state.step
+            epoch, k = divmod(step, per_epoch)
+            order = torch.randperm(len(pairs), generator=generator(self.seed, "refine", i, epoch)).tolist()
+            batch = [pairs[j] for j in order[k * r.refine.batch_size : (k + 1) * r.refine.batch_size]]
+            loss, accuracy = self._bradley_terry_step([p["prompt"] for p in batch], [p["chosen"] for p in batch],
+                                                      [p["rejected"] for p in batch], self.refine_optimizer)
+            self._check_finite(loss, "refine", "loss/reward_refine")
+            self.advance()
+            self.metrics({"loss/reward_refine": loss, "reward/refine_accuracy": accuracy})
+            self.between_steps()
+        if r.refine.keep_close and self.reward_before_refine is not None:
+            self._keep_close(r.refine.keep_close_alpha)
+        self.end_stage("eval")
+
+    @torch.no_grad()
+    def _keep_close(self, alpha: float) -> None:
+        """reward <- alpha * previous + (1 - alpha) * refined (the paper's code uses alpha = 0.5)."""
+        current = dict(self.pm.adapter_parameters("reward"))
+        current.update({f"score_head.{n}": p for n, p in self.pm.score_head.named_parameters()})
+        for name, param in current.items():
+            param.mul_(1 - alpha).add_(self.reward_before_refine[name].to(param.device), alpha=alpha)
+
+    # -- held-out evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, label: str) -> dict[str, float]:
+        """Mean gold score of the policy on held-out prompts and its win rate against the SFT policy.
+        Both use the same eval generator every time, so iterations differ only by the policy."""
+        r = self.recipe
+        prompts = self.eval_prompts
+        kwargs = dict(max_new_tokens=r.model.max_new_tokens, max_prompt_tokens=r.model.max_prompt_tokens,
+                      temperature=r.eval.temperature, counters=self.counters)
+        if not self.state.sft_eval_answers:
+            with self.pm.adapter("sft"):
+                sft = sample(self.pm, prompts, generator=generator(self.seed, "eval-sft"), **kwargs)
+            self.state.sft_eval_answers = sft.responses
+        with self.pm.adapter("policy"):
+            seqs = sample(self.pm, prompts, generator=generator(self.seed, "eval"), **kwargs)
+            logprobs = token_logprobs(self.pm, seqs, self.counters)
+        with self.pm.adapter("sft"):
+            ref = token_logprobs(self.pm, seqs, self.counters)
+        scores = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
+        finished = seqs.finished.tolist()
+        metrics: dict[str, float] = {
+            "eval/reward": float(scores.mean()),
+            "eval/kl": float((logprobs - ref).sum(-1).mean()),
+            "eval/response_length": float(seqs.response_mask.sum(-1).float().mean()),
+        }
+        if self.task.has_gold:
+            gold = [self.task.gold(p, a, f) for p, a, f in zip(prompts, seqs.responses, finished, strict=True)]
+            sft_gold = [self.task.gold(p, a) for p, a in zip(prompts, self.state.sft_eval_answers, strict=True)]
+            wins = [1.0 if g > s + 1e-9 else 0.0 if g < s - 1e-9 else 0.5 for g, s in zip(gold, sft_gold, strict=True)]
+            metrics["eval/gold"] = sum(gold) / len(gold)
+            metrics["eval/win_rate_vs_sft"] = sum(wins) / len(wins)
+        self.metrics(metrics, type="eval")
+        row = {"label": label, "iteration": self.state.iteration if label != "sft" else None,
+               "elapsed": self.clock.elapsed(), **metrics}
+        self.state.history.append(row)
+        self.write_samples(prompts[:16], seqs.responses[:16], scores[:16].tolist(),
+                           [self.task.gold(p, a) for p, a in zip(prompts[:16], seqs.responses[:16], strict=True)]
+                           if self.task.has_gold else None, kind="eval")
+        return metrics
+
+    def run_eval(self) -> None:
+        i = self.state.iteration
+        self.evaluate(label=f"iter {i}")
+        self.state.rollouts = []
+        self.state.judged_pairs = None
+        self.state.judge_stats = {}
+        self.reward_before_refine = None
+        self.state.iteration += 1
+        done = self.state.iteration >= self.recipe.train.iterations
+        self.end_stage("done" if done else "policy", checkpoint=f"iter-{i:04d}")
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+    def _iteration_or_none(self) -> int | None:
+        return self.state.iteration if self.state.stage in ("policy", "refine", "eval") else None
+
+    def advance(self) -> None:
+        self.state.step += 1
+        self.state.global_step += 1
+
+    def emit(self, type: str, **fields: Any) -> dict:
+        event = self.writer.emit(type, stage=self.state.stage, iteration=self._iteration_or_none(),
+                                 step=self.state.step, global_step=self.state.global_step,
+                                 elapsed=round(self.clock.elapsed(), 3), **fields)
+        if self.listener is not None:
+            self.listener(event)
+        return event
+
+    def metrics(self, values: dict[str, float], type: str = "metrics") -> None:
+        values = dict(values)
+        values.update(self.counters.metrics())
+        values["time/elapsed_s"] = round(self.clock.elapsed(), 3)
+        values.update(memory_metrics(self.device))
+        self.state.latest.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
+        self.emit(type, metrics=values)
+        self.writer.update_status(stage=self.state.stage, iteration=self._iteration_or_none(), step=self.state.step,
+                                  global_step=self.state.global_step, latest=self.state.latest,
+                                  elapsed=self.clock.elapsed())
+
+    def write_samples(self, prompts: list[str], responses: list[str], scores: list[float],
+                      gold: list[float] | None, kind: str = "train") -> None:
+        rows = []
+        for j, (p, a, s) in enumerate(zip(prompts, responses, scores, strict=True)):
+            row = {"kind": kind, "iteration": self._iteration_or_none(), "step": self.state.step,
+                   "prompt": p, "response": a, "score": round(float(s), 4)}
+            if gold is not None:
+                row["gold"] = gold[j]
+            rows.append(row)
+        self.writer.write_samples(self.state.global_step, rows)
+        self.emit("samples", count=len(rows), kind=kind)
+
+    def _check_finite(self, loss: torch.Tensor | float, stage: str, name: str) -> None:
+        if not math.isfinite(float(loss)):
+            raise TrainingFailed(
+                f"{name} became {float(loss)} at {stage} step {self.state.step}; lower the learning rate "
+                f"({stage}.lr) and resume from the last checkpoint"
+            )
+
+    def end_stage(self, next_stage: str, checkpoint: str | None = None) -> None:
+        finished = self.state.stage
+        self.emit("stage_end", wall_s=round(time.monotonic() - self.stage_started, 3),
+                  peak_rss_mib=round(peak_rss_mib(), 1), counters=self.counters.per_stage.get(finished, {}),
+                  **({"cuda_peak_mib": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)}
+                     if self.device.type == "cuda" else {}))
+        self.state.stage = next_stage
+        self.state.step = 0
+        if checkpoint:
+            self.checkpoint(checkpoint)
+
+    # -- checkpoints and control -------------------------------------------------------------------------
+    def checkpoint(self, name: str) -> None:
+        self.state.elapsed = self.clock.elapsed()
+        self.state.event_seq = self.writer.seq + 1  # the checkpoint event itself is kept
+        self.state.counters = self.counters.state_dict()
+        with self.writer.checkpoint(name) as folder:
+            save_adapters(self.pm, folder)
+            torch.save({
+                "sft_optimizer": self.sft_optimizer.state_dict(),
+                "reward_optimizer": self.reward_optimizer.state_dict(),
+                "refine_optimizer": self.refine_optimizer.state_dict(),
+                "method": self.method.state_dict(),
+                "reward_before_refine": self.reward_before_refine,
+            }, folder / "trainer_state.pt")
+            (folder / "state.json").write_text(json.dumps(asdict(self.state), indent=1))
+        self.emit("checkpoint", name=name)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        load_adapters(self.pm, folder)
+        trainer = torch.load(folder / "trainer_state.pt", map_location=self.device, weights_only=False)
+        self.sft_optimizer.load_state_dict(trainer["sft_optimizer"])
+        self.reward_optimizer.load_state_dict(trainer["reward_optimizer"])
+        self.refine_optimizer.load_state_dict(trainer["refine_optimizer"])
+        self.method.load_state_dict(trainer["method"])
+        self.reward_before_refine = trainer["reward_before_refine"]
+        self.state = RunState(**json.loads((folder / "state.json").read_text()))
+        self.counters.load_state_dict(self.state.counters)
+        self.clock = Stopwatch(self.state.elapsed)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            self.signal_received = signal.Signals(signum).name
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def between_steps(self) -> None:
+        """Poll control requests and signals; pause, checkpoint or stop here, where the state is whole."""
+        requests = self.writer.take_requests()
+        if "checkpoint" in requests:
+            self.checkpoint("resume")
+        if "pause" in requests and "resume" not in requests and "stop" not in requests:
+            self.writer.update_status(state="paused")
+            self.emit("paused")
+            while True:
+                time.sleep(0.2)
+                later = self.writer.take_requests()
+                if "checkpoint" in later:
+                    self.checkpoint("resume")
+                if "stop" in later or self.signal_received:
+                    requests = ["stop"]
+                    break
+                if "resume" in later:
+                    break
+            self.writer.update_status(state="running")
+            self.emit("resumed")
+        if "stop" in requests or self.signal_received:
+            reason = self.signal_received or "stop request"
+            self.checkpoint("resume")
+            raise StopRun(reason)
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+class _suppress_import_errors:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, ImportError)
+
+
+def _stage_title(stage: str, iteration: int) -> str:
+    return {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-Terry)",
+            "policy": f"iteration {iteration}: policy optimisation",
+            "refine": f"iteration {iteration}: judge and refine the reward model",
+            "eval": f"iteration {iteration}: held-out evaluation"}.get(stage, stage)

@@ -1,0 +1,350 @@
+"""Recipes: the typed schema with a default for every field, TOML loading, `--set` overrides, validation.
+
+Every user error becomes a `RecipeError` whose message is one sentence naming the file, the key path
+and what is accepted. Nothing is created before a recipe validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+FIRST_ORDER_METHODS = ("rloo", "ppo", "online_dpo")
+ZEROTH_ORDER_METHODS = ("mezo", "zopro")
+METHODS = FIRST_ORDER_METHODS + ZEROTH_ORDER_METHODS
+
+
+class RecipeError(ValueError):
+    """A recipe the engine cannot run; the message is one sentence for the user."""
+
+
+def spec(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, low: float | None = None,
+         high: float | None = None, low_open: bool = False, help: str = "", factory: Any = None) -> Any:
+    """A schema field: its default, the accepted values and a line of help."""
+    meta = {"choices": choices, "low": low, "high": high, "low_open": low_open, "help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- the schema ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    base: str = spec("builtin:tiny", help="builtin:nano|tiny|small|base10m, a hub id, or a local folder")
+    dtype: str = spec("float32", choices=("float32", "bfloat16", "float16"), help="dtype of the frozen base")
+    lora_rank: int = spec(8, low=1, high=4096)
+    lora_alpha: float = spec(16.0, low=0.0, low_open=True)
+    target_modules: list[str] = spec(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+        help='module names for LoRA, or ["all-linear"]',
+    )
+    max_prompt_tokens: int = spec(32, low=1)
+    max_new_tokens: int = spec(16, low=1, help="response length in tokens (the paper: 53)")
+    cache_dir: str = spec("", help="where built-in models are built; default ~/.cache/zopro or $ZOPRO_CACHE")
+
+
+@dataclass
+class TaskConfig:
+    name: str = spec("builtin:sentiment", help="builtin:sentiment, or a dataset format (issue 6)")
+    train_prompts: int = spec(512, low=8)
+    eval_prompts: int = spec(64, low=4)
+    sft_examples: int = spec(2048, low=8)
+    preference_pairs: int = spec(2048, low=8)
+
+
+@dataclass
+class SFTConfig:
+    steps: int = spec(200, low=0)
+    batch_size: int = spec(32, low=1)
+    lr: float = spec(3e-3, low=0.0, low_open=True)
+
+
+@dataclass
+class RewardConfig:
+    steps: int = spec(200, low=0)
+    batch_size: int = spec(32, low=1)
+    lr: float = spec(2e-3, low=0.0, low_open=True)
+    score_mse_weight: float = spec(0.0, low=0.0, help="weight of an MSE term on a quality score, when data has one")
+
+
+@dataclass
+class PolicyConfig:
+    method: str = spec("rloo", choices=METHODS)
+    temperature: float = spec(1.0, low=0.0, low_open=True)
+    kl_coef: float = spec(0.05, low=0.0, help="beta of rlhf_reward = score - beta * KL")
+    clip_range: float = spec(0.2, low=0.0, low_open=True, high=1.0)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = spec(4, low=1)
+    updates_per_iteration: int = spec(15, low=1)
+    prompts_per_update: int = spec(8, low=1)
+    samples_per_prompt: int = spec(4, low=2, help="k: answers sampled per prompt")
+
+
+@dataclass
+class RLOOConfig:
+    lr: float = spec(5e-4, low=0.0, low_open=True)
+    weight_decay: float = spec(0.0, low=0.0)
+    max_grad_norm: float = spec(1.0, low=0.0, low_open=True)
+
+
+@dataclass
+class RefineConfig:
+    judge: str = spec("gold", choices=("gold", "reward", "llm"))
+    keep_fraction: float = spec(0.6, low=0.0, low_open=True, high=1.0)
+    epochs: int = spec(2, low=0)
+    batch_size: int = spec(16, low=1)
+    lr: float = spec(1e-3, low=0.0, low_open=True)
+    keep_close: bool = spec(True, help="reward <- alpha * previous + (1 - alpha) * refined")
+    keep_close_alpha: float = spec(0.5, low=0.0, high=1.0)
+
+
+@dataclass
+class EvalConfig:
+    temperature: float = spec(1.0, low=0.0, low_open=True)
+
+
+@dataclass
+class LogConfig:
+    samples_every: int = spec(5, low=1, help="write samples/ every N policy updates")
+    checkpoint_every: int = spec(0, low=0, help="also checkpoint every N policy updates (0: iteration ends only)")
+
+
+@dataclass
+class Recipe:
+    name: str = spec("run", help="prefix of the run directory's name")
+    seed: int = spec(0, low=0)
+    device: str = spec("auto", choices=("auto", "cpu", "cuda"))
+    threads: int = spec(0, low=0, help="torch CPU threads (0: leave torch's default)")
+    model: ModelConfig = spec(factory=ModelConfig)
+    task: TaskConfig = spec(factory=TaskConfig)
+    sft: SFTConfig = spec(factory=SFTConfig)
+    reward: RewardConfig = spec(factory=RewardConfig)
+    policy: PolicyConfig = spec(factory=PolicyConfig)
+    train: TrainConfig = spec(factory=TrainConfig)
+    rloo: RLOOConfig = spec(factory=RLOOConfig)
+    refine: RefineConfig = spec(factory=RefineConfig)
+    eval: EvalConfig = spec(factory=EvalConfig)
+    log: LogConfig = spec(factory=LogConfig)
+
+    @property
+    def total_updates(self) -> int:
+        return self.train.iterations * self.train.updates_per_iteration
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+METHOD_SECTIONS = {"rloo": "rloo"}  # method -> its recipe section (issue 3 adds the others)
+
+
+# --- loading and validation ---------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is list:
+        return f"a list of {_type_name(get_args(tp)[0])}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin is list:
+        (item,) = get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise RecipeError(f"{where} must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise RecipeError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where} must be a string, got {value!r}")
+        return value
+    raise RecipeError(f"{where}: unsupported type")
+
+
+def _check_bounds(value: Any, meta: dict, where: str) -> None:
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        hint = _suggest(str(value), list(choices))
+        raise RecipeError(f"{where} = {value!r} is not accepted; choose one of {', '.join(choices)}{hint}")
+    low, high = meta.get("low"), meta.get("high")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if low is not None and (value < low or (meta.get("low_open") and value == low)):
+            op = ">" if meta.get("low_open") else ">="
+            raise RecipeError(f"{where} = {value!r} is out of range; it must be {op} {low:g}")
+        if high is not None and value > high:
+            raise RecipeError(f"{where} = {value!r} is out of range; it must be <= {high:g}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{source}: {prefix}{key}"
+        if key not in fields:
+            kind = "section" if isinstance(value, dict) else "key"
+            options = list(fields)
+            scope = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+            raise RecipeError(
+                f"{where} is not a known {kind}{_suggest(key, options)}; keys accepted in {scope}: "
+                f"{', '.join(options)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where} must be a table [{prefix}{key}], got {value!r}")
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.", source)
+            continue
+        if isinstance(value, dict):
+            raise RecipeError(f"{where} must be {_type_name(tp)}, not a table")
+        coerced = _coerce(value, tp, where)
+        _check_bounds(coerced, fields[key].metadata, where)
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
+    method = recipe.policy.method
+    if method not in METHOD_SECTIONS:
+        raise RecipeError(
+            f"{source}: policy.method = {method!r} is not available in this version; available: "
+            f"{', '.join(METHOD_SECTIONS)}"
+        )
+    allowed = {METHOD_SECTIONS[method]} | set(_compare_methods(raw))
+    for other, section in METHOD_SECTIONS.items():
+        if section in raw and section not in allowed and other != method:
+            raise RecipeError(
+                f"{source}: [{section}] sets {other} settings but policy.method is {method!r}; remove the "
+                f"section or set policy.method = {other!r}"
+            )
+    if recipe.model.target_modules == []:
+        raise RecipeError(f"{source}: model.target_modules must name at least one module")
+    if recipe.train.prompts_per_update > recipe.task.train_prompts:
+        raise RecipeError(
+            f"{source}: train.prompts_per_update = {recipe.train.prompts_per_update} exceeds "
+            f"task.train_prompts = {recipe.task.train_prompts}; lower it or add prompts"
+        )
+
+
+def _compare_methods(raw: dict[str, Any]) -> list[str]:
+    compare = raw.get("compare")
+    if isinstance(compare, dict) and isinstance(compare.get("methods"), list):
+        return [m for m in compare["methods"] if isinstance(m, str)]
+    return []
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`policy.method=zopro` -> (["policy", "method"], "zopro"); values are TOML, else a bare string."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r} must look like key.path=value (for example train.iterations=5)")
+    key, raw_value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {text!r} has an empty key; it must look like key.path=value")
+    try:
+        value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {part} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    raw = {k: v for k, v in raw.items() if k != "compare"}
+    recipe = _build(Recipe, raw, "", source)
+    _check_recipe(recipe, source, raw)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file; raises RecipeError with one sentence on any problem."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise RecipeError(f"{source}: no such recipe file")
+    if path.is_dir():
+        raise RecipeError(f"{source} is a folder; a recipe is a .toml file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{source}: not a text file; a recipe is TOML") from None
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{source}: not valid TOML ({error})") from None
+    try:
+        raw = apply_overrides(raw, overrides or [])
+    except RecipeError as error:
+        raise RecipeError(f"{source}: {error}") from None
+    return recipe_from_dict(raw, source)
+
+
+# --- writing the resolved recipe ----------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(type(value))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as TOML (defaults filled in, overrides applied)."""
+    data = recipe.to_dict()
+    lines = ["# fully resolved by zopro: every default filled in, every --set applied"]
+    tables = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, table in tables:
+        lines.append("")
+        lines.append(f"[{key}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,118 @@
+"""Rich renderings and exports shared by the headless commands: runs table, status, summary, CSV/JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from engine.reader import RunInfo, read_events
+
+STATUS_STYLE = {"running": "green", "paused": "yellow", "finished": "blue", "failed": "red", "stale": "magenta",
+                "stopped": "yellow", "created": "dim"}
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def fmt_value(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def position(info: RunInfo) -> str:
+    if info.iteration is None:
+        return f"{info.stage or '-'} {info.step}"
+    total = f"/{info.iterations}" if info.iterations else ""
+    return f"it {info.iteration + 1 if info.stage != 'done' else info.iteration}{total} {info.stage} {info.step}"
+
+
+def runs_table(runs: list[RunInfo]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("run", "method", "status", "position", "RM score", "gold", "win vs SFT", "elapsed", "ETA"):
+        table.add_column(column, no_wrap=True, justify="right" if column in ("RM score", "gold", "win vs SFT") else "left")
+    for info in runs:
+        latest = info.latest
+        table.add_row(
+            info.name, info.method, Text(info.status, style=STATUS_STYLE.get(info.status, "")), position(info),
+            fmt_value(latest.get("objective/scores")), fmt_value(latest.get("eval/gold")),
+            fmt_value(latest.get("eval/win_rate_vs_sft")), fmt_duration(info.elapsed), fmt_duration(info.eta),
+        )
+    return table
+
+
+def evaluations_table(evals: list[dict], title: str | None = None) -> Table:
+    """One row per held-out evaluation: the SFT baseline, then each iteration."""
+    table = Table(title=title, header_style="bold", title_justify="left")
+    for column in ("", "gold", "win vs SFT", "reward score", "KL", "wall time"):
+        table.add_column(column, justify="left" if not column else "right")
+    previous = 0.0
+    for row in evals:
+        metrics = row.get("metrics", row)
+        label = "SFT" if row.get("iteration") is None else f"iteration {row['iteration']}"
+        elapsed = row.get("elapsed", metrics.get("time/elapsed_s"))
+        wall = None if elapsed is None else elapsed - previous
+        previous = elapsed or previous
+        table.add_row(label, fmt_value(metrics.get("eval/gold")), fmt_value(metrics.get("eval/win_rate_vs_sft")),
+                      fmt_value(metrics.get("eval/reward")), fmt_value(metrics.get("eval/kl")), fmt_duration(wall))
+    return table
+
+
+def status_panel(info: RunInfo, evals: list[dict]) -> Group:
+    head = Text.assemble(
+        (info.name, "bold"), "  ", (info.status, STATUS_STYLE.get(info.status, "")), f"  {info.method}  ",
+        position(info), f"  elapsed {fmt_duration(info.elapsed)}", f"  ETA {fmt_duration(info.eta)}",
+    )
+    parts: list = [head]
+    if info.error:
+        parts.append(Text(f"error: {info.error}", style="red"))
+    latest = {k: v for k, v in info.latest.items() if k.split("/")[0] in ("objective", "eval", "loss", "zo", "reward")}
+    if latest:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim")
+        grid.add_column(justify="right")
+        for key in sorted(latest):
+            grid.add_row(key, fmt_value(latest[key], 4))
+        parts.append(grid)
+    if evals:
+        parts.append(evaluations_table(evals, "held-out evaluation"))
+    return Group(*parts)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = []
+    for event in read_events(run_dir):
+        if event.get("type") not in ("metrics", "eval"):
+            continue
+        row = {k: event.get(k) for k in ("seq", "type", "time", "elapsed", "stage", "iteration", "step", "global_step")}
+        row.update(event.get("metrics", {}))
+        rows.append(row)
+    return rows
+
+
+def export_metrics(run_dir: Path, format: str) -> str:
+    rows = metric_rows(run_dir)
+    if format == "json":
+        return json.dumps({"run": Path(run_dir).name, "rows": rows}, indent=None) + "\n"
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

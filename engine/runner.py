@@ -1,0 +1,181 @@
+"""Running a recipe headless: validate, create the run directory, train with a live rich progress line,
+print the summary, and map the outcome to an exit code (0 ok, 1 failed, 2 bad input, 130/143 interrupted)."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from engine.reader import is_run_dir, run_info
+from engine.recipe import RecipeError, load_recipe
+from engine.report import evaluations_table, fmt_duration, fmt_value
+from engine.rundir import RunDirError, RunWriter
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class ProgressView:
+    """The live line: stage, iteration, step, reward-model score, gold, KL, steps/s, ETA."""
+
+    def __init__(self, total_steps: int, iterations: int, method: str, run_dir: Path):
+        self.total_steps, self.iterations, self.method, self.run_dir = total_steps, iterations, method, run_dir
+        self.event: dict = {}
+        self.latest: dict = {}
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self.stage_title = "loading"
+
+    def on_event(self, event: dict) -> None:
+        self.event = event
+        self.latest.update(event.get("metrics", {}))
+        if event.get("type") == "stage_start":
+            self.stage_title = event.get("message", event.get("stage", ""))
+        if self.first_step is None:
+            self.first_step = event.get("global_step", 0)
+            self.started = time.monotonic()
+
+    def rate(self) -> float | None:
+        done = self.event.get("global_step", 0) - (self.first_step or 0)
+        seconds = time.monotonic() - self.started
+        return done / seconds if done > 0 and seconds > 0 else None
+
+    def __rich__(self) -> Table:
+        e, m = self.event, self.latest
+        step = e.get("global_step", 0)
+        rate = self.rate()
+        eta = (self.total_steps - step) / rate if rate else None
+        iteration = e.get("iteration")
+        grid = Table.grid(padding=(0, 2))
+        grid.add_row(
+            Text(f"{self.method}", style="bold cyan"),
+            Text(self.stage_title, style="bold"),
+            f"it {'-' if iteration is None else iteration + 1}/{self.iterations}",
+            f"step {step}/{self.total_steps}",
+            f"RM {fmt_value(m.get('objective/scores'))}",
+            f"gold {fmt_value(m.get('eval/gold'))}",
+            f"KL {fmt_value(m.get('objective/kl'))}",
+            f"{rate:.2f} steps/s" if rate else "- steps/s",
+            f"ETA {fmt_duration(eta)}",
+        )
+        return grid
+
+
+def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
+    """Without a terminal (CI, pipes, logs): one line per stage and per evaluation."""
+    kind = event.get("type")
+    if kind == "stage_start":
+        console.print(f"[{fmt_duration(event.get('elapsed'))}] {event.get('message')}", markup=False)
+    elif kind == "eval":
+        m = event.get("metrics", {})
+        console.print(f"[{fmt_duration(event.get('elapsed'))}]   eval: gold {fmt_value(m.get('eval/gold'))}  "
+                      f"win vs SFT {fmt_value(m.get('eval/win_rate_vs_sft'))}  reward {fmt_value(m.get('eval/reward'))}  "
+                      f"KL {fmt_value(m.get('eval/kl'))}", markup=False)
+
+
+def run_training(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None, root: Path = Path("runs"),
+                 resume: bool, quiet: bool, console: Console, err: Console) -> int:
+    def bad(message: str) -> int:
+        err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        return EXIT_BAD_INPUT
+
+    try:
+        if resume:
+            assert run_dir is not None
+            if not run_dir.is_dir() or not (run_dir / "recipe.toml").exists():
+                return bad(f"{run_dir} is not a run directory with a recipe.toml; nothing to resume")
+            info = run_info(run_dir)
+            if info.status == "finished":
+                return bad(f"{run_dir} has already finished; start a new run instead")
+            if info.status in ("running", "paused"):
+                return bad(f"{run_dir} is still {info.status} (pid {info.pid}); stop it before resuming")
+            recipe = load_recipe(run_dir / "recipe.toml")
+        else:
+            assert recipe_path is not None
+            recipe = load_recipe(recipe_path, overrides)
+            if run_dir is None:
+                from engine.cli import default_run_dir
+
+                run_dir = default_run_dir(root, recipe.name, recipe.policy.method)
+            elif run_dir.exists() and (is_run_dir(run_dir) or any(run_dir.iterdir())):
+                return bad(f"--run-dir {run_dir} already holds files; resume it with `zopro run --resume {run_dir}` "
+                           "or choose another directory")
+    except RecipeError as error:
+        return bad(str(error))
+
+    from engine.models import ModelError, quiet_transformers
+
+    quiet_transformers()
+    from engine.pipeline import Pipeline, StopRun, TrainingFailed
+
+    writer = RunWriter(run_dir)
+    view_holder: list[ProgressView] = []
+
+    def listener(event: dict) -> None:
+        if view_holder:
+            view_holder[0].on_event(event)
+            if not live_enabled and not quiet:
+                _plain_line(event, view_holder[0], console)
+
+    live_enabled = console.is_terminal and not quiet
+    with console.status("loading the model…", spinner="dots") if live_enabled else _nullcontext():
+        try:
+            pipeline = Pipeline(recipe, writer, listener=listener)
+        except ModelError as error:
+            return bad(str(error))
+    view = ProgressView(pipeline.total_steps, recipe.train.iterations, recipe.policy.method, run_dir)
+    view_holder.append(view)
+    try:
+        writer.open()
+    except RunDirError as error:
+        return bad(str(error))
+    if not quiet:
+        console.print(f"{'resuming' if resume else 'run'} [bold]{run_dir}[/]  (method {recipe.policy.method}, "
+                      f"model {recipe.model.base}, device {pipeline.device})")
+    code = EXIT_OK
+    try:
+        with Live(view, console=console, refresh_per_second=4, transient=True) if live_enabled else _nullcontext():
+            if resume:
+                pipeline.resume()
+            else:
+                pipeline.start()
+    except StopRun as stop:
+        code = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED}.get(stop.reason, EXIT_OK)
+        err.print(f"stopped ({stop.reason}) after a checkpoint; continue with `zopro run --resume {run_dir}`")
+    except TrainingFailed as error:
+        code = _record_failure(pipeline, writer, str(error), err, run_dir)
+    except Exception as error:  # a bug or an environment problem: keep the traceback in the run directory
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        code = _record_failure(pipeline, writer, f"{first} (traceback in {run_dir / 'error.log'})", err, run_dir)
+    finally:
+        writer.close()
+    if pipeline.state.history:
+        console.print(evaluations_table(pipeline.state.history, f"{run_dir.name}: held-out evaluation"))
+    if code == EXIT_OK and pipeline.state.stage == "done":
+        console.print(f"finished in {fmt_duration(pipeline.clock.elapsed())}: {run_dir}")
+    return code
+
+
+def _record_failure(pipeline, writer: RunWriter, message: str, err: Console, run_dir: Path) -> int:
+    writer.update_status(state="failed", error=message)
+    try:
+        pipeline.emit("error", message=message)
+        pipeline.emit("run_end", status="failed", error=message)
+    except Exception:  # noqa: BLE001 - the writer may be what failed
+        pass
+    err.print(f"[bold red]training failed:[/] {message}", soft_wrap=True)
+    return EXIT_FAILED
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
