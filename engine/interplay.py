@@ -12,11 +12,12 @@ over the paired tensors of the `policy` and `reward` adapters, globally and per 
   random sketch of coordinates (distance correlation is O(n^2), so it cannot use them all);
 - a 2-D trajectory of each adapter, its displacement since `start` under a fixed random Gaussian projection.
 
-Every global or per-layer value is a sum streamed over the paired tensors (dot products, squared norms,
-per-tensor moments merged with Chan's formula), equal up to float64 rounding to the same quantity computed
-over the concatenated adapters. Conventions: a cosine is 0.0 when either vector is zero, so the angle is
-90 degrees; a Pearson or distance correlation is 0.0 when either side has no variance; a value that needs
-a previous interval (successive, velocity) is left out of the metrics of the first one.
+Every global or per-layer value is streamed, layer by layer, over bounded slices of the paired tensors
+(float64 dot products, squared norms, and moments merged with Chan's formula), and equals up to float64
+rounding the same quantity computed over the concatenated adapters (network order: `canonical_order`).
+Conventions: a cosine is 0.0 when either vector is zero, so the angle is 90 degrees; a Pearson or distance
+correlation is 0.0 when either side has no variance; a value that needs a previous interval (successive,
+velocity) is left out of the metrics of the first one; policy steps are compared within an iteration.
 
 Memory is bounded by the adapter, not by the run: the tracker holds the two adapters at the start of the
 interval and the previous iteration's two updates (four float32 copies of one adapter), during an
@@ -403,18 +404,41 @@ class TrajectoryPoint(NamedTuple):
     reward_y: float
 
 
-# Columns of the per-tensor table built by end_iteration.
+# Columns of the per-slice table built by end_iteration.
 _UPDATES = slice(0, 9)  # moments of (dP, dR)
 _POLICY_SUCCESSIVE = slice(9, 12)  # dots of (dP_i, dP_{i-1})
 _REWARD_SUCCESSIVE = slice(12, 15)  # dots of (dR_i, dR_{i-1})
 _VELOCITY = slice(15, 24)  # moments of (dP_i - dP_{i-1}, dR_i - dR_{i-1})
 
+# Float64 work runs on slices of at most this many coordinates, bounding the temporary memory (~64 MB).
+_SLICE = 1 << 20
+
 _HELD = ("start_policy", "start_reward", "previous_policy_update", "previous_reward_update")
 _HELD_DURING_ITERATION = ("step_policy", "previous_step_update")
 
 
+def canonical_order(keys: Iterable[str]) -> list[str]:
+    """Keys in network order (by layer, then by name): the order of the concatenated adapter."""
+    return sorted(set(keys), key=lambda key: (layer_sort_key(layer_of(key)), key))
+
+
+def _slices(length: int) -> list[slice]:
+    return [slice(begin, min(begin + _SLICE, length)) for begin in range(0, length, _SLICE)]
+
+
+def _put(held: list[Tensor], layer: int, vector: Tensor) -> None:
+    """Replace one layer's held vector (appending while an empty list is filled layer by layer)."""
+    if layer < len(held):
+        held[layer] = vector
+    else:
+        held.append(vector)
+
+
 class InterplayTracker:
-    """Live policy/reward interplay over intervals (policy steps, iterations) in memory bounded by the adapter."""
+    """Live policy/reward interplay over intervals (policy steps, iterations) in memory bounded by the adapter.
+
+    The held copies are float32 vectors, one per layer (its tensors concatenated in key order), on the
+    device of the adapter passed to `start`; every call does a few dozen vector operations per layer."""
 
     def __init__(
         self,
@@ -423,47 +447,56 @@ class InterplayTracker:
         seed: int = 0,
         trajectory_history: int = 10_000,
     ) -> None:
-        self.keys = sorted(set(pair_keys))
+        self.keys = canonical_order(pair_keys)
         if not self.keys:
             raise ValueError("the interplay tracker needs at least one paired adapter tensor")
         if sketch_size < 2:
             raise ValueError(f"sketch_size must be at least 2 (got {sketch_size})")
         self.sketch_size = sketch_size
         self.seed = seed
-        self.layer_of_key = {key: layer_of(key) for key in self.keys}
-        self.layers = sorted(set(self.layer_of_key.values()), key=layer_sort_key)
-        self._layer_rows = {
-            layer: np.array([row for row, key in enumerate(self.keys) if self.layer_of_key[key] == layer])
-            for layer in self.layers
-        }
+        self.layers: list[str] = []
+        self.layer_keys: list[list[str]] = []  # keys of each layer, in canonical order
+        for key in self.keys:
+            if not self.layers or layer_of(key) != self.layers[-1]:
+                self.layers.append(layer_of(key))
+                self.layer_keys.append([])
+            self.layer_keys[-1].append(key)
         self.trajectory: deque[TrajectoryPoint] = deque(maxlen=trajectory_history)
         self._reset()
 
     def _reset(self) -> None:
         self.iteration = 0  # iterations ended so far
-        self.start_policy: dict[str, Tensor] = {}  # float32 copies at the start of the current iteration
-        self.start_reward: dict[str, Tensor] = {}
-        self.previous_policy_update: dict[str, Tensor] = {}  # dP, dR of the last ended iteration
-        self.previous_reward_update: dict[str, Tensor] = {}
-        self.step_policy: dict[str, Tensor] = {}  # policy after the last observed step (empty: start_policy)
-        self.previous_step_update: dict[str, Tensor] = {}
+        self.shapes: dict[str, torch.Size] = {}
+        # Per layer, flat float32: the adapters at the start of the iteration, the last iteration's dP and dR.
+        self.start_policy: list[Tensor] = []
+        self.start_reward: list[Tensor] = []
+        self.previous_policy_update: list[Tensor] = []
+        self.previous_reward_update: list[Tensor] = []
+        # During an iteration: the policy after the last observed step (empty: start_policy) and that step.
+        self.step_policy: list[Tensor] = []
+        self.previous_step_update: list[Tensor] = []
         self.steps = 0  # observed in the current iteration
         self.path_length = 0.0  # sum of their norms
         self.origin_policy_xy = np.zeros(2)
         self.origin_reward_xy = np.zeros(2)
-        self._sketch: list[Tensor] = []
+        self._sketch: list[Tensor] = []  # per layer, indices into its flat vector
         self.trajectory.clear()
 
     @property
     def started(self) -> bool:
         return bool(self.start_policy)
 
+    @property
+    def parameter_count(self) -> int:
+        """D, the number of coordinates of one adapter (known once started)."""
+        return sum(shape.numel() for shape in self.shapes.values())
+
     def held_bytes(self) -> int:
-        """Bytes of tensors the tracker holds now (the adapter copies); bounded by six adapter copies."""
+        """Bytes of the adapter copies held now: four float32 copies, six during an observed iteration."""
         return sum(
             tensor.numel() * tensor.element_size()
             for name in (*_HELD, *_HELD_DURING_ITERATION)
-            for tensor in getattr(self, name).values()
+            for tensor in getattr(self, name)
         )
 
     # -- inputs --------------------------------------------------------------------------------------------
@@ -474,26 +507,36 @@ class InterplayTracker:
             raise ValueError(
                 f"the {which} tensors lack {len(missing)} tracked key(s), e.g. {', '.join(missing[:3])}"
             )
-        if self.start_policy:
-            wrong = [key for key in self.keys if tensors[key].shape != self.start_policy[key].shape]
-            if wrong:
-                key = wrong[0]
-                raise ValueError(
-                    f"the {which} tensor {key} has shape {tuple(tensors[key].shape)}, "
-                    f"the tracker holds {tuple(self.start_policy[key].shape)}"
-                )
+        wrong = [key for key in self.shapes if tensors[key].shape != self.shapes[key]]
+        if wrong:
+            key = wrong[0]
+            raise ValueError(
+                f"the {which} tensor {key} has shape {tuple(tensors[key].shape)}, "
+                f"the tracker holds {tuple(self.shapes[key])}"
+            )
+
+    def _device(self) -> torch.device:
+        return self.start_policy[0].device
+
+    def _flatten(
+        self, tensors: Mapping[str, Tensor], layer: int, device: torch.device | None = None
+    ) -> Tensor:
+        """One layer's tensors as a new flat float32 vector (on the held device unless given)."""
+        device = device or self._device()
+        return torch.cat(
+            [tensors[key].detach().reshape(-1).to(device, torch.float32) for key in self.layer_keys[layer]]
+        )
 
     def _follow_device(self, device: torch.device) -> None:
         """Move the held copies to the device of the live adapter (after a resume onto another device)."""
-        if self.start_policy[self.keys[0]].device == device:
+        if self._device() == device:
             return
         for name in (*_HELD, *_HELD_DURING_ITERATION):
-            held = getattr(self, name)
-            for key in held:
-                held[key] = held[key].to(device)
+            setattr(self, name, [tensor.to(device) for tensor in getattr(self, name)])
+        self._sketch = [indices.to(device) for indices in self._sketch]
 
     def _project(self, policy: Mapping[str, Tensor], reward: Mapping[str, Tensor]) -> tuple[np.ndarray, ...]:
-        """Both adapters' positions under the fixed 2-D Gaussian projection."""
+        """Both adapters' positions under the fixed 2-D Gaussian projection (computed on the CPU)."""
         policy_xy = torch.zeros(2, dtype=torch.float64)
         reward_xy = torch.zeros(2, dtype=torch.float64)
         for key in self.keys:
@@ -502,7 +545,9 @@ class InterplayTracker:
             reward_xy += _flat64(reward[key].detach().cpu()) @ projection
         return policy_xy.numpy(), reward_xy.numpy()
 
-    def _trajectory_metrics(self, iteration: int, policy_xy: np.ndarray, reward_xy: np.ndarray) -> dict:
+    def _trajectory_metrics(
+        self, iteration: int, policy_xy: np.ndarray, reward_xy: np.ndarray
+    ) -> dict[str, float]:
         policy_shift = policy_xy - self.origin_policy_xy
         reward_shift = reward_xy - self.origin_reward_xy
         point = TrajectoryPoint(iteration, *map(float, policy_shift), *map(float, reward_shift))
@@ -513,6 +558,17 @@ class InterplayTracker:
             "interplay/traj_reward_x": point.reward_x,
             "interplay/traj_reward_y": point.reward_y,
         }
+
+    def _build_sketch(self) -> None:
+        layer_sizes = [int(tensor.numel()) for tensor in self.start_policy]
+        coordinates = sketch_coordinates(sum(layer_sizes), self.sketch_size, self.seed)
+        self._sketch = [
+            indices.to(self._device()) for indices in _split_coordinates(coordinates, layer_sizes)
+        ]
+
+    def _require_started(self) -> None:
+        if not self.started:
+            raise RuntimeError("InterplayTracker.start(policy, reward) must be called first")
 
     # -- intervals -----------------------------------------------------------------------------------------
 
@@ -528,21 +584,13 @@ class InterplayTracker:
                     f"policy and reward tensors {key} differ in shape: "
                     f"{tuple(policy[key].shape)} vs {tuple(reward[key].shape)}"
                 )
-            self.start_policy[key] = policy[key].detach().to(torch.float32, copy=True)
-            self.start_reward[key] = reward[key].detach().to(torch.float32, copy=True)
+        self.shapes = {key: policy[key].shape for key in self.keys}
+        device = policy[self.keys[0]].device
+        self.start_policy = [self._flatten(policy, layer, device) for layer in range(len(self.layers))]
+        self.start_reward = [self._flatten(reward, layer, device) for layer in range(len(self.layers))]
         self._build_sketch()
         self.origin_policy_xy, self.origin_reward_xy = self._project(policy, reward)
         return self._trajectory_metrics(-1, self.origin_policy_xy, self.origin_reward_xy)
-
-    def _build_sketch(self) -> None:
-        numels = [self.start_policy[key].numel() for key in self.keys]
-        self._sketch = _split_coordinates(
-            sketch_coordinates(sum(numels), self.sketch_size, self.seed), numels
-        )
-
-    def _require_started(self) -> None:
-        if not self.started:
-            raise RuntimeError("InterplayTracker.start(policy, reward) must be called first")
 
     @torch.no_grad()
     def observe_policy_step(self, policy: Mapping[str, Tensor]) -> dict[str, float]:
@@ -551,37 +599,39 @@ class InterplayTracker:
         self._require_started()
         self._check(policy, "policy")
         self._follow_device(policy[self.keys[0]].device)
-        reference = self.step_policy or self.start_policy
         has_previous_step = bool(self.previous_step_update)
         has_previous_iteration = bool(self.previous_policy_update)
         rows = []
-        for key in self.keys:
-            current = policy[key].detach().to(reference[key].device, torch.float32, copy=True)
-            step_update = current - reference[key]
-            step64 = step_update.reshape(-1).double()
-            # [|s|^2, then <s, other>, |other|^2 for each earlier update there is to compare with]
-            row = [(step64 @ step64).reshape(1)]
-            if has_previous_step:
-                row.append(_dots(step64, self.previous_step_update[key].reshape(-1).double())[[0, 2]])
-            if has_previous_iteration:
-                row.append(_dots(step64, self.previous_policy_update[key].reshape(-1).double())[[0, 2]])
-                row.append(_dots(step64, self.previous_reward_update[key].reshape(-1).double())[[0, 2]])
-            rows.append(torch.cat(row))
-            self.step_policy[key] = current
-            self.previous_step_update[key] = step_update
+        for layer in range(len(self.layers)):
+            current = self._flatten(policy, layer)
+            step_update = current - (self.step_policy if has_previous_step else self.start_policy)[layer]
+            for part in _slices(step_update.numel()):
+                step64 = step_update[part].double()
+                # [|s|^2, then <s, other>, |other|^2 for each earlier update to compare the step with]
+                row = [(step64 @ step64).reshape(1)]
+                earlier = []
+                if has_previous_step:
+                    earlier.append(self.previous_step_update[layer])
+                if has_previous_iteration:
+                    earlier += [self.previous_policy_update[layer], self.previous_reward_update[layer]]
+                for other in earlier:
+                    other64 = other[part].double()
+                    row.append(torch.stack([step64 @ other64, other64 @ other64]))
+                rows.append(torch.cat(row))
+            _put(self.step_policy, layer, current)
+            _put(self.previous_step_update, layer, step_update)
         sums = torch.stack(rows).sum(dim=0).cpu().tolist()
         step_sq = sums.pop(0)
         step_norm = math.sqrt(step_sq)
         self.steps += 1
         self.path_length += step_norm
         metrics = {"interplay/step_policy_update_norm": step_norm}
-        if has_previous_step:
-            dot, other_sq = sums.pop(0), sums.pop(0)
-            metrics["interplay/step_cos_policy_successive"] = cosine_from_sums(dot, step_sq, other_sq)
+        names = ["interplay/step_cos_policy_successive"] if has_previous_step else []
         if has_previous_iteration:
-            for name in ("interplay/step_cos_prev_policy_update", "interplay/step_cos_prev_reward_update"):
-                dot, other_sq = sums.pop(0), sums.pop(0)
-                metrics[name] = cosine_from_sums(dot, step_sq, other_sq)
+            names += ["interplay/step_cos_prev_policy_update", "interplay/step_cos_prev_reward_update"]
+        for name in names:
+            dot, other_sq = sums.pop(0), sums.pop(0)
+            metrics[name] = cosine_from_sums(dot, step_sq, other_sq)
         return metrics
 
     @torch.no_grad()
@@ -593,31 +643,34 @@ class InterplayTracker:
         self._check(reward, "reward")
         self._follow_device(policy[self.keys[0]].device)
         has_previous = bool(self.previous_policy_update)
-        rows, policy_sketch, reward_sketch = [], [], []
-        policy_updates: dict[str, Tensor] = {}
-        reward_updates: dict[str, Tensor] = {}
-        for index, key in enumerate(self.keys):
-            current_policy = policy[key].detach().to(self.start_policy[key].device, torch.float32)
-            current_reward = reward[key].detach().to(self.start_reward[key].device, torch.float32)
-            policy_update = current_policy - self.start_policy[key]
-            reward_update = current_reward - self.start_reward[key]
-            policy64 = policy_update.reshape(-1).double()
-            reward64 = reward_update.reshape(-1).double()
-            parts = [_moments(policy64, reward64)]
-            if has_previous:
-                previous_policy64 = self.previous_policy_update[key].reshape(-1).double()
-                previous_reward64 = self.previous_reward_update[key].reshape(-1).double()
-                parts += [
-                    _dots(policy64, previous_policy64),
-                    _dots(reward64, previous_reward64),
-                    _moments(policy64 - previous_policy64, reward64 - previous_reward64),
-                ]
-            rows.append(torch.cat(parts))
-            indices = self._sketch[index].to(policy64.device)
-            policy_sketch.append(policy64[indices])
-            reward_sketch.append(reward64[indices])
-            policy_updates[key], reward_updates[key] = policy_update, reward_update
+        self.step_policy, self.previous_step_update = [], []  # steps are compared within an iteration
+        rows, row_layers, policy_sketch, reward_sketch = [], [], [], []
+        for layer in range(len(self.layers)):
+            current_policy, current_reward = self._flatten(policy, layer), self._flatten(reward, layer)
+            policy_update = current_policy - self.start_policy[layer]
+            reward_update = current_reward - self.start_reward[layer]
+            for part in _slices(policy_update.numel()):
+                policy64, reward64 = policy_update[part].double(), reward_update[part].double()
+                parts = [_moments(policy64, reward64)]
+                if has_previous:
+                    previous_policy64 = self.previous_policy_update[layer][part].double()
+                    previous_reward64 = self.previous_reward_update[layer][part].double()
+                    parts += [
+                        _dots(policy64, previous_policy64),
+                        _dots(reward64, previous_reward64),
+                        _moments(policy64 - previous_policy64, reward64 - previous_reward64),
+                    ]
+                rows.append(torch.cat(parts))
+                row_layers.append(layer)
+            policy_sketch.append(policy_update[self._sketch[layer]])
+            reward_sketch.append(reward_update[self._sketch[layer]])
+            # These adapters start the next iteration and this update becomes the previous one, layer by
+            # layer, so that no more than one layer's extra copies exist at any time.
+            self.start_policy[layer], self.start_reward[layer] = current_policy, current_reward
+            _put(self.previous_policy_update, layer, policy_update)
+            _put(self.previous_reward_update, layer, reward_update)
         table = torch.stack(rows).cpu().numpy()
+        row_layers_array = np.array(row_layers)
 
         metrics = self._group_metrics(table, has_previous, "interplay/")
         if has_previous:
@@ -635,23 +688,17 @@ class InterplayTracker:
                 metrics["interplay/policy_update_norm"] / self.path_length if self.path_length else 0.0
             )
             metrics["interplay/policy_path_efficiency"] = efficiency
-        for layer in self.layers:
-            layer_metrics = self._group_metrics(table[self._layer_rows[layer]], has_previous, "")
+        for layer, name in enumerate(self.layers):
+            layer_metrics = self._group_metrics(table[row_layers_array == layer], has_previous, "")
             metrics.update(
                 {
-                    f"interplay/{layer}/{name}": layer_metrics[name]
-                    for name in LAYER_METRICS
-                    if name in layer_metrics
+                    f"interplay/{name}/{field}": layer_metrics[field]
+                    for field in LAYER_METRICS
+                    if field in layer_metrics
                 }
             )
         metrics.update(self._trajectory_metrics(self.iteration, *self._project(policy, reward)))
 
-        # These adapters start the next iteration; this iteration's updates become the previous ones.
-        for key in self.keys:
-            self.start_policy[key].copy_(policy[key].detach())
-            self.start_reward[key].copy_(reward[key].detach())
-        self.previous_policy_update, self.previous_reward_update = policy_updates, reward_updates
-        self.step_policy, self.previous_step_update = {}, {}
         self.steps, self.path_length = 0, 0.0
         self.iteration += 1
         return metrics
@@ -676,8 +723,21 @@ class InterplayTracker:
 
     # -- checkpointing -------------------------------------------------------------------------------------
 
+    def _by_key(self, flat_layers: list[Tensor]) -> dict[str, Tensor]:
+        """Per-layer flat vectors as {key: CPU tensor of the key's shape} (a new copy)."""
+        tensors = {}
+        for keys, flat in zip(self.layer_keys, flat_layers, strict=True):
+            pieces = flat.detach().cpu().split([self.shapes[key].numel() for key in keys])
+            tensors.update(
+                {
+                    key: piece.reshape(self.shapes[key]).clone()
+                    for key, piece in zip(keys, pieces, strict=True)
+                }
+            )
+        return tensors
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume, tensors on the CPU (clones: later updates do not alter it)."""
+        """Everything needed to resume; tensors per key on the CPU (copies: later updates do not alter it)."""
         state: dict[str, Any] = {
             "keys": list(self.keys),
             "sketch_size": self.sketch_size,
@@ -690,12 +750,12 @@ class InterplayTracker:
             "trajectory": [tuple(point) for point in self.trajectory],
         }
         for name in (*_HELD, *_HELD_DURING_ITERATION):
-            state[name] = {key: tensor.detach().cpu().clone() for key, tensor in getattr(self, name).items()}
+            state[name] = self._by_key(getattr(self, name)) if getattr(self, name) else {}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by `state_dict`; ValueError if it was saved for other keys, seed or sketch."""
-        if list(state["keys"]) != self.keys:
+        if sorted(state["keys"]) != sorted(self.keys):
             unknown = sorted(set(state["keys"]) ^ set(self.keys))
             raise ValueError(
                 f"the saved interplay state tracks other adapter tensors (e.g. {', '.join(unknown[:3])})"
@@ -703,11 +763,23 @@ class InterplayTracker:
         for setting in ("seed", "sketch_size"):
             if state[setting] != getattr(self, setting):
                 raise ValueError(
-                    f"the saved interplay state has {setting} {state[setting]}, this tracker {getattr(self, setting)}"
+                    f"the saved interplay state has {setting} {state[setting]}, "
+                    f"this tracker {getattr(self, setting)}"
                 )
         self._reset()
+        if state["start_policy"]:
+            self.shapes = {key: state["start_policy"][key].shape for key in self.keys}
         for name in (*_HELD, *_HELD_DURING_ITERATION):
-            setattr(self, name, {key: tensor.clone() for key, tensor in state[name].items()})
+            by_key = state[name]
+            if by_key:
+                setattr(
+                    self,
+                    name,
+                    [
+                        torch.cat([by_key[key].reshape(-1).to(torch.float32) for key in keys])
+                        for keys in self.layer_keys
+                    ],
+                )
         self.iteration = int(state["iteration"])
         self.steps = int(state["steps"])
         self.path_length = float(state["path_length"])

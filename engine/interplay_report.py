@@ -219,8 +219,9 @@ def build_report(
                 for layer in tracker.layers
             }
             per_iteration.append(entry)
-        trajectory["policy"].append([metrics["interplay/traj_policy_x"], metrics["interplay/traj_policy_y"]])
-        trajectory["reward"].append([metrics["interplay/traj_reward_x"], metrics["interplay/traj_reward_y"]])
+        for adapter in ("policy", "reward"):
+            point = [metrics[f"interplay/traj_{adapter}_x"], metrics[f"interplay/traj_{adapter}_y"]]
+            trajectory[adapter].append([_finite(coordinate) for coordinate in point])
         policy_rows.append(trajectory_projection(policy, dims, seed))
         reward_rows.append(trajectory_projection(reward, dims, seed))
         previous_name = name
@@ -229,17 +230,17 @@ def build_report(
     assert tracker is not None
     try:
         disparity: float | None = procrustes_disparity(np.stack(policy_rows), np.stack(reward_rows))
-    except ValueError:
-        disparity = None  # an adapter that never moved has no trajectory shape
+    except (ValueError, np.linalg.LinAlgError):
+        disparity = None  # an adapter that never moved (or holds NaN) has no trajectory shape
     return {
         "run_dir": str(run_dir),
         "checkpoints": [name for name, _ in checkpoints],
         "skipped_checkpoints": skipped,
         "iterations": len(per_iteration),
         "tensors": len(keys),
-        "parameters": int(sum(tensor.numel() for tensor in tracker.start_policy.values())),
+        "parameters": tracker.parameter_count,
         "layers": list(tracker.layers),
-        "sketch_size": min(sketch_size, int(sum(tensor.numel() for tensor in tracker.start_policy.values()))),
+        "sketch_size": min(sketch_size, tracker.parameter_count),
         "projection_dims": dims,
         "seed": seed,
         "per_iteration": per_iteration,
@@ -322,7 +323,6 @@ def _angle_chart(report: dict[str, Any], width: int) -> str:
         if points:
             iterations, angles = zip(*points, strict=True)
             plt.plot(iterations, angles, label=label, marker=marker, color=color)
-    plt.hline(90.0, "gray")
     plt.ylim(0, 180)
     plt.title("Angles between updates over iterations (90° = orthogonal)")
     plt.xlabel("iteration")
@@ -337,7 +337,7 @@ def _trajectory_chart(report: dict[str, Any], width: int) -> str:
     plt.plotsize(width, 18)
     plt.theme("clear")
     for adapter, marker, color in (("policy", "•", "blue"), ("reward", "x", "red")):
-        points = report["trajectory"][adapter]
+        points = [(x, y) for x, y in report["trajectory"][adapter] if x is not None and y is not None]
         plt.plot([x for x, _ in points], [y for _, y in points], label=adapter, marker=marker, color=color)
     plt.title("Trajectories since the first checkpoint (fixed random 2-D projection)")
     return plt.build()

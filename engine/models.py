@@ -30,6 +30,8 @@ BUILTIN_SIZES = {
     "base100m": (768, 12, 12, 3072),
 }
 BUILTIN_VOCAB = 512
+BUILTIN_VERSION = 2  # bump when the build changes, so caches rebuild
+PRETRAIN_STEPS = 300
 
 
 class ModelError(RuntimeError):
@@ -59,14 +61,18 @@ def default_cache_dir() -> Path:
 # --- the built-in tiny model -------------------------------------------------------------------------------
 
 
-def build_builtin(size: str, corpus: list[str], seed: int, cache_dir: Path) -> Path:
+def build_builtin(size: str, corpus: list[str], seed: int, cache_dir: Path,
+                  pretraining_text: list[str] | None = None) -> Path:
     """Build (once) a small Llama-style causal LM from a config with a byte-level BPE tokenizer trained on
-    the task's text, saved with save_pretrained; returns the folder to load with from_pretrained."""
+    the task's text, briefly pre-train it (all weights) on the task's plain text so that, like a real
+    base model, it already speaks the language, and save it with save_pretrained; returns the folder to
+    load with from_pretrained. Deterministic from the seed; built under a temporary name, then renamed."""
     if size not in BUILTIN_SIZES:
         raise ModelError(f"unknown built-in model builtin:{size}; available: "
                          + ", ".join(f"builtin:{s}" for s in BUILTIN_SIZES))
-    digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:12]
-    target = cache_dir / "builtin" / f"{size}-seed{seed}-{digest}"
+    text = pretraining_text or []
+    digest = hashlib.sha256("\n".join(corpus + ["--"] + text).encode()).hexdigest()[:12]
+    target = cache_dir / "builtin" / f"{size}-seed{seed}-{digest}-v{BUILTIN_VERSION}"
     if (target / "config.json").exists():
         return target
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -101,17 +107,42 @@ def build_builtin(size: str, corpus: list[str], seed: int, cache_dir: Path) -> P
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    if text:
+        pretrain(model, tokenizer, text, seed=seed, steps=PRETRAIN_STEPS)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "zopro-builtin.json").write_text(json.dumps({"size": size, "seed": seed, "corpus_sha": digest}))
+    (tmp / "zopro-builtin.json").write_text(json.dumps({"size": size, "seed": seed, "corpus_sha": digest,
+                                                        "pretrain_steps": PRETRAIN_STEPS if text else 0}))
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, target)
     except OSError:  # another process built it first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def pretrain(model: nn.Module, tokenizer, text: list[str], *, seed: int, steps: int, batch_size: int = 32,
+             lr: float = 3e-3) -> float:
+    """Next-token training of all weights on plain lines (each followed by EOS); returns the last loss."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        order = torch.randint(len(text), (batch_size,), generator=gen).tolist()
+        lines = [text[i] + tokenizer.eos_token for i in order]
+        batch = tokenizer(lines, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * (1 - step / steps)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss.detach())
 
 
 # --- loading a base and attaching adapters ------------------------------------------------------------------
@@ -129,7 +160,7 @@ class PreferenceModel:
 
     def use(self, adapter: str) -> None:
         """Make `adapter` the active (and the only trainable) adapter."""
-        self.model.base_model.set_adapter(adapter)
+        self.model.set_adapter(adapter)  # PeftModel keeps its own record of the active adapter
 
     @contextlib.contextmanager
     def adapter(self, name: str) -> Iterator[None]:
@@ -167,11 +198,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_base(base: str, corpus: list[str], seed: int, cache_dir: str) -> str:
+def resolve_base(base: str, corpus: list[str], seed: int, cache_dir: str,
+                 pretraining_text: list[str] | None = None) -> str:
     """A builtin:NAME becomes the folder it was built into; other names are passed to from_pretrained."""
     if base.startswith("builtin:"):
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        return str(build_builtin(base.split(":", 1)[1], corpus, seed, cache))
+        return str(build_builtin(base.split(":", 1)[1], corpus, seed, cache, pretraining_text))
     path = Path(base).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -96,7 +96,8 @@ class Pipeline:
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         self.device = resolve_device(recipe.device)
-        base = resolve_base(recipe.model.base, self.task.corpus(), recipe.seed, recipe.model.cache_dir)
+        base = resolve_base(recipe.model.base, self.task.corpus(), recipe.seed, recipe.model.cache_dir,
+                            self.task.pretraining_text())
         m = recipe.model
         self.pm = load_preference_model(base, dtype=m.dtype, device=self.device, lora_rank=m.lora_rank,
                                         lora_alpha=m.lora_alpha, target_modules=m.target_modules, seed=recipe.seed)
@@ -105,6 +106,7 @@ class Pipeline:
         self.sft_optimizer = torch.optim.AdamW(self.pm.adapter_parameters("sft").values(), lr=recipe.sft.lr)
         self.reward_optimizer = self._reward_optimizer(recipe.reward.lr)
         self.refine_optimizer = self._reward_optimizer(recipe.refine.lr)
+        self.reduce_scalar = None  # set by distributed runs: averages a float across ranks
         self.method = make_update(recipe.policy.method, self)
         self.reward_before_refine: dict[str, torch.Tensor] | None = None
 
@@ -234,17 +236,18 @@ class Pipeline:
     def _bradley_terry_step(self, prompts: list[str], chosen: list[str], rejected: list[str],
                             optimizer: torch.optim.Optimizer) -> tuple[float, float]:
         r = self.recipe
+        # the reward adapter stays active (and so trainable) through the backward pass
         with self.pm.adapter("reward"):
             seqs = encode_responses(self.pm, prompts + prompts, chosen + rejected,
                                     max_prompt_tokens=r.model.max_prompt_tokens, max_new_tokens=r.model.max_new_tokens)
             scores = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
-        n = len(prompts)
-        loss = bradley_terry_loss(scores[:n], scores[n:])
-        loss.backward()
-        self.counters.add(backward_passes=1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss), float((scores[:n] > scores[n:]).float().mean())
+            n = len(prompts)
+            loss = bradley_terry_loss(scores[:n], scores[n:])
+            loss.backward()
+            self.counters.add(backward_passes=1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), float((scores[:n] > scores[n:]).float().mean())
 
     @torch.no_grad()
     def _score_texts(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -282,6 +285,11 @@ class Pipeline:
         chunk = (self.train_prompts + self.train_prompts)[start : start + per]
         return chunk
 
+    def iteration_checkpoint(self, iteration: int) -> Path:
+        """The checkpoint saved at the end of `iteration` (-1: the start of iteration 0, after the reward model)."""
+        name = "reward" if iteration < 0 else f"iter-{iteration:04d}"
+        return self.writer.checkpoints_dir / name
+
     def run_policy(self) -> None:
         r = self.recipe
         i = self.state.iteration
@@ -294,6 +302,7 @@ class Pipeline:
             prompts = [chunk[j] for j in order[: r.train.prompts_per_update].tolist()]
             rollout = collect_rollout(
                 self.pm, prompts, k=r.train.samples_per_prompt, kl_coef=r.policy.kl_coef,
+                missing_eos_penalty=r.policy.missing_eos_penalty,
                 max_new_tokens=r.model.max_new_tokens, max_prompt_tokens=r.model.max_prompt_tokens,
                 temperature=r.policy.temperature, generator=generator(self.seed, "rollout", i, step),
                 counters=self.counters,

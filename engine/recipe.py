@@ -79,6 +79,7 @@ class PolicyConfig:
     temperature: float = spec(1.0, low=0.0, low_open=True)
     kl_coef: float = spec(0.05, low=0.0, help="beta of rlhf_reward = score - beta * KL")
     clip_range: float = spec(0.2, low=0.0, low_open=True, high=1.0)
+    missing_eos_penalty: float = spec(0.0, low=0.0, help="subtracted from the score of answers that never end (as TRL)")
 
 
 @dataclass
@@ -94,6 +95,32 @@ class RLOOConfig:
     lr: float = spec(5e-4, low=0.0, low_open=True)
     weight_decay: float = spec(0.0, low=0.0)
     max_grad_norm: float = spec(1.0, low=0.0, low_open=True)
+
+
+@dataclass
+class ZerothOrderConfig:
+    """Settings shared by mezo and zopro (paper-code defaults, method.md section 3)."""
+
+    lr: float = spec(1e-4, low=0.0, low_open=True)
+    lr_schedule: str = spec("linear", choices=("linear", "constant"), help="inside each iteration")
+    eps: float = spec(1e-4, low=0.0, low_open=True, help="perturbation size (float32)")
+    directions: int = spec(1, low=1, help="q: directions averaged per update")
+    weight_decay: float = spec(0.0, low=0.0)
+    g_clip: float = spec(0.0, low=0.0, help="clip each projected gradient g to [-g_clip, g_clip] (0: off)")
+    max_consecutive_skips: int = spec(5, low=1, help="non-finite estimates in a row that stop the run")
+    grad_cosine_every: int = spec(0, low=0, help="every K updates, cosine with the true gradient (0: off)")
+
+
+@dataclass
+class MeZOConfig(ZerothOrderConfig):
+    pass
+
+
+@dataclass
+class ZOPrOConfig(ZerothOrderConfig):
+    decay_schedule: str = spec("exp", choices=("exp", "linear"), help="d: 0.999 e^-s, or 0.999 - s/S")
+    decay_start: float = spec(0.999, low=0.0, high=0.999999)
+    first_iteration: str = spec("rloo", choices=("rloo", "mezo"), help="iteration 0 has no mu or v yet")
 
 
 @dataclass
@@ -131,6 +158,8 @@ class Recipe:
     policy: PolicyConfig = spec(factory=PolicyConfig)
     train: TrainConfig = spec(factory=TrainConfig)
     rloo: RLOOConfig = spec(factory=RLOOConfig)
+    mezo: MeZOConfig = spec(factory=MeZOConfig)
+    zopro: ZOPrOConfig = spec(factory=ZOPrOConfig)
     refine: RefineConfig = spec(factory=RefineConfig)
     eval: EvalConfig = spec(factory=EvalConfig)
     log: LogConfig = spec(factory=LogConfig)
@@ -143,7 +172,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-METHOD_SECTIONS = {"rloo": "rloo"}  # method -> its recipe section (issue 3 adds the others)
+METHOD_SECTIONS = {"rloo": "rloo", "mezo": "mezo", "zopro": "zopro"}  # method -> its recipe section (issue 3 adds the others)
 
 
 # --- loading and validation ---------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_rollout(pm: PreferenceModel, prompts: list[str], *, k: int, kl_coef: float, max_new_tokens: int,
+def collect_rollout(pm: PreferenceModel, prompts: list[str], *, k: int, kl_coef: float, missing_eos_penalty: float,
+                    max_new_tokens: int,
                     max_prompt_tokens: int, temperature: float, generator: torch.Generator,
                     counters: Counters) -> Rollout:
     """B prompts -> k answers each from the policy, with old and reference log-probs, scores and advantages."""
@@ -144,6 +145,8 @@ def collect_rollout(pm: PreferenceModel, prompts: list[str], *, k: int, kl_coef:
     with pm.adapter("sft"):
         ref_logprobs = token_logprobs(pm, seqs, counters)
     scores = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+    if missing_eos_penalty:
+        scores = scores - missing_eos_penalty * (~seqs.finished).float()
     kl = (old_logprobs - ref_logprobs).sum(-1)
     rlhf_reward = scores - kl_coef * kl
     return Rollout(sequences=seqs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, scores=scores, kl=kl,

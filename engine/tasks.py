@@ -127,6 +127,11 @@ class SentimentTask:
             lines.append(prompt + " " + self.reference_response(prompt, rng))
         return lines
 
+    def pretraining_text(self) -> list[str]:
+        """Plain text for pre-training the built-in base: prompts followed by reference answers."""
+        rng = random.Random(f"{self.seed}:pretraining")
+        return [p + " " + self.reference_response(p, rng) for p in self.prompts(4000, "pretraining")]
+
     # -- the gold scorer ---------------------------------------------------------------------------------
     def gold(self, prompt: str, response: str, finished: bool = True) -> float:
         """The true quality of a response in [0, 1].

@@ -168,7 +168,9 @@ class ZoproSampler:
     def check(self, params: Mapping[str, Tensor]) -> None:
         for name, param in params.items():
             if name not in self.mu:
-                raise ValueError(f"ZoproSampler has no mu/v for tensor {name!r}; key them like the parameters")
+                raise ValueError(
+                    f"ZoproSampler has no mu/v for tensor {name!r}; key them like the parameters"
+                )
             if self.mu[name].shape != param.shape:
                 raise ValueError(
                     f"mu/v of tensor {name!r} have shape {tuple(self.mu[name].shape)}, "
@@ -271,7 +273,8 @@ def zo_update(
                 offset = -eps
                 losses_minus.append(float(loss_fn()))
             finally:
-                _perturb(params, sampler, seed, -offset)  # restore theta
+                if offset != 0.0:
+                    _perturb(params, sampler, seed, -offset)  # restore theta (also if loss_fn raised)
             # g = (L+ - L-) / (2 eps), then averaged across ranks
             g = (losses_plus[-1] - losses_minus[-1]) / (2.0 * eps)
             g_raw.append(float(reduce_g(g)) if reduce_g is not None else g)
@@ -287,7 +290,7 @@ def zo_update(
                 for name, param in params.items():
                     if _decays(name):
                         param.mul_(1.0 - lr * weight_decay)
-            for seed, g in zip(seeds, g_used):
+            for seed, g in zip(seeds, g_used, strict=True):
                 _perturb(params, sampler, seed, -lr * g / directions)
 
     return ZOStepResult(
@@ -302,7 +305,7 @@ def zo_update(
         cos_z_v=_mean([cos_v for _, cos_v in cosines]),
         decay=float(sampler.decay),
         directions=directions,
-        clipped=0 if skipped else sum(raw != used for raw, used in zip(g_raw, g_used)),
+        clipped=0 if skipped else sum(raw != used for raw, used in zip(g_raw, g_used, strict=True)),
     )
 
 

@@ -27,4 +27,8 @@ def make_update(method: str, context: Any) -> PolicyUpdate:
         from engine.methods.rloo import RLOOUpdate
 
         return RLOOUpdate(context)
+    if method in ("mezo", "zopro"):
+        from engine.methods.zeroth_order import ZerothOrderUpdate
+
+        return ZerothOrderUpdate(context, method)
     raise ValueError(f"unknown policy method {method!r}")

@@ -35,7 +35,7 @@ class RLOOUpdate:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss/policy": float(loss), "policy/grad_norm": float(grad_norm), "policy/lr": self.lr * lr_scale, **stats}
+        return {"loss/policy": float(loss.detach()), "policy/grad_norm": float(grad_norm), "policy/lr": self.lr * lr_scale, **stats}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

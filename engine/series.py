@@ -1,0 +1,407 @@
+"""Metric series of a run for plotting: columns per metric read incrementally, rewinds applied, min/max per column, EMA.
+
+A reader (the TUI, a script) feeds the events that `engine.reader.EventTail` returns to a `SeriesParser`,
+which turns them into compact `SeriesBatch`es (plain arrays, cheap to hand from a thread to a UI), and
+appends the batches to a `MetricStore`. The store keeps every point of the metrics it was asked for at full
+resolution (8 bytes per value, 4 per index, 32 per event for the x axes) and answers:
+
+- `series(name, axis)`: x and y as numpy arrays, x being the cycle step (`global_step`), the wall time
+  (`elapsed`, seconds) or the forward passes so far (`compute/forward_passes`, carried forward);
+- `smoothed(name, weight)`: the debiased EMA of the full-resolution values (TensorBoard's smoothing);
+- `minmax_columns(...)`: the min, max, first and last value per screen column, so a spike in a million
+  points still shows.
+
+A `resume` event's `rewind_to_seq` drops every stored point with `seq >= rewind_to_seq`, like
+`engine.reader.apply_rewinds`. `sample_events` reads a strided sample of a big events file for a quick
+first picture while the full read goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+X_AXES = ("step", "time", "compute")
+X_AXIS_LABELS = {"step": "cycle step", "time": "wall time (s)", "compute": "forward passes"}
+METRIC_EVENT_TYPES = ("metrics", "eval")
+COMPUTE_METRIC = "compute/forward_passes"
+# Non-metric events can be large (the recipe, the history); a reader keeps these fields of them.
+EVENT_FIELDS = (
+    "seq",
+    "type",
+    "time",
+    "elapsed",
+    "stage",
+    "iteration",
+    "step",
+    "global_step",
+    "message",
+    "name",
+    "status",
+    "error",
+    "rewind_to_seq",
+    "checkpoint",
+    "kind",
+    "count",
+    "judge",
+    "kept",
+    "judged",
+    "wall_s",
+    "peak_rss_mib",
+)
+
+
+def _empty_floats() -> array:
+    return array("d")
+
+
+@dataclass
+class SeriesBatch:
+    """Metric points from consecutive events, after the rewind (if any) that comes before them."""
+
+    rewind_to_seq: int | None = None
+    seq: array = field(default_factory=lambda: array("q"))
+    step: array = field(default_factory=_empty_floats)
+    time: array = field(default_factory=_empty_floats)
+    compute: array = field(default_factory=_empty_floats)
+    values: dict[str, tuple[array, array]] = field(default_factory=dict)  # name -> (event index, value)
+    latest: dict[str, float] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)  # the other events, trimmed to EVENT_FIELDS
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+
+class SeriesParser:
+    """Turns events (dicts from `EventTail`) into `SeriesBatch`es, keeping only the wanted metric names.
+
+    It carries the forward-pass count across calls (events without `compute/forward_passes` take the
+    last known one), so one parser serves one run's tail from start to end.
+    """
+
+    def __init__(self, wanted: Callable[[str], bool] | None = None):
+        self.wanted = wanted or (lambda name: True)
+        self._wanted_cache: dict[str, bool] = {}
+        self.last_compute = 0.0
+
+    def _is_wanted(self, name: str) -> bool:
+        known = self._wanted_cache.get(name)
+        if known is None:
+            known = self._wanted_cache[name] = bool(self.wanted(name))
+        return known
+
+    def parse(self, events: Iterable[dict]) -> list[SeriesBatch]:
+        batches = [SeriesBatch()]
+        batch = batches[0]
+        for event in events:
+            kind = event.get("type")
+            if kind in METRIC_EVENT_TYPES:
+                metrics = event.get("metrics") or {}
+                compute = metrics.get(COMPUTE_METRIC)
+                if isinstance(compute, (int, float)):
+                    self.last_compute = float(compute)
+                index = len(batch.seq)
+                batch.seq.append(int(event.get("seq", -1)))
+                batch.step.append(float(event.get("global_step") or event.get("step") or 0))
+                elapsed = event.get("elapsed", metrics.get("time/elapsed_s"))
+                batch.time.append(float(elapsed) if isinstance(elapsed, (int, float)) else float("nan"))
+                batch.compute.append(self.last_compute)
+                if kind == "eval":  # evaluations also belong in an events pane
+                    trimmed = {k: event[k] for k in EVENT_FIELDS if k in event}
+                    trimmed["metrics"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+                    batch.events.append(trimmed)
+                values = batch.values
+                for name, value in metrics.items():
+                    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                        continue
+                    batch.latest[name] = value
+                    if not self._is_wanted(name):
+                        continue
+                    column = values.get(name)
+                    if column is None:
+                        column = values[name] = (array("i"), array("d"))
+                    column[0].append(index)
+                    column[1].append(value)
+            else:
+                if kind == "resume":
+                    batch = SeriesBatch(rewind_to_seq=int(event.get("rewind_to_seq") or 0))
+                    batches.append(batch)
+                batch.events.append({k: event[k] for k in EVENT_FIELDS if k in event})
+        return [b for b in batches if len(b) or b.events or b.rewind_to_seq is not None]
+
+
+@dataclass
+class Columns:
+    """One screen's worth of a series: per non-empty column, its min, max, first and last value."""
+
+    column: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+
+def minmax_columns(x: np.ndarray, y: np.ndarray, x_low: float, x_high: float, columns: int) -> Columns:
+    """Bin the points with x in [x_low, x_high] into `columns` equal columns; x must be non-decreasing.
+
+    Keeps the min and max per column (spikes survive any amount of data) and the first and last value
+    (to join neighbouring columns into a line).
+    """
+    empty = np.empty(0)
+    if columns <= 0 or len(x) == 0:
+        return Columns(np.empty(0, dtype=np.int64), empty, empty, empty, empty)
+    start, stop = int(np.searchsorted(x, x_low, side="left")), int(np.searchsorted(x, x_high, side="right"))
+    x, y = x[start:stop], y[start:stop]
+    finite = np.isfinite(y)
+    if not finite.all():
+        x, y = x[finite], y[finite]
+    if len(x) == 0:
+        return Columns(np.empty(0, dtype=np.int64), empty, empty, empty, empty)
+    span = x_high - x_low
+    if span <= 0:
+        bins = np.zeros(len(x), dtype=np.int64)
+    else:
+        bins = np.minimum(((x - x_low) / span * columns).astype(np.int64), columns - 1)
+    # x is sorted, so each column's points are contiguous: reduce over the runs of equal bins
+    starts = np.flatnonzero(np.diff(bins, prepend=-1))
+    ends = np.append(starts[1:], len(bins)) - 1
+    return Columns(
+        column=bins[starts],
+        low=np.minimum.reduceat(y, starts),
+        high=np.maximum.reduceat(y, starts),
+        first=y[starts],
+        last=y[ends],
+    )
+
+
+EMA_BLOCK = 128
+
+
+def ema(values: np.ndarray, weight: float, carry: float = 0.0, offset: int = 0) -> tuple[np.ndarray, float]:
+    """Debiased exponential moving average (TensorBoard's smoothing), vectorised in blocks.
+
+    s_t = weight * s_{t-1} + (1 - weight) * v_t from s_{-1} = 0, shown as s_t / (1 - weight^(t+1)).
+    `carry` is s at the point before `values` and `offset` how many points came before, so a long series
+    can be extended without recomputing it. Returns the smoothed values and the new carry.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return np.empty(0), carry
+    if weight <= 0:
+        return values.copy(), float(values[-1])
+    weight = min(float(weight), 0.999)
+    out = np.empty(n)
+    state = carry
+    # within a block of B points: s_t = w^(t+1) s_{-1} + (1-w) w^t sum_{k<=t} w^-k v_k; B is small enough
+    # for w^-B to stay finite for every weight we offer (>= 0.5)
+    block = EMA_BLOCK if weight >= 0.5 else 16
+    powers = weight ** np.arange(block + 1, dtype=np.float64)
+    inverse = 1.0 / powers[:block]
+    for begin in range(0, n, block):
+        chunk = values[begin : begin + block]
+        m = len(chunk)
+        sums = np.cumsum(chunk * inverse[:m])
+        smoothed = powers[1 : m + 1] * state + (1.0 - weight) * powers[:m] * sums
+        out[begin : begin + m] = smoothed
+        state = float(smoothed[-1])
+    debias = 1.0 - weight ** np.arange(offset + 1, offset + n + 1, dtype=np.float64)
+    return out / debias, state
+
+
+class GrowingArray:
+    """A numpy array with spare capacity: appending costs only the new values, and views handed out
+    earlier stay valid (a reallocation leaves them on the old buffer)."""
+
+    def __init__(self, dtype: type = np.float64, capacity: int = 256):
+        self._data = np.empty(capacity, dtype=dtype)
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._data[: self.size]
+
+    def extend(self, values: np.ndarray | array) -> None:
+        if isinstance(values, array):
+            values = np.frombuffer(values, dtype=self._data.dtype) if len(values) else np.empty(0)
+        values = np.asarray(values, dtype=self._data.dtype)
+        end = self.size + len(values)
+        if end > len(self._data):
+            grown = np.empty(max(end, 2 * len(self._data)), dtype=self._data.dtype)
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+        self._data[self.size : end] = values
+        self.size = end
+
+    def truncate(self, size: int) -> None:
+        self.size = min(self.size, max(0, size))
+
+
+class MetricStore:
+    """Every point of the wanted metrics of one run, in growing numpy columns; owned by one reader (the UI).
+
+    Per event with metrics: its seq and the three x axes; per metric: the indices of its events and its
+    values. Series and smoothed values are cached and extended as points arrive.
+    """
+
+    def __init__(self) -> None:
+        self.seq = GrowingArray(np.int64)
+        self.axes: dict[str, GrowingArray] = {axis: GrowingArray(np.float64) for axis in X_AXES}
+        self.values: dict[str, tuple[GrowingArray, GrowingArray]] = {}
+        self.latest: dict[str, float] = {}
+        self.events: list[dict] = []
+        self.version = 0
+        self._x_cache: dict[tuple[str, str], GrowingArray] = {}
+        self._ema: dict[tuple[str, float], tuple[GrowingArray, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(name for name, (index, _) in self.values.items() if len(index))
+
+    def count(self, name: str) -> int:
+        column = self.values.get(name)
+        return len(column[0]) if column else 0
+
+    def extend(self, batch: SeriesBatch) -> None:
+        if batch.rewind_to_seq is not None:
+            self.rewind(batch.rewind_to_seq)
+        base = len(self.seq)
+        self.seq.extend(batch.seq)
+        self.axes["step"].extend(batch.step)
+        self.axes["time"].extend(batch.time)
+        self.axes["compute"].extend(batch.compute)
+        for name, (index, value) in batch.values.items():
+            column = self.values.get(name)
+            if column is None:
+                column = self.values[name] = (GrowingArray(np.int32), GrowingArray(np.float64))
+            column[0].extend(np.frombuffer(index, dtype=np.int32) + base if len(index) else index)
+            column[1].extend(value)
+        self.latest.update(batch.latest)
+        self.events.extend(batch.events)
+        self.version += 1
+
+    def rewind(self, seq: int) -> None:
+        """Drop every point and event with `seq >= seq` (a resumed run re-emits them)."""
+        keep = int(np.searchsorted(self.seq.view, seq, side="left"))
+        if keep < len(self.seq):
+            self.seq.truncate(keep)
+            for column in self.axes.values():
+                column.truncate(keep)
+            for index, value in self.values.values():
+                cut = int(np.searchsorted(index.view, keep, side="left"))
+                index.truncate(cut)
+                value.truncate(cut)
+            self._x_cache.clear()
+            self._ema.clear()
+        while self.events and self.events[-1].get("seq", -1) >= seq:
+            self.events.pop()
+        self.version += 1
+
+    def series(self, name: str, axis: str = "step") -> tuple[np.ndarray, np.ndarray]:
+        """x (the chosen axis) and y of one metric, at full resolution."""
+        column = self.values.get(name)
+        if not column or not len(column[0]):
+            return np.empty(0), np.empty(0)
+        index, values = column
+        x = self._x_cache.get((name, axis))
+        if x is None or len(x) > len(index):
+            x = self._x_cache[(name, axis)] = GrowingArray(np.float64)
+        if len(x) < len(index):
+            x.extend(self.axes[axis].view[index.view[len(x) :]])
+        return x.view, values.view
+
+    def smoothed(self, name: str, weight: float) -> np.ndarray:
+        """The EMA of a metric's values, extended incrementally as points arrive."""
+        column = self.values.get(name)
+        if not column or not len(column[1]):
+            return np.empty(0)
+        values = column[1].view
+        if weight <= 0:
+            return values
+        smoothed, carry = self._ema.get((name, weight), (None, 0.0))
+        if smoothed is None or len(smoothed) > len(values):
+            smoothed, carry = GrowingArray(np.float64), 0.0
+        if len(smoothed) < len(values):
+            more, carry = ema(values[len(smoothed) :], weight, carry, len(smoothed))
+            smoothed.extend(more)
+        self._ema[(name, weight)] = (smoothed, carry)
+        return smoothed.view
+
+    def pairs(self, name_x: str, name_y: str) -> tuple[np.ndarray, np.ndarray]:
+        """Two metrics logged in the same events, paired point by point (e.g. a 2-D trajectory)."""
+        a, b = self.values.get(name_x), self.values.get(name_y)
+        if not a or not b or not len(a[0]) or not len(b[0]):
+            return np.empty(0), np.empty(0)
+        _, take_a, take_b = np.intersect1d(a[0].view, b[0].view, assume_unique=True, return_indices=True)
+        return a[1].view[take_a], b[1].view[take_b]
+
+    def x_range(self, axis: str, names: Iterable[str]) -> tuple[float, float] | None:
+        """The smallest and largest x over the given metrics (None when none has points)."""
+        low, high = np.inf, -np.inf
+        axis_column = self.axes[axis].view
+        for name in names:
+            column = self.values.get(name)
+            if not column or not len(column[0]):
+                continue
+            index = column[0].view
+            first, last = axis_column[index[0]], axis_column[index[-1]]
+            if np.isfinite(first):
+                low = min(low, float(first))
+            if np.isfinite(last):
+                high = max(high, float(last))
+        return (float(low), float(high)) if low <= high else None
+
+    def value_at(self, name: str, axis: str, x: float, weight: float = 0.0) -> tuple[float, float] | None:
+        """The last point of a metric at or before x: (its x, its value, smoothed if weight > 0)."""
+        xs, ys = self.series(name, axis)
+        if not len(xs):
+            return None
+        position = int(np.searchsorted(xs, x, side="right")) - 1
+        if position < 0:
+            return None
+        values = self.smoothed(name, weight) if weight > 0 else ys
+        return float(xs[position]), float(values[position])
+
+
+def sample_events(path: Path, count: int) -> list[dict]:
+    """About `count` events spread evenly over a big events file (one whole line after each of `count`
+    equally spaced byte offsets), for a first picture of a long run before the full read ends."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return []
+    events: list[dict] = []
+    last_offset = -1
+    with open(path, "rb") as handle:
+        for i in range(count):
+            offset = size * i // count
+            handle.seek(offset)
+            if offset:
+                handle.readline()  # the rest of a line cut by the seek
+            position = handle.tell()
+            if position <= last_offset:
+                continue
+            line = handle.readline()
+            last_offset = position
+            if not line.endswith(b"\n"):
+                break
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events

@@ -1,0 +1,144 @@
+"""The run directory contract: tailing by byte offset, truncated lines, one writer, control requests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from engine.reader import EventTail, apply_rewinds, list_runs, read_events, run_info
+from engine.rundir import RunDirError, RunWriter, latest_checkpoint, send_control
+
+
+def test_reader_tailing_a_live_writer_sees_every_event_once(tmp_path):
+    run = tmp_path / "run"
+    total = 3000
+    seen: list[int] = []
+    done = threading.Event()
+
+    def write() -> None:
+        with RunWriter(run) as writer:
+            for i in range(total):
+                writer.emit("metrics", stage="policy", iteration=0, step=i, metrics={"objective/scores": i * 0.5})
+                if i % 100 == 0:
+                    time.sleep(0.005)
+        done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    tail = EventTail(run / "events.jsonl")
+    while not done.is_set() or len(seen) < total:
+        seen.extend(e["step"] for e in tail.read_new())
+        if done.is_set() and len(seen) < total:
+            seen.extend(e["step"] for e in tail.read_new())
+            break
+        time.sleep(0.001)
+    thread.join()
+    assert seen == list(range(total))
+    assert tail.bad_lines == 0
+
+
+def test_reader_reads_only_new_bytes(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run) as writer:
+        for i in range(10):
+            writer.emit("metrics", stage="sft", iteration=None, step=i, metrics={"loss/sft": 1.0})
+        tail = EventTail(run / "events.jsonl")
+        assert len(tail.read_new()) == 10
+        offset = tail.offset
+        assert offset == (run / "events.jsonl").stat().st_size
+        writer.emit("metrics", stage="sft", iteration=None, step=10, metrics={"loss/sft": 1.0})
+        assert [e["step"] for e in tail.read_new()] == [10]
+        assert tail.read_new() == []
+
+
+def test_truncated_last_line_is_not_an_error_and_is_read_once_complete(tmp_path):
+    path = tmp_path / "events.jsonl"
+    whole = json.dumps({"seq": 0, "type": "metrics", "step": 0}) + "\n"
+    partial = json.dumps({"seq": 1, "type": "metrics", "step": 1})
+    path.write_text(whole + partial[:10])
+    tail = EventTail(path)
+    assert [e["seq"] for e in tail.read_new()] == [0]
+    assert tail.bad_lines == 0
+    with open(path, "a") as handle:
+        handle.write(partial[10:] + "\n")
+    assert [e["seq"] for e in tail.read_new()] == [1]
+
+
+def test_nan_metrics_are_written_as_null(tmp_path):
+    with RunWriter(tmp_path / "run") as writer:
+        writer.emit("metrics", stage="policy", iteration=0, step=0, metrics={"zo/g": float("nan"), "ok": 1.5})
+    (event,) = read_events(tmp_path / "run")
+    assert event["metrics"] == {"zo/g": None, "ok": 1.5}
+
+
+def test_second_writer_in_another_process_is_refused(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run):
+        code = (
+            "import sys\nfrom engine.rundir import RunWriter, RunDirError\n"
+            f"try:\n    RunWriter({str(run)!r}).open()\nexcept RunDirError as e:\n    print(e); sys.exit(3)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert "already being written by pid" in result.stdout
+    # once the first writer is gone, a new one may open it
+    with RunWriter(run):
+        pass
+
+
+def test_second_writer_in_same_process_is_refused(tmp_path):
+    with RunWriter(tmp_path / "run"):
+        with pytest.raises(RunDirError, match="one writer per run directory"):
+            RunWriter(tmp_path / "run").open()
+
+
+def test_control_requests_are_taken_once_in_order(tmp_path):
+    with RunWriter(tmp_path / "run") as writer:
+        send_control(tmp_path / "run", "pause")
+        time.sleep(0.01)
+        send_control(tmp_path / "run", "resume")
+        assert writer.take_requests() == ["pause", "resume"]
+        assert writer.take_requests() == []
+    with pytest.raises(RunDirError, match="accepted"):
+        send_control(tmp_path / "run", "explode")
+
+
+def test_checkpoint_is_atomic(tmp_path):
+    with RunWriter(tmp_path / "run") as writer:
+        with writer.checkpoint("iter-0000") as folder:
+            (folder / "state.json").write_text("{}")
+        assert latest_checkpoint(tmp_path / "run").name == "iter-0000"
+        with pytest.raises(RuntimeError), writer.checkpoint("iter-0001") as folder:
+            (folder / "state.json").write_text("{}")
+            raise RuntimeError("crash while writing")
+        assert latest_checkpoint(tmp_path / "run").name == "iter-0000"
+        assert not (tmp_path / "run" / "checkpoints" / "iter-0001").exists()
+
+
+def test_rewinds_drop_re_emitted_events():
+    events = [{"seq": i, "type": "metrics"} for i in range(5)] + [{"seq": 3, "type": "resume", "rewind_to_seq": 3},
+                                                                 {"seq": 4, "type": "metrics"}]
+    assert [e["seq"] for e in apply_rewinds(events)] == [0, 1, 2, 3, 4]
+    assert apply_rewinds(events)[3]["type"] == "resume"
+
+
+def test_status_is_derived_from_heartbeat_and_pid(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run) as writer:
+        writer.update_status(state="running", method="rloo", started=time.time())
+        assert run_info(run).status == "running"
+        assert run_info(run, now=time.time() + 3600).status == "stale"
+    # the writer is gone but status still says running: a crashed run is stale
+    status = json.loads((run / "status.json").read_text())
+    status["pid"] = 999999
+    (run / "status.json").write_text(json.dumps(status))
+    assert run_info(run).status == "stale"
+    status["state"] = "finished"
+    (run / "status.json").write_text(json.dumps(status))
+    assert run_info(run).status == "finished"
+    assert [r.name for r in list_runs(tmp_path)] == ["run"]

@@ -1,0 +1,225 @@
+"""`zopro-tui`: the Textual workbench; the app (screens, app-wide keys and commands) and its command line.
+
+zopro-tui                        the runs under ./runs (or --root DIR)
+zopro-tui recipes/tiny.toml      start that recipe as a detached run and open its dashboard
+zopro-tui runs/mine              attach to a run, live or finished
+zopro-tui --readonly runs/mine   no controls (a shared screen)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from engine.reader import is_run_dir
+from engine.recipe import RecipeError
+from zopro_tui.launch import LaunchedRun, RunPlan, launch, plan_run
+from zopro_tui.screens.compare import CompareScreen
+from zopro_tui.screens.dashboard import DashboardScreen
+from zopro_tui.screens.help import HelpScreen
+from zopro_tui.screens.runs import RunsScreen
+
+EXIT_BAD_INPUT = 2
+
+
+class ZoproApp(App):
+    """Runs list, dashboards and compare views over run directories; starts runs detached."""
+
+    CSS_PATH = "zopro.tcss"
+    TITLE = "zopro"
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
+        Binding("S", "screenshot_svg", "Save SVG", show=False),
+    ]
+
+    def __init__(
+        self,
+        root: Path = Path("runs"),
+        *,
+        readonly: bool = False,
+        attach: Path | None = None,
+        plan: RunPlan | None = None,
+        export_dir: Path | None = None,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.readonly = readonly
+        self.attach = attach
+        self.plan = plan
+        self.export_dir = export_dir or Path.cwd()
+        self.launched: dict[Path, LaunchedRun] = {}
+
+    def on_mount(self) -> None:
+        self.push_screen(RunsScreen(self.root))
+        if self.plan is not None:
+            self.start_run(self.plan)
+        elif self.attach is not None:
+            self.open_run(self.attach)
+
+    # -- what screens ask of the app -----------------------------------------------------------------------
+    def open_run(self, run_dir: Path) -> None:
+        self.push_screen(DashboardScreen(run_dir, readonly=self.readonly))
+
+    def open_compare(self, run_dirs: list[Path]) -> None:
+        self.push_screen(CompareScreen(run_dirs))
+
+    def start_run(self, plan: RunPlan | None) -> None:
+        """Start a validated recipe detached, then open its dashboard (it fills in as the run starts)."""
+        if plan is None:
+            return
+        if self.readonly:
+            self.notify("read-only: starting runs is off", severity="warning")
+            return
+        try:
+            plan.run_dir.mkdir(parents=True, exist_ok=False)  # reserves the name; the engine accepts it empty
+            launched = launch(plan)
+        except OSError as error:
+            self.notify(f"could not start {plan.recipe}: {error}", severity="error")
+            return
+        self.launched[launched.run_dir] = launched
+        self.notify(
+            f"started {plan.run_dir.name} (pid {launched.pid}); its output goes to {launched.log_path}",
+            timeout=4,
+        )
+        self.open_run(launched.run_dir)
+
+    def alive_launched(self) -> list[LaunchedRun]:
+        return [run for run in self.launched.values() if run.alive()]
+
+    @work(thread=True, group="export", exit_on_error=False)
+    def export_metrics(self, run_dir: Path) -> None:
+        """Write the run's metrics as CSV and JSON (what `zopro export` writes) into the export folder."""
+        from engine.report import export_metrics
+
+        written = []
+        try:
+            for fmt in ("csv", "json"):
+                path = self.export_dir / f"{Path(run_dir).name}-metrics.{fmt}"
+                path.write_text(export_metrics(Path(run_dir), fmt))
+                written.append(str(path))
+        except OSError as error:
+            self.call_from_thread(self.notify, f"export failed: {error}", severity="error")
+            return
+        self.call_from_thread(self.notify, "wrote " + " and ".join(written), timeout=6)
+
+    # -- app-wide actions ----------------------------------------------------------------------------------
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            self.screen.dismiss(None)
+            return
+        self.push_screen(HelpScreen(self.screen))
+
+    def action_screenshot_svg(self) -> None:
+        name = type(self.screen).__name__.removesuffix("Screen").lower()
+        filename = f"zopro-{name}-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        path = self.save_screenshot(filename=filename, path=str(self.export_dir))
+        self.notify(f"saved the screen as {path}", timeout=5)
+
+    async def action_quit(self) -> None:
+        alive = self.alive_launched()
+        message = None
+        if alive:
+            runs = ", ".join(f"{run.run_dir} (pid {run.pid})" for run in alive)
+            message = (
+                f"zopro-tui: {len(alive)} run{'s' if len(alive) > 1 else ''} started here keep"
+                f"{'s' if len(alive) == 1 else ''} running in the background: {runs}. "
+                f"Attach again with `zopro-tui {alive[0].run_dir}`."
+            )
+        self.exit(message)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette lists every action of the current screen (from its bindings), then Textual's own."""
+        seen: set[str] = set()
+        for key, active in screen.active_bindings.items():
+            binding = active.binding
+            if not binding.description or binding.description in seen or not active.enabled:
+                continue
+            seen.add(binding.description)
+            yield SystemCommand(
+                binding.description, f"key: {key}", partial(self.run_binding, active.node, binding.action)
+            )
+        yield from super().get_system_commands(screen)
+
+    async def run_binding(self, node, action: str) -> None:
+        await self.run_action(action, node)
+
+
+def parse_overrides_argument(value: str) -> list[str]:
+    """One --set value, kept whole (the shell already split the words)."""
+    if "=" not in value:
+        raise ValueError(f"--set {value!r} has no '='; write key.path=value, e.g. train.iterations=2")
+    return [value]
+
+
+def resolve_target(
+    target: str | None, root: Path, overrides: list[str]
+) -> tuple[Path | None, RunPlan | None]:
+    """A run directory to attach to, or a recipe to start; raises ValueError with one sentence otherwise."""
+    if target is None:
+        if overrides:
+            raise ValueError("--set needs a recipe to override: zopro-tui RECIPE.toml --set key=value")
+        return None, None
+    path = Path(target).expanduser()
+    if path.is_file() and path.suffix == ".toml":
+        try:
+            return None, plan_run(path, overrides, root)
+        except RecipeError as error:
+            raise ValueError(str(error)) from None
+    if path.is_dir() and is_run_dir(path):
+        if overrides:
+            raise ValueError(f"--set applies to a recipe, and {path} is a run directory")
+        return path, None
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is not a run directory (no status.json or events.jsonl); "
+            f"to list the runs in it use `zopro-tui --root {path}`"
+        )
+    raise ValueError(f"{path} does not exist; give a recipe (.toml) or a run directory")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="zopro-tui",
+        description="The zopro workbench: watch, start, control and compare preference-optimisation runs.",
+    )
+    parser.add_argument("target", nargs="?", help="a recipe .toml to start, or a run directory to attach to")
+    parser.add_argument("--root", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
+    parser.add_argument(
+        "--readonly", action="store_true", help="no controls and no new runs (a shared screen)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key when starting a recipe (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        overrides = [override for value in args.overrides for override in parse_overrides_argument(value)]
+        attach, plan = resolve_target(args.target, args.root, overrides)
+    except (ValueError, RecipeError) as error:
+        print(f"zopro-tui: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    if plan is not None and args.readonly:
+        print("zopro-tui: --readonly cannot start a recipe; drop one of them", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    app = ZoproApp(args.root, readonly=args.readonly, attach=attach, plan=plan)
+    message = app.run()
+    if message:
+        print(message)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Which metrics each panel draws, with their labels and what a chart says while it waits for them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.recipe import FIRST_ORDER_METHODS
+
+
+@dataclass(frozen=True)
+class ChartSpec:
+    """One chart: a title, the metrics it overlays (name, legend label) and its waiting message."""
+
+    title: str
+    metrics: tuple[tuple[str, str], ...]
+    waiting: str
+
+
+@dataclass(frozen=True)
+class TrajectorySpec:
+    """A 2-D path: pairs of metrics (x name, y name, label) logged in the same events."""
+
+    title: str
+    paths: tuple[tuple[str, str, str], ...]
+    waiting: str
+
+
+REWARD_CHARTS = (
+    ChartSpec(
+        "reward-model score",
+        (("objective/scores", "RM score"), ("objective/rlhf_reward", "rlhf reward")),
+        "waiting for objective/scores: the first policy update",
+    ),
+    ChartSpec(
+        "gold score",
+        (("objective/gold", "rollouts"), ("eval/gold", "held-out")),
+        "waiting for objective/gold or eval/gold: the first update or evaluation",
+    ),
+    ChartSpec(
+        "win rate vs SFT",
+        (("eval/win_rate_vs_sft", "win rate"),),
+        "waiting for eval/win_rate_vs_sft: the first held-out evaluation",
+    ),
+    ChartSpec(
+        "KL to SFT",
+        (("objective/kl", "KL"), ("eval/kl", "held-out")),
+        "waiting for objective/kl: the first policy update",
+    ),
+)
+
+INTERPLAY_CHARTS = (
+    ChartSpec(
+        "angle policy-reward (deg)",
+        (("interplay/angle_policy_reward_deg", "angle(dP, dR)"),),
+        "waiting for interplay/angle_policy_reward_deg: logged at the end of each iteration",
+    ),
+    ChartSpec(
+        "cosines",
+        (
+            ("interplay/cos_policy_reward", "cos(dP,dR)"),
+            ("interplay/cos_policy_successive", "cos(dP,dP-)"),
+            ("interplay/cos_reward_successive", "cos(dR,dR-)"),
+        ),
+        "waiting for interplay/cos_*: logged at the end of each iteration",
+    ),
+    ChartSpec(
+        "update norms",
+        (("interplay/policy_update_norm", "|dP|"), ("interplay/reward_update_norm", "|dR|")),
+        "waiting for interplay/*_update_norm: logged at the end of each iteration",
+    ),
+)
+TRAJECTORY = TrajectorySpec(
+    "trajectory (2-D projection)",
+    (
+        ("interplay/traj_policy_x", "interplay/traj_policy_y", "policy"),
+        ("interplay/traj_reward_x", "interplay/traj_reward_y", "reward"),
+    ),
+    "waiting for interplay/traj_*: logged at the end of each iteration",
+)
+
+ZO_CHARTS = (
+    ChartSpec(
+        "projected gradient g",
+        (("zo/g", "g"), ("zo/abs_g", "|g|")),
+        "waiting for zo/g: the first zeroth-order update",
+    ),
+    ChartSpec("decay", (("zo/decay", "decay"),), "waiting for zo/decay: ZOPrO's mixing of mu and v"),
+    ChartSpec(
+        "direction composition",
+        (("zo/cos_z_mu", "cos(z,mu)"), ("zo/cos_z_v", "cos(z,v)")),
+        "waiting for zo/cos_z_mu and zo/cos_z_v",
+    ),
+    ChartSpec("skipped updates", (("zo/skipped", "skipped"),), "waiting for zo/skipped: non-finite g guard"),
+)
+
+INTERPLAY_WAITING = (
+    "waiting for the policy-reward interplay (interplay/cos_policy_reward, angle, update norms, trajectory): "
+    "logged at the end of each iteration, once the policy and the reward model have both moved"
+)
+ZO_WAITING = (
+    "waiting for the zeroth-order diagnostics (zo/g, zo/abs_g, zo/decay, zo/cos_z_mu, zo/cos_z_v, zo/skipped): "
+    "logged at every zeroth-order update"
+)
+
+COMPARE_CHARTS = (
+    ChartSpec("reward-model score", (("objective/scores", ""),), "no run has objective/scores yet"),
+    ChartSpec("gold score (held-out)", (("eval/gold", ""),), "no run has eval/gold yet"),
+    ChartSpec("win rate vs SFT", (("eval/win_rate_vs_sft", ""),), "no run has eval/win_rate_vs_sft yet"),
+    ChartSpec("KL to SFT", (("objective/kl", ""),), "no run has objective/kl yet"),
+)
+
+_CHART_NAMES = {
+    name
+    for specs in (REWARD_CHARTS, INTERPLAY_CHARTS, ZO_CHARTS, COMPARE_CHARTS)
+    for spec in specs
+    for name, _ in spec.metrics
+} | {name for x, y, _ in TRAJECTORY.paths for name in (x, y)}
+
+
+def wanted_metric(name: str) -> bool:
+    """The metrics a screen keeps as full series: those its charts draw, and every zo/ diagnostic."""
+    return name in _CHART_NAMES or (name.startswith("zo/") and name.count("/") == 1)
+
+
+def is_zeroth_order(method: str) -> bool:
+    """A zeroth-order method (mezo, zopro, or one added later); the first-order ones are known by name."""
+    return method not in FIRST_ORDER_METHODS and method not in ("?", "")

@@ -1,0 +1,305 @@
+"""Background reading of run directories: what a worker thread reads, and the messages it posts to the UI.
+
+A `RunReader` belongs to one worker thread. It tails one run's events by byte offset (through
+`engine.reader.EventTail`), parses them into `SeriesBatch`es, and reads status, samples and the launch log
+when they change. The worker posts what it read as messages; the screen's handlers own all UI state.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from textual.message import Message
+
+from engine.reader import EventTail, RunInfo, latest_samples, list_runs, run_info
+from engine.series import SeriesBatch, SeriesParser, sample_events
+from zopro_tui.catalogue import wanted_metric
+
+CHUNK_BYTES = 8 << 20  # read at most this much per poll, so a huge log streams in and the UI stays live
+PREVIEW_ABOVE_BYTES = 24 << 20  # bigger logs first get a strided sample, drawn until the full read ends
+PREVIEW_EVENTS = 6000
+CAUGHT_UP_SLACK_BYTES = 1 << 16
+
+
+# -- messages -------------------------------------------------------------------------------------------------
+class RunsListed(Message):
+    """The runs under the root folder, freshly derived."""
+
+    def __init__(self, runs: list[RunInfo]) -> None:
+        super().__init__()
+        self.runs = runs
+
+
+class SeriesRead(Message):
+    """New metric points and events of one run (or, with `preview`, a sample of a big log)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        batches: list[SeriesBatch],
+        *,
+        preview: bool = False,
+        progress: float = 1.0,
+        caught_up: bool = True,
+    ) -> None:
+        super().__init__()
+        self.run_dir, self.batches, self.preview = run_dir, batches, preview
+        self.progress, self.caught_up = progress, caught_up
+
+
+class StatusRead(Message):
+    """The run's derived status (state, stage, position, latest metrics)."""
+
+    def __init__(self, run_dir: Path, info: RunInfo) -> None:
+        super().__init__()
+        self.run_dir, self.info = run_dir, info
+
+
+class SamplesRead(Message):
+    """The rows of the run's newest samples file."""
+
+    def __init__(self, run_dir: Path, source: str, rows: list[dict]) -> None:
+        super().__init__()
+        self.run_dir, self.source, self.rows = run_dir, source, rows
+
+
+class LogRead(Message):
+    """New lines of the launch log (the engine's stdout and stderr, for runs started from the TUI)."""
+
+    def __init__(self, run_dir: Path, lines: list[str]) -> None:
+        super().__init__()
+        self.run_dir, self.lines = run_dir, lines
+
+
+@dataclass
+class HardwareReading:
+    """One sample of the run's process (and GPUs when nvidia-ml-py is there)."""
+
+    pid: int | None
+    alive: bool
+    local: bool
+    cpu_percent: float | None = None
+    rss_mib: float | None = None
+    threads: int | None = None
+    gpus: list[dict] = field(default_factory=list)
+    note: str = ""
+
+
+class HardwareRead(Message):
+    def __init__(self, run_dir: Path, reading: HardwareReading) -> None:
+        super().__init__()
+        self.run_dir, self.reading = run_dir, reading
+
+
+# -- readers --------------------------------------------------------------------------------------------------
+def launch_log_path(run_dir: Path) -> Path:
+    """Where the TUI sends the output of a run it starts: next to the run directory."""
+    return run_dir.parent / f"{run_dir.name}.log"
+
+
+class RunReader:
+    """Incremental reader of one run directory; not thread-safe, one per worker."""
+
+    def __init__(
+        self, run_dir: Path, chunk_bytes: int = CHUNK_BYTES, preview_above: int = PREVIEW_ABOVE_BYTES
+    ):
+        self.run_dir = Path(run_dir)
+        self.events_path = self.run_dir / "events.jsonl"
+        self.tail = EventTail(self.events_path)
+        self.parser = SeriesParser(wanted_metric)
+        self.chunk_bytes = chunk_bytes
+        self.preview_above = preview_above
+        self.started_reading = False
+        self.history_bytes = 0  # the size at the first read: progress of the initial catch-up
+        self.samples_source = ""
+        self.samples_mtime = 0.0
+        self.log_offset = 0
+
+    def size(self) -> int:
+        try:
+            return os.path.getsize(self.events_path)
+        except OSError:
+            return 0
+
+    @property
+    def behind(self) -> bool:
+        """More than a partly written line is left to read."""
+        return self.size() - self.tail.offset > CAUGHT_UP_SLACK_BYTES
+
+    def read_preview(self) -> SeriesRead | None:
+        """A strided sample of a big log, only before the first full read."""
+        if self.started_reading:
+            return None
+        self.history_bytes = self.size()
+        if self.history_bytes <= self.preview_above:
+            return None
+        events = sample_events(self.events_path, PREVIEW_EVENTS)
+        batches = SeriesParser(wanted_metric).parse(events)
+        return SeriesRead(self.run_dir, batches, preview=True, progress=0.0, caught_up=False)
+
+    def read_series(self) -> SeriesRead | None:
+        if not self.started_reading:
+            self.started_reading = True
+            self.history_bytes = max(self.history_bytes, self.size())
+        events = self.tail.read_new(max_bytes=self.chunk_bytes)
+        caught_up = not self.behind
+        if not events:
+            return None
+        progress = min(1.0, self.tail.offset / self.history_bytes) if self.history_bytes else 1.0
+        return SeriesRead(self.run_dir, self.parser.parse(events), progress=progress, caught_up=caught_up)
+
+    def read_status(self) -> StatusRead:
+        return StatusRead(self.run_dir, run_info(self.run_dir))
+
+    def read_samples(self) -> SamplesRead | None:
+        """The newest samples file, when a newer one than last time appeared."""
+        folder = self.run_dir / "samples"
+        try:
+            newest = max(
+                (entry.name for entry in os.scandir(folder) if entry.name.startswith("samples-")), default=""
+            )
+        except OSError:
+            return None
+        if not newest or newest == self.samples_source:
+            return None
+        self.samples_source = newest
+        return SamplesRead(self.run_dir, newest, latest_samples(self.run_dir))
+
+    def read_log(self, max_bytes: int = 1 << 16) -> LogRead | None:
+        path = launch_log_path(self.run_dir)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return None
+        if size < self.log_offset:
+            self.log_offset = 0
+        if size == self.log_offset:
+            return None
+        start = max(self.log_offset, size - max_bytes)
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            data = handle.read(size - start)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return None
+        self.log_offset = start + end + 1
+        lines = data[: end + 1].decode("utf-8", errors="replace").splitlines()
+        return LogRead(self.run_dir, [line for line in lines if line.strip()])
+
+
+def read_runs(root: Path) -> RunsListed:
+    return RunsListed(list_runs(root))
+
+
+class ProcessSampler:
+    """CPU and memory of the run's process through psutil, GPUs through nvidia-ml-py when importable."""
+
+    def __init__(self) -> None:
+        self._process = None
+        self._pid: int | None = None
+        self._nvml = _load_nvml()
+        self.host = socket.gethostname()
+
+    def sample(self, pid: int | None, host: str | None) -> HardwareReading:
+        import psutil
+
+        local = not host or host == self.host
+        reading = HardwareReading(pid=pid, alive=False, local=local)
+        if not local:
+            reading.note = f"the run's process is on {host}"
+        elif pid:
+            try:
+                if self._pid != pid:
+                    self._process, self._pid = psutil.Process(pid), pid
+                    self._process.cpu_percent(None)
+                process = self._process
+                with process.oneshot():
+                    reading.alive = process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+                    reading.cpu_percent = process.cpu_percent(None)
+                    reading.rss_mib = process.memory_info().rss / 2**20
+                    reading.threads = process.num_threads()
+            except (psutil.Error, OSError):
+                reading.alive = False
+        reading.gpus = self._gpus(pid) if local else []
+        return reading
+
+    def _gpus(self, pid: int | None) -> list[dict]:
+        nvml = self._nvml
+        if nvml is None:
+            return []
+        gpus = []
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                utilisation = nvml.nvmlDeviceGetUtilizationRates(handle)
+                used_by_run = None
+                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if pid and proc.pid == pid and proc.usedGpuMemory is not None:
+                        used_by_run = proc.usedGpuMemory / 2**20
+                name = nvml.nvmlDeviceGetName(handle)
+                gpus.append(
+                    {
+                        "index": index,
+                        "name": name.decode() if isinstance(name, bytes) else str(name),
+                        "util": utilisation.gpu,
+                        "used_mib": memory.used / 2**20,
+                        "total_mib": memory.total / 2**20,
+                        "run_mib": used_by_run,
+                    }
+                )
+        except Exception:  # noqa: BLE001 - a driver hiccup must not take the dashboard down
+            return []
+        return gpus
+
+
+def _load_nvml():
+    try:
+        import pynvml  # nvidia-ml-py, optional
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # noqa: BLE001 - no package, no driver, no GPU: no GPU gauges
+        return None
+
+
+def follow_run(run_dir: Path, post, cancelled, *, extras: bool = True, poll_seconds: float = 0.5) -> None:
+    """The body of a worker thread: read a run until cancelled, posting what is new.
+
+    Status every second; events every `poll_seconds` (continuously while catching up with a big log, after
+    a strided preview of it); with `extras`, the newest samples and the launch log too.
+    """
+    import time
+
+    reader = RunReader(run_dir)
+    post(reader.read_status())
+    preview = reader.read_preview()
+    if preview is not None:
+        post(preview)
+    last_status = last_extras = time.monotonic()
+    while not cancelled():
+        read = reader.read_series()
+        if read is not None:
+            post(read)
+        now = time.monotonic()
+        if now - last_status >= 1.0:
+            last_status = now
+            post(reader.read_status())
+        if extras and (now - last_extras >= 2.0 or (read is not None and _has_samples(read))):
+            last_extras = now
+            for message in (reader.read_samples(), reader.read_log()):
+                if message is not None:
+                    post(message)
+        if read is not None and not read.caught_up:
+            time.sleep(0.001)  # catching up: keep reading, but let the UI thread in
+            continue
+        deadline = time.monotonic() + poll_seconds
+        while not cancelled() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _has_samples(read: SeriesRead) -> bool:
+    return any(event.get("type") == "samples" for batch in read.batches for event in batch.events)

@@ -1,0 +1,224 @@
+"""The compare screen: two or more runs overlaid on one x axis (step, wall time, forward passes), and a table
+of their final scores, KL, wall time, compute and peak memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from engine.report import STATUS_STYLE, fmt_duration, fmt_value
+from zopro_tui.catalogue import COMPARE_CHARTS
+from zopro_tui.reading import SeriesRead, StatusRead, follow_run
+from zopro_tui.view import CurveView
+from zopro_tui.watched import WatchedRun
+from zopro_tui.widgets.chart import LABEL_WIDTH, PALETTE, ChartData, ChartSeries, CurveChart
+from zopro_tui.widgets.panel import SMOOTH_FROM_POINTS
+
+REDRAW_SECONDS = 0.25
+TABLE_COLUMNS = (
+    ("run", "run"),
+    ("method", "method"),
+    ("status", "status"),
+    ("gold", "final gold"),
+    ("win", "win vs SFT"),
+    ("kl", "KL"),
+    ("wall", "wall time"),
+    ("forward", "fwd passes"),
+    ("update", "s/update"),
+    ("peak", "peak MiB"),
+)
+
+
+def mean_update_seconds(run: WatchedRun) -> float | None:
+    _, values = run.store.series("time/update_s")
+    return float(np.mean(values)) if len(values) else run.store.latest.get("time/update_s")
+
+
+class CompareScreen(Screen):
+    """Runs side by side: same axes, same cursor, one colour per run."""
+
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("x", "next_axis", "X axis"),
+        Binding("e", "smoothing", "Smoothing"),
+        Binding("h,left", "move_cursor(-1)", "Cursor left", show=False),
+        Binding("l,right", "move_cursor(1)", "Cursor right", show=False),
+        Binding("H,shift+left", "move_cursor(-10)", "Cursor left x10", show=False),
+        Binding("L,shift+right", "move_cursor(10)", "Cursor right x10", show=False),
+        Binding("G,end", "cursor_to_end", "Cursor to latest", show=False),
+        Binding("plus,equals_sign", "zoom_x(0.5)", "Zoom in"),
+        Binding("minus", "zoom_x(2.0)", "Zoom out", show=False),
+        Binding("0", "reset_x", "Reset zoom", show=False),
+    ]
+
+    view: reactive[CurveView] = reactive(CurveView, init=False)
+
+    def __init__(self, run_dirs: list[Path]):
+        super().__init__()
+        self.runs = {Path(path): WatchedRun(Path(path)) for path in run_dirs}
+        self.colors = {path: PALETTE[i % len(PALETTE)] for i, path in enumerate(self.runs)}
+        self.charts = [CurveChart(ChartData(spec.title, waiting=spec.waiting)) for spec in COMPARE_CHARTS]
+        self._dirty = True
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="compare-title")
+        with Grid(id="compare-charts"):
+            yield from self.charts
+        table = DataTable(id="compare-table", cursor_type="none", zebra_stripes=True)
+        table.can_focus = False
+        yield table
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        table = self.query_one("#compare-table", DataTable)
+        for key, label in TABLE_COLUMNS:
+            table.add_column(label, key=key)
+        for path in self.runs:
+            self.run_worker(
+                lambda path=path: self.read_run(path),
+                thread=True,
+                group="compare-readers",
+                exit_on_error=False,
+            )
+        self.set_interval(REDRAW_SECONDS, self.redraw)
+        self.fit_charts()
+        self.redraw(force=True)
+
+    def read_run(self, path: Path) -> None:
+        from textual.worker import get_current_worker
+
+        worker = get_current_worker()
+        follow_run(path, self.post_message, lambda: worker.is_cancelled, extras=False)
+
+    def on_resize(self) -> None:
+        self.fit_charts()
+
+    def fit_charts(self) -> None:
+        """Two columns of charts when wide enough; as many rows of 8+ lines as fit above the table."""
+        width, height = self.size.width, self.size.height
+        columns = 2 if width >= 90 else 1
+        table_rows = len(self.runs) + 3
+        rows = max(1, (height - 2 - table_rows) // 8)
+        visible = max(1, min(len(self.charts), rows * columns))
+        grid = self.query_one("#compare-charts", Grid)
+        grid.styles.grid_size_columns = min(columns, visible)
+        grid.styles.grid_size_rows = -(-visible // min(columns, visible))
+        for index, chart in enumerate(self.charts):
+            chart.display = index < visible
+        self._dirty = True
+
+    @on(SeriesRead)
+    def on_series(self, message: SeriesRead) -> None:
+        run = self.runs.get(message.run_dir)
+        if run is not None:
+            run.apply_series(message)
+            self._dirty = True
+
+    @on(StatusRead)
+    def on_status(self, message: StatusRead) -> None:
+        run = self.runs.get(message.run_dir)
+        if run is not None:
+            run.apply_status(message.info)
+            self._dirty = True
+
+    def data_range(self) -> tuple[float, float] | None:
+        names = [name for spec in COMPARE_CHARTS for name, _ in spec.metrics]
+        ranges = [r for r in (run.series.x_range(self.view.axis, names) for run in self.runs.values()) if r]
+        if not ranges:
+            return None
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+    def redraw(self, force: bool = False) -> None:
+        if not (self._dirty or force):
+            return
+        self._dirty = False
+        view = self.view
+        window = view.visible(self.data_range())
+        for spec, chart in zip(COMPARE_CHARTS, self.charts, strict=True):
+            name = spec.metrics[0][0]
+            series = []
+            for path, run in self.runs.items():
+                x, y = run.series.series(name, view.axis)
+                if len(x):
+                    smoothed = (
+                        run.series.smoothed(name, view.smoothing)
+                        if (view.smoothing and len(y) >= SMOOTH_FROM_POINTS)
+                        else None
+                    )
+                    series.append(ChartSeries(run.name, x, y, self.colors[path], smoothed))
+            chart.show(
+                ChartData(
+                    spec.title,
+                    series,
+                    x_window=window,
+                    cursor=view.cursor,
+                    x_kind=view.axis,
+                    waiting=spec.waiting,
+                )
+            )
+        self.show_title()
+        self.show_table()
+
+    def show_title(self) -> None:
+        title = Text.assemble(("compare", "bold"), f"  {len(self.runs)} runs  ·  {self.view.describe()}  ·  ")
+        for path, run in self.runs.items():
+            title.append("━ ", style=self.colors[path])
+            title.append(f"{run.name}  ")
+        self.query_one("#compare-title", Static).update(title)
+
+    def show_table(self) -> None:
+        table = self.query_one("#compare-table", DataTable)
+        table.clear()
+        for path, run in self.runs.items():
+            latest = run.store.latest or (run.info.latest if run.info else {})
+            info = run.info
+            peak = latest.get("mem/cuda_peak_mib") or latest.get("mem/peak_rss_mib")
+            table.add_row(
+                Text(run.name, style=self.colors[path]),
+                run.method,
+                Text(run.status, style=STATUS_STYLE.get(run.status, "")),
+                Text(fmt_value(latest.get("eval/gold")), justify="right"),
+                Text(fmt_value(latest.get("eval/win_rate_vs_sft")), justify="right"),
+                Text(fmt_value(latest.get("eval/kl", latest.get("objective/kl"))), justify="right"),
+                fmt_duration(info.elapsed if info else None),
+                Text(fmt_value(latest.get("compute/forward_passes")), justify="right"),
+                Text(fmt_value(mean_update_seconds(run)), justify="right"),
+                Text(fmt_value(peak, 0) if peak is not None else "-", justify="right"),
+            )
+
+    def watch_view(self) -> None:
+        self.redraw(force=True)
+
+    def plot_columns(self) -> int:
+        charts = [chart for chart in self.charts if chart.display and chart.size.width]
+        return max(1, (charts[0].size.width - LABEL_WIDTH) * 2) if charts else 100
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_next_axis(self) -> None:
+        self.view = self.view.next_axis()
+
+    def action_smoothing(self) -> None:
+        self.view = self.view.next_smoothing()
+
+    def action_move_cursor(self, columns: int) -> None:
+        self.view = self.view.cursor_moved(columns, self.plot_columns(), self.data_range())
+
+    def action_cursor_to_end(self) -> None:
+        self.view = self.view.cursor_to_end()
+
+    def action_zoom_x(self, factor: float) -> None:
+        self.view = self.view.zoomed(factor, self.data_range())
+
+    def action_reset_x(self) -> None:
+        self.view = self.view.reset()

@@ -1,0 +1,371 @@
+"""The run dashboard: header, curves, interplay, zeroth-order, samples, events and hardware of one run, live.
+
+Two background workers read (the run directory; the run's process) and only post messages; the handlers
+here own the run's state. Panels redraw at most four times a second, and less often when a redraw is slow
+(a huge run), so the dashboard stays light next to the training it watches.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Footer
+from textual.worker import get_current_worker
+
+from engine.rundir import RunDirError, send_control
+from zopro_tui.catalogue import (
+    INTERPLAY_CHARTS,
+    INTERPLAY_WAITING,
+    REWARD_CHARTS,
+    TRAJECTORY,
+    ZO_CHARTS,
+    ZO_WAITING,
+)
+from zopro_tui.layout import panel_order, plan_layout
+from zopro_tui.reading import (
+    HardwareRead,
+    LogRead,
+    ProcessSampler,
+    SamplesRead,
+    SeriesRead,
+    StatusRead,
+    follow_run,
+)
+from zopro_tui.screens.modals import ConfirmModal
+from zopro_tui.view import CurveView
+from zopro_tui.watched import WatchedRun
+from zopro_tui.widgets.chart import LABEL_WIDTH, CurveChart
+from zopro_tui.widgets.events import EventsPanel
+from zopro_tui.widgets.hardware import HardwarePanel
+from zopro_tui.widgets.header import RunHeader
+from zopro_tui.widgets.panel import ChartGridPanel, Panel
+from zopro_tui.widgets.samples import SamplesPanel
+
+REDRAW_SECONDS = 0.25  # at most four redraws a second
+CONTROL_NOTES = {
+    "pause": "pause requested: the run pauses after its current step",
+    "resume": "resume requested",
+    "checkpoint": "checkpoint requested: written after the current step",
+    "stop": "stop requested: the run checkpoints and stops after its current step",
+}
+
+
+class DashboardScreen(Screen):
+    """Everything about one run, live from its run directory."""
+
+    BINDINGS = [
+        Binding("p", "control('pause')", "Pause"),
+        Binding("r", "control('resume')", "Resume"),
+        Binding("s", "stop", "Stop"),
+        Binding("c", "control('checkpoint')", "Checkpoint"),
+        Binding("z", "toggle_zoom", "Zoom panel"),
+        Binding("x", "next_axis", "X axis"),
+        Binding("e", "smoothing", "Smooth"),
+        Binding("escape", "back", "Back", show=False),
+        Binding("j,down", "focus_panel(1)", "Next panel", show=False),
+        Binding("k,up", "focus_panel(-1)", "Previous panel", show=False),
+        Binding("h,left", "move_cursor(-1)", "Cursor left", show=False),
+        Binding("l,right", "move_cursor(1)", "Cursor right", show=False),
+        Binding("H,shift+left", "move_cursor(-10)", "Cursor left x10", show=False),
+        Binding("L,shift+right", "move_cursor(10)", "Cursor right x10", show=False),
+        Binding("G,end", "cursor_to_end", "Cursor to latest", show=False),
+        Binding("plus,equals_sign", "zoom_x(0.5)", "Zoom in (x)", show=False),
+        Binding("minus", "zoom_x(2.0)", "Zoom out (x)", show=False),
+        Binding("0", "reset_x", "Reset zoom", show=False),
+        Binding("E", "export_metrics", "Export metrics CSV/JSON", show=False),
+        *[Binding(str(n), f"show_panel({n - 1})", f"Panel {n}", show=False) for n in range(1, 7)],
+    ]
+
+    view: reactive[CurveView] = reactive(CurveView, init=False)
+    zoomed: reactive[str | None] = reactive(None, init=False)
+
+    def __init__(self, run_dir: Path, *, readonly: bool = False):
+        super().__init__()
+        self.run = WatchedRun(Path(run_dir))
+        self.readonly = readonly
+        self._dirty = True
+        self._next_redraw = 0.0
+        self._redraw_cost = 0.0
+        self._hardware_target: tuple[int | None, str | None] = (None, None)
+        self._told: set[str] = set()
+
+    # -- composition and layout ----------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield RunHeader(id="run-header")
+        with Grid(id="panels"):
+            yield ChartGridPanel("curves", REWARD_CHARTS, id="curves")
+            yield ChartGridPanel(
+                "policy-reward interplay",
+                INTERPLAY_CHARTS,
+                TRAJECTORY,
+                waiting=INTERPLAY_WAITING,
+                id="interplay",
+            )
+            yield ChartGridPanel("zeroth-order", ZO_CHARTS, waiting=ZO_WAITING, id="zo")
+            yield HardwarePanel(id="hardware")
+            yield SamplesPanel(id="samples")
+            yield EventsPanel(id="events")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.title = self.run.name
+        self.apply_layout()
+        self.query_one("#curves").focus()
+        self.read_run()
+        self.sample_hardware()
+        self.set_interval(REDRAW_SECONDS, self.redraw)
+        self.redraw()
+
+    def on_resize(self) -> None:
+        self.apply_layout()
+
+    def panels(self) -> list[Panel]:
+        return list(self.query_one("#panels").query_children(Panel))
+
+    def apply_layout(self) -> None:
+        layout = plan_layout(self.size.width, self.size.height, self.run.zeroth_order, self.zoomed)
+        grid = self.query_one("#panels", Grid)
+        grid.styles.grid_size_columns = layout.columns
+        grid.styles.grid_size_rows = layout.rows
+        for panel in self.panels():
+            span = layout.spans.get(panel.id or "")
+            panel.display = span is not None
+            if span is not None:
+                panel.styles.column_span, panel.styles.row_span = span
+        focused = self.focused
+        if focused is None or not focused.display:
+            visible = [panel for panel in self.panels() if panel.display]
+            if visible:
+                visible[0].focus()
+        self._dirty = True
+
+    # -- workers: they read and post, nothing else -----------------------------------------------------
+    @work(thread=True, exclusive=True, group="run-reader", exit_on_error=False)
+    def read_run(self) -> None:
+        worker = get_current_worker()
+        follow_run(self.run.path, self.post_message, lambda: worker.is_cancelled)
+
+    @work(thread=True, exclusive=True, group="hardware", exit_on_error=False)
+    def sample_hardware(self) -> None:
+        worker = get_current_worker()
+        sampler = ProcessSampler()
+        while not worker.is_cancelled:
+            pid, host = self._hardware_target
+            self.post_message(HardwareRead(self.run.path, sampler.sample(pid, host)))
+            deadline = time.monotonic() + 2.0
+            while not worker.is_cancelled and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    # -- handlers: they own the state ------------------------------------------------------------------
+    @on(SeriesRead)
+    def on_series(self, message: SeriesRead) -> None:
+        was_zo = self.run.zeroth_order
+        self.run.apply_series(message)
+        if self.run.zeroth_order != was_zo:
+            self.apply_layout()
+        self._dirty = True
+
+    @on(StatusRead)
+    def on_status(self, message: StatusRead) -> None:
+        before = self.run.info.status if self.run.info else None
+        was_zo = self.run.zeroth_order
+        self.run.apply_status(message.info)
+        info = message.info
+        self._hardware_target = (info.pid if self.run.live else None, self._host())
+        if info.status != before:
+            self.refresh_bindings()
+            self.tell_status_change(before, info.status)
+        if self.run.zeroth_order != was_zo:
+            self.apply_layout()
+        launched = self.app.launched.get(self.run.path) if hasattr(self.app, "launched") else None
+        if launched is not None and not launched.alive() and info.status in ("created",):
+            self.tell_once(
+                "died",
+                f"the run's process exited before writing its run directory; see {launched.log_path}",
+                "error",
+            )
+        self._dirty = True
+
+    @on(SamplesRead)
+    def on_samples(self, message: SamplesRead) -> None:
+        self.run.samples, self.run.samples_source = message.rows, message.source
+        self._dirty = True
+
+    @on(LogRead)
+    def on_log(self, message: LogRead) -> None:
+        self.run.apply_log(message.lines)
+        self._dirty = True
+
+    @on(HardwareRead)
+    def on_hardware(self, message: HardwareRead) -> None:
+        self.run.apply_hardware(message.reading)
+        self._dirty = True
+
+    def _host(self) -> str | None:
+        import json
+
+        try:
+            return json.loads((self.run.path / "meta.json").read_text()).get("host")
+        except (OSError, ValueError):
+            return None
+
+    def tell_once(self, key: str, message: str, severity: str = "information") -> None:
+        if key not in self._told:
+            self._told.add(key)
+            self.notify(message, severity=severity, timeout=10 if severity == "error" else 5)
+
+    def tell_status_change(self, before: str | None, now: str) -> None:
+        info = self.run.info
+        if now == "failed":
+            self.tell_once("failed", f"{self.run.name} failed: {info.error if info else ''}", "error")
+        elif now == "stale":
+            self.tell_once(
+                "stale",
+                f"{self.run.name} is stale: no heartbeat for a minute or its process is gone",
+                "warning",
+            )
+        elif before in ("running", "paused") and now in ("finished", "stopped"):
+            self.tell_once(now, f"{self.run.name} {now}")
+        elif before == "running" and now == "paused":
+            self.notify(f"{self.run.name} paused")
+
+    # -- drawing -----------------------------------------------------------------------------------------
+    def data_range(self) -> tuple[float, float] | None:
+        names = [name for spec in REWARD_CHARTS + INTERPLAY_CHARTS + ZO_CHARTS for name, _ in spec.metrics]
+        return self.run.series.x_range(self.view.axis, names)
+
+    def redraw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (self._dirty or force) or (not force and now < self._next_redraw):
+            return
+        started = time.perf_counter()
+        self._dirty = False
+        starting_pid = None
+        launched = getattr(self.app, "launched", {}).get(self.run.path)
+        if launched is not None and launched.alive():
+            starting_pid = launched.pid
+        self.query_one(RunHeader).show(self.run, self.view, self.readonly, starting_pid)
+        data_range = self.data_range()
+        for panel in self.panels():
+            if panel.display:
+                panel.show_run(self.run, self.view, data_range)
+        # a slow redraw (a huge run) waits longer before the next one: at most ~10 % of the time redrawing
+        cost = time.perf_counter() - started + CurveChart.render_seconds
+        CurveChart.render_seconds = 0.0
+        self._next_redraw = now + max(REDRAW_SECONDS, 10 * cost)
+
+    def watch_view(self) -> None:
+        self.redraw(force=True)
+
+    def watch_zoomed(self) -> None:
+        self.apply_layout()
+        if self.zoomed:
+            self.query_one(f"#{self.zoomed}").focus()
+        self.redraw(force=True)
+
+    # -- actions -----------------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("control", "stop"):
+            if self.readonly or not self.run.live:
+                return False
+            if action == "control" and parameters:
+                if parameters[0] == "pause" and self.run.status == "paused":
+                    return False
+                if parameters[0] == "resume" and self.run.status != "paused":
+                    return False
+        return True
+
+    def action_back(self) -> None:
+        if self.zoomed:
+            self.zoomed = None
+        else:
+            self.app.pop_screen()
+
+    def action_toggle_zoom(self) -> None:
+        focused = self.focused
+        panel = focused if isinstance(focused, Panel) else None
+        if self.zoomed:
+            self.zoomed = None
+        elif panel is not None:
+            self.zoomed = panel.id
+
+    def action_show_panel(self, index: int) -> None:
+        order = panel_order(self.run.zeroth_order)
+        if index >= len(order):
+            return
+        name = order[index]
+        self.zoomed = None if self.zoomed == name else name
+
+    def action_focus_panel(self, step: int) -> None:
+        order = panel_order(self.run.zeroth_order)
+        if self.zoomed:
+            current = order.index(self.zoomed) if self.zoomed in order else 0
+            self.zoomed = order[(current + step) % len(order)]
+            return
+        visible = [panel for panel in self.panels() if panel.display]
+        if not visible:
+            return
+        current = visible.index(self.focused) if self.focused in visible else -1
+        visible[(current + step) % len(visible)].focus()
+
+    def plot_columns(self) -> int:
+        charts = [chart for chart in self.query(CurveChart) if chart.display and chart.size.width]
+        return max(1, (charts[0].size.width - LABEL_WIDTH) * 2) if charts else 100
+
+    def action_move_cursor(self, columns: int) -> None:
+        self.view = self.view.cursor_moved(columns, self.plot_columns(), self.data_range())
+
+    def action_cursor_to_end(self) -> None:
+        self.view = self.view.cursor_to_end()
+
+    def action_zoom_x(self, factor: float) -> None:
+        self.view = self.view.zoomed(factor, self.data_range())
+
+    def action_reset_x(self) -> None:
+        self.view = self.view.reset()
+
+    def action_next_axis(self) -> None:
+        self.view = self.view.next_axis()
+        self.notify(f"x axis: {self.view.axis_label}", timeout=2)
+
+    def action_smoothing(self) -> None:
+        self.view = self.view.next_smoothing()
+        self.notify(
+            f"EMA smoothing {self.view.smoothing:g}" if self.view.smoothing else "no smoothing", timeout=2
+        )
+
+    def action_control(self, request: str) -> None:
+        if self.readonly:
+            return
+        try:
+            send_control(self.run.path, request)
+        except (RunDirError, OSError) as error:
+            self.notify(f"could not write the {request} request: {error}", severity="error")
+            return
+        self.notify(CONTROL_NOTES[request], timeout=3)
+
+    def action_stop(self) -> None:
+        if self.readonly:
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.action_control("stop")
+
+        self.app.push_screen(
+            ConfirmModal(
+                f"Stop {self.run.name}?",
+                f"It writes a checkpoint and stops. Continue later with\nzopro run --resume {self.run.path}",
+            ),
+            confirmed,
+        )
+
+    def action_export_metrics(self) -> None:
+        self.app.export_metrics(self.run.path)

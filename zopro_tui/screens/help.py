@@ -1,0 +1,87 @@
+"""The help screen: every key of the screen below it, from its declared bindings, and what the views mean."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Static
+
+NOTES = {
+    "RunsScreen": "Runs under the root folder, refreshed every second. Status is derived from the run directory:\n"
+    "running, paused, finished, failed, stopped, or stale (no heartbeat for a minute, or the\n"
+    "process is gone). Runs started here run detached: quitting leaves them running.",
+    "DashboardScreen": "Curves are drawn from every point: each screen column shows the min and max of its points,\n"
+    "so spikes stay visible. With smoothing on, raw values are dim under the EMA line.\n"
+    "The cursor (h/l) reads every chart at the same x; +/- zoom around it; 0 resets.\n"
+    "Controls write requests into the run's control/ folder; the engine acts between steps.",
+    "CompareScreen": "Runs overlaid on one x axis: step, wall time, or forward passes (compute), so zeroth-order\n"
+    "and first-order runs compare at equal compute. The table reads each run's latest values.",
+}
+
+
+def key_label(binding: Binding) -> str:
+    keys = []
+    for key in binding.key.split(","):
+        keys.append(
+            {
+                "question_mark": "?",
+                "plus": "+",
+                "minus": "-",
+                "equals_sign": "=",
+                "slash": "/",
+                "space": "space",
+                "escape": "esc",
+            }.get(key, key)
+        )
+    return " ".join(keys)
+
+
+def bindings_table(screen: Screen) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    seen: set[str] = set()
+    sources = [("this screen", screen.BINDINGS), ("everywhere", screen.app.BINDINGS)]
+    for title, bindings in sources:
+        table.add_row(Text(title, style="bold underline"), "")
+        for binding in bindings:
+            if not isinstance(binding, Binding) or not binding.description or binding.description in seen:
+                continue
+            seen.add(binding.description)
+            table.add_row(key_label(binding), binding.description)
+        table.add_row("", "")
+    table.add_row("ctrl+p", "command palette: every action by name")
+    table.add_row("tab", "move the focus")
+    return table
+
+
+class HelpScreen(ModalScreen[None]):
+    """Keys of the screen it was opened from."""
+
+    BINDINGS = [Binding("escape,question_mark,q", "close", "Close")]
+
+    def __init__(self, below: Screen):
+        super().__init__()
+        self.below = below
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="dialog", id="help"):
+            yield Static(
+                Text(
+                    f"zopro-tui · keys of the {self.below.__class__.__name__.removesuffix('Screen').lower()} "
+                    "screen",
+                    style="bold",
+                )
+            )
+            yield Static(bindings_table(self.below))
+            note = NOTES.get(self.below.__class__.__name__)
+            if note:
+                yield Static(Text(note, style="dim"))
+            yield Static(Text("esc, ? or q: close", style="dim"))
+
+    def action_close(self) -> None:
+        self.dismiss(None)

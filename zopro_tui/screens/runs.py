@@ -1,0 +1,228 @@
+"""The runs screen (home): every run under the root folder with its status, position, scores and timing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, Static
+from textual.worker import get_current_worker
+
+from engine.reader import RunInfo
+from engine.report import STATUS_STYLE, fmt_duration, fmt_value, position
+from zopro_tui.reading import RunsListed, read_runs
+from zopro_tui.screens.modals import NewRunModal
+
+COLUMNS = (
+    ("mark", " "),
+    ("run", "run"),
+    ("method", "method"),
+    ("status", "status"),
+    ("position", "position"),
+    ("score", "RM score"),
+    ("gold", "gold"),
+    ("win", "win vs SFT"),
+    ("elapsed", "elapsed"),
+    ("eta", "ETA"),
+)
+
+
+class RunsTable(DataTable):
+    """The runs, one row each; enter opens, j/k move like the arrows."""
+
+    BINDINGS = [
+        Binding("enter", "select_cursor", "Open"),
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+        Binding("g", "scroll_top", "First", show=False),
+        Binding("G", "scroll_bottom", "Last", show=False),
+    ]
+
+
+def run_matches(info: RunInfo, text: str) -> bool:
+    text = text.lower()
+    return not text or any(
+        text in field.lower() for field in (info.name, info.method, info.status, info.stage)
+    )
+
+
+class RunsScreen(Screen):
+    """Runs under the root folder, refreshed every second by a background worker."""
+
+    BINDINGS = [
+        Binding("n", "new_run", "New run"),
+        Binding("space", "mark", "Mark"),
+        Binding("c", "compare", "Compare"),
+        Binding("slash", "filter", "Filter"),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
+        Binding("E", "export_metrics", "Export", show=False),
+    ]
+
+    filter_text: reactive[str] = reactive("", init=False)
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = Path(root)
+        self.runs: list[RunInfo] = []
+        self.marked: set[Path] = set()
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="runs-title")
+        yield RunsTable(id="runs", cursor_type="row", zebra_stripes=True)
+        yield Static(id="runs-empty")
+        yield Input(
+            placeholder="filter runs by name, method, status or stage; enter keeps it, esc clears it",
+            id="runs-filter",
+        )
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        table = self.query_one(RunsTable)
+        for key, label in COLUMNS:
+            table.add_column(label, key=key)
+        self.query_one("#runs-filter", Input).display = False
+        self.show_title()
+        table.focus()
+        self.list_runs()
+
+    @work(thread=True, exclusive=True, group="runs-list", exit_on_error=False)
+    def list_runs(self) -> None:
+        worker = get_current_worker()
+        while not worker.is_cancelled:
+            self.post_message(read_runs(self.root))
+            deadline = time.monotonic() + 1.0
+            while not worker.is_cancelled and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    @on(RunsListed)
+    def on_runs_listed(self, message: RunsListed) -> None:
+        self.runs = message.runs
+        self.show_runs()
+
+    def visible_runs(self) -> list[RunInfo]:
+        return [info for info in self.runs if run_matches(info, self.filter_text)]
+
+    def show_title(self) -> None:
+        title = Text.assemble(("runs", "bold"), f" in {self.root}/  ")
+        title.append(f"{len(self.runs)} run{'s' if len(self.runs) != 1 else ''}", style="dim")
+        if self.marked:
+            title.append(f"  ·  {len(self.marked)} marked for compare", style="yellow")
+        if self.filter_text:
+            title.append(f"  ·  filter: {self.filter_text}", style="cyan")
+        self.query_one("#runs-title", Static).update(title)
+
+    def show_runs(self) -> None:
+        table = self.query_one(RunsTable)
+        selected = self.selected_path()
+        visible = self.visible_runs()
+        table.clear()
+        for info in visible:
+            table.add_row(*self.row(info), key=str(info.path))
+        for index, info in enumerate(visible):
+            if info.path == selected:
+                table.move_cursor(row=index, animate=False)
+                break
+        empty = self.query_one("#runs-empty", Static)
+        if not self.runs:
+            empty.update(
+                Text(f"no runs under {self.root}/ yet: press n to start one from a recipe", style="dim")
+            )
+        elif not visible:
+            empty.update(Text(f"no run matches '{self.filter_text}' (esc clears the filter)", style="dim"))
+        empty.display = not visible
+        self.show_title()
+
+    def row(self, info: RunInfo) -> list:
+        latest = info.latest
+        return [
+            Text("●", style="yellow") if info.path in self.marked else "",
+            info.name,
+            info.method,
+            Text(info.status, style=STATUS_STYLE.get(info.status, "")),
+            position(info),
+            Text(fmt_value(latest.get("objective/scores")), justify="right"),
+            Text(fmt_value(latest.get("eval/gold")), justify="right"),
+            Text(fmt_value(latest.get("eval/win_rate_vs_sft")), justify="right"),
+            fmt_duration(info.elapsed),
+            fmt_duration(info.eta),
+        ]
+
+    def selected_path(self) -> Path | None:
+        table = self.query_one(RunsTable)
+        if not table.row_count:
+            return None
+        try:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
+        except Exception:  # noqa: BLE001 - no row under the cursor
+            return None
+        return Path(key.value) if key.value else None
+
+    # -- actions -----------------------------------------------------------------------------------------
+    @on(RunsTable.RowSelected)
+    def open_run(self, event: DataTable.RowSelected) -> None:
+        if event.row_key.value:
+            self.app.open_run(Path(event.row_key.value))
+
+    def action_new_run(self) -> None:
+        if self.app.readonly:
+            self.notify("read-only: starting runs is off", severity="warning")
+            return
+        self.app.push_screen(NewRunModal(self.root), self.app.start_run)
+
+    def action_mark(self) -> None:
+        path = self.selected_path()
+        if path is None:
+            return
+        self.marked.symmetric_difference_update({path})
+        self.show_runs()
+
+    def action_compare(self) -> None:
+        marked = [info.path for info in self.runs if info.path in self.marked]
+        if len(marked) < 2:
+            self.notify(
+                f"mark two or more runs with space to compare them ({len(marked)} marked)", severity="warning"
+            )
+            return
+        self.app.open_compare(marked)
+
+    def action_filter(self) -> None:
+        box = self.query_one("#runs-filter", Input)
+        box.display = True
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#runs-filter", Input)
+        box.value = ""
+        box.display = False
+        self.query_one(RunsTable).focus()
+
+    @on(Input.Changed, "#runs-filter")
+    def filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value.strip()
+
+    @on(Input.Submitted, "#runs-filter")
+    def filter_kept(self) -> None:
+        box = self.query_one("#runs-filter", Input)
+        box.display = bool(box.value)
+        self.query_one(RunsTable).focus()
+
+    def watch_filter_text(self) -> None:
+        self.show_runs()
+
+    def action_export_metrics(self) -> None:
+        path = self.selected_path()
+        if path is not None:
+            self.app.export_metrics(path)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "new_run" and self.app.readonly:
+            return False
+        if action == "clear_filter":
+            return bool(self.filter_text) or self.query_one("#runs-filter", Input).display
+        return True

@@ -1,0 +1,88 @@
+"""What the curves show: x axis, smoothing, zoom window and value cursor, shared by every chart on a screen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from engine.series import X_AXES, X_AXIS_LABELS
+
+SMOOTHING_LEVELS = (0.0, 0.6, 0.9, 0.99)
+MIN_WINDOW_FRACTION = 1e-4
+
+
+@dataclass(frozen=True)
+class CurveView:
+    """The x axis (step, time, compute), EMA weight, visible x window (None: everything) and cursor
+    (None: the latest point)."""
+
+    axis: str = "step"
+    smoothing: float = 0.0
+    window: tuple[float, float] | None = None
+    cursor: float | None = None
+
+    @property
+    def axis_label(self) -> str:
+        return X_AXIS_LABELS[self.axis]
+
+    def next_axis(self) -> CurveView:
+        axis = X_AXES[(X_AXES.index(self.axis) + 1) % len(X_AXES)]
+        return replace(self, axis=axis, window=None, cursor=None)
+
+    def next_smoothing(self) -> CurveView:
+        index = SMOOTHING_LEVELS.index(self.smoothing) if self.smoothing in SMOOTHING_LEVELS else 0
+        return replace(self, smoothing=SMOOTHING_LEVELS[(index + 1) % len(SMOOTHING_LEVELS)])
+
+    def visible(self, data_range: tuple[float, float] | None) -> tuple[float, float] | None:
+        """The x window to draw: the zoom window, or all the data."""
+        if self.window is not None:
+            return self.window
+        return data_range
+
+    def zoomed(self, factor: float, data_range: tuple[float, float] | None) -> CurveView:
+        """Zoom in (factor < 1) or out (factor > 1) around the cursor, or the right edge without one."""
+        if data_range is None or data_range[1] <= data_range[0]:
+            return self
+        low, high = self.window or data_range
+        full = data_range[1] - data_range[0]
+        span = min(full, max(full * MIN_WINDOW_FRACTION, (high - low) * factor))
+        if span >= full:
+            return replace(self, window=None)
+        centre = self.cursor if self.cursor is not None else high
+        fraction = (centre - low) / (high - low) if high > low else 1.0
+        new_low = centre - span * fraction
+        new_low = min(max(new_low, data_range[0]), data_range[1] - span)
+        return replace(self, window=(new_low, new_low + span))
+
+    def cursor_moved(
+        self, columns: int, plot_columns: int, data_range: tuple[float, float] | None
+    ) -> CurveView:
+        """Move the cursor by a number of screen columns, panning the window when it leaves it."""
+        if data_range is None:
+            return self
+        low, high = self.window or data_range
+        step = (high - low) / max(plot_columns, 1) or 1.0
+        start = self.cursor if self.cursor is not None else data_range[1]
+        cursor = min(max(start + columns * step, data_range[0]), data_range[1])
+        window = self.window
+        if window is not None:
+            span = window[1] - window[0]
+            if cursor < window[0]:
+                window = (cursor, cursor + span)
+            elif cursor > window[1]:
+                window = (cursor - span, cursor)
+        return replace(self, cursor=cursor, window=window)
+
+    def cursor_to_end(self) -> CurveView:
+        return replace(self, cursor=None)
+
+    def reset(self) -> CurveView:
+        return replace(self, window=None, cursor=None)
+
+    def describe(self) -> str:
+        parts = [
+            f"x: {self.axis_label}",
+            f"smoothing {self.smoothing:g}" if self.smoothing else "no smoothing",
+        ]
+        if self.window is not None:
+            parts.append("zoomed")
+        return " · ".join(parts)

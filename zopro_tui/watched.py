@@ -1,0 +1,107 @@
+"""What a screen knows about one run it watches; changed only by that screen's message handlers."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.reader import RunInfo
+from engine.series import MetricStore
+from zopro_tui.catalogue import is_zeroth_order
+from zopro_tui.reading import HardwareReading, SeriesRead
+
+LIVE_STATES = ("running", "paused")
+
+
+@dataclass
+class WatchedRun:
+    """The series (full, or a preview while a big log is read), status, samples, log and hardware of a run."""
+
+    path: Path
+    store: MetricStore = field(default_factory=MetricStore)
+    preview: MetricStore | None = None
+    info: RunInfo | None = None
+    history_progress: float = 1.0
+    caught_up: bool = False
+    samples: list[dict] = field(default_factory=list)
+    samples_source: str = ""
+    log_lines: deque = field(default_factory=lambda: deque(maxlen=400))
+    log_total: int = 0  # lines read from the launch log so far (the deque keeps the last 400)
+    hardware: HardwareReading | None = None
+    cpu_history: deque = field(default_factory=lambda: deque(maxlen=120))
+    rss_history: deque = field(default_factory=lambda: deque(maxlen=120))
+    positions: deque = field(default_factory=lambda: deque(maxlen=30))  # (monotonic time, global step)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def series(self) -> MetricStore:
+        """What to draw: the full store, or the sample of a big log until the full read catches up."""
+        return self.preview if self.preview is not None else self.store
+
+    @property
+    def status(self) -> str:
+        return self.info.status if self.info else "starting"
+
+    @property
+    def method(self) -> str:
+        return self.info.method if self.info else "?"
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE_STATES
+
+    @property
+    def zeroth_order(self) -> bool:
+        return is_zeroth_order(self.method) or any(name.startswith("zo/") for name in self.store.values)
+
+    def apply_series(self, message: SeriesRead) -> None:
+        if message.preview:
+            preview = MetricStore()
+            for batch in message.batches:
+                preview.extend(batch)
+            self.preview = preview
+        else:
+            for batch in message.batches:
+                self.store.extend(batch)
+        self.history_progress = message.progress
+        self.caught_up = message.caught_up
+        if message.caught_up:
+            self.preview = None
+
+    def apply_status(self, info: RunInfo) -> None:
+        self.info = info
+        if info.status == "running":
+            self.positions.append((time.monotonic(), info.global_step))
+
+    def apply_log(self, lines: list[str]) -> None:
+        self.log_lines.extend(lines)
+        self.log_total += len(lines)
+
+    def apply_hardware(self, reading: HardwareReading) -> None:
+        self.hardware = reading
+        if reading.alive and reading.cpu_percent is not None:
+            self.cpu_history.append(reading.cpu_percent)
+            self.rss_history.append(reading.rss_mib or 0.0)
+
+    def steps_per_second(self) -> float | None:
+        """Recent steps per second while running (from the last status polls), else the run's average."""
+        if self.live and len(self.positions) >= 2:
+            (t0, s0), (t1, s1) = self.positions[0], self.positions[-1]
+            if t1 - t0 >= 2 and s1 > s0:
+                return (s1 - s0) / (t1 - t0)
+        info = self.info
+        if info and info.global_step and info.elapsed:
+            return info.global_step / info.elapsed
+        return None
+
+    def eta(self) -> float | None:
+        info = self.info
+        rate = self.steps_per_second()
+        if not info or info.status != "running" or not info.total_steps or not rate:
+            return None
+        return max(0.0, (info.total_steps - info.global_step) / rate)

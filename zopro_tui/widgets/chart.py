@@ -1,0 +1,315 @@
+"""A braille line chart of several series, drawn from the min and max per pixel column, with a value cursor.
+
+The chart knows nothing about runs: a panel gives it `ChartSeries` (x, y and optionally a smoothed y, as
+numpy arrays at full resolution), the visible x window and the cursor, and it draws what fits. With
+smoothing the raw data is drawn dim under the smoothed line, the way TensorBoard does it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.style import Style
+from rich.text import Text
+from textual.widget import Widget
+
+from engine.series import minmax_columns
+
+PALETTE = ("#4aa8ff", "#ffb347", "#5fd35f", "#ff6b9a", "#b78cff", "#40e0d0", "#e8e85a", "#ff7f50")
+NO_COLOR_MARKERS = ("⣿", "•", "+", "x", "o", "*", "#", "%")
+LABEL_WIDTH = 8
+# bit of each braille dot, indexed [row within cell (0-3)][column within cell (0-1)]
+BRAILLE_BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.int64)
+
+
+@dataclass
+class ChartSeries:
+    """One line: full-resolution points (x non-decreasing) and, when smoothing, the smoothed values."""
+
+    label: str
+    x: np.ndarray
+    y: np.ndarray
+    color: str = PALETTE[0]
+    smoothed: np.ndarray | None = None
+
+
+@dataclass
+class ChartData:
+    """What a chart draws: its series, the x window, the cursor and what to say while there is no data."""
+
+    title: str
+    series: list[ChartSeries] = field(default_factory=list)
+    x_window: tuple[float, float] | None = None
+    cursor: float | None = None
+    x_kind: str = "step"  # step, time or compute: how x values are written
+    waiting: str = "no data yet"
+    xy: bool = False  # a trajectory: y against x, in the order logged, not a function of x
+
+
+def fmt_number(value: float, width: int = 7) -> str:
+    """A short tick label: 0.123, -1.2e-05, 12.3k, 4.5M."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    magnitude = abs(value)
+    if magnitude >= 1e6:
+        text = f"{value / 1e6:.3g}M"
+    elif magnitude >= 1e4:
+        text = f"{value / 1e3:.3g}k"
+    elif magnitude >= 100 or value == int(value):
+        text = f"{value:.0f}"
+    elif magnitude >= 1e-3 or magnitude == 0:
+        text = f"{value:.{max(1, min(4, width - 3))}g}"
+    else:
+        text = f"{value:.1e}"
+    return text[:width]
+
+
+def fmt_x(value: float, kind: str) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    if kind == "time":
+        seconds = int(value)
+        hours, rest = divmod(seconds, 3600)
+        minutes, secs = divmod(rest, 60)
+        return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    return fmt_number(value, 8)
+
+
+def value_before(x: np.ndarray, values: np.ndarray, at: float) -> float | None:
+    """The value of the last point at or before `at` (None before the first point)."""
+    if not len(x):
+        return None
+    position = int(np.searchsorted(x, at, side="right")) - 1
+    return float(values[position]) if position >= 0 else None
+
+
+class CurveChart(Widget):
+    """Several series on shared axes in braille, with a legend that reads the values at the cursor."""
+
+    DEFAULT_CSS = """
+    CurveChart { height: 1fr; width: 1fr; }
+    """
+    render_seconds = 0.0  # time spent drawing charts since a screen last looked (it paces its redraws)
+
+    def __init__(self, data: ChartData | None = None, *, id: str | None = None, classes: str | None = None):
+        super().__init__(id=id, classes=classes)
+        self.data = data or ChartData(title="")
+
+    def show(self, data: ChartData) -> None:
+        self.data = data
+        self.refresh()
+
+    # -- drawing -----------------------------------------------------------------------------------------
+    def render(self) -> Text:
+        started = time.perf_counter()
+        try:
+            return self._render_text()
+        finally:
+            CurveChart.render_seconds += time.perf_counter() - started
+
+    def _render_text(self) -> Text:
+        width, height = self.size.width, self.size.height
+        if width <= 0 or height <= 0:
+            return Text("")
+        data = self.data
+        no_color = bool(getattr(self.app, "no_color", False))
+        lines = [self._legend(width, no_color)]
+        if height == 1:
+            return lines[0]
+        drawable = [s for s in data.series if len(s.x)]
+        plot_rows = height - 2
+        plot_width = width - LABEL_WIDTH
+        if not drawable or plot_rows < 1 or plot_width < 4:
+            message = Text(data.waiting if not drawable else "", style="dim italic")
+            message.truncate(width)
+            body = [Text("")] * max(0, (height - 2) // 2) + [message]
+            return Text("\n").join(lines + body)
+        window = self._window(drawable)
+        cells, owners, y_low, y_high = self._raster(drawable, window, plot_rows, plot_width)
+        cursor_cell = None
+        if data.cursor is not None and window[1] > window[0] and not data.xy:
+            fraction = (data.cursor - window[0]) / (window[1] - window[0])
+            if 0 <= fraction <= 1:
+                cursor_cell = min(plot_width - 1, int(fraction * plot_width))
+        styles = [Style(color=s.color) for s in drawable]
+        dim_styles = [Style(color=s.color, dim=True) for s in drawable]
+        cursor_style = Style(bgcolor="grey23")
+        for row in range(plot_rows):
+            line = Text(no_wrap=True, overflow="crop")
+            if row == 0:
+                label = fmt_number(y_high)
+            elif row == plot_rows - 1:
+                label = fmt_number(y_low)
+            elif row == plot_rows // 2 and plot_rows >= 5:
+                label = fmt_number((y_low + y_high) / 2)
+            else:
+                label = ""
+            line.append(
+                label.rjust(LABEL_WIDTH - 1)[: LABEL_WIDTH - 1] + ("┤" if label else "│"), style="dim"
+            )
+            for column in range(plot_width):
+                bits = cells[row, column]
+                owner = owners[row, column]
+                on_cursor = column == cursor_cell
+                if bits:
+                    series_index, dim = divmod(int(owner), 2)
+                    if no_color and series_index > 0:
+                        char = NO_COLOR_MARKERS[series_index % len(NO_COLOR_MARKERS)]
+                    else:
+                        char = chr(0x2800 + int(bits))
+                    style = dim_styles[series_index] if dim else styles[series_index]
+                    line.append(char, style=style + cursor_style if on_cursor else style)
+                elif on_cursor:
+                    line.append("│", style=Style(color="grey50") + cursor_style)
+                else:
+                    line.append(" ")
+            lines.append(line)
+        lines.append(self._x_labels(window, width))
+        return Text("\n").join(lines)
+
+    def _window(self, drawable: list[ChartSeries]) -> tuple[float, float]:
+        if self.data.xy:
+            xs = np.concatenate([s.x for s in drawable])
+            xs = xs[np.isfinite(xs)]
+            return (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
+        if self.data.x_window is not None:
+            return self.data.x_window
+        low = min(float(s.x[0]) for s in drawable)
+        high = max(float(s.x[-1]) for s in drawable)
+        return (low, high) if high > low else (low - 0.5, high + 0.5)
+
+    def _raster(self, drawable: list[ChartSeries], window: tuple[float, float], rows: int, width: int):
+        """Braille bits per cell and, per cell, the series that drew it last (2 * index + dim)."""
+        pixel_rows, pixel_columns = rows * 4, width * 2
+        traces: list[tuple[int, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        low, high = math.inf, -math.inf
+        for index, series in enumerate(drawable):
+            layers = (
+                [(True, series.y), (False, series.smoothed)]
+                if series.smoothed is not None
+                else [(False, series.y)]
+            )
+            for dim, values in layers:
+                if self.data.xy:
+                    columns = self._xy_columns(series.x, values, window, pixel_columns)
+                else:
+                    columns = minmax_columns(series.x, values, window[0], window[1], pixel_columns)
+                if not len(columns):
+                    continue
+                traces.append((index, dim, columns.column, columns.low, columns.high, columns.first))
+                traces[-1] = traces[-1] + (columns.last,)
+                low = min(low, float(columns.low.min()))
+                high = max(high, float(columns.high.max()))
+        if not traces or not math.isfinite(low):
+            low, high = 0.0, 1.0
+        if high - low < 1e-12:
+            pad = abs(high) * 0.1 or 0.5
+            low, high = low - pad, high + pad
+        else:
+            pad = (high - low) * 0.04
+            low, high = low - pad, high + pad
+        pixels_owner = np.full((pixel_rows, pixel_columns), -1, dtype=np.int64)
+        scale = (pixel_rows - 1) / (high - low)
+        for index, dim, column, col_low, col_high, first, last in traces:
+            owner = 2 * index + (1 if dim else 0)
+            row_high = np.clip(((high - col_high) * scale).round().astype(np.int64), 0, pixel_rows - 1)
+            row_low = np.clip(((high - col_low) * scale).round().astype(np.int64), 0, pixel_rows - 1)
+            row_first = np.clip(((high - first) * scale).round().astype(np.int64), 0, pixel_rows - 1)
+            row_last = np.clip(((high - last) * scale).round().astype(np.int64), 0, pixel_rows - 1)
+            previous_column, previous_row = None, None
+            for i in range(len(column)):
+                c = int(column[i])
+                top, bottom = int(row_high[i]), int(row_low[i])
+                if previous_column is not None:
+                    # join the previous column's last value to this column's first value
+                    dc, dr = c - previous_column, int(row_first[i]) - previous_row
+                    if dc == 1 or (dc == 0 and abs(dr) <= 1):
+                        lo_row, hi_row = sorted((previous_row, int(row_first[i])))
+                        pixels_owner[lo_row : hi_row + 1, c] = owner
+                    else:
+                        n = max(abs(dc), abs(dr))
+                        t = np.arange(1, n + 1) / n
+                        pixels_owner[
+                            np.rint(previous_row + dr * t).astype(np.int64),
+                            np.rint(previous_column + dc * t).astype(np.int64),
+                        ] = owner
+                pixels_owner[top : bottom + 1, c] = owner
+                previous_column, previous_row = c, int(row_last[i])
+        drawn = pixels_owner >= 0
+        cells = np.zeros((rows, width), dtype=np.int64)
+        owners = np.full((rows, width), -1, dtype=np.int64)
+        for dy in range(4):
+            for dx in range(2):
+                sub = drawn[dy::4, dx::2]
+                cells += sub * BRAILLE_BITS[dy, dx]
+                owners = np.maximum(owners, np.where(sub, pixels_owner[dy::4, dx::2], -1))
+        return cells, owners, low, high
+
+    @staticmethod
+    def _xy_columns(x: np.ndarray, y: np.ndarray, window: tuple[float, float], columns: int):
+        """A trajectory as per-point 'columns' in logged order (so the path joins point to point)."""
+        from engine.series import Columns
+
+        finite = np.isfinite(x) & np.isfinite(y)
+        x, y = x[finite], y[finite]
+        span = window[1] - window[0]
+        if not len(x):
+            empty = np.empty(0)
+            return Columns(np.empty(0, dtype=np.int64), empty, empty, empty, empty)
+        if span <= 0:
+            column = np.full(len(x), columns // 2, dtype=np.int64)
+        else:
+            column = np.minimum(((x - window[0]) / span * columns).astype(np.int64), columns - 1)
+        return _PathColumns(column, y)
+
+    def _legend(self, width: int, no_color: bool) -> Text:
+        data = self.data
+        legend = Text(no_wrap=True, overflow="ellipsis")
+        legend.append(data.title, style="bold")
+        for index, series in enumerate(data.series):
+            marker = NO_COLOR_MARKERS[index % len(NO_COLOR_MARKERS)] if no_color else "━"
+            legend.append("  ")
+            legend.append(marker, style=Style(color=series.color))
+            legend.append(f" {series.label} ")
+            value = self._legend_value(series)
+            legend.append(fmt_number(value) if value is not None else "-", style="bold")
+        legend.truncate(width, overflow="ellipsis")
+        return legend
+
+    def _legend_value(self, series: ChartSeries) -> float | None:
+        if not len(series.x):
+            return None
+        values = series.smoothed if series.smoothed is not None else series.y
+        if self.data.cursor is None or self.data.xy:
+            return float(values[-1])
+        return value_before(series.x, values, self.data.cursor)
+
+    def _x_labels(self, window: tuple[float, float], width: int) -> Text:
+        kind = "step" if self.data.xy else self.data.x_kind
+        left, right = fmt_x(window[0], kind), fmt_x(window[1], kind)
+        plot_width = width - LABEL_WIDTH
+        line = " " * LABEL_WIDTH + left
+        middle = ""
+        if self.data.cursor is not None and not self.data.xy:
+            middle = f"▲ {fmt_x(self.data.cursor, kind)}"
+        elif plot_width >= 30:
+            middle = fmt_x((window[0] + window[1]) / 2, kind)
+        if middle:
+            centre = LABEL_WIDTH + plot_width // 2 - len(middle) // 2
+            if centre > len(line) + 1 and centre + len(middle) < width - len(right) - 1:
+                line = line.ljust(centre) + middle
+        line = line.ljust(max(len(line) + 1, width - len(right))) + right
+        return Text(line[:width], style="dim")
+
+
+class _PathColumns:
+    """Columns-like view of a trajectory: one entry per point, joined in order."""
+
+    def __init__(self, column: np.ndarray, y: np.ndarray):
+        self.column, self.low, self.high, self.first, self.last = column, y, y, y, y
+
+    def __len__(self) -> int:
+        return len(self.column)

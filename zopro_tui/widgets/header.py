@@ -1,0 +1,61 @@
+"""The dashboard header: run, method, status, stage, position, steps/s, ETA, elapsed; then the curve view."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from engine.report import STATUS_STYLE, fmt_duration, position
+from zopro_tui.view import CurveView
+from zopro_tui.watched import WatchedRun
+
+
+def status_line(run: WatchedRun, readonly: bool = False, starting_pid: int | None = None) -> Text:
+    info = run.info
+    line = Text(no_wrap=True, overflow="ellipsis")
+    line.append(run.name, style="bold")
+    if run.method != "?":
+        line.append(f"  {run.method}")
+    line.append("  ")
+    status = run.status
+    if info is None or status == "created":
+        status = "starting" + (f" (pid {starting_pid}, loading the model)" if starting_pid else "")
+    line.append(status, style=STATUS_STYLE.get(status, "bold"))
+    if info is not None and info.status != "created":
+        line.append(f"  {position(info)}")
+        if info.total_steps:
+            line.append(f"  step {info.global_step}/{info.total_steps}")
+        rate = run.steps_per_second()
+        if rate:
+            line.append(f"  {rate:.2f} steps/s")
+        eta = run.eta()
+        if eta is not None:
+            line.append(f"  ETA {fmt_duration(eta)}")
+        line.append(f"  elapsed {fmt_duration(info.elapsed)}")
+    if readonly:
+        line.append("  read-only", style="reverse")
+    return line
+
+
+def view_line(run: WatchedRun, view: CurveView) -> Text:
+    line = Text(no_wrap=True, overflow="ellipsis", style="dim")
+    info = run.info
+    if info is not None and info.error:
+        line.append(f"error: {info.error}  ", style="bold red")
+    if run.preview is not None:
+        line.append(
+            f"reading history {run.history_progress:.0%} (drawn from a sample until then)  ",
+            style="bold yellow",
+        )
+    line.append(view.describe())
+    line.append(f"  ·  {len(run.store):,} metric events")
+    return line
+
+
+class RunHeader(Static):
+    """Two lines at the top of the dashboard."""
+
+    def show(self, run: WatchedRun, view: CurveView, readonly: bool, starting_pid: int | None) -> None:
+        text = Text("\n").join([status_line(run, readonly, starting_pid), view_line(run, view)])
+        text.no_wrap, text.overflow = True, "ellipsis"
+        self.update(text)

@@ -1,0 +1,136 @@
+"""Dashboard panels: the focusable titled frame, and the panel of charts (curves, interplay, zeroth-order)."""
+
+from __future__ import annotations
+
+import math
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid
+from textual.widget import Widget
+from textual.widgets import Static
+
+from engine.series import MetricStore
+from zopro_tui.catalogue import ChartSpec, TrajectorySpec
+from zopro_tui.view import CurveView
+from zopro_tui.watched import WatchedRun
+from zopro_tui.widgets.chart import PALETTE, ChartData, ChartSeries, CurveChart
+
+MIN_CHART_WIDTH = 34
+MIN_CHART_HEIGHT = 6
+SMOOTH_FROM_POINTS = 20  # EMA only on series long enough for it to mean something (not 4 evaluations)
+
+
+class Panel(Widget, can_focus=True):
+    """A titled, focusable panel of the dashboard; the screen calls `show_run` when the run changed."""
+
+    BINDINGS = [
+        Binding("pageup,ctrl+u", "scroll_panel(-1)", "Scroll up", show=False),
+        Binding("pagedown,ctrl+d", "scroll_panel(1)", "Scroll down", show=False),
+    ]
+
+    def __init__(self, title: str, *, id: str | None = None, classes: str | None = None):
+        super().__init__(id=id, classes=classes)
+        self.border_title = title
+
+    def show_run(self, run: WatchedRun, view: CurveView, data_range: tuple[float, float] | None) -> None:
+        """Redraw from the run (its store, status, samples...) and the shared curve view."""
+
+    def action_scroll_panel(self, direction: int) -> None:
+        """Page through a panel that scrolls (samples, events); nothing for the others."""
+
+
+def chart_series(
+    store: MetricStore, spec: ChartSpec, view: CurveView, colors: tuple[str, ...] = PALETTE
+) -> list[ChartSeries]:
+    """The series of one chart spec that have points, with EMA when smoothing is on."""
+    series = []
+    for index, (name, label) in enumerate(spec.metrics):
+        x, y = store.series(name, view.axis)
+        if not len(x):
+            continue
+        smoothed = (
+            store.smoothed(name, view.smoothing) if view.smoothing and len(y) >= SMOOTH_FROM_POINTS else None
+        )
+        series.append(ChartSeries(label or name, x, y, colors[index % len(colors)], smoothed))
+    return series
+
+
+class ChartGridPanel(Panel):
+    """Several charts in a grid that fits the panel: as many as fit at a readable size, the first ones first.
+    Until any of its metrics appears, the panel says in one line what it waits for."""
+
+    def __init__(
+        self,
+        title: str,
+        specs: tuple[ChartSpec, ...],
+        trajectory: TrajectorySpec | None = None,
+        *,
+        waiting: str = "",
+        id: str | None = None,
+        classes: str | None = None,
+    ):
+        super().__init__(title, id=id, classes=classes)
+        self.specs = specs
+        self.trajectory = trajectory
+        self.waiting = waiting
+        self.charts = [CurveChart(ChartData(spec.title, waiting=spec.waiting)) for spec in specs]
+        if trajectory is not None:
+            self.charts.append(CurveChart(ChartData(trajectory.title, waiting=trajectory.waiting, xy=True)))
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text(self.waiting, style="dim italic"), classes="panel-waiting")
+        with Grid(classes="charts"):
+            yield from self.charts
+
+    def on_mount(self) -> None:
+        self.query_one(Grid).display = not self.waiting
+
+    def on_resize(self) -> None:
+        self.fit_charts()
+
+    def fit_charts(self) -> None:
+        width, height = self.content_size.width, self.content_size.height
+        count = len(self.charts)
+        columns_that_fit = max(1, min(count, width // MIN_CHART_WIDTH))
+        rows_that_fit = max(1, height // MIN_CHART_HEIGHT)
+        visible = max(1, min(count, rows_that_fit * columns_that_fit))
+        rows = math.ceil(visible / columns_that_fit)
+        columns = math.ceil(visible / rows)  # 4 charts in 2 x 2 rather than 3 + 1
+        grid = self.query_one(Grid)
+        grid.styles.grid_size_columns = columns
+        grid.styles.grid_size_rows = rows
+        for index, chart in enumerate(self.charts):
+            chart.display = index < visible
+
+    def show_run(self, run: WatchedRun, view: CurveView, data_range: tuple[float, float] | None) -> None:
+        store = run.series
+        window = view.visible(data_range)
+        any_data = False
+        for spec, chart in zip(self.specs, self.charts, strict=False):
+            series = chart_series(store, spec, view)
+            any_data = any_data or bool(series)
+            chart.show(
+                ChartData(
+                    spec.title,
+                    series,
+                    x_window=window,
+                    cursor=view.cursor,
+                    x_kind=view.axis,
+                    waiting=spec.waiting,
+                )
+            )
+        if self.trajectory is not None:
+            paths = []
+            for index, (name_x, name_y, label) in enumerate(self.trajectory.paths):
+                x, y = store.pairs(name_x, name_y)
+                if len(x):
+                    paths.append(ChartSeries(label, x, y, PALETTE[index]))
+            any_data = any_data or bool(paths)
+            self.charts[-1].show(
+                ChartData(self.trajectory.title, paths, waiting=self.trajectory.waiting, xy=True)
+            )
+        waiting = bool(self.waiting) and not any_data
+        self.query_one(".panel-waiting", Static).display = waiting
+        self.query_one(Grid).display = not waiting

@@ -1,0 +1,68 @@
+"""The samples panel: the latest prompts, responses and their reward-model and gold scores."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.widgets import DataTable
+
+from engine.report import fmt_value
+from zopro_tui.view import CurveView
+from zopro_tui.watched import WatchedRun
+from zopro_tui.widgets.panel import Panel
+
+
+def printable(text: object, limit: int = 400) -> str:
+    """Model output made safe for a terminal cell: control characters become '·', one line."""
+    value = "" if text is None else str(text)
+    return "".join(ch if ch.isprintable() else "·" for ch in value[:limit])
+
+
+class SamplesPanel(Panel):
+    """A table of the newest samples file (train rollouts or held-out evaluation)."""
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None):
+        super().__init__("samples", id=id, classes=classes)
+        self._shown = ""
+
+    def compose(self) -> ComposeResult:
+        table = DataTable(zebra_stripes=True, cursor_type="none", show_cursor=False)
+        table.can_focus = False
+        yield table
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_column("it", key="it", width=3)
+        table.add_column("prompt", key="prompt", width=24)
+        table.add_column("RM", key="score", width=6)
+        table.add_column("gold", key="gold", width=5)
+        table.add_column("response", key="response")
+        table.display = False
+
+    def show_run(self, run: WatchedRun, view: CurveView, data_range: tuple[float, float] | None) -> None:
+        if run.samples_source == self._shown:
+            return
+        self._shown = run.samples_source
+        table = self.query_one(DataTable)
+        table.clear()
+        for row in run.samples:
+            iteration = row.get("iteration")
+            table.add_row(
+                "-" if iteration is None else str(iteration),
+                printable(row.get("prompt"), 60),
+                Text(fmt_value(row.get("score")), justify="right"),
+                Text(fmt_value(row.get("gold"), 2), justify="right"),
+                printable(row.get("response")),
+            )
+        table.display = bool(run.samples)
+        kind = run.samples[0].get("kind", "") if run.samples else ""
+        step = run.samples_source.removeprefix("samples-").removesuffix(".jsonl").lstrip("0") or "0"
+        self.border_title = f"samples ({kind}, step {step})" if run.samples else "samples"
+        self.border_subtitle = "" if run.samples else "waiting for the first samples file"
+
+    def render(self) -> Text:
+        return Text("waiting for samples: written after the first evaluation", style="dim italic")
+
+    def action_scroll_panel(self, direction: int) -> None:
+        table = self.query_one(DataTable)
+        table.scroll_to(y=table.scroll_y + direction * max(1, table.size.height - 2), animate=False)
