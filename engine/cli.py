@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from engine.recipe import RecipeError, load_recipe
 
@@ -28,7 +29,7 @@ err = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -89,7 +90,7 @@ def validate(
         try:
             resolved = load_recipe(path, set_ or [])
         except RecipeError as error:
-            err.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
             bad += 1
             continue
         console.print(f"[green]ok[/] {path}: method {resolved.policy.method}, model {resolved.model.base}, "
@@ -159,6 +160,26 @@ def export(
     else:
         output.write_text(text)
         err.print(f"wrote {output}")
+
+
+@app.command()
+def interplay(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or running)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead")] = False,
+) -> None:
+    """How the policy's and the reward model's updates relate, from the run's iteration checkpoints."""
+    from engine.interplay_report import build_report, render_report
+
+    if not run_dir.is_dir():
+        fail(f"{run_dir} is not a run directory")
+    try:
+        report = build_report(run_dir)
+    except ValueError as error:
+        fail(str(error))
+    if as_json:
+        print(json.dumps(report, indent=1, default=str))
+        return
+    render_report(report, console, width=min(console.width, 120))
 
 
 def main() -> None:

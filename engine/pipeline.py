@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from engine import __version__
+from engine.interplay import InterplayTracker, adapter_views, pair_adapter_tensors
 from engine.judges import GoldJudge, RewardJudge
 from engine.methods import make_update
-from engine.models import load_adapters, load_preference_model, resolve_base, resolve_device, save_adapters
+from engine.models import ModelError, load_adapters, load_preference_model, resolve_base, resolve_device, save_adapters
 from engine.objectives import bradley_terry_loss, sft_loss
 from engine.recipe import Recipe, dump_recipe
 from engine.rollout import collect_rollout, encode_responses, position_ids, reward_scores, sample, token_logprobs
@@ -107,6 +108,15 @@ class Pipeline:
         self.reward_optimizer = self._reward_optimizer(recipe.reward.lr)
         self.refine_optimizer = self._reward_optimizer(recipe.refine.lr)
         self.reduce_scalar = None  # set by distributed runs: averages a float across ranks
+        self.interplay: InterplayTracker | None = None
+        if recipe.interplay.enabled or recipe.policy.method == "zopro":
+            try:
+                keys = [key for key, _, _ in pair_adapter_tensors(dict(self.pm.model.named_parameters()))]
+            except ValueError as error:
+                raise ModelError(f"the policy and reward adapters do not pair up key by key, which zopro and "
+                                 f"interplay need: {error}") from None
+            if recipe.interplay.enabled:
+                self.interplay = InterplayTracker(keys, sketch_size=recipe.interplay.sketch_size, seed=recipe.seed)
         self.method = make_update(recipe.policy.method, self)
         self.reward_before_refine: dict[str, torch.Tensor] | None = None
 
@@ -290,11 +300,17 @@ class Pipeline:
         name = "reward" if iteration < 0 else f"iter-{iteration:04d}"
         return self.writer.checkpoints_dir / name
 
+    def adapter_views(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """{key: tensor} of the policy and of the reward adapter, keyed alike (peft's saved names)."""
+        return adapter_views(pair_adapter_tensors(dict(self.pm.model.named_parameters())))
+
     def run_policy(self) -> None:
         r = self.recipe
         i = self.state.iteration
         chunk = self.iteration_prompts(i)
         updates = r.train.updates_per_iteration
+        if self.interplay is not None and not self.interplay.started:
+            self.interplay.start(*self.adapter_views())
         while self.state.step < updates:
             step = self.state.step
             started = time.monotonic()
@@ -320,6 +336,9 @@ class Pipeline:
             tokens = seqs.response_mask.sum(-1).clamp(min=1)
             entropy = float((-rollout.old_logprobs.sum(-1) / tokens).mean())
             self.state.policy_updates += 1
+            if self.interplay is not None and r.interplay.every_step:
+                with torch.no_grad():
+                    update_metrics.update(self.interplay.observe_policy_step(self.adapter_views()[0]))
             self.advance()
             self.metrics({
                 "objective/scores": float(rollout.scores.mean()),
@@ -430,7 +449,7 @@ class Pipeline:
                       temperature=r.eval.temperature, counters=self.counters)
         if not self.state.sft_eval_answers:
             with self.pm.adapter("sft"):
-                sft = sample(self.pm, prompts, generator=generator(self.seed, "eval-sft"), **kwargs)
+                sft = sample(self.pm, prompts, generator=generator(self.seed, "eval"), **kwargs)
             self.state.sft_eval_answers = sft.responses
         with self.pm.adapter("policy"):
             seqs = sample(self.pm, prompts, generator=generator(self.seed, "eval"), **kwargs)
@@ -461,6 +480,9 @@ class Pipeline:
 
     def run_eval(self) -> None:
         i = self.state.iteration
+        if self.interplay is not None:
+            with torch.no_grad():
+                self.metrics(self.interplay.end_iteration(*self.adapter_views()))
         self.evaluate(label=f"iter {i}")
         self.state.rollouts = []
         self.state.judged_pairs = None
@@ -540,6 +562,7 @@ class Pipeline:
                 "refine_optimizer": self.refine_optimizer.state_dict(),
                 "method": self.method.state_dict(),
                 "reward_before_refine": self.reward_before_refine,
+                "interplay": self.interplay.state_dict() if self.interplay is not None else None,
             }, folder / "trainer_state.pt")
             (folder / "state.json").write_text(json.dumps(asdict(self.state), indent=1))
         self.emit("checkpoint", name=name)
@@ -552,6 +575,8 @@ class Pipeline:
         self.refine_optimizer.load_state_dict(trainer["refine_optimizer"])
         self.method.load_state_dict(trainer["method"])
         self.reward_before_refine = trainer["reward_before_refine"]
+        if self.interplay is not None and trainer.get("interplay") is not None:
+            self.interplay.load_state_dict(trainer["interplay"])
         self.state = RunState(**json.loads((folder / "state.json").read_text()))
         self.counters.load_state_dict(self.state.counters)
         self.clock = Stopwatch(self.state.elapsed)

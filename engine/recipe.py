@@ -98,6 +98,26 @@ class RLOOConfig:
 
 
 @dataclass
+class PPOConfig:
+    lr: float = spec(5e-4, low=0.0, low_open=True)
+    epochs: int = spec(1, low=1, help="passes over each rollout (the paper: 1)")
+    minibatches: int = spec(1, low=1)
+    gamma: float = spec(1.0, low=0.0, high=1.0)
+    lam: float = spec(0.95, low=0.0, high=1.0, help="GAE lambda")
+    vf_coef: float = spec(0.5, low=0.0)
+    cliprange_value: float = spec(0.2, low=0.0, low_open=True)
+    max_grad_norm: float = spec(1.0, low=0.0, low_open=True)
+    whiten_advantages: bool = spec(True)
+
+
+@dataclass
+class OnlineDPOConfig:
+    lr: float = spec(5e-4, low=0.0, low_open=True)
+    beta: float = spec(0.1, low=0.0, low_open=True, help="DPO temperature")
+    max_grad_norm: float = spec(1.0, low=0.0, low_open=True)
+
+
+@dataclass
 class ZerothOrderConfig:
     """Settings shared by mezo and zopro (paper-code defaults, method.md section 3)."""
 
@@ -135,6 +155,13 @@ class RefineConfig:
 
 
 @dataclass
+class InterplayConfig:
+    enabled: bool = spec(True, help="policy-reward interplay metrics during training (method.md section 4)")
+    sketch_size: int = spec(256, low=2, help="coordinates of the fixed random sketch for distance correlation")
+    every_step: bool = spec(True, help="also per policy update (norm, cosine with the previous update)")
+
+
+@dataclass
 class EvalConfig:
     temperature: float = spec(1.0, low=0.0, low_open=True)
 
@@ -158,9 +185,12 @@ class Recipe:
     policy: PolicyConfig = spec(factory=PolicyConfig)
     train: TrainConfig = spec(factory=TrainConfig)
     rloo: RLOOConfig = spec(factory=RLOOConfig)
+    ppo: PPOConfig = spec(factory=PPOConfig)
+    online_dpo: OnlineDPOConfig = spec(factory=OnlineDPOConfig)
     mezo: MeZOConfig = spec(factory=MeZOConfig)
     zopro: ZOPrOConfig = spec(factory=ZOPrOConfig)
     refine: RefineConfig = spec(factory=RefineConfig)
+    interplay: InterplayConfig = spec(factory=InterplayConfig)
     eval: EvalConfig = spec(factory=EvalConfig)
     log: LogConfig = spec(factory=LogConfig)
 
@@ -172,7 +202,8 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-METHOD_SECTIONS = {"rloo": "rloo", "mezo": "mezo", "zopro": "zopro"}  # method -> its recipe section (issue 3 adds the others)
+METHOD_SECTIONS = {"rloo": "rloo", "ppo": "ppo", "online_dpo": "online_dpo", "mezo": "mezo", "zopro": "zopro"}
+TASK_NAMES = ("builtin:sentiment",)  # method -> its recipe section (issue 3 adds the others)
 
 
 # --- loading and validation ---------------------------------------------------------------------------------
@@ -261,6 +292,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+def sections_used(method: str) -> tuple[str, ...]:
+    """The method sections a run of `method` reads (zopro's iteration 0 is first-order rloo by default)."""
+    return {"zopro": ("zopro", "rloo")}.get(method, (METHOD_SECTIONS.get(method, method),))
+
+
 def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
     method = recipe.policy.method
     if method not in METHOD_SECTIONS:
@@ -268,13 +304,18 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
             f"{source}: policy.method = {method!r} is not available in this version; available: "
             f"{', '.join(METHOD_SECTIONS)}"
         )
-    allowed = {METHOD_SECTIONS[method]} | set(_compare_methods(raw))
+    allowed = set(sections_used(method))
+    for other in _compare_methods(raw):
+        allowed.update(sections_used(other))
     for other, section in METHOD_SECTIONS.items():
-        if section in raw and section not in allowed and other != method:
+        if section in raw and section not in allowed:
             raise RecipeError(
                 f"{source}: [{section}] sets {other} settings but policy.method is {method!r}; remove the "
-                f"section or set policy.method = {other!r}"
+                f"section, set policy.method = {other!r}, or list it in [compare] methods"
             )
+    if recipe.task.name not in TASK_NAMES:
+        raise RecipeError(f"{source}: task.name = {recipe.task.name!r} is not accepted; choose one of "
+                          f"{', '.join(TASK_NAMES)}{_suggest(recipe.task.name, list(TASK_NAMES))}")
     if recipe.model.target_modules == []:
         raise RecipeError(f"{source}: model.target_modules must name at least one module")
     if recipe.train.prompts_per_update > recipe.task.train_prompts:
@@ -320,8 +361,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    raw = {k: v for k, v in raw.items() if k != "compare"}
-    recipe = _build(Recipe, raw, "", source)
+    compare = raw.get("compare")
+    if compare is not None and not (isinstance(compare, dict) and set(compare) <= {"methods"}
+                                    and isinstance(compare.get("methods", []), list)
+                                    and all(m in METHODS for m in compare.get("methods", []))):
+        raise RecipeError(f"{source}: [compare] takes one key, methods = a list drawn from {', '.join(METHODS)}")
+    recipe = _build(Recipe, {k: v for k, v in raw.items() if k != "compare"}, "", source)
     _check_recipe(recipe, source, raw)
     return recipe
 
@@ -365,6 +410,8 @@ def _toml_value(value: Any) -> str:
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as TOML (defaults filled in, overrides applied)."""
     data = recipe.to_dict()
+    unused = set(METHOD_SECTIONS.values()) - set(sections_used(recipe.policy.method))
+    data = {k: v for k, v in data.items() if k not in unused}
     lines = ["# fully resolved by zopro: every default filled in, every --set applied"]
     tables = []
     for key, value in data.items():

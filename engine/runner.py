@@ -8,6 +8,7 @@ import traceback
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -81,7 +82,7 @@ def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
 def run_training(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None, root: Path = Path("runs"),
                  resume: bool, quiet: bool, console: Console, err: Console) -> int:
     def bad(message: str) -> int:
-        err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
         return EXIT_BAD_INPUT
 
     try:
@@ -169,7 +170,7 @@ def _record_failure(pipeline, writer: RunWriter, message: str, err: Console, run
         pipeline.emit("run_end", status="failed", error=message)
     except Exception:  # noqa: BLE001 - the writer may be what failed
         pass
-    err.print(f"[bold red]training failed:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]training failed:[/] {escape(message)}", soft_wrap=True)
     return EXIT_FAILED
 
 

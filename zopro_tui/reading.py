@@ -208,6 +208,8 @@ class ProcessSampler:
 
         local = not host or host == self.host
         reading = HardwareReading(pid=pid, alive=False, local=local)
+        if not pid:
+            return reading
         if not local:
             reading.note = f"the run's process is on {host}"
         elif pid:

@@ -27,6 +27,14 @@ def make_update(method: str, context: Any) -> PolicyUpdate:
         from engine.methods.rloo import RLOOUpdate
 
         return RLOOUpdate(context)
+    if method == "ppo":
+        from engine.methods.ppo import PPOUpdate
+
+        return PPOUpdate(context)
+    if method == "online_dpo":
+        from engine.methods.online_dpo import OnlineDPOUpdate
+
+        return OnlineDPOUpdate(context)
     if method in ("mezo", "zopro"):
         from engine.methods.zeroth_order import ZerothOrderUpdate
 

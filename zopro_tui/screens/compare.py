@@ -65,7 +65,7 @@ class CompareScreen(Screen):
     def __init__(self, run_dirs: list[Path]):
         super().__init__()
         self.runs = {Path(path): WatchedRun(Path(path)) for path in run_dirs}
-        self.colors = {path: PALETTE[i % len(PALETTE)] for i, path in enumerate(self.runs)}
+        self.run_colors = {path: PALETTE[i % len(PALETTE)] for i, path in enumerate(self.runs)}
         self.charts = [CurveChart(ChartData(spec.title, waiting=spec.waiting)) for spec in COMPARE_CHARTS]
         self._dirty = True
 
@@ -154,7 +154,7 @@ class CompareScreen(Screen):
                         if (view.smoothing and len(y) >= SMOOTH_FROM_POINTS)
                         else None
                     )
-                    series.append(ChartSeries(run.name, x, y, self.colors[path], smoothed))
+                    series.append(ChartSeries(run.name, x, y, self.run_colors[path], smoothed))
             chart.show(
                 ChartData(
                     spec.title,
@@ -171,7 +171,7 @@ class CompareScreen(Screen):
     def show_title(self) -> None:
         title = Text.assemble(("compare", "bold"), f"  {len(self.runs)} runs  ·  {self.view.describe()}  ·  ")
         for path, run in self.runs.items():
-            title.append("━ ", style=self.colors[path])
+            title.append("━ ", style=self.run_colors[path])
             title.append(f"{run.name}  ")
         self.query_one("#compare-title", Static).update(title)
 
@@ -183,7 +183,7 @@ class CompareScreen(Screen):
             info = run.info
             peak = latest.get("mem/cuda_peak_mib") or latest.get("mem/peak_rss_mib")
             table.add_row(
-                Text(run.name, style=self.colors[path]),
+                Text(run.name, style=self.run_colors[path]),
                 run.method,
                 Text(run.status, style=STATUS_STYLE.get(run.status, "")),
                 Text(fmt_value(latest.get("eval/gold")), justify="right"),

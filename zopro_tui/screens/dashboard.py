@@ -28,7 +28,7 @@ from zopro_tui.catalogue import (
     ZO_CHARTS,
     ZO_WAITING,
 )
-from zopro_tui.layout import panel_order, plan_layout
+from zopro_tui.layout import PANELS, panel_order, plan_layout
 from zopro_tui.reading import (
     HardwareRead,
     LogRead,
@@ -49,6 +49,29 @@ from zopro_tui.widgets.panel import ChartGridPanel, Panel
 from zopro_tui.widgets.samples import SamplesPanel
 
 REDRAW_SECONDS = 0.25  # at most four redraws a second
+CPU_BUDGET = 0.10  # live redraws slow down when the TUI uses more than this share of a core
+
+
+class RedrawPace:
+    """How long to wait before the next live redraw: 0.25 s, longer while this process has been using more
+    than CPU_BUDGET of a core (a huge run, a slow terminal), so the TUI never competes with training."""
+
+    def __init__(self) -> None:
+        self.interval = REDRAW_SECONDS
+        self._cpu = time.process_time()
+        self._wall = time.monotonic()
+
+    def next_interval(self) -> float:
+        cpu, wall = time.process_time(), time.monotonic()
+        share = (cpu - self._cpu) / max(wall - self._wall, 1e-3)
+        self._cpu, self._wall = cpu, wall
+        if share > CPU_BUDGET:
+            self.interval = min(5.0, self.interval * min(4.0, share / CPU_BUDGET))
+        else:
+            self.interval = max(REDRAW_SECONDS, self.interval * 0.7)
+        return self.interval
+
+
 CONTROL_NOTES = {
     "pause": "pause requested: the run pauses after its current step",
     "resume": "resume requested",
@@ -92,7 +115,7 @@ class DashboardScreen(Screen):
         self.readonly = readonly
         self._dirty = True
         self._next_redraw = 0.0
-        self._redraw_cost = 0.0
+        self.pace = RedrawPace()
         self._hardware_target: tuple[int | None, str | None] = (None, None)
         self._told: set[str] = set()
 
@@ -245,7 +268,6 @@ class DashboardScreen(Screen):
         now = time.monotonic()
         if not (self._dirty or force) or (not force and now < self._next_redraw):
             return
-        started = time.perf_counter()
         self._dirty = False
         starting_pid = None
         launched = getattr(self.app, "launched", {}).get(self.run.path)
@@ -256,10 +278,7 @@ class DashboardScreen(Screen):
         for panel in self.panels():
             if panel.display:
                 panel.show_run(self.run, self.view, data_range)
-        # a slow redraw (a huge run) waits longer before the next one: at most ~10 % of the time redrawing
-        cost = time.perf_counter() - started + CurveChart.render_seconds
-        CurveChart.render_seconds = 0.0
-        self._next_redraw = now + max(REDRAW_SECONDS, 10 * cost)
+        self._next_redraw = now + self.pace.next_interval()
 
     def watch_view(self) -> None:
         self.redraw(force=True)
@@ -297,10 +316,13 @@ class DashboardScreen(Screen):
             self.zoomed = panel.id
 
     def action_show_panel(self, index: int) -> None:
-        order = panel_order(self.run.zeroth_order)
-        if index >= len(order):
+        """Zoom into panel 1-6 (curves, interplay, zeroth-order, hardware, samples, events); again: the grid."""
+        if index >= len(PANELS):
             return
-        name = order[index]
+        name = PANELS[index]
+        if name not in panel_order(self.run.zeroth_order):
+            self.notify("no zeroth-order panel: this is a first-order run", timeout=3)
+            return
         self.zoomed = None if self.zoomed == name else name
 
     def action_focus_panel(self, step: int) -> None:

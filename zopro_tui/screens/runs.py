@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -15,7 +16,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 from textual.worker import get_current_worker
 
 from engine.reader import RunInfo
-from engine.report import STATUS_STYLE, fmt_duration, fmt_value, position
+from engine.report import STATUS_STYLE, fmt_duration, fmt_value
 from zopro_tui.reading import RunsListed, read_runs
 from zopro_tui.screens.modals import NewRunModal
 
@@ -43,6 +44,59 @@ class RunsTable(DataTable):
         Binding("g", "scroll_top", "First", show=False),
         Binding("G", "scroll_bottom", "Last", show=False),
     ]
+
+
+DETAIL_METRICS = (
+    ("objective/scores", "RM score"),
+    ("objective/gold", "gold (rollouts)"),
+    ("objective/kl", "KL"),
+    ("eval/gold", "gold (held-out)"),
+    ("eval/win_rate_vs_sft", "win vs SFT"),
+    ("eval/kl", "KL (held-out)"),
+    ("compute/forward_passes", "forward passes"),
+    ("mem/peak_rss_mib", "peak RSS MiB"),
+    ("mem/cuda_peak_mib", "CUDA peak MiB"),
+    ("zo/g", "zo g"),
+    ("zo/decay", "zo decay"),
+)
+
+
+def run_position(info: RunInfo) -> str:
+    """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them, `done` after."""
+    if info.status == "finished" or info.stage == "done":
+        return f"done, {info.iterations} it" if info.iterations else "done"
+    if info.iteration is None:
+        return f"{info.stage or '-'} {info.step}".strip()
+    total = f"/{info.iterations}" if info.iterations else ""
+    return f"it {info.iteration + 1}{total} {info.stage} {info.step}"
+
+
+def run_detail(info: RunInfo) -> Table:
+    """The highlighted run in a few lines: where it is, since when, its error, its latest key metrics."""
+    head = Text.assemble((info.name, "bold"), "  ", (info.status, STATUS_STYLE.get(info.status, "")))
+    head.append(f"  {info.method}  {run_position(info)}")
+    if info.started:
+        head.append(f"  started {time.strftime('%Y-%m-%d %H:%M', time.localtime(info.started))}", style="dim")
+    head.append(f"  {info.path}", style="dim")
+    grid = Table.grid(padding=(0, 1), expand=False)
+    grid.add_row(head)
+    if info.error:
+        grid.add_row(Text(f"error: {info.error}", style="red"))
+    metrics = Table.grid(padding=(0, 1))
+    shown = [
+        (label, info.latest[name]) for name, label in DETAIL_METRICS if info.latest.get(name) is not None
+    ]
+    for _ in range(3):
+        metrics.add_column(style="dim", justify="right")
+        metrics.add_column(min_width=8)
+    for start in range(0, len(shown), 3):
+        cells: list = []
+        for label, value in shown[start : start + 3]:
+            cells += [label, fmt_value(value)]
+        metrics.add_row(*cells)
+    if shown:
+        grid.add_row(metrics)
+    return grid
 
 
 def run_matches(info: RunInfo, text: str) -> bool:
@@ -76,6 +130,7 @@ class RunsScreen(Screen):
         yield Static(id="runs-title")
         yield RunsTable(id="runs", cursor_type="row", zebra_stripes=True)
         yield Static(id="runs-empty")
+        yield Static(id="run-detail")
         yield Input(
             placeholder="filter runs by name, method, status or stage; enter keeps it, esc clears it",
             id="runs-filter",
@@ -137,6 +192,19 @@ class RunsScreen(Screen):
             empty.update(Text(f"no run matches '{self.filter_text}' (esc clears the filter)", style="dim"))
         empty.display = not visible
         self.show_title()
+        self.show_detail()
+
+    def show_detail(self) -> None:
+        selected = self.selected_path()
+        info = next((info for info in self.runs if info.path == selected), None)
+        detail = self.query_one("#run-detail", Static)
+        detail.display = info is not None
+        if info is not None:
+            detail.update(run_detail(info))
+
+    @on(RunsTable.RowHighlighted)
+    def highlighted(self) -> None:
+        self.show_detail()
 
     def row(self, info: RunInfo) -> list:
         latest = info.latest
@@ -145,7 +213,7 @@ class RunsScreen(Screen):
             info.name,
             info.method,
             Text(info.status, style=STATUS_STYLE.get(info.status, "")),
-            position(info),
+            run_position(info),
             Text(fmt_value(latest.get("objective/scores")), justify="right"),
             Text(fmt_value(latest.get("eval/gold")), justify="right"),
             Text(fmt_value(latest.get("eval/win_rate_vs_sft")), justify="right"),

@@ -8,12 +8,13 @@ smoothing the raw data is drawn dim under the smoothed line, the way TensorBoard
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual.strip import Strip
 from textual.widget import Widget
 
 from engine.series import minmax_columns
@@ -75,6 +76,8 @@ def fmt_x(value: float, kind: str) -> str:
         hours, rest = divmod(seconds, 3600)
         minutes, secs = divmod(rest, 60)
         return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    if abs(value) >= 10:  # steps and forward passes are counts
+        value = round(value)
     return fmt_number(value, 8)
 
 
@@ -92,41 +95,52 @@ class CurveChart(Widget):
     DEFAULT_CSS = """
     CurveChart { height: 1fr; width: 1fr; }
     """
-    render_seconds = 0.0  # time spent drawing charts since a screen last looked (it paces its redraws)
 
     def __init__(self, data: ChartData | None = None, *, id: str | None = None, classes: str | None = None):
         super().__init__(id=id, classes=classes)
         self.data = data or ChartData(title="")
+        self._strips: list[Strip] | None = None
+        self._strips_width = 0
 
     def show(self, data: ChartData) -> None:
         self.data = data
+        self._strips = None
         self.refresh()
 
-    # -- drawing -----------------------------------------------------------------------------------------
-    def render(self) -> Text:
-        started = time.perf_counter()
-        try:
-            return self._render_text()
-        finally:
-            CurveChart.render_seconds += time.perf_counter() - started
+    def on_resize(self) -> None:
+        self._strips = None
 
-    def _render_text(self) -> Text:
+    # -- drawing: the Line API, one Strip per row, built once per data or size change -------------------------
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        if self._strips is None or self._strips_width != width:
+            self._strips = self._build_strips()
+            self._strips_width = width
+        if y < len(self._strips):
+            return self._strips[y]
+        return Strip.blank(width, self.rich_style)
+
+    def _text_strip(self, text: Text, width: int) -> Strip:
+        segments = list(text.render(self.app.console, end=""))
+        return Strip(segments).crop_extend(0, width, self.rich_style).apply_style(self.rich_style)
+
+    def _build_strips(self) -> list[Strip]:
         width, height = self.size.width, self.size.height
         if width <= 0 or height <= 0:
-            return Text("")
+            return []
         data = self.data
         no_color = bool(getattr(self.app, "no_color", False))
-        lines = [self._legend(width, no_color)]
+        strips = [self._text_strip(self._legend(width, no_color), width)]
         if height == 1:
-            return lines[0]
+            return strips
         drawable = [s for s in data.series if len(s.x)]
         plot_rows = height - 2
         plot_width = width - LABEL_WIDTH
         if not drawable or plot_rows < 1 or plot_width < 4:
             message = Text(data.waiting if not drawable else "", style="dim italic")
-            message.truncate(width)
-            body = [Text("")] * max(0, (height - 2) // 2) + [message]
-            return Text("\n").join(lines + body)
+            blank = Strip.blank(width, self.rich_style)
+            strips += [blank] * max(0, (height - 2) // 2) + [self._text_strip(message, width)]
+            return strips
         window = self._window(drawable)
         cells, owners, y_low, y_high = self._raster(drawable, window, plot_rows, plot_width)
         cursor_cell = None
@@ -134,11 +148,13 @@ class CurveChart(Widget):
             fraction = (data.cursor - window[0]) / (window[1] - window[0])
             if 0 <= fraction <= 1:
                 cursor_cell = min(plot_width - 1, int(fraction * plot_width))
-        styles = [Style(color=s.color) for s in drawable]
-        dim_styles = [Style(color=s.color, dim=True) for s in drawable]
+        base = self.rich_style
+        styles = [base + Style(color=s.color) for s in drawable]
+        dim_styles = [base + Style(color=s.color, dim=True) for s in drawable]
         cursor_style = Style(bgcolor="grey23")
+        axis_style = base + Style(dim=True)
+        blank_style = base
         for row in range(plot_rows):
-            line = Text(no_wrap=True, overflow="crop")
             if row == 0:
                 label = fmt_number(y_high)
             elif row == plot_rows - 1:
@@ -147,28 +163,37 @@ class CurveChart(Widget):
                 label = fmt_number((y_low + y_high) / 2)
             else:
                 label = ""
-            line.append(
-                label.rjust(LABEL_WIDTH - 1)[: LABEL_WIDTH - 1] + ("┤" if label else "│"), style="dim"
-            )
+            segments = [
+                Segment(label.rjust(LABEL_WIDTH - 1)[: LABEL_WIDTH - 1] + ("┤" if label else "│"), axis_style)
+            ]
+            run_text: list[str] = []
+            run_style: Style | None = None
+            row_bits, row_owners = cells[row], owners[row]
             for column in range(plot_width):
-                bits = cells[row, column]
-                owner = owners[row, column]
-                on_cursor = column == cursor_cell
+                bits = int(row_bits[column])
                 if bits:
-                    series_index, dim = divmod(int(owner), 2)
+                    series_index, dim = divmod(int(row_owners[column]), 2)
                     if no_color and series_index > 0:
                         char = NO_COLOR_MARKERS[series_index % len(NO_COLOR_MARKERS)]
                     else:
-                        char = chr(0x2800 + int(bits))
+                        char = chr(0x2800 + bits)
                     style = dim_styles[series_index] if dim else styles[series_index]
-                    line.append(char, style=style + cursor_style if on_cursor else style)
-                elif on_cursor:
-                    line.append("│", style=Style(color="grey50") + cursor_style)
                 else:
-                    line.append(" ")
-            lines.append(line)
-        lines.append(self._x_labels(window, width))
-        return Text("\n").join(lines)
+                    char, style = " ", blank_style
+                if column == cursor_cell:
+                    if not bits:
+                        char, style = "│", base + Style(color="grey50")
+                    style = style + cursor_style
+                if style is not run_style and run_text:
+                    segments.append(Segment("".join(run_text), run_style))
+                    run_text = []
+                run_style = style
+                run_text.append(char)
+            if run_text:
+                segments.append(Segment("".join(run_text), run_style))
+            strips.append(Strip(segments, width))
+        strips.append(self._text_strip(self._x_labels(window, width), width))
+        return strips
 
     def _window(self, drawable: list[ChartSeries]) -> tuple[float, float]:
         if self.data.xy:
@@ -266,16 +291,20 @@ class CurveChart(Widget):
         return _PathColumns(column, y)
 
     def _legend(self, width: int, no_color: bool) -> Text:
+        """The title, then each series' marker, label and value (at the cursor); the title goes first when
+        everything does not fit."""
         data = self.data
         legend = Text(no_wrap=True, overflow="ellipsis")
-        legend.append(data.title, style="bold")
         for index, series in enumerate(data.series):
             marker = NO_COLOR_MARKERS[index % len(NO_COLOR_MARKERS)] if no_color else "━"
-            legend.append("  ")
+            if index:
+                legend.append("  ")
             legend.append(marker, style=Style(color=series.color))
             legend.append(f" {series.label} ")
             value = self._legend_value(series)
             legend.append(fmt_number(value) if value is not None else "-", style="bold")
+        if not data.series or len(data.title) + 2 + legend.cell_len <= width:
+            legend = Text.assemble((data.title, "bold"), "  " if data.series else "", legend)
         legend.truncate(width, overflow="ellipsis")
         return legend
 
@@ -288,21 +317,35 @@ class CurveChart(Widget):
         return value_before(series.x, values, self.data.cursor)
 
     def _x_labels(self, window: tuple[float, float], width: int) -> Text:
+        """Both ends of the x window, and the cursor's x under the cursor (or the middle, when wide)."""
         kind = "step" if self.data.xy else self.data.x_kind
         left, right = fmt_x(window[0], kind), fmt_x(window[1], kind)
         plot_width = width - LABEL_WIDTH
-        line = " " * LABEL_WIDTH + left
-        middle = ""
-        if self.data.cursor is not None and not self.data.xy:
-            middle = f"▲ {fmt_x(self.data.cursor, kind)}"
+        cells = [" "] * width
+        text = Text(no_wrap=True, style="dim")
+
+        def put(start: int, label: str) -> bool:
+            start = max(0, min(start, width - len(label)))
+            if any(c != " " for c in cells[max(0, start - 1) : start + len(label) + 1]):
+                return False
+            cells[start : start + len(label)] = list(label)
+            return True
+
+        put(LABEL_WIDTH, left)
+        put(width - len(right), right)
+        cursor = self.data.cursor
+        if cursor is not None and not self.data.xy and window[1] > window[0]:
+            column = LABEL_WIDTH + int((cursor - window[0]) / (window[1] - window[0]) * (plot_width - 1))
+            value = fmt_x(cursor, kind)
+            if not put(column, f"▲{value}") and not put(column - len(value), f"{value}▲"):
+                label = f"▲{value}"  # it matters more than the ends: write over them
+                start = max(0, min(column, width - len(label)))
+                cells[start : start + len(label)] = list(label)
         elif plot_width >= 30:
             middle = fmt_x((window[0] + window[1]) / 2, kind)
-        if middle:
-            centre = LABEL_WIDTH + plot_width // 2 - len(middle) // 2
-            if centre > len(line) + 1 and centre + len(middle) < width - len(right) - 1:
-                line = line.ljust(centre) + middle
-        line = line.ljust(max(len(line) + 1, width - len(right))) + right
-        return Text(line[:width], style="dim")
+            put(LABEL_WIDTH + plot_width // 2 - len(middle) // 2, middle)
+        text.append("".join(cells)[:width])
+        return text
 
 
 class _PathColumns:

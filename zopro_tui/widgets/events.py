@@ -67,7 +67,9 @@ class EventsPanel(Panel):
         self._last_seq: int | None = None
 
     def compose(self) -> ComposeResult:
-        log = RichLog(max_lines=1000, wrap=True, min_width=20, markup=False, highlight=False, auto_scroll=True)
+        log = RichLog(
+            max_lines=1000, wrap=True, min_width=20, markup=False, highlight=False, auto_scroll=True
+        )
         log.can_focus = False
         yield log
 

@@ -32,6 +32,7 @@ class HardwarePanel(Panel):
 
     def __init__(self, *, id: str | None = None, classes: str | None = None):
         super().__init__("hardware", id=id, classes=classes)
+        self._rows = 0
 
     def compose(self) -> ComposeResult:
         yield Static(id="hardware-text")
@@ -80,7 +81,10 @@ class HardwarePanel(Panel):
         )
         if latest.get("mem/cuda_peak_mib") is not None:
             grid.add_row("CUDA peak", mib(latest.get("mem/cuda_peak_mib")))
-        self.query_one("#hardware-text", Static).update(grid)
+        text = self.query_one("#hardware-text", Static)
+        rows = grid.row_count
+        text.update(grid, layout=rows != self._rows)  # a new layout only when the height changes
+        self._rows = rows
         cpu_spark = self.query_one("#cpu-spark", Sparkline)
         rss_spark = self.query_one("#rss-spark", Sparkline)
         cpu_spark.display = rss_spark.display = len(run.cpu_history) >= 2

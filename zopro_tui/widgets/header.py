@@ -58,4 +58,4 @@ class RunHeader(Static):
     def show(self, run: WatchedRun, view: CurveView, readonly: bool, starting_pid: int | None) -> None:
         text = Text("\n").join([status_line(run, readonly, starting_pid), view_line(run, view)])
         text.no_wrap, text.overflow = True, "ellipsis"
-        self.update(text)
+        self.update(text, layout=False)

@@ -33,7 +33,7 @@ class SamplesPanel(Panel):
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
         table.add_column("it", key="it", width=3)
-        table.add_column("prompt", key="prompt", width=24)
+        table.add_column("prompt", key="prompt")
         table.add_column("RM", key="score", width=6)
         table.add_column("gold", key="gold", width=5)
         table.add_column("response", key="response")
@@ -49,7 +49,7 @@ class SamplesPanel(Panel):
             iteration = row.get("iteration")
             table.add_row(
                 "-" if iteration is None else str(iteration),
-                printable(row.get("prompt"), 60),
+                printable(row.get("prompt"), 36),
                 Text(fmt_value(row.get("score")), justify="right"),
                 Text(fmt_value(row.get("gold"), 2), justify="right"),
                 printable(row.get("response")),

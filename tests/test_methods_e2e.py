@@ -1,0 +1,114 @@
+"""Zeroth-order methods and interplay inside real runs: diagnostics, exact resume, the offline report."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from engine.reader import read_events, run_info
+from tests.conftest import FAST_RECIPE, zopro, zopro_popen
+from tests.test_pipeline import adapters, global_step, metric_events, wait_for
+
+ZOPRO_RECIPE = FAST_RECIPE.replace('method = "rloo"', "") + """
+[policy]
+method = "zopro"
+
+[zopro]
+lr = 1e-3
+eps = 1e-3
+directions = 2
+g_clip = 0.5
+grad_cosine_every = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def zopro_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zopro")
+    recipe = folder / "zopro.toml"
+    recipe.write_text(ZOPRO_RECIPE)
+    run = folder / "run"
+    result = zopro("run", str(recipe), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    return recipe, run
+
+
+def test_zopro_runs_first_order_then_zeroth_order_with_diagnostics(zopro_run):
+    _, run = zopro_run
+    policy = [e for e in read_events(run) if e["type"] == "metrics" and e["stage"] == "policy"]
+    first = [e["metrics"] for e in policy if e["iteration"] == 0]
+    second = [e["metrics"] for e in policy if e["iteration"] == 1]
+    assert first and all(m["zo/first_order"] == 1.0 for m in first)  # iteration 0: rloo, as the paper
+    assert second and all(m["zo/first_order"] == 0.0 for m in second)
+    for m in second:
+        for key in ("zo/g", "zo/abs_g", "zo/decay", "zo/cos_z_mu", "zo/cos_z_v", "zo/skipped"):
+            assert key in m, key
+        assert m["zo/skipped"] == 0.0
+    decays = [m["zo/decay"] for m in second]
+    assert decays[0] == pytest.approx(0.999) and decays == sorted(decays, reverse=True)
+    assert second[0]["zo/cos_z_mu"] > 0.9  # d = 0.999: the first probe runs along the last policy step
+    assert abs(second[0]["zo/cos_z_v"]) < 0.2  # and (nearly) orthogonal to the reward model's last step
+    assert any("zo/cos_true_grad" in m for m in second)
+    # two forward passes per direction on top of the rollout's four (and one more for the true gradient)
+    for before, after in zip(second, second[1:], strict=False):
+        expected = 4 + 2 * 2 + (1 if "zo/cos_true_grad" in after else 0)
+        assert after["compute/forward_passes"] - before["compute/forward_passes"] == expected
+
+
+def test_interplay_metrics_every_iteration_and_offline_report(zopro_run):
+    _, run = zopro_run
+    events = read_events(run)
+    iteration_ends = [e["metrics"] for e in events if e["type"] == "metrics" and "interplay/cos_policy_reward" in e["metrics"]]
+    assert len(iteration_ends) == 2
+    for m in iteration_ends:
+        assert -1.0 <= m["interplay/cos_policy_reward"] <= 1.0
+        assert m["interplay/policy_update_norm"] > 0 and m["interplay/reward_update_norm"] > 0
+    steps = [e["metrics"] for e in events if e["type"] == "metrics" and e["stage"] == "policy"]
+    assert all("interplay/step_policy_update_norm" in m for m in steps)
+    report = zopro("interplay", str(run), "--json")
+    assert report.returncode == 0, report.stderr
+    data = json.loads(report.stdout)
+    assert "procrustes_disparity" in data
+    assert len(data["per_iteration"]) == 2
+    assert all(row["angle_policy_reward_deg"] is not None for row in data["per_iteration"])
+    text = zopro("interplay", str(run))
+    assert text.returncode == 0 and "Procrustes" in text.stdout
+
+
+def test_resumed_zeroth_order_run_equals_an_uninterrupted_one(zopro_run, tmp_path):
+    recipe, straight = zopro_run
+    interrupted = tmp_path / "interrupted"
+    process = zopro_popen("run", str(recipe), "--run-dir", str(interrupted))
+    # stop inside iteration 1, where the updates are zeroth-order
+    wait_for(lambda: global_step(interrupted) >= 12 + 12 + 4 + 4 + 2 or process.poll() is not None, every=0.02)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode == 143
+    resumed = zopro("run", "--resume", str(interrupted))
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_info(interrupted).status == "finished"
+    assert metric_events(interrupted) == metric_events(straight)
+    a, b = adapters(straight, "iter-0001"), adapters(interrupted, "iter-0001")
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+
+
+def test_mezo_run_is_isotropic(tmp_path):
+    recipe = tmp_path / "mezo.toml"
+    recipe.write_text(ZOPRO_RECIPE.replace('method = "zopro"', 'method = "mezo"').replace("[zopro]", "[mezo]")
+                      .replace("grad_cosine_every = 2\n", ""))
+    result = zopro("run", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    policy = [e["metrics"] for e in read_events(tmp_path / "run") if e["type"] == "metrics" and e["stage"] == "policy"]
+    assert policy and all(m["zo/decay"] == 0.0 and m["zo/cos_z_mu"] == 0.0 for m in policy)
+
+
+def test_zeroth_order_setting_on_a_first_order_method_is_refused(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(FAST_RECIPE + "\n[zopro]\neps = 1e-3\n")
+    result = zopro("run", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "[zopro]" in result.stderr and "policy.method" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,343 @@
+"""The workbench driven only by keys, over real run directories and a real detached training process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine.report import export_metrics
+from engine.rundir import RunWriter
+from tests.conftest import FAST_RECIPE, REPO
+from zopro_tui.app import ZoproApp
+from zopro_tui.screens.compare import CompareScreen
+from zopro_tui.screens.dashboard import DashboardScreen
+from zopro_tui.screens.help import HelpScreen
+from zopro_tui.screens.runs import RunsScreen, RunsTable
+from zopro_tui.widgets.chart import CurveChart
+from zopro_tui.widgets.panel import ChartGridPanel
+
+FIXTURE_ROOT = REPO / "tests" / "fixtures" / "run_tiny"
+FIXTURE_RUN = FIXTURE_ROOT / "fast-seed0"
+
+
+async def wait_for(pilot, condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Let the app run until `condition()` holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await pilot.pause(0.2)
+
+
+def dashboard(app: ZoproApp) -> DashboardScreen:
+    screen = app.screen
+    assert isinstance(screen, DashboardScreen), f"expected the dashboard, got {type(screen).__name__}"
+    return screen
+
+
+def live_copy(tmp_path: Path, state: str = "running", **status: object) -> Path:
+    """A copy of the fixture run that reads as live: fresh heartbeat, and this test process as its writer."""
+    run = tmp_path / "runs" / "live"
+    shutil.copytree(FIXTURE_RUN, run)
+    data = json.loads((run / "status.json").read_text())
+    data.update(state=state, pid=os.getpid(), updated=time.time(), **status)
+    (run / "status.json").write_text(json.dumps(data))
+    (run / "heartbeat").write_text(f"{time.time()}\n")
+    return run
+
+
+# -- the whole story, with a real detached run --------------------------------------------------------------
+async def test_start_watch_pause_resume_detach_and_reattach(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "fast.toml").write_text(FAST_RECIPE)
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs"
+    process: subprocess.Popen | None = None
+    try:
+        app = ZoproApp(root, export_dir=tmp_path)
+        async with app.run_test(size=(120, 36)) as pilot:
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, RunsScreen)
+            await pilot.press("n")
+            await pilot.pause(0.3)
+            await pilot.press("enter")  # the first recipe: ./recipes/fast.toml
+            # long enough to pause in the middle of the policy stage
+            await pilot.press(*"train.iterations=40", "space", *"train.updates_per_iteration=20", "enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 10, "the dashboard")
+            screen = dashboard(app)
+            run_dir = screen.run.path
+            process = app.launched[run_dir].process
+            curves = screen.query_one("#curves", ChartGridPanel)
+
+            def reward_points() -> int:
+                series = curves.charts[0].data.series
+                return len(series[0].x) if series else 0
+
+            await wait_for(
+                pilot, lambda: reward_points() >= 2, 150, "the first reward-model points on the chart"
+            )
+
+            await pilot.press("p")
+            await wait_for(pilot, lambda: screen.run.status == "paused", 60, "the run to pause")
+            paused_at = screen.run.info.global_step
+            await pilot.pause(2.5)
+            assert screen.run.status == "paused"
+            assert screen.run.info.global_step == paused_at, "steps advanced while paused"
+
+            await pilot.press("r")
+            await wait_for(pilot, lambda: screen.run.info.global_step > paused_at, 60, "steps after resume")
+            await pilot.press("q")
+        assert process.poll() is None, "quitting the TUI must leave the run running"
+        assert app.return_value and str(run_dir) in app.return_value and "keep" in app.return_value
+
+        attached = ZoproApp(root, attach=run_dir, export_dir=tmp_path)
+        async with attached.run_test(size=(120, 36)) as pilot:
+            await wait_for(pilot, lambda: isinstance(attached.screen, DashboardScreen), 5, "the dashboard")
+            screen = dashboard(attached)
+            await wait_for(
+                pilot, lambda: screen.run.status == "running", 20, "the attached run to read as running"
+            )
+            seen = screen.run.store.count("objective/scores")
+            await wait_for(pilot, lambda: screen.run.store.count("objective/scores") > seen, 60, "new points")
+            await pilot.press("s")
+            await pilot.pause(0.3)
+            await pilot.press("y")
+            await wait_for(pilot, lambda: screen.run.status == "stopped", 90, "the run to stop")
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+# -- quick ones, over the fixture runs --------------------------------------------------------------------------
+async def test_runs_screen_lists_filters_marks_and_compares():
+    app = ZoproApp(FIXTURE_ROOT)
+    async with app.run_test(size=(120, 30)) as pilot:
+        table = app.screen.query_one(RunsTable)
+        await wait_for(pilot, lambda: table.row_count == 2, 10, "two runs in the table")
+        await pilot.press("slash", *"seed1", "enter")
+        await pilot.pause(0.2)
+        assert table.row_count == 1
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+        assert table.row_count == 2
+        await pilot.press("c")  # nothing marked: a warning, no screen
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, RunsScreen)
+        await pilot.press("space", "j", "space", "c")
+        await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), 5, "the compare screen")
+        compare = app.screen
+        await wait_for(
+            pilot, lambda: all(run.caught_up for run in compare.runs.values()), 10, "both runs read"
+        )
+        compare.redraw(force=True)
+        await pilot.pause(0.2)
+        assert len(compare.charts[0].data.series) == 2, "both runs overlaid"
+        assert compare.query_one("#compare-table").row_count == 2
+        await pilot.press("x")
+        assert compare.view.axis == "time"
+        await pilot.press("escape", "k", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "a dashboard")
+
+
+async def test_dashboard_keys_axis_smoothing_cursor_zoom_panels_help(tmp_path):
+    app = ZoproApp(FIXTURE_ROOT, attach=FIXTURE_RUN, export_dir=tmp_path)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "the dashboard")
+        screen = dashboard(app)
+        await wait_for(pilot, lambda: screen.run.caught_up and screen.run.samples, 10, "the fixture read")
+        assert not screen.query_one("#zo").display, "no zeroth-order panel for a first-order run"
+        await pilot.press("x", "x")
+        assert screen.view.axis == "compute"
+        await pilot.press("x", "e")
+        assert screen.view.axis == "step" and screen.view.smoothing > 0
+        await pilot.press("h", "h")
+        low, high = screen.data_range()
+        assert screen.view.cursor is not None and low <= screen.view.cursor < high
+        await pilot.press("plus")
+        assert screen.view.window is not None and screen.view.window[1] - screen.view.window[0] < high - low
+        await pilot.press("0", "G")
+        assert screen.view.window is None and screen.view.cursor is None
+        await pilot.press("z")
+        assert screen.zoomed == "curves"
+        await pilot.press("j")
+        assert screen.zoomed == "interplay"
+        await pilot.press("escape")
+        assert screen.zoomed is None
+        await pilot.press("5")
+        assert screen.zoomed == "samples" and screen.query_one("#samples").display
+        await pilot.press("5", "question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape", "S", "E")
+        await wait_for(
+            pilot, lambda: len(list(tmp_path.glob("*-metrics.*"))) == 2, 10, "the exported metrics"
+        )
+        assert list(tmp_path.glob("zopro-dashboard-*.svg")), "the screen saved as SVG"
+        assert (tmp_path / "fast-seed0-metrics.csv").read_text() == export_metrics(FIXTURE_RUN, "csv")
+
+
+@pytest.mark.parametrize("size", [(20, 6), (80, 24), (200, 60)])
+async def test_every_screen_draws_at_any_size(size):
+    app = ZoproApp(FIXTURE_ROOT, attach=FIXTURE_RUN)
+    async with app.run_test(size=size) as pilot:
+        screen = app.screen
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "the dashboard")
+        screen = dashboard(app)
+        await wait_for(pilot, lambda: screen.run.caught_up, 10, "the fixture read")
+        for keys in (
+            ("z",),
+            ("j",),
+            ("escape",),
+            ("l", "plus"),
+            ("6",),
+            ("question_mark",),
+            ("escape", "escape", "escape"),  # close help, leave the zoom, back to the runs
+        ):
+            await pilot.press(*keys)
+            await pilot.pause(0.05)
+        await pilot.press("space", "j", "space", "c")
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, CompareScreen)
+        await pilot.press("h", "x", "escape")
+        await pilot.pause(0.1)
+
+
+async def test_controls_write_requests_and_readonly_hides_them(tmp_path):
+    run = live_copy(tmp_path)
+    app = ZoproApp(tmp_path / "runs", attach=run)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "the dashboard")
+        screen = dashboard(app)
+        await wait_for(pilot, lambda: screen.run.status == "running", 10, "a live run")
+        await pilot.press("p", "c")
+        await pilot.pause(0.2)
+        assert (run / "control" / "pause").exists() and (run / "control" / "checkpoint").exists()
+        await pilot.press("s")
+        await pilot.pause(0.2)
+        await pilot.press("n")  # not confirmed: nothing written
+        await pilot.pause(0.2)
+        assert not (run / "control" / "stop").exists()
+
+    shutil.rmtree(run / "control")
+    readonly = ZoproApp(tmp_path / "runs", attach=run, readonly=True)
+    async with readonly.run_test(size=(120, 36)) as pilot:
+        await wait_for(pilot, lambda: isinstance(readonly.screen, DashboardScreen), 5, "the dashboard")
+        screen = dashboard(readonly)
+        await wait_for(pilot, lambda: screen.run.status == "running", 10, "a live run")
+        await pilot.press("p", "s", "y", "c")
+        await pilot.pause(0.2)
+        assert not (run / "control").exists()
+        assert screen.check_action("control", ("pause",)) is False
+
+
+async def test_a_run_that_fails_while_watched_shows_a_toast_and_its_error(tmp_path):
+    run = live_copy(tmp_path)
+    app = ZoproApp(tmp_path / "runs", attach=run)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "the dashboard")
+        screen = dashboard(app)
+        await wait_for(pilot, lambda: screen.run.status == "running", 10, "a live run")
+        status = json.loads((run / "status.json").read_text())
+        status.update(state="failed", error="NaN in the policy loss at update 3")
+        (run / "status.json").write_text(json.dumps(status))
+        await wait_for(pilot, lambda: screen.run.status == "failed", 10, "the failure")
+        await pilot.pause(0.5)
+        assert any("NaN in the policy loss" in n.message for n in app._notifications)
+        assert "NaN in the policy loss" in str(screen.query_one("#run-header").render())
+
+
+async def test_zeroth_order_and_interplay_panels_draw_what_appears(tmp_path):
+    run = tmp_path / "runs" / "zo-run"
+    with RunWriter(run) as writer:
+        writer.update_status(state="finished", method="zopro", stage="done", started=time.time() - 60)
+        for step in range(1, 41):
+            writer.emit(
+                "metrics",
+                stage="policy",
+                iteration=step // 10,
+                step=step,
+                global_step=step,
+                elapsed=float(step),
+                metrics={
+                    "objective/scores": step / 40,
+                    "zo/g": (-1) ** step * 0.1,
+                    "zo/abs_g": 0.1,
+                    "zo/decay": 0.99**step,
+                    "compute/forward_passes": 3 * step,
+                },
+            )
+            if step % 10 == 0:
+                writer.emit(
+                    "metrics",
+                    stage="refine",
+                    iteration=step // 10,
+                    step=0,
+                    global_step=step,
+                    elapsed=float(step),
+                    metrics={
+                        "interplay/cos_policy_reward": 0.1 * step / 10,
+                        "interplay/angle_policy_reward_deg": 80.0,
+                        "interplay/traj_policy_x": step / 10,
+                        "interplay/traj_policy_y": 1.0,
+                        "interplay/traj_reward_x": 0.0,
+                        "interplay/traj_reward_y": step / 10,
+                    },
+                )
+    app = ZoproApp(tmp_path / "runs", attach=run)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "the dashboard")
+        screen = dashboard(app)
+        await wait_for(
+            pilot,
+            lambda: screen.run.caught_up and screen.query_one("#zo").display,
+            10,
+            "the zeroth-order panel",
+        )
+        screen.redraw(force=True)
+        await pilot.pause(0.3)
+        zo = screen.query_one("#zo", ChartGridPanel)
+        assert [s.label for s in zo.charts[0].data.series] == ["g", "|g|"]
+        assert zo.charts[2].data.series == [], "cos(z, mu) not logged: that chart waits"
+        interplay = screen.query_one("#interplay", ChartGridPanel)
+        assert interplay.charts[0].data.series and len(interplay.charts[-1].data.series) == 2
+        assert all(
+            not chart.data.series or chart.size.width for chart in screen.query(CurveChart) if chart.display
+        )
+
+
+def test_tui_imports_no_training_stack():
+    code = "import sys, zopro_tui.app; bad = {'torch', 'transformers', 'datasets', 'peft'} & set(sys.modules); print(bad)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "set()"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["nowhere"], "does not exist"),
+        ([str(FIXTURE_ROOT)], "is not a run directory"),
+        ([str(REPO / "recipes" / "tiny.toml"), "--set", "train.iterations=0"], "train.iterations"),
+        ([str(FIXTURE_RUN), "--set", "seed=1"], "applies to a recipe"),
+    ],
+)
+def test_bad_targets_get_one_sentence_and_exit_2(args, says):
+    result = subprocess.run(
+        [sys.executable, "-m", "zopro_tui.app", *args], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert result.returncode == 2
+    assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
