@@ -45,11 +45,20 @@ def default_run_dir(root: Path, name: str, method: str) -> Path:
 
 @app.command()
 def run(
-    recipe: Annotated[Path | None, typer.Argument(help="recipe TOML (default: the embedded recipes/tiny.toml)")] = None,
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="where to write the run (default: ROOT/NAME-METHOD-TIME)")] = None,
+    recipe: Annotated[
+        Path | None, typer.Argument(help="recipe TOML (default: the embedded recipes/tiny.toml)")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="where to write the run (default: ROOT/NAME-METHOD-TIME)")
+    ] = None,
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value (repeatable)")] = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory from its last checkpoint")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value (repeatable)")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="continue the run in this directory from its last checkpoint"),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress, only the summary")] = False,
 ) -> None:
     """Train: SFT, reward model, then iterations of policy optimisation and reward refinement."""
@@ -61,8 +70,34 @@ def run(
         code = run_training(None, [], run_dir=resume, resume=True, quiet=quiet, console=console, err=err)
     else:
         path = recipe if recipe is not None else embedded_recipe()
-        code = run_training(path, set_ or [], run_dir=run_dir or None, root=root, resume=False, quiet=quiet,
-                            console=console, err=err)
+        if compare_runs_all(path):
+            from engine.compare import run_comparison
+
+            if run_dir is not None:
+                fail(
+                    "--run-dir names one run; a [compare] run_all recipe writes one folder per method under --root"
+                )
+            raise typer.Exit(
+                run_comparison(
+                    path,
+                    compare_methods_of(path),
+                    set_ or [],
+                    root=root,
+                    quiet=quiet,
+                    console=console,
+                    err=err,
+                )
+            )
+        code = run_training(
+            path,
+            set_ or [],
+            run_dir=run_dir or None,
+            root=root,
+            resume=False,
+            quiet=quiet,
+            console=console,
+            err=err,
+        )
     raise typer.Exit(code)
 
 
@@ -77,9 +112,56 @@ def embedded_recipe() -> Path:
 
 
 @app.command()
+def compare(
+    recipe: Annotated[Path, typer.Argument(help="recipe TOML")],
+    methods: Annotated[
+        str | None,
+        typer.Option("--methods", help="comma-separated (default: the recipe's [compare] methods)"),
+    ] = None,
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Run several methods of one recipe in turn (same seed, same data) and compare them."""
+    from engine.compare import run_comparison
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else compare_methods_of(recipe)
+    if len(chosen) < 2:
+        fail(f"{recipe}: name at least two methods with --methods or in [compare] methods")
+    raise typer.Exit(
+        run_comparison(recipe, chosen, set_ or [], root=root, quiet=quiet, console=console, err=err)
+    )
+
+
+def compare_runs_all(recipe: Path) -> bool:
+    import tomllib
+
+    try:
+        raw = tomllib.loads(recipe.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False  # load_recipe reports the problem
+    return isinstance(raw.get("compare"), dict) and raw["compare"].get("run_all") is True
+
+
+def compare_methods_of(recipe: Path) -> list[str]:
+    import tomllib
+
+    try:
+        raw = tomllib.loads(recipe.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return []
+    methods = raw.get("compare", {}).get("methods", []) if isinstance(raw.get("compare"), dict) else []
+    return [m for m in methods if isinstance(m, str)]
+
+
+@app.command()
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="recipe files")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")
+    ] = None,
     show: Annotated[bool, typer.Option("--show", help="print the fully resolved recipe")] = False,
 ) -> None:
     """Check recipes without running anything."""
@@ -93,8 +175,10 @@ def validate(
             err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
             bad += 1
             continue
-        console.print(f"[green]ok[/] {path}: method {resolved.policy.method}, model {resolved.model.base}, "
-                      f"{resolved.train.iterations} iterations x {resolved.train.updates_per_iteration} updates")
+        console.print(
+            f"[green]ok[/] {path}: method {resolved.policy.method}, model {resolved.model.base}, "
+            f"{resolved.train.iterations} iterations x {resolved.train.updates_per_iteration} updates"
+        )
         if show:
             console.print(dump_recipe(resolved), markup=False)
     raise typer.Exit(EXIT_BAD_INPUT if bad else EXIT_OK)
@@ -144,7 +228,9 @@ def status(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     format: Annotated[str, typer.Option("--format", "-f", help="csv or json")] = "csv",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")
+    ] = None,
 ) -> None:
     """Write a run's metrics as CSV (one row per metrics event) or JSON."""
     from engine.reader import is_run_dir
@@ -180,6 +266,66 @@ def interplay(
         print(json.dumps(report, indent=1, default=str))
         return
     render_report(report, console, width=min(console.width, 120))
+
+
+bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("methods")
+def bench_methods(
+    model: Annotated[
+        str, typer.Option("--model", help="base model (builtin:NAME, hub id or folder)")
+    ] = "builtin:base10m",
+    methods: Annotated[
+        str, typer.Option("--methods", help="comma-separated")
+    ] = "rloo,ppo,online_dpo,mezo,zopro",
+    prompts: Annotated[int, typer.Option("--prompts", help="prompts per update")] = 16,
+    samples: Annotated[int, typer.Option("--samples", help="answers per prompt")] = 4,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="response length")] = 48,
+    updates: Annotated[int, typer.Option("--updates", help="timed updates per method")] = 5,
+    dtype: Annotated[str, typer.Option("--dtype")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads per worker (0: default)")] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="also write the results to this file")
+    ] = None,
+) -> None:
+    """Peak memory of the policy-update phase, time per update and forward passes per update, per method,
+    each in a fresh process."""
+    from engine.bench import BENCH_METHODS, BenchConfig, bench_table, run_methods
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in BENCH_METHODS]
+    if unknown:
+        fail(f"--methods: unknown {', '.join(unknown)}; accepted: {', '.join(BENCH_METHODS)}")
+    if device not in ("auto", "cpu", "cuda") or dtype not in ("float32", "bfloat16", "float16"):
+        fail("--device takes auto, cpu or cuda; --dtype takes float32, bfloat16 or float16")
+    config = BenchConfig(
+        model=model,
+        prompts=prompts,
+        samples_per_prompt=samples,
+        max_new_tokens=new_tokens,
+        updates=updates,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+    )
+    with err.status(f"benchmarking {', '.join(chosen)} on {model}…") if err.is_terminal else _quiet():
+        report = run_methods(chosen, config)
+    err.print(bench_table(report))
+    text = json.dumps(report, indent=1)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    print(text)
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def main() -> None:

@@ -47,7 +47,15 @@ class RewardJudge:
     def compare(self, prompts: list[str], first: list[str], second: list[str]) -> list[int | None]:
         scores = []
         for answers in (first, second):
-            seqs = encode_responses(self.pm, prompts, answers, max_prompt_tokens=self.max_prompt_tokens,
-                                    max_new_tokens=self.max_new_tokens)
+            seqs = encode_responses(
+                self.pm,
+                prompts,
+                answers,
+                max_prompt_tokens=self.max_prompt_tokens,
+                max_new_tokens=self.max_new_tokens,
+            )
             scores.append(reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters))
-        return [None if a == b else (0 if a > b else 1) for a, b in zip(scores[0].tolist(), scores[1].tolist(), strict=True)]
+        return [
+            None if a == b else (0 if a > b else 1)
+            for a, b in zip(scores[0].tolist(), scores[1].tolist(), strict=True)
+        ]

@@ -61,15 +61,18 @@ def default_cache_dir() -> Path:
 # --- the built-in tiny model -------------------------------------------------------------------------------
 
 
-def build_builtin(size: str, corpus: list[str], seed: int, cache_dir: Path,
-                  pretraining_text: list[str] | None = None) -> Path:
+def build_builtin(
+    size: str, corpus: list[str], seed: int, cache_dir: Path, pretraining_text: list[str] | None = None
+) -> Path:
     """Build (once) a small Llama-style causal LM from a config with a byte-level BPE tokenizer trained on
     the task's text, briefly pre-train it (all weights) on the task's plain text so that, like a real
     base model, it already speaks the language, and save it with save_pretrained; returns the folder to
     load with from_pretrained. Deterministic from the seed; built under a temporary name, then renamed."""
     if size not in BUILTIN_SIZES:
-        raise ModelError(f"unknown built-in model builtin:{size}; available: "
-                         + ", ".join(f"builtin:{s}" for s in BUILTIN_SIZES))
+        raise ModelError(
+            f"unknown built-in model builtin:{size}; available: "
+            + ", ".join(f"builtin:{s}" for s in BUILTIN_SIZES)
+        )
     text = pretraining_text or []
     digest = hashlib.sha256("\n".join(corpus + ["--"] + text).encode()).hexdigest()[:12]
     target = cache_dir / "builtin" / f"{size}-seed{seed}-{digest}-v{BUILTIN_VERSION}"
@@ -88,7 +91,9 @@ def build_builtin(size: str, corpus: list[str], seed: int, cache_dir: Path,
         show_progress=False,
     )
     bpe.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     hidden, layers, heads, mlp = BUILTIN_SIZES[size]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -113,8 +118,16 @@ def build_builtin(size: str, corpus: list[str], seed: int, cache_dir: Path,
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "zopro-builtin.json").write_text(json.dumps({"size": size, "seed": seed, "corpus_sha": digest,
-                                                        "pretrain_steps": PRETRAIN_STEPS if text else 0}))
+    (tmp / "zopro-builtin.json").write_text(
+        json.dumps(
+            {
+                "size": size,
+                "seed": seed,
+                "corpus_sha": digest,
+                "pretrain_steps": PRETRAIN_STEPS if text else 0,
+            }
+        )
+    )
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, target)
@@ -123,8 +136,16 @@ def build_builtin(size: str, corpus: list[str], seed: int, cache_dir: Path,
     return target
 
 
-def pretrain(model: nn.Module, tokenizer, text: list[str], *, seed: int, steps: int, batch_size: int = 32,
-             lr: float = 3e-3) -> float:
+def pretrain(
+    model: nn.Module,
+    tokenizer,
+    text: list[str],
+    *,
+    seed: int,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+) -> float:
     """Next-token training of all weights on plain lines (each followed by EOS); returns the last loss."""
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -183,11 +204,14 @@ class PreferenceModel:
             for name, param in dst.items():
                 param.copy_(src[name.replace(f".{target}.", f".{source}.")])
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Last hidden states of the base (with the active adapter), without the lm_head."""
         inner = self.model.base_model.model.model
-        return inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -198,8 +222,9 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_base(base: str, corpus: list[str], seed: int, cache_dir: str,
-                 pretraining_text: list[str] | None = None) -> str:
+def resolve_base(
+    base: str, corpus: list[str], seed: int, cache_dir: str, pretraining_text: list[str] | None = None
+) -> str:
     """A builtin:NAME becomes the folder it was built into; other names are passed to from_pretrained."""
     if base.startswith("builtin:"):
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -207,15 +232,25 @@ def resolve_base(base: str, corpus: list[str], seed: int, cache_dir: str,
     path = Path(base).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise ModelError(f"model.base = {base!r} is a folder without config.json; point it at a saved model")
+            raise ModelError(
+                f"model.base = {base!r} is a folder without config.json; point it at a saved model"
+            )
         return str(path)
     if base.startswith((".", "/", "~")) or base.count("/") > 1 or base.endswith("/"):
         raise ModelError(f"model.base = {base!r}: no such folder (a hub id looks like org/name)")
     return base  # a hub id: from_pretrained downloads it when there is a network
 
 
-def load_preference_model(base: str, *, dtype: str, device: torch.device, lora_rank: int, lora_alpha: float,
-                          target_modules: list[str], seed: int) -> PreferenceModel:
+def load_preference_model(
+    base: str,
+    *,
+    dtype: str,
+    device: torch.device,
+    lora_rank: int,
+    lora_alpha: float,
+    target_modules: list[str],
+    seed: int,
+) -> PreferenceModel:
     """Load the base with from_pretrained and attach sft, policy and reward LoRA adapters (same modules and
     rank, so their tensors pair up key by key) plus a float32 score head. LoRA init is seeded."""
     from peft import LoraConfig, get_peft_model
@@ -233,7 +268,9 @@ def load_preference_model(base: str, *, dtype: str, device: torch.device, lora_r
     tokenizer.padding_side = "left"
     base_model.config.use_cache = True
     modules = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
-    lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=modules, bias="none")
+    lora = LoraConfig(
+        r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=modules, bias="none"
+    )
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # LoRA A matrices are drawn from the global RNG
@@ -244,7 +281,9 @@ def load_preference_model(base: str, *, dtype: str, device: torch.device, lora_r
             nn.init.normal_(head.weight, std=1.0 / (base_model.config.hidden_size + 1))
             nn.init.zeros_(head.bias)
     except ValueError as error:
-        raise ModelError(f"model.target_modules = {target_modules!r} does not fit {base!r}: {error}") from None
+        raise ModelError(
+            f"model.target_modules = {target_modules!r} does not fit {base!r}: {error}"
+        ) from None
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
@@ -263,9 +302,13 @@ def save_adapters(pm: PreferenceModel, folder: Path) -> None:
     """adapters/<name>/ in plain peft layout (loadable with PeftModel.from_pretrained), plus the score head."""
     from safetensors.torch import save_file
 
-    pm.model.save_pretrained(folder / "adapters", selected_adapters=list(ADAPTERS), save_embedding_layers=False)
-    save_file({k: v.detach().cpu().contiguous() for k, v in pm.score_head.state_dict().items()},
-              str(folder / "score_head.safetensors"))
+    pm.model.save_pretrained(
+        folder / "adapters", selected_adapters=list(ADAPTERS), save_embedding_layers=False
+    )
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in pm.score_head.state_dict().items()},
+        str(folder / "score_head.safetensors"),
+    )
 
 
 def load_adapters(pm: PreferenceModel, folder: Path) -> None:
@@ -273,6 +316,8 @@ def load_adapters(pm: PreferenceModel, folder: Path) -> None:
     from safetensors.torch import load_file
 
     for name in ADAPTERS:
-        weights = load_file(str(folder / "adapters" / name / "adapter_model.safetensors"), device=str(pm.device))
+        weights = load_file(
+            str(folder / "adapters" / name / "adapter_model.safetensors"), device=str(pm.device)
+        )
         set_peft_model_state_dict(pm.model, weights, adapter_name=name)
     pm.score_head.load_state_dict(load_file(str(folder / "score_head.safetensors"), device=str(pm.device)))

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on response tokens only (labels = -100 elsewhere)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
@@ -17,8 +18,9 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
     return -F.logsigmoid(chosen_scores - rejected_scores).mean()
 
 
-def clipped_surrogate(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
+def clipped_surrogate(
+    new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """RLOO's loss on sequence log-prob ratios (method.md section 2):
     r = exp(sum new logp - sum old logp); loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))."""
     log_ratio = new_logprobs.sum(-1) - old_logprobs.sum(-1)

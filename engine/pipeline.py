@@ -25,13 +25,27 @@ from engine import __version__
 from engine.interplay import InterplayTracker, adapter_views, pair_adapter_tensors
 from engine.judges import GoldJudge, RewardJudge
 from engine.methods import make_update
-from engine.models import ModelError, load_adapters, load_preference_model, resolve_base, resolve_device, save_adapters
+from engine.models import (
+    ModelError,
+    load_adapters,
+    load_preference_model,
+    resolve_base,
+    resolve_device,
+    save_adapters,
+)
 from engine.objectives import bradley_terry_loss, sft_loss
 from engine.recipe import Recipe, dump_recipe
-from engine.rollout import collect_rollout, encode_responses, position_ids, reward_scores, sample, token_logprobs
+from engine.rollout import (
+    collect_rollout,
+    encode_responses,
+    position_ids,
+    reward_scores,
+    sample,
+    token_logprobs,
+)
 from engine.rundir import RunWriter, atomic_write_json, latest_checkpoint
 from engine.tasks import make_task
-from engine.telemetry import Counters, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
+from engine.telemetry import Counters, PhasePeak, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
 
 STAGES = ("sft", "reward", "policy", "refine", "eval", "done")
 
@@ -97,11 +111,23 @@ class Pipeline:
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         self.device = resolve_device(recipe.device)
-        base = resolve_base(recipe.model.base, self.task.corpus(), recipe.seed, recipe.model.cache_dir,
-                            self.task.pretraining_text())
+        base = resolve_base(
+            recipe.model.base,
+            self.task.corpus(),
+            recipe.seed,
+            recipe.model.cache_dir,
+            self.task.pretraining_text(),
+        )
         m = recipe.model
-        self.pm = load_preference_model(base, dtype=m.dtype, device=self.device, lora_rank=m.lora_rank,
-                                        lora_alpha=m.lora_alpha, target_modules=m.target_modules, seed=recipe.seed)
+        self.pm = load_preference_model(
+            base,
+            dtype=m.dtype,
+            device=self.device,
+            lora_rank=m.lora_rank,
+            lora_alpha=m.lora_alpha,
+            target_modules=m.target_modules,
+            seed=recipe.seed,
+        )
         self.train_prompts = self.task.prompts(recipe.task.train_prompts, "train")
         self.eval_prompts = self.task.prompts(recipe.task.eval_prompts, "eval")
         self.sft_optimizer = torch.optim.AdamW(self.pm.adapter_parameters("sft").values(), lr=recipe.sft.lr)
@@ -113,10 +139,14 @@ class Pipeline:
             try:
                 keys = [key for key, _, _ in pair_adapter_tensors(dict(self.pm.model.named_parameters()))]
             except ValueError as error:
-                raise ModelError(f"the policy and reward adapters do not pair up key by key, which zopro and "
-                                 f"interplay need: {error}") from None
+                raise ModelError(
+                    f"the policy and reward adapters do not pair up key by key, which zopro and "
+                    f"interplay need: {error}"
+                ) from None
             if recipe.interplay.enabled:
-                self.interplay = InterplayTracker(keys, sketch_size=recipe.interplay.sketch_size, seed=recipe.seed)
+                self.interplay = InterplayTracker(
+                    keys, sketch_size=recipe.interplay.sketch_size, seed=recipe.seed
+                )
         self.method = make_update(recipe.policy.method, self)
         self.reward_before_refine: dict[str, torch.Tensor] | None = None
 
@@ -128,8 +158,12 @@ class Pipeline:
     @property
     def total_steps(self) -> int:
         r = self.recipe
-        kept = math.ceil(r.refine.keep_fraction * r.train.prompts_per_update * r.train.samples_per_prompt
-                         * r.train.updates_per_iteration)
+        kept = math.ceil(
+            r.refine.keep_fraction
+            * r.train.prompts_per_update
+            * r.train.samples_per_prompt
+            * r.train.updates_per_iteration
+        )
         refine = r.refine.epochs * math.ceil(kept / r.refine.batch_size)
         return r.sft.steps + r.reward.steps + r.train.iterations * (r.train.updates_per_iteration + refine)
 
@@ -138,20 +172,34 @@ class Pipeline:
         path = self.writer.path
         (path / "recipe.toml").write_text(dump_recipe(self.recipe))
         meta = {
-            "zopro": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "host": platform.node(), "device": str(self.device), "seed": self.seed, "pid": _pid(),
-            "started": time.time(), "method": self.recipe.policy.method, "base": self.pm.base_path,
+            "zopro": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "host": platform.node(),
+            "device": str(self.device),
+            "seed": self.seed,
+            "pid": _pid(),
+            "started": time.time(),
+            "method": self.recipe.policy.method,
+            "base": self.pm.base_path,
             "argv": sys.argv,
         }
         with _suppress_import_errors():
-            import transformers, peft  # noqa: E401
+            import peft
+            import transformers  # noqa: E401
 
             meta.update(transformers=transformers.__version__, peft=peft.__version__)
         if self.device.type == "cuda":
             meta["gpu"] = torch.cuda.get_device_name(self.device)
         atomic_write_json(path / "meta.json", meta)
-        self.writer.update_status(state="running", method=self.recipe.policy.method, started=meta["started"],
-                                  iterations=self.recipe.train.iterations, total_steps=self.total_steps, name=path.name)
+        self.writer.update_status(
+            state="running",
+            method=self.recipe.policy.method,
+            started=meta["started"],
+            iterations=self.recipe.train.iterations,
+            total_steps=self.total_steps,
+            name=path.name,
+        )
         self.emit("run_start", recipe=self.recipe.to_dict(), total_steps=self.total_steps)
         self.train()
 
@@ -182,10 +230,16 @@ class Pipeline:
                     reset_peak(self.device)
                     self.emit("stage_start", message=_stage_title(stage, self.state.iteration))
                     self.writer.update_status(stage=stage, iteration=self._iteration_or_none(), step=0)
-                {"sft": self.run_sft, "reward": self.run_reward, "policy": self.run_policy,
-                 "refine": self.run_refine, "eval": self.run_eval}[stage]()
-            self.writer.update_status(state="finished", stage="done", latest=self.state.latest,
-                                      elapsed=self.clock.elapsed())
+                {
+                    "sft": self.run_sft,
+                    "reward": self.run_reward,
+                    "policy": self.run_policy,
+                    "refine": self.run_refine,
+                    "eval": self.run_eval,
+                }[stage]()
+            self.writer.update_status(
+                state="finished", stage="done", latest=self.state.latest, elapsed=self.clock.elapsed()
+            )
             self.emit("run_end", status="finished", history=self.state.history)
         except StopRun as stop:
             self.writer.update_status(state="stopped", stopped_by=stop.reason, latest=self.state.latest)
@@ -199,12 +253,21 @@ class Pipeline:
         self.pm.use("sft")
         while self.state.step < r.sft.steps:
             step = self.state.step
-            order = torch.randperm(len(examples), generator=generator(self.seed, "sft", step))[: r.sft.batch_size]
+            order = torch.randperm(len(examples), generator=generator(self.seed, "sft", step))[
+                : r.sft.batch_size
+            ]
             batch = [examples[i] for i in order.tolist()]
-            seqs = encode_responses(self.pm, [e.prompt for e in batch], [e.response for e in batch],
-                                    max_prompt_tokens=r.model.max_prompt_tokens, max_new_tokens=r.model.max_new_tokens)
+            seqs = encode_responses(
+                self.pm,
+                [e.prompt for e in batch],
+                [e.response for e in batch],
+                max_prompt_tokens=r.model.max_prompt_tokens,
+                max_new_tokens=r.model.max_new_tokens,
+            )
             mask = seqs.attention_mask
-            logits = self.pm.model(input_ids=seqs.input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            logits = self.pm.model(
+                input_ids=seqs.input_ids, attention_mask=mask, position_ids=position_ids(mask)
+            ).logits
             labels = seqs.input_ids.clone()
             labels[:, : seqs.prompt_width] = -100
             labels[:, seqs.prompt_width :][seqs.response_mask == 0] = -100
@@ -227,10 +290,16 @@ class Pipeline:
         pairs = self.task.preference_pairs(r.task.preference_pairs)
         while self.state.step < r.reward.steps:
             step = self.state.step
-            order = torch.randperm(len(pairs), generator=generator(self.seed, "reward", step))[: r.reward.batch_size]
+            order = torch.randperm(len(pairs), generator=generator(self.seed, "reward", step))[
+                : r.reward.batch_size
+            ]
             batch = [pairs[i] for i in order.tolist()]
-            loss, accuracy = self._bradley_terry_step([p.prompt for p in batch], [p.chosen for p in batch],
-                                                      [p.rejected for p in batch], self.reward_optimizer)
+            loss, accuracy = self._bradley_terry_step(
+                [p.prompt for p in batch],
+                [p.chosen for p in batch],
+                [p.rejected for p in batch],
+                self.reward_optimizer,
+            )
             self._check_finite(loss, "reward", "loss/reward")
             self.advance()
             if self.state.step % 10 == 0 or self.state.step == r.reward.steps:
@@ -243,13 +312,19 @@ class Pipeline:
         self.evaluate(label="sft")
         self.end_stage("policy", checkpoint="reward")
 
-    def _bradley_terry_step(self, prompts: list[str], chosen: list[str], rejected: list[str],
-                            optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    def _bradley_terry_step(
+        self, prompts: list[str], chosen: list[str], rejected: list[str], optimizer: torch.optim.Optimizer
+    ) -> tuple[float, float]:
         r = self.recipe
         # the reward adapter stays active (and so trainable) through the backward pass
         with self.pm.adapter("reward"):
-            seqs = encode_responses(self.pm, prompts + prompts, chosen + rejected,
-                                    max_prompt_tokens=r.model.max_prompt_tokens, max_new_tokens=r.model.max_new_tokens)
+            seqs = encode_responses(
+                self.pm,
+                prompts + prompts,
+                chosen + rejected,
+                max_prompt_tokens=r.model.max_prompt_tokens,
+                max_new_tokens=r.model.max_new_tokens,
+            )
             scores = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
             n = len(prompts)
             loss = bradley_terry_loss(scores[:n], scores[n:])
@@ -264,8 +339,13 @@ class Pipeline:
         r = self.recipe
         out = []
         for start in range(0, len(prompts), 64):
-            seqs = encode_responses(self.pm, prompts[start : start + 64], responses[start : start + 64],
-                                    max_prompt_tokens=r.model.max_prompt_tokens, max_new_tokens=r.model.max_new_tokens)
+            seqs = encode_responses(
+                self.pm,
+                prompts[start : start + 64],
+                responses[start : start + 64],
+                max_prompt_tokens=r.model.max_prompt_tokens,
+                max_new_tokens=r.model.max_new_tokens,
+            )
             out.append(reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters))
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -274,8 +354,10 @@ class Pipeline:
         """Shift the score head so the reward model's mean score on its training answers is 0: then
         'least confident' (smallest |score|) means near the decision boundary, as method.md intends."""
         sample_pairs = pairs[:256]
-        scores = self._score_texts([p.prompt for p in sample_pairs] * 2,
-                                   [p.chosen for p in sample_pairs] + [p.rejected for p in sample_pairs])
+        scores = self._score_texts(
+            [p.prompt for p in sample_pairs] * 2,
+            [p.chosen for p in sample_pairs] + [p.rejected for p in sample_pairs],
+        )
         if len(scores):
             self.pm.score_head.bias -= scores.mean()
 
@@ -290,7 +372,9 @@ class Pipeline:
     # -- stage 3a: policy optimisation -------------------------------------------------------------------
     def iteration_prompts(self, iteration: int) -> list[str]:
         """Iteration i trains on its own chunk of the training prompts."""
-        per = max(len(self.train_prompts) // self.recipe.train.iterations, self.recipe.train.prompts_per_update)
+        per = max(
+            len(self.train_prompts) // self.recipe.train.iterations, self.recipe.train.prompts_per_update
+        )
         start = (iteration * per) % len(self.train_prompts)
         chunk = (self.train_prompts + self.train_prompts)[start : start + per]
         return chunk
@@ -317,21 +401,34 @@ class Pipeline:
             order = torch.randperm(len(chunk), generator=generator(self.seed, "prompts", i, step))
             prompts = [chunk[j] for j in order[: r.train.prompts_per_update].tolist()]
             rollout = collect_rollout(
-                self.pm, prompts, k=r.train.samples_per_prompt, kl_coef=r.policy.kl_coef,
+                self.pm,
+                prompts,
+                k=r.train.samples_per_prompt,
+                kl_coef=r.policy.kl_coef,
                 missing_eos_penalty=r.policy.missing_eos_penalty,
-                max_new_tokens=r.model.max_new_tokens, max_prompt_tokens=r.model.max_prompt_tokens,
-                temperature=r.policy.temperature, generator=generator(self.seed, "rollout", i, step),
+                max_new_tokens=r.model.max_new_tokens,
+                max_prompt_tokens=r.model.max_prompt_tokens,
+                temperature=r.policy.temperature,
+                generator=generator(self.seed, "rollout", i, step),
                 counters=self.counters,
             )
-            lr_scale = 1.0
-            update_metrics = self.method.update(rollout, update_index=self.state.policy_updates,
-                                                step_in_iteration=step, lr_scale=lr_scale)
+            update_started = time.monotonic()
+            with PhasePeak(self.device) as phase:
+                update_metrics = self.method.update(
+                    rollout, update_index=self.state.policy_updates, step_in_iteration=step, lr_scale=1.0
+                )
+            update_metrics["time/policy_update_s"] = time.monotonic() - update_started
+            update_metrics["mem/update_peak_mib"] = round(phase.growth_mib, 2)
             seqs = rollout.sequences
             finished = seqs.finished.tolist()
-            gold = [self.task.gold(p, a, f) for p, a, f in zip(seqs.prompts, seqs.responses, finished, strict=True)]
+            gold = [
+                self.task.gold(p, a, f)
+                for p, a, f in zip(seqs.prompts, seqs.responses, finished, strict=True)
+            ]
             scores = rollout.scores.tolist()
             self.state.rollouts.extend(
-                {"prompt": p, "response": a, "score": s} for p, a, s in zip(seqs.prompts, seqs.responses, scores, strict=True)
+                {"prompt": p, "response": a, "score": s}
+                for p, a, s in zip(seqs.prompts, seqs.responses, scores, strict=True)
             )
             tokens = seqs.response_mask.sum(-1).clamp(min=1)
             entropy = float((-rollout.old_logprobs.sum(-1) / tokens).mean())
@@ -340,18 +437,20 @@ class Pipeline:
                 with torch.no_grad():
                     update_metrics.update(self.interplay.observe_policy_step(self.adapter_views()[0]))
             self.advance()
-            self.metrics({
-                "objective/scores": float(rollout.scores.mean()),
-                "objective/rlhf_reward": float(rollout.rlhf_reward.mean()),
-                "objective/kl": float(rollout.kl.mean()),
-                "objective/entropy": entropy,
-                "objective/gold": sum(gold) / len(gold),
-                "objective/response_length": float(seqs.response_mask.sum(-1).float().mean()),
-                "objective/finished": sum(finished) / len(finished),
-                "policy/update": self.state.policy_updates,
-                "time/update_s": time.monotonic() - started,
-                **update_metrics,
-            })
+            self.metrics(
+                {
+                    "objective/scores": float(rollout.scores.mean()),
+                    "objective/rlhf_reward": float(rollout.rlhf_reward.mean()),
+                    "objective/kl": float(rollout.kl.mean()),
+                    "objective/entropy": entropy,
+                    "objective/gold": sum(gold) / len(gold),
+                    "objective/response_length": float(seqs.response_mask.sum(-1).float().mean()),
+                    "objective/finished": sum(finished) / len(finished),
+                    "policy/update": self.state.policy_updates,
+                    "time/update_s": time.monotonic() - started,
+                    **update_metrics,
+                }
+            )
             if self.state.policy_updates % r.log.samples_every == 0 or step == updates - 1:
                 self.write_samples(seqs.prompts, seqs.responses, scores, gold)
             if r.log.checkpoint_every and self.state.policy_updates % r.log.checkpoint_every == 0:
@@ -373,24 +472,45 @@ class Pipeline:
         unique.sort(key=lambda row: abs(row["score"]))
         kept = unique[: max(1, math.ceil(r.refine.keep_fraction * len(unique)))]
         with torch.no_grad(), self.pm.adapter("policy"):
-            second = sample(self.pm, [row["prompt"] for row in kept], max_new_tokens=r.model.max_new_tokens,
-                            max_prompt_tokens=r.model.max_prompt_tokens, temperature=r.policy.temperature,
-                            generator=generator(self.seed, "second", i), counters=self.counters)
+            second = sample(
+                self.pm,
+                [row["prompt"] for row in kept],
+                max_new_tokens=r.model.max_new_tokens,
+                max_prompt_tokens=r.model.max_prompt_tokens,
+                temperature=r.policy.temperature,
+                generator=generator(self.seed, "second", i),
+                counters=self.counters,
+            )
         judge = self.make_judge()
         coin = random.Random(seeded(self.seed, "judge-order", i))
         flips = [coin.random() < 0.5 for _ in kept]  # order randomised against position bias
-        firsts = [row["response"] if not f else b for row, b, f in zip(kept, second.responses, flips, strict=True)]
-        seconds = [b if not f else row["response"] for row, b, f in zip(kept, second.responses, flips, strict=True)]
+        firsts = [
+            row["response"] if not f else b for row, b, f in zip(kept, second.responses, flips, strict=True)
+        ]
+        seconds = [
+            b if not f else row["response"] for row, b, f in zip(kept, second.responses, flips, strict=True)
+        ]
         verdicts = judge.compare([row["prompt"] for row in kept], firsts, seconds)
         pairs, undecided = [], 0
         for row, a, b, verdict in zip(kept, firsts, seconds, verdicts, strict=True):
             if verdict is None:
                 undecided += 1
                 continue
-            pairs.append({"prompt": row["prompt"], "chosen": a if verdict == 0 else b, "rejected": b if verdict == 0 else a})
+            pairs.append(
+                {
+                    "prompt": row["prompt"],
+                    "chosen": a if verdict == 0 else b,
+                    "rejected": b if verdict == 0 else a,
+                }
+            )
         self.state.judged_pairs = pairs
-        self.state.judge_stats = {"rollouts": len(self.state.rollouts), "unique": len(unique), "kept": len(kept),
-                                  "judged": len(pairs), "no_verdict": undecided}
+        self.state.judge_stats = {
+            "rollouts": len(self.state.rollouts),
+            "unique": len(unique),
+            "kept": len(kept),
+            "judged": len(pairs),
+            "no_verdict": undecided,
+        }
         self.reward_before_refine = self._reward_snapshot()
 
     def make_judge(self):
@@ -403,7 +523,9 @@ class Pipeline:
 
     def _reward_snapshot(self) -> dict[str, torch.Tensor]:
         snapshot = {n: p.detach().clone() for n, p in self.pm.adapter_parameters("reward").items()}
-        snapshot.update({f"score_head.{n}": p.detach().clone() for n, p in self.pm.score_head.named_parameters()})
+        snapshot.update(
+            {f"score_head.{n}": p.detach().clone() for n, p in self.pm.score_head.named_parameters()}
+        )
         return snapshot
 
     def run_refine(self) -> None:
@@ -420,8 +542,12 @@ class Pipeline:
             epoch, k = divmod(step, per_epoch)
             order = torch.randperm(len(pairs), generator=generator(self.seed, "refine", i, epoch)).tolist()
             batch = [pairs[j] for j in order[k * r.refine.batch_size : (k + 1) * r.refine.batch_size]]
-            loss, accuracy = self._bradley_terry_step([p["prompt"] for p in batch], [p["chosen"] for p in batch],
-                                                      [p["rejected"] for p in batch], self.refine_optimizer)
+            loss, accuracy = self._bradley_terry_step(
+                [p["prompt"] for p in batch],
+                [p["chosen"] for p in batch],
+                [p["rejected"] for p in batch],
+                self.refine_optimizer,
+            )
             self._check_finite(loss, "refine", "loss/reward_refine")
             self.advance()
             self.metrics({"loss/reward_refine": loss, "reward/refine_accuracy": accuracy})
@@ -445,8 +571,12 @@ class Pipeline:
         Both use the same eval generator every time, so iterations differ only by the policy."""
         r = self.recipe
         prompts = self.eval_prompts
-        kwargs = dict(max_new_tokens=r.model.max_new_tokens, max_prompt_tokens=r.model.max_prompt_tokens,
-                      temperature=r.eval.temperature, counters=self.counters)
+        kwargs = dict(
+            max_new_tokens=r.model.max_new_tokens,
+            max_prompt_tokens=r.model.max_prompt_tokens,
+            temperature=r.eval.temperature,
+            counters=self.counters,
+        )
         if not self.state.sft_eval_answers:
             with self.pm.adapter("sft"):
                 sft = sample(self.pm, prompts, generator=generator(self.seed, "eval"), **kwargs)
@@ -464,18 +594,35 @@ class Pipeline:
             "eval/response_length": float(seqs.response_mask.sum(-1).float().mean()),
         }
         if self.task.has_gold:
-            gold = [self.task.gold(p, a, f) for p, a, f in zip(prompts, seqs.responses, finished, strict=True)]
-            sft_gold = [self.task.gold(p, a) for p, a in zip(prompts, self.state.sft_eval_answers, strict=True)]
-            wins = [1.0 if g > s + 1e-9 else 0.0 if g < s - 1e-9 else 0.5 for g, s in zip(gold, sft_gold, strict=True)]
+            gold = [
+                self.task.gold(p, a, f) for p, a, f in zip(prompts, seqs.responses, finished, strict=True)
+            ]
+            sft_gold = [
+                self.task.gold(p, a) for p, a in zip(prompts, self.state.sft_eval_answers, strict=True)
+            ]
+            wins = [
+                1.0 if g > s + 1e-9 else 0.0 if g < s - 1e-9 else 0.5
+                for g, s in zip(gold, sft_gold, strict=True)
+            ]
             metrics["eval/gold"] = sum(gold) / len(gold)
             metrics["eval/win_rate_vs_sft"] = sum(wins) / len(wins)
         self.metrics(metrics, type="eval")
-        row = {"label": label, "iteration": self.state.iteration if label != "sft" else None,
-               "elapsed": self.clock.elapsed(), **metrics}
+        row = {
+            "label": label,
+            "iteration": self.state.iteration if label != "sft" else None,
+            "elapsed": self.clock.elapsed(),
+            **metrics,
+        }
         self.state.history.append(row)
-        self.write_samples(prompts[:16], seqs.responses[:16], scores[:16].tolist(),
-                           [self.task.gold(p, a) for p, a in zip(prompts[:16], seqs.responses[:16], strict=True)]
-                           if self.task.has_gold else None, kind="eval")
+        self.write_samples(
+            prompts[:16],
+            seqs.responses[:16],
+            scores[:16].tolist(),
+            [self.task.gold(p, a) for p, a in zip(prompts[:16], seqs.responses[:16], strict=True)]
+            if self.task.has_gold
+            else None,
+            kind="eval",
+        )
         return metrics
 
     def run_eval(self) -> None:
@@ -501,9 +648,15 @@ class Pipeline:
         self.state.global_step += 1
 
     def emit(self, type: str, **fields: Any) -> dict:
-        event = self.writer.emit(type, stage=self.state.stage, iteration=self._iteration_or_none(),
-                                 step=self.state.step, global_step=self.state.global_step,
-                                 elapsed=round(self.clock.elapsed(), 3), **fields)
+        event = self.writer.emit(
+            type,
+            stage=self.state.stage,
+            iteration=self._iteration_or_none(),
+            step=self.state.step,
+            global_step=self.state.global_step,
+            elapsed=round(self.clock.elapsed(), 3),
+            **fields,
+        )
         if self.listener is not None:
             self.listener(event)
         return event
@@ -515,16 +668,33 @@ class Pipeline:
         values.update(memory_metrics(self.device))
         self.state.latest.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
         self.emit(type, metrics=values)
-        self.writer.update_status(stage=self.state.stage, iteration=self._iteration_or_none(), step=self.state.step,
-                                  global_step=self.state.global_step, latest=self.state.latest,
-                                  elapsed=self.clock.elapsed())
+        self.writer.update_status(
+            stage=self.state.stage,
+            iteration=self._iteration_or_none(),
+            step=self.state.step,
+            global_step=self.state.global_step,
+            latest=self.state.latest,
+            elapsed=self.clock.elapsed(),
+        )
 
-    def write_samples(self, prompts: list[str], responses: list[str], scores: list[float],
-                      gold: list[float] | None, kind: str = "train") -> None:
+    def write_samples(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        scores: list[float],
+        gold: list[float] | None,
+        kind: str = "train",
+    ) -> None:
         rows = []
         for j, (p, a, s) in enumerate(zip(prompts, responses, scores, strict=True)):
-            row = {"kind": kind, "iteration": self._iteration_or_none(), "step": self.state.step,
-                   "prompt": p, "response": a, "score": round(float(s), 4)}
+            row = {
+                "kind": kind,
+                "iteration": self._iteration_or_none(),
+                "step": self.state.step,
+                "prompt": p,
+                "response": a,
+                "score": round(float(s), 4),
+            }
             if gold is not None:
                 row["gold"] = gold[j]
             rows.append(row)
@@ -540,10 +710,17 @@ class Pipeline:
 
     def end_stage(self, next_stage: str, checkpoint: str | None = None) -> None:
         finished = self.state.stage
-        self.emit("stage_end", wall_s=round(time.monotonic() - self.stage_started, 3),
-                  peak_rss_mib=round(peak_rss_mib(), 1), counters=self.counters.per_stage.get(finished, {}),
-                  **({"cuda_peak_mib": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)}
-                     if self.device.type == "cuda" else {}))
+        self.emit(
+            "stage_end",
+            wall_s=round(time.monotonic() - self.stage_started, 3),
+            peak_rss_mib=round(peak_rss_mib(), 1),
+            counters=self.counters.per_stage.get(finished, {}),
+            **(
+                {"cuda_peak_mib": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)}
+                if self.device.type == "cuda"
+                else {}
+            ),
+        )
         self.state.stage = next_stage
         self.state.step = 0
         if checkpoint:
@@ -556,14 +733,17 @@ class Pipeline:
         self.state.counters = self.counters.state_dict()
         with self.writer.checkpoint(name) as folder:
             save_adapters(self.pm, folder)
-            torch.save({
-                "sft_optimizer": self.sft_optimizer.state_dict(),
-                "reward_optimizer": self.reward_optimizer.state_dict(),
-                "refine_optimizer": self.refine_optimizer.state_dict(),
-                "method": self.method.state_dict(),
-                "reward_before_refine": self.reward_before_refine,
-                "interplay": self.interplay.state_dict() if self.interplay is not None else None,
-            }, folder / "trainer_state.pt")
+            torch.save(
+                {
+                    "sft_optimizer": self.sft_optimizer.state_dict(),
+                    "reward_optimizer": self.reward_optimizer.state_dict(),
+                    "refine_optimizer": self.refine_optimizer.state_dict(),
+                    "method": self.method.state_dict(),
+                    "reward_before_refine": self.reward_before_refine,
+                    "interplay": self.interplay.state_dict() if self.interplay is not None else None,
+                },
+                folder / "trainer_state.pt",
+            )
             (folder / "state.json").write_text(json.dumps(asdict(self.state), indent=1))
         self.emit("checkpoint", name=name)
 
@@ -629,7 +809,10 @@ class _suppress_import_errors:
 
 
 def _stage_title(stage: str, iteration: int) -> str:
-    return {"sft": "supervised fine-tuning", "reward": "reward model (Bradley-Terry)",
-            "policy": f"iteration {iteration}: policy optimisation",
-            "refine": f"iteration {iteration}: judge and refine the reward model",
-            "eval": f"iteration {iteration}: held-out evaluation"}.get(stage, stage)
+    return {
+        "sft": "supervised fine-tuning",
+        "reward": "reward model (Bradley-Terry)",
+        "policy": f"iteration {iteration}: policy optimisation",
+        "refine": f"iteration {iteration}: judge and refine the reward model",
+        "eval": f"iteration {iteration}: held-out evaluation",
+    }.get(stage, stage)

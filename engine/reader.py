@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 STALE_AFTER_SECONDS = 60.0
 TERMINAL_STATES = ("finished", "failed", "stopped")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+import tomllib
 
 FIRST_ORDER_METHODS = ("rloo", "ppo", "online_dpo")
 ZEROTH_ORDER_METHODS = ("mezo", "zopro")
@@ -22,8 +23,16 @@ class RecipeError(ValueError):
     """A recipe the engine cannot run; the message is one sentence for the user."""
 
 
-def spec(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, low: float | None = None,
-         high: float | None = None, low_open: bool = False, help: str = "", factory: Any = None) -> Any:
+def spec(
+    default: Any = dataclasses.MISSING,
+    *,
+    choices: tuple | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    help: str = "",
+    factory: Any = None,
+) -> Any:
     """A schema field: its default, the accepted values and a line of help."""
     meta = {"choices": choices, "low": low, "high": high, "low_open": low_open, "help": help}
     if factory is not None:
@@ -41,7 +50,16 @@ class ModelConfig:
     lora_rank: int = spec(8, low=1, high=4096)
     lora_alpha: float = spec(16.0, low=0.0, low_open=True)
     target_modules: list[str] = spec(
-        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+        factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "lm_head",
+        ],
         help='module names for LoRA, or ["all-linear"]',
     )
     max_prompt_tokens: int = spec(32, low=1)
@@ -70,7 +88,9 @@ class RewardConfig:
     steps: int = spec(200, low=0)
     batch_size: int = spec(32, low=1)
     lr: float = spec(2e-3, low=0.0, low_open=True)
-    score_mse_weight: float = spec(0.0, low=0.0, help="weight of an MSE term on a quality score, when data has one")
+    score_mse_weight: float = spec(
+        0.0, low=0.0, help="weight of an MSE term on a quality score, when data has one"
+    )
 
 
 @dataclass
@@ -79,7 +99,9 @@ class PolicyConfig:
     temperature: float = spec(1.0, low=0.0, low_open=True)
     kl_coef: float = spec(0.05, low=0.0, help="beta of rlhf_reward = score - beta * KL")
     clip_range: float = spec(0.2, low=0.0, low_open=True, high=1.0)
-    missing_eos_penalty: float = spec(0.0, low=0.0, help="subtracted from the score of answers that never end (as TRL)")
+    missing_eos_penalty: float = spec(
+        0.0, low=0.0, help="subtracted from the score of answers that never end (as TRL)"
+    )
 
 
 @dataclass
@@ -157,7 +179,9 @@ class RefineConfig:
 @dataclass
 class InterplayConfig:
     enabled: bool = spec(True, help="policy-reward interplay metrics during training (method.md section 4)")
-    sketch_size: int = spec(256, low=2, help="coordinates of the fixed random sketch for distance correlation")
+    sketch_size: int = spec(
+        256, low=2, help="coordinates of the fixed random sketch for distance correlation"
+    )
     every_step: bool = spec(True, help="also per policy update (norm, cosine with the previous update)")
 
 
@@ -169,7 +193,9 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     samples_every: int = spec(5, low=1, help="write samples/ every N policy updates")
-    checkpoint_every: int = spec(0, low=0, help="also checkpoint every N policy updates (0: iteration ends only)")
+    checkpoint_every: int = spec(
+        0, low=0, help="also checkpoint every N policy updates (0: iteration ends only)"
+    )
 
 
 @dataclass
@@ -314,8 +340,10 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
                 f"section, set policy.method = {other!r}, or list it in [compare] methods"
             )
     if recipe.task.name not in TASK_NAMES:
-        raise RecipeError(f"{source}: task.name = {recipe.task.name!r} is not accepted; choose one of "
-                          f"{', '.join(TASK_NAMES)}{_suggest(recipe.task.name, list(TASK_NAMES))}")
+        raise RecipeError(
+            f"{source}: task.name = {recipe.task.name!r} is not accepted; choose one of "
+            f"{', '.join(TASK_NAMES)}{_suggest(recipe.task.name, list(TASK_NAMES))}"
+        )
     if recipe.model.target_modules == []:
         raise RecipeError(f"{source}: model.target_modules must name at least one module")
     if recipe.train.prompts_per_update > recipe.task.train_prompts:
@@ -362,10 +390,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     compare = raw.get("compare")
-    if compare is not None and not (isinstance(compare, dict) and set(compare) <= {"methods"}
-                                    and isinstance(compare.get("methods", []), list)
-                                    and all(m in METHODS for m in compare.get("methods", []))):
-        raise RecipeError(f"{source}: [compare] takes one key, methods = a list drawn from {', '.join(METHODS)}")
+    if compare is not None and not (
+        isinstance(compare, dict)
+        and set(compare) <= {"methods", "run_all"}
+        and isinstance(compare.get("methods", []), list)
+        and all(m in METHODS for m in compare.get("methods", []))
+        and isinstance(compare.get("run_all", False), bool)
+    ):
+        raise RecipeError(
+            f"{source}: [compare] takes methods = a list drawn from {', '.join(METHODS)} and "
+            "run_all = true or false"
+        )
     recipe = _build(Recipe, {k: v for k, v in raw.items() if k != "compare"}, "", source)
     _check_recipe(recipe, source, raw)
     return recipe

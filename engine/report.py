@@ -13,8 +13,15 @@ from rich.text import Text
 
 from engine.reader import RunInfo, read_events
 
-STATUS_STYLE = {"running": "green", "paused": "yellow", "finished": "blue", "failed": "red", "stale": "magenta",
-                "stopped": "yellow", "created": "dim"}
+STATUS_STYLE = {
+    "running": "green",
+    "paused": "yellow",
+    "finished": "blue",
+    "failed": "red",
+    "stale": "magenta",
+    "stopped": "yellow",
+    "created": "dim",
+}
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -38,19 +45,29 @@ def position(info: RunInfo) -> str:
     if info.iteration is None:
         return f"{info.stage or '-'} {info.step}"
     total = f"/{info.iterations}" if info.iterations else ""
-    return f"it {info.iteration + 1 if info.stage != 'done' else info.iteration}{total} {info.stage} {info.step}"
+    return (
+        f"it {info.iteration + 1 if info.stage != 'done' else info.iteration}{total} {info.stage} {info.step}"
+    )
 
 
 def runs_table(runs: list[RunInfo]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("run", "method", "status", "position", "RM score", "gold", "win vs SFT", "elapsed", "ETA"):
-        table.add_column(column, no_wrap=True, justify="right" if column in ("RM score", "gold", "win vs SFT") else "left")
+        table.add_column(
+            column, no_wrap=True, justify="right" if column in ("RM score", "gold", "win vs SFT") else "left"
+        )
     for info in runs:
         latest = info.latest
         table.add_row(
-            info.name, info.method, Text(info.status, style=STATUS_STYLE.get(info.status, "")), position(info),
-            fmt_value(latest.get("objective/scores")), fmt_value(latest.get("eval/gold")),
-            fmt_value(latest.get("eval/win_rate_vs_sft")), fmt_duration(info.elapsed), fmt_duration(info.eta),
+            info.name,
+            info.method,
+            Text(info.status, style=STATUS_STYLE.get(info.status, "")),
+            position(info),
+            fmt_value(latest.get("objective/scores")),
+            fmt_value(latest.get("eval/gold")),
+            fmt_value(latest.get("eval/win_rate_vs_sft")),
+            fmt_duration(info.elapsed),
+            fmt_duration(info.eta),
         )
     return table
 
@@ -67,20 +84,35 @@ def evaluations_table(evals: list[dict], title: str | None = None) -> Table:
         elapsed = row.get("elapsed", metrics.get("time/elapsed_s"))
         wall = None if elapsed is None else elapsed - previous
         previous = elapsed or previous
-        table.add_row(label, fmt_value(metrics.get("eval/gold")), fmt_value(metrics.get("eval/win_rate_vs_sft")),
-                      fmt_value(metrics.get("eval/reward")), fmt_value(metrics.get("eval/kl")), fmt_duration(wall))
+        table.add_row(
+            label,
+            fmt_value(metrics.get("eval/gold")),
+            fmt_value(metrics.get("eval/win_rate_vs_sft")),
+            fmt_value(metrics.get("eval/reward")),
+            fmt_value(metrics.get("eval/kl")),
+            fmt_duration(wall),
+        )
     return table
 
 
 def status_panel(info: RunInfo, evals: list[dict]) -> Group:
     head = Text.assemble(
-        (info.name, "bold"), "  ", (info.status, STATUS_STYLE.get(info.status, "")), f"  {info.method}  ",
-        position(info), f"  elapsed {fmt_duration(info.elapsed)}", f"  ETA {fmt_duration(info.eta)}",
+        (info.name, "bold"),
+        "  ",
+        (info.status, STATUS_STYLE.get(info.status, "")),
+        f"  {info.method}  ",
+        position(info),
+        f"  elapsed {fmt_duration(info.elapsed)}",
+        f"  ETA {fmt_duration(info.eta)}",
     )
     parts: list = [head]
     if info.error:
         parts.append(Text(f"error: {info.error}", style="red"))
-    latest = {k: v for k, v in info.latest.items() if k.split("/")[0] in ("objective", "eval", "loss", "zo", "reward")}
+    latest = {
+        k: v
+        for k, v in info.latest.items()
+        if k.split("/")[0] in ("objective", "eval", "loss", "zo", "reward")
+    }
     if latest:
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="dim")
@@ -98,7 +130,10 @@ def metric_rows(run_dir: Path) -> list[dict]:
     for event in read_events(run_dir):
         if event.get("type") not in ("metrics", "eval"):
             continue
-        row = {k: event.get(k) for k in ("seq", "type", "time", "elapsed", "stage", "iteration", "step", "global_step")}
+        row = {
+            k: event.get(k)
+            for k in ("seq", "type", "time", "elapsed", "stage", "iteration", "step", "global_step")
+        }
         row.update(event.get("metrics", {}))
         rows.append(row)
     return rows

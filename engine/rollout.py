@@ -47,16 +47,32 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def encode_prompts(pm: PreferenceModel, prompts: list[str], max_prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    pm: PreferenceModel, prompts: list[str], max_prompt_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     tok = pm.tokenizer
-    batch = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens,
-                add_special_tokens=False)
+    batch = tok(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,
+    )
     return batch["input_ids"].to(pm.device), batch["attention_mask"].to(pm.device)
 
 
 @torch.no_grad()
-def sample(pm: PreferenceModel, prompts: list[str], *, max_new_tokens: int, max_prompt_tokens: int,
-           temperature: float, generator: torch.Generator, counters: Counters) -> Sequences:
+def sample(
+    pm: PreferenceModel,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+    counters: Counters,
+) -> Sequences:
     """Sample one answer per prompt with the active adapter (KV cache, explicit generator)."""
     tok = pm.tokenizer
     input_ids, prompt_mask = encode_prompts(pm, prompts, max_prompt_tokens)
@@ -80,19 +96,34 @@ def sample(pm: PreferenceModel, prompts: list[str], *, max_new_tokens: int, max_
         if bool(finished.all()):
             break
         mask = torch.cat([mask, alive.long()[:, None]], dim=-1)
-        out = pm.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=past, use_cache=True)
+        out = pm.model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            past_key_values=past,
+            use_cache=True,
+        )
         next_pos = next_pos + 1
         past = out.past_key_values
         logits = out.logits[:, -1, :]
     response_ids = torch.stack(new_tokens, dim=1)
     response_mask = torch.stack(new_mask, dim=1)
     counters.add(forward_passes=1, tokens=int(mask.sum()))
-    responses = [_decode(tok, ids, m, eos) for ids, m in zip(response_ids.tolist(), response_mask.tolist(), strict=True)]
+    responses = [
+        _decode(tok, ids, m, eos)
+        for ids, m in zip(response_ids.tolist(), response_mask.tolist(), strict=True)
+    ]
     full_ids = torch.cat([input_ids, response_ids], dim=1)
     full_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    return Sequences(prompts=list(prompts), responses=responses, input_ids=full_ids, attention_mask=full_mask,
-                     response_mask=response_mask, prompt_width=width, finished=finished)
+    return Sequences(
+        prompts=list(prompts),
+        responses=responses,
+        input_ids=full_ids,
+        attention_mask=full_mask,
+        response_mask=response_mask,
+        prompt_width=width,
+        finished=finished,
+    )
 
 
 def _decode(tok, ids: list[int], mask: list[int], eos: int) -> str:
@@ -114,8 +145,9 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return mask.shape[1] - 1 - mask.flip(-1).long().argmax(-1)
 
 
-def reward_scores(pm: PreferenceModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  counters: Counters) -> torch.Tensor:
+def reward_scores(
+    pm: PreferenceModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, counters: Counters
+) -> torch.Tensor:
     """Score each sequence with the reward adapter and head, read at the last non-padding token."""
     with pm.adapter("reward"):
         hidden = pm.hidden_states(input_ids, attention_mask, position_ids(attention_mask))
@@ -132,15 +164,31 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_rollout(pm: PreferenceModel, prompts: list[str], *, k: int, kl_coef: float, missing_eos_penalty: float,
-                    max_new_tokens: int,
-                    max_prompt_tokens: int, temperature: float, generator: torch.Generator,
-                    counters: Counters) -> Rollout:
+def collect_rollout(
+    pm: PreferenceModel,
+    prompts: list[str],
+    *,
+    k: int,
+    kl_coef: float,
+    missing_eos_penalty: float,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+    counters: Counters,
+) -> Rollout:
     """B prompts -> k answers each from the policy, with old and reference log-probs, scores and advantages."""
     repeated = [p for p in prompts for _ in range(k)]
     with pm.adapter("policy"):
-        seqs = sample(pm, repeated, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                      temperature=temperature, generator=generator, counters=counters)
+        seqs = sample(
+            pm,
+            repeated,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            temperature=temperature,
+            generator=generator,
+            counters=counters,
+        )
         old_logprobs = token_logprobs(pm, seqs, counters)
     with pm.adapter("sft"):
         ref_logprobs = token_logprobs(pm, seqs, counters)
@@ -149,12 +197,26 @@ def collect_rollout(pm: PreferenceModel, prompts: list[str], *, k: int, kl_coef:
         scores = scores - missing_eos_penalty * (~seqs.finished).float()
     kl = (old_logprobs - ref_logprobs).sum(-1)
     rlhf_reward = scores - kl_coef * kl
-    return Rollout(sequences=seqs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, scores=scores, kl=kl,
-                   rlhf_reward=rlhf_reward, advantages=rloo_advantages(rlhf_reward, k), samples_per_prompt=k)
+    return Rollout(
+        sequences=seqs,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        scores=scores,
+        kl=kl,
+        rlhf_reward=rlhf_reward,
+        advantages=rloo_advantages(rlhf_reward, k),
+        samples_per_prompt=k,
+    )
 
 
-def encode_responses(pm: PreferenceModel, prompts: list[str], responses: list[str], *, max_prompt_tokens: int,
-                     max_new_tokens: int) -> Sequences:
+def encode_responses(
+    pm: PreferenceModel,
+    prompts: list[str],
+    responses: list[str],
+    *,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+) -> Sequences:
     """Given (prompt, response) text pairs -> the same layout that sampling produces (prompt left padded,
     response right padded, EOS appended), so log-probs and scores treat data and samples alike."""
     tok = pm.tokenizer
@@ -172,8 +234,12 @@ def encode_responses(pm: PreferenceModel, prompts: list[str], responses: list[st
         response_ids[i, : len(ids)] = torch.tensor(ids)
         response_mask[i, : len(ids)] = 1
     response_ids, response_mask = response_ids.to(pm.device), response_mask.to(pm.device)
-    return Sequences(prompts=list(prompts), responses=list(responses),
-                     input_ids=torch.cat([input_ids, response_ids], dim=1),
-                     attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
-                     response_mask=response_mask, prompt_width=input_ids.shape[1],
-                     finished=torch.ones(len(rows), dtype=torch.bool, device=pm.device))
+    return Sequences(
+        prompts=list(prompts),
+        responses=list(responses),
+        input_ids=torch.cat([input_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+        response_mask=response_mask,
+        prompt_width=input_ids.shape[1],
+        finished=torch.ones(len(rows), dtype=torch.bool, device=pm.device),
+    )

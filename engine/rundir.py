@@ -156,8 +156,14 @@ class RunWriter:
         `resume` event with `rewind_to_seq` tells readers to drop what came after), `type`, `time`,
         `stage`, `iteration` and `step`; metric events carry `metrics: {name: value}`.
         """
-        event = {"seq": self.seq, "type": type, "time": round(time.time(), 4), "stage": stage,
-                 "iteration": iteration, "step": step}
+        event = {
+            "seq": self.seq,
+            "type": type,
+            "time": round(time.time(), 4),
+            "stage": stage,
+            "iteration": iteration,
+            "step": step,
+        }
         if "metrics" in fields:
             fields["metrics"] = clean_metrics(fields["metrics"])
         event.update(fields)

@@ -8,8 +8,8 @@ import traceback
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -25,7 +25,12 @@ class ProgressView:
     """The live line: stage, iteration, step, reward-model score, gold, KL, steps/s, ETA."""
 
     def __init__(self, total_steps: int, iterations: int, method: str, run_dir: Path):
-        self.total_steps, self.iterations, self.method, self.run_dir = total_steps, iterations, method, run_dir
+        self.total_steps, self.iterations, self.method, self.run_dir = (
+            total_steps,
+            iterations,
+            method,
+            run_dir,
+        )
         self.event: dict = {}
         self.latest: dict = {}
         self.started = time.monotonic()
@@ -74,13 +79,25 @@ def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
         console.print(f"[{fmt_duration(event.get('elapsed'))}] {event.get('message')}", markup=False)
     elif kind == "eval":
         m = event.get("metrics", {})
-        console.print(f"[{fmt_duration(event.get('elapsed'))}]   eval: gold {fmt_value(m.get('eval/gold'))}  "
-                      f"win vs SFT {fmt_value(m.get('eval/win_rate_vs_sft'))}  reward {fmt_value(m.get('eval/reward'))}  "
-                      f"KL {fmt_value(m.get('eval/kl'))}", markup=False)
+        console.print(
+            f"[{fmt_duration(event.get('elapsed'))}]   eval: gold {fmt_value(m.get('eval/gold'))}  "
+            f"win vs SFT {fmt_value(m.get('eval/win_rate_vs_sft'))}  reward {fmt_value(m.get('eval/reward'))}  "
+            f"KL {fmt_value(m.get('eval/kl'))}",
+            markup=False,
+        )
 
 
-def run_training(recipe_path: Path | None, overrides: list[str], *, run_dir: Path | None, root: Path = Path("runs"),
-                 resume: bool, quiet: bool, console: Console, err: Console) -> int:
+def run_training(
+    recipe_path: Path | None,
+    overrides: list[str],
+    *,
+    run_dir: Path | None,
+    root: Path = Path("runs"),
+    resume: bool,
+    quiet: bool,
+    console: Console,
+    err: Console,
+) -> int:
     def bad(message: str) -> int:
         err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
         return EXIT_BAD_INPUT
@@ -104,8 +121,10 @@ def run_training(recipe_path: Path | None, overrides: list[str], *, run_dir: Pat
 
                 run_dir = default_run_dir(root, recipe.name, recipe.policy.method)
             elif run_dir.exists() and (is_run_dir(run_dir) or any(run_dir.iterdir())):
-                return bad(f"--run-dir {run_dir} already holds files; resume it with `zopro run --resume {run_dir}` "
-                           "or choose another directory")
+                return bad(
+                    f"--run-dir {run_dir} already holds files; resume it with `zopro run --resume {run_dir}` "
+                    "or choose another directory"
+                )
     except RecipeError as error:
         return bad(str(error))
 
@@ -136,11 +155,17 @@ def run_training(recipe_path: Path | None, overrides: list[str], *, run_dir: Pat
     except RunDirError as error:
         return bad(str(error))
     if not quiet:
-        console.print(f"{'resuming' if resume else 'run'} [bold]{run_dir}[/]  (method {recipe.policy.method}, "
-                      f"model {recipe.model.base}, device {pipeline.device})")
+        console.print(
+            f"{'resuming' if resume else 'run'} [bold]{run_dir}[/]  (method {recipe.policy.method}, "
+            f"model {recipe.model.base}, device {pipeline.device})"
+        )
     code = EXIT_OK
     try:
-        with Live(view, console=console, refresh_per_second=4, transient=True) if live_enabled else _nullcontext():
+        with (
+            Live(view, console=console, refresh_per_second=4, transient=True)
+            if live_enabled
+            else _nullcontext()
+        ):
             if resume:
                 pipeline.resume()
             else:
@@ -153,7 +178,9 @@ def run_training(recipe_path: Path | None, overrides: list[str], *, run_dir: Pat
     except Exception as error:  # a bug or an environment problem: keep the traceback in the run directory
         (run_dir / "error.log").write_text(traceback.format_exc())
         first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        code = _record_failure(pipeline, writer, f"{first} (traceback in {run_dir / 'error.log'})", err, run_dir)
+        code = _record_failure(
+            pipeline, writer, f"{first} (traceback in {run_dir / 'error.log'})", err, run_dir
+        )
     finally:
         writer.close()
     if pipeline.state.history:

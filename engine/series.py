@@ -19,6 +19,7 @@ first picture while the full read goes on.
 from __future__ import annotations
 
 import json
+import math
 import os
 from array import array
 from collections.abc import Callable, Iterable
@@ -82,58 +83,66 @@ class SeriesParser:
     """Turns events (dicts from `EventTail`) into `SeriesBatch`es, keeping only the wanted metric names.
 
     It carries the forward-pass count across calls (events without `compute/forward_passes` take the
-    last known one), so one parser serves one run's tail from start to end.
+    last known one), so one parser serves one run's tail from start to end. Set operations on each event's
+    metric names keep the per-event cost low (a million events is the size that matters).
     """
 
     def __init__(self, wanted: Callable[[str], bool] | None = None):
         self.wanted = wanted or (lambda name: True)
-        self._wanted_cache: dict[str, bool] = {}
+        self.seen_names: set[str] = set()
+        self.wanted_names: set[str] = set()
         self.last_compute = 0.0
-
-    def _is_wanted(self, name: str) -> bool:
-        known = self._wanted_cache.get(name)
-        if known is None:
-            known = self._wanted_cache[name] = bool(self.wanted(name))
-        return known
 
     def parse(self, events: Iterable[dict]) -> list[SeriesBatch]:
         batches = [SeriesBatch()]
         batch = batches[0]
+        latest: dict = {}
         for event in events:
             kind = event.get("type")
-            if kind in METRIC_EVENT_TYPES:
+            if kind == "metrics" or kind == "eval":
                 metrics = event.get("metrics") or {}
+                names = metrics.keys()
+                new = names - self.seen_names
+                if new:
+                    self.seen_names |= new
+                    self.wanted_names |= {name for name in new if self.wanted(name)}
                 compute = metrics.get(COMPUTE_METRIC)
-                if isinstance(compute, (int, float)):
+                if compute is not None:
                     self.last_compute = float(compute)
                 index = len(batch.seq)
-                batch.seq.append(int(event.get("seq", -1)))
-                batch.step.append(float(event.get("global_step") or event.get("step") or 0))
-                elapsed = event.get("elapsed", metrics.get("time/elapsed_s"))
-                batch.time.append(float(elapsed) if isinstance(elapsed, (int, float)) else float("nan"))
+                batch.seq.append(event.get("seq", -1))
+                batch.step.append(event.get("global_step") or event.get("step") or 0)
+                elapsed = event.get("elapsed")
+                batch.time.append(elapsed if elapsed is not None else metrics.get("time/elapsed_s", math.nan))
                 batch.compute.append(self.last_compute)
-                if kind == "eval":  # evaluations also belong in an events pane
-                    trimmed = {k: event[k] for k in EVENT_FIELDS if k in event}
-                    trimmed["metrics"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-                    batch.events.append(trimmed)
+                latest.update(metrics)
                 values = batch.values
-                for name, value in metrics.items():
-                    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-                        continue
-                    batch.latest[name] = value
-                    if not self._is_wanted(name):
+                for name in names & self.wanted_names:
+                    value = metrics[name]
+                    if value is None or value.__class__ is str:
                         continue
                     column = values.get(name)
                     if column is None:
                         column = values[name] = (array("i"), array("d"))
                     column[0].append(index)
                     column[1].append(value)
+                if kind == "eval":  # evaluations also belong in an events pane
+                    trimmed = {k: event[k] for k in EVENT_FIELDS if k in event}
+                    trimmed["metrics"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+                    batch.events.append(trimmed)
             else:
                 if kind == "resume":
+                    batch.latest = _numbers(latest)
+                    latest = {}
                     batch = SeriesBatch(rewind_to_seq=int(event.get("rewind_to_seq") or 0))
                     batches.append(batch)
                 batch.events.append({k: event[k] for k in EVENT_FIELDS if k in event})
+        batch.latest = _numbers(latest)
         return [b for b in batches if len(b) or b.events or b.rewind_to_seq is not None]
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @dataclass

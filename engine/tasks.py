@@ -13,15 +13,60 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-SUBJECTS = ("soup", "movie", "hotel", "book", "song", "garden", "train", "coffee", "game", "city", "phone",
-            "teacher", "beach", "museum", "bakery", "concert")
-POSITIVE = ("good", "great", "lovely", "warm", "bright", "fresh", "kind", "calm", "happy", "clean", "sweet",
-            "friendly")
-NEGATIVE = ("bad", "awful", "cold", "dull", "noisy", "dirty", "sad", "slow", "rude", "bitter", "boring",
-            "broken")
+SUBJECTS = (
+    "soup",
+    "movie",
+    "hotel",
+    "book",
+    "song",
+    "garden",
+    "train",
+    "coffee",
+    "game",
+    "city",
+    "phone",
+    "teacher",
+    "beach",
+    "museum",
+    "bakery",
+    "concert",
+)
+POSITIVE = (
+    "good",
+    "great",
+    "lovely",
+    "warm",
+    "bright",
+    "fresh",
+    "kind",
+    "calm",
+    "happy",
+    "clean",
+    "sweet",
+    "friendly",
+)
+NEGATIVE = (
+    "bad",
+    "awful",
+    "cold",
+    "dull",
+    "noisy",
+    "dirty",
+    "sad",
+    "slow",
+    "rude",
+    "bitter",
+    "boring",
+    "broken",
+)
 FILLERS = ("very", "quite", "really", "so", "too", "today", "there", "with", "at")
-PROMPT_TEMPLATES = ("tell me about the {s} .", "what did you think of the {s} ?", "describe the {s} .",
-                    "review the {s} .", "how was the {s} ?")
+PROMPT_TEMPLATES = (
+    "tell me about the {s} .",
+    "what did you think of the {s} ?",
+    "describe the {s} .",
+    "review the {s} .",
+    "how was the {s} ?",
+)
 RESPONSE_TEMPLATES = (
     ("the {s} was {a} .", 3),
     ("the {s} was {a} and {b} .", 4),
@@ -74,7 +119,9 @@ class SentimentTask:
         subject = subject_of(prompt) or rng.choice(SUBJECTS)
         if rng.random() > 0.6:
             subject = rng.choice([s for s in SUBJECTS if s != subject])
-        template = rng.choices([t for t, _ in RESPONSE_TEMPLATES], weights=[w for _, w in RESPONSE_TEMPLATES])[0]
+        template = rng.choices(
+            [t for t, _ in RESPONSE_TEMPLATES], weights=[w for _, w in RESPONSE_TEMPLATES]
+        )[0]
 
         def adjective() -> str:
             return rng.choice(POSITIVE if rng.random() < 0.45 else NEGATIVE)

@@ -49,8 +49,13 @@ class Counters:
         }
 
     def state_dict(self) -> dict:
-        return {"forward_passes": self.forward_passes, "backward_passes": self.backward_passes,
-                "tokens": self.tokens, "stage": self.stage, "per_stage": self.per_stage}
+        return {
+            "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes,
+            "tokens": self.tokens,
+            "stage": self.stage,
+            "per_stage": self.per_stage,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.forward_passes = state["forward_passes"]
@@ -91,3 +96,52 @@ class Stopwatch:
 
     def elapsed(self) -> float:
         return self.offset + time.monotonic() - self.started
+
+
+def _vm_hwm_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class PhasePeak:
+    """Peak memory of one phase (a policy update): on CUDA the peak allocated bytes, on CPU the growth of
+    peak RSS over the RSS when the phase began (Linux resets the high-water mark through clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = 0.0
+        self.resettable = _vm_hwm_mib() is not None
+
+    def __enter__(self) -> PhasePeak:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            if self.resettable:
+                try:
+                    with open("/proc/self/clear_refs", "w") as refs:
+                        refs.write("5")
+                except OSError:
+                    self.resettable = False
+            self.baseline = rss_mib()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            hwm = _vm_hwm_mib() if self.resettable else None
+            self.peak = hwm if hwm is not None else peak_rss_mib()
+
+    @property
+    def growth_mib(self) -> float:
+        """Peak over the phase's starting point (CPU: RSS growth; CUDA: allocated growth)."""
+        return max(0.0, self.peak - self.baseline)

@@ -11,7 +11,9 @@ from engine.reader import read_events, run_info
 from tests.conftest import FAST_RECIPE, zopro, zopro_popen
 from tests.test_pipeline import adapters, global_step, metric_events, wait_for
 
-ZOPRO_RECIPE = FAST_RECIPE.replace('method = "rloo"', "") + """
+ZOPRO_RECIPE = (
+    FAST_RECIPE.replace('method = "rloo"', "")
+    + """
 [policy]
 method = "zopro"
 
@@ -22,6 +24,7 @@ directions = 2
 g_clip = 0.5
 grad_cosine_every = 2
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,11 @@ def test_zopro_runs_first_order_then_zeroth_order_with_diagnostics(zopro_run):
 def test_interplay_metrics_every_iteration_and_offline_report(zopro_run):
     _, run = zopro_run
     events = read_events(run)
-    iteration_ends = [e["metrics"] for e in events if e["type"] == "metrics" and "interplay/cos_policy_reward" in e["metrics"]]
+    iteration_ends = [
+        e["metrics"]
+        for e in events
+        if e["type"] == "metrics" and "interplay/cos_policy_reward" in e["metrics"]
+    ]
     assert len(iteration_ends) == 2
     for m in iteration_ends:
         assert -1.0 <= m["interplay/cos_policy_reward"] <= 1.0
@@ -82,7 +89,9 @@ def test_resumed_zeroth_order_run_equals_an_uninterrupted_one(zopro_run, tmp_pat
     interrupted = tmp_path / "interrupted"
     process = zopro_popen("run", str(recipe), "--run-dir", str(interrupted))
     # stop inside iteration 1, where the updates are zeroth-order
-    wait_for(lambda: global_step(interrupted) >= 12 + 12 + 4 + 4 + 2 or process.poll() is not None, every=0.02)
+    wait_for(
+        lambda: global_step(interrupted) >= 12 + 12 + 4 + 4 + 2 or process.poll() is not None, every=0.02
+    )
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=120)
     assert process.returncode == 143
@@ -97,11 +106,18 @@ def test_resumed_zeroth_order_run_equals_an_uninterrupted_one(zopro_run, tmp_pat
 
 def test_mezo_run_is_isotropic(tmp_path):
     recipe = tmp_path / "mezo.toml"
-    recipe.write_text(ZOPRO_RECIPE.replace('method = "zopro"', 'method = "mezo"').replace("[zopro]", "[mezo]")
-                      .replace("grad_cosine_every = 2\n", ""))
+    recipe.write_text(
+        ZOPRO_RECIPE.replace('method = "zopro"', 'method = "mezo"')
+        .replace("[zopro]", "[mezo]")
+        .replace("grad_cosine_every = 2\n", "")
+    )
     result = zopro("run", str(recipe), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
-    policy = [e["metrics"] for e in read_events(tmp_path / "run") if e["type"] == "metrics" and e["stage"] == "policy"]
+    policy = [
+        e["metrics"]
+        for e in read_events(tmp_path / "run")
+        if e["type"] == "metrics" and e["stage"] == "policy"
+    ]
     assert policy and all(m["zo/decay"] == 0.0 and m["zo/cos_z_mu"] == 0.0 for m in policy)
 
 

@@ -29,7 +29,9 @@ def metric_events(run: Path) -> list[tuple]:
 def adapters(run: Path, checkpoint: str) -> dict:
     out = {}
     for name in ("sft", "policy", "reward"):
-        for key, value in load_file(run / "checkpoints" / checkpoint / "adapters" / name / "adapter_model.safetensors").items():
+        for key, value in load_file(
+            run / "checkpoints" / checkpoint / "adapters" / name / "adapter_model.safetensors"
+        ).items():
             out[f"{name}/{key}"] = value
     return out
 
@@ -68,7 +70,9 @@ def test_run_writes_a_complete_run_directory(tmp_path, fast_recipe):
     metrics = [e["metrics"] for e in events if e["type"] == "metrics"]
     assert all("compute/forward_passes" in m and "compute/tokens" in m for m in metrics)
     policy = [e["metrics"] for e in events if e["type"] == "metrics" and e["stage"] == "policy"]
-    assert policy and all(k in policy[0] for k in ("objective/scores", "objective/kl", "objective/rlhf_reward"))
+    assert policy and all(
+        k in policy[0] for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")
+    )
     stage_ends = [e for e in events if e["type"] == "stage_end"]
     assert all("wall_s" in e and "peak_rss_mib" in e for e in stage_ends)
     for name in ("sft", "reward", "iter-0000", "iter-0001"):
@@ -84,8 +88,9 @@ def test_checkpointed_adapters_load_with_plain_peft(tmp_path, fast_recipe):
     from transformers import AutoModelForCausalLM
 
     base = json.loads((run / "meta.json").read_text())["base"]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
-                                      run / "checkpoints" / "iter-0001" / "adapters" / "policy")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), run / "checkpoints" / "iter-0001" / "adapters" / "policy"
+    )
     saved = load_file(run / "checkpoints" / "iter-0001" / "adapters" / "policy" / "adapter_model.safetensors")
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert len(loaded) == len(saved)
@@ -147,7 +152,9 @@ def test_existing_run_dir_is_refused(tmp_path, fast_recipe):
 
 
 def test_missing_local_model_is_one_sentence(tmp_path, fast_recipe):
-    result = zopro("run", str(fast_recipe), "--run-dir", str(tmp_path / "run"), "--set", "model.base='./no/such/model'")
+    result = zopro(
+        "run", str(fast_recipe), "--run-dir", str(tmp_path / "run"), "--set", "model.base='./no/such/model'"
+    )
     assert result.returncode == 2
     assert "model.base" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
@@ -162,7 +169,9 @@ def test_zopro_run_never_imports_textual(tmp_path, fast_recipe):
     )
     import subprocess
 
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert result.returncode == 0, result.stderr
     assert run_info(tmp_path / "run").status == "finished"
 

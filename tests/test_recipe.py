@@ -32,12 +32,19 @@ MALFORMED = [
     ("dtype.toml", "[model]\ndtype = 'fp8'\n", ["model.dtype", "bfloat16"]),
     ("section_scalar.toml", "model = 'builtin:tiny'\n", ["model", "must be a table"]),
     ("scalar_table.toml", "[model.base]\nname = 'x'\n", ["model.base", "not a table"]),
-    ("target_modules.toml", "[model]\ntarget_modules = [1, 2]\n", ["model.target_modules", "must be a string"]),
+    (
+        "target_modules.toml",
+        "[model]\ntarget_modules = [1, 2]\n",
+        ["model.target_modules", "must be a string"],
+    ),
     ("samples_per_prompt.toml", "[train]\nsamples_per_prompt = 1\n", ["train.samples_per_prompt", ">= 2"]),
     ("seed_negative.toml", "seed = -1\n", ["seed", ">= 0"]),
     ("temperature.toml", "[policy]\ntemperature = 0\n", ["policy.temperature", "> 0"]),
-    ("prompts_per_update.toml", "[task]\ntrain_prompts = 8\n[train]\nprompts_per_update = 16\n",
-     ["train.prompts_per_update", "task.train_prompts"]),
+    (
+        "prompts_per_update.toml",
+        "[task]\ntrain_prompts = 8\n[train]\nprompts_per_update = 16\n",
+        ["train.prompts_per_update", "task.train_prompts"],
+    ),
     ("clip.toml", "[policy]\nclip_range = 2.0\n", ["policy.clip_range", "<= 1"]),
     ("not_utf8.toml", "\udcff", ["not a text file"]),
 ]
@@ -78,15 +85,20 @@ def test_missing_recipe_file(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize(("override", "fragment"), [
-    ("policy.method=zopr", "policy.method"),
-    ("train.iterations=abc", "train.iterations"),
-    ("train.itrations=3", "did you mean 'iterations'"),
-    ("novalue", "key.path=value"),
-])
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("policy.method=zopr", "policy.method"),
+        ("train.iterations=abc", "train.iterations"),
+        ("train.itrations=3", "did you mean 'iterations'"),
+        ("novalue", "key.path=value"),
+    ],
+)
 def test_bad_override_is_refused_like_the_file(tmp_path, override, fragment):
     runs = tmp_path / "runs"
-    result = CliRunner().invoke(app, ["run", str(REPO / "recipes" / "tiny.toml"), "--root", str(runs), "--set", override])
+    result = CliRunner().invoke(
+        app, ["run", str(REPO / "recipes" / "tiny.toml"), "--root", str(runs), "--set", override]
+    )
     assert result.exit_code == 2
     assert fragment in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -94,7 +106,9 @@ def test_bad_override_is_refused_like_the_file(tmp_path, override, fragment):
 
 
 def test_defaults_fill_every_field_and_overrides_apply(tmp_path):
-    recipe = load_recipe(REPO / "recipes" / "tiny.toml", ["train.iterations=5", "seed=3", "policy.kl_coef=0.2"])
+    recipe = load_recipe(
+        REPO / "recipes" / "tiny.toml", ["train.iterations=5", "seed=3", "policy.kl_coef=0.2"]
+    )
     assert recipe.train.iterations == 5 and recipe.seed == 3 and recipe.policy.kl_coef == 0.2
     assert recipe_from_dict({}) == Recipe()
 

@@ -23,7 +23,9 @@ def test_reader_tailing_a_live_writer_sees_every_event_once(tmp_path):
     def write() -> None:
         with RunWriter(run) as writer:
             for i in range(total):
-                writer.emit("metrics", stage="policy", iteration=0, step=i, metrics={"objective/scores": i * 0.5})
+                writer.emit(
+                    "metrics", stage="policy", iteration=0, step=i, metrics={"objective/scores": i * 0.5}
+                )
                 if i % 100 == 0:
                     time.sleep(0.005)
         done.set()
@@ -121,8 +123,10 @@ def test_checkpoint_is_atomic(tmp_path):
 
 
 def test_rewinds_drop_re_emitted_events():
-    events = [{"seq": i, "type": "metrics"} for i in range(5)] + [{"seq": 3, "type": "resume", "rewind_to_seq": 3},
-                                                                 {"seq": 4, "type": "metrics"}]
+    events = [{"seq": i, "type": "metrics"} for i in range(5)] + [
+        {"seq": 3, "type": "resume", "rewind_to_seq": 3},
+        {"seq": 4, "type": "metrics"},
+    ]
     assert [e["seq"] for e in apply_rewinds(events)] == [0, 1, 2, 3, 4]
     assert apply_rewinds(events)[3]["type"] == "resume"
 

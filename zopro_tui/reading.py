@@ -18,7 +18,7 @@ from engine.reader import EventTail, RunInfo, latest_samples, list_runs, run_inf
 from engine.series import SeriesBatch, SeriesParser, sample_events
 from zopro_tui.catalogue import wanted_metric
 
-CHUNK_BYTES = 8 << 20  # read at most this much per poll, so a huge log streams in and the UI stays live
+CHUNK_BYTES = 4 << 20  # read at most this much per poll, so a huge log streams in and the UI stays live
 PREVIEW_ABOVE_BYTES = 24 << 20  # bigger logs first get a strided sample, drawn until the full read ends
 PREVIEW_EVENTS = 6000
 CAUGHT_UP_SLACK_BYTES = 1 << 16
@@ -144,12 +144,12 @@ class RunReader:
         if not self.started_reading:
             self.started_reading = True
             self.history_bytes = max(self.history_bytes, self.size())
-        events = self.tail.read_new(max_bytes=self.chunk_bytes)
-        caught_up = not self.behind
-        if not events:
+        before = self.tail.offset
+        batches = self.parser.parse(self.tail.iter_new(max_bytes=self.chunk_bytes))  # streamed: no list of dicts
+        if self.tail.offset == before:
             return None
         progress = min(1.0, self.tail.offset / self.history_bytes) if self.history_bytes else 1.0
-        return SeriesRead(self.run_dir, self.parser.parse(events), progress=progress, caught_up=caught_up)
+        return SeriesRead(self.run_dir, batches, progress=progress, caught_up=not self.behind)
 
     def read_status(self) -> StatusRead:
         return StatusRead(self.run_dir, run_info(self.run_dir))
@@ -281,6 +281,10 @@ def follow_run(run_dir: Path, post, cancelled, *, extras: bool = True, poll_seco
     preview = reader.read_preview()
     if preview is not None:
         post(preview)
+    if extras:  # the first picture has every panel, before the (maybe long) catch-up
+        for message in (reader.read_samples(), reader.read_log()):
+            if message is not None:
+                post(message)
     last_status = last_extras = time.monotonic()
     while not cancelled():
         read = reader.read_series()

@@ -13,7 +13,9 @@ class PolicyUpdate(Protocol):
     name: str
     zeroth_order: bool
 
-    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float) -> dict[str, float]:
+    def update(
+        self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float
+    ) -> dict[str, float]:
         """Change the policy adapter in place; return the update's metrics."""
 
     def state_dict(self) -> dict[str, Any]: ...

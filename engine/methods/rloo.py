@@ -24,18 +24,27 @@ class RLOOUpdate:
         self.params = list(self.pm.adapter_parameters("policy").values())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
 
-    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float) -> dict[str, float]:
+    def update(
+        self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float
+    ) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * lr_scale
         with self.pm.adapter("policy"):
             new_logprobs = token_logprobs(self.pm, rollout.sequences, self.counters)
-            loss, stats = clipped_surrogate(new_logprobs, rollout.old_logprobs, rollout.advantages, self.clip_range)
+            loss, stats = clipped_surrogate(
+                new_logprobs, rollout.old_logprobs, rollout.advantages, self.clip_range
+            )
             loss.backward()
         self.counters.add(backward_passes=1)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss/policy": float(loss.detach()), "policy/grad_norm": float(grad_norm), "policy/lr": self.lr * lr_scale, **stats}
+        return {
+            "loss/policy": float(loss.detach()),
+            "policy/grad_norm": float(grad_norm),
+            "policy/lr": self.lr * lr_scale,
+            **stats,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

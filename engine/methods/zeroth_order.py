@@ -49,7 +49,9 @@ class ZerothOrderUpdate:
             self.sampler_iteration = iteration
         return self.sampler
 
-    def momentum_and_reward_change(self, iteration: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def momentum_and_reward_change(
+        self, iteration: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """mu = the policy's whole change over the previous iteration (for iteration 1: policy - sft);
         v = the reward adapter's change in the previous iteration's refinement. Both read from the
         checkpoints saved at iteration boundaries, keyed like the policy parameters."""
@@ -61,15 +63,26 @@ class ZerothOrderUpdate:
         to_param = {name.replace(".policy.", "."): name for name in self.params}
         missing = sorted(set(to_param) - set(mu))
         if missing or set(mu) != set(v):
-            raise ValueError(f"policy and reward adapters do not pair up key by key (first unmatched: {missing[:3]})")
-        return ({to_param[k]: mu[k].to(device) for k in to_param}, {to_param[k]: v[k].to(device) for k in to_param})
+            raise ValueError(
+                f"policy and reward adapters do not pair up key by key (first unmatched: {missing[:3]})"
+            )
+        return (
+            {to_param[k]: mu[k].to(device) for k in to_param},
+            {to_param[k]: v[k].to(device) for k in to_param},
+        )
 
     # -- the update --------------------------------------------------------------------------------------
-    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float) -> dict[str, float]:
+    def update(
+        self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float
+    ) -> dict[str, float]:
         iteration = self.run.state.iteration
         if self.uses_first_order(iteration):
-            return {**self.first_order.update(rollout, update_index=update_index, step_in_iteration=step_in_iteration,
-                                              lr_scale=lr_scale), "zo/first_order": 1.0}
+            return {
+                **self.first_order.update(
+                    rollout, update_index=update_index, step_in_iteration=step_in_iteration, lr_scale=lr_scale
+                ),
+                "zo/first_order": 1.0,
+            }
         config = self.config
         updates = self.recipe.train.updates_per_iteration
         sampler = self.sampler_for(iteration)
@@ -77,11 +90,17 @@ class ZerothOrderUpdate:
         if isinstance(sampler, ZoproSampler):
             decay = decay_at(config.decay_schedule, step_in_iteration, updates, start=config.decay_start)
             sampler.decay = decay
-        lr = config.lr * lr_scale * (1.0 - step_in_iteration / updates if config.lr_schedule == "linear" else 1.0)
+        lr = (
+            config.lr
+            * lr_scale
+            * (1.0 - step_in_iteration / updates if config.lr_schedule == "linear" else 1.0)
+        )
 
         def surrogate_loss() -> torch.Tensor:
             new_logprobs = token_logprobs(self.pm, rollout.sequences, self.counters)
-            loss, _ = clipped_surrogate(new_logprobs, rollout.old_logprobs, rollout.advantages, self.clip_range)
+            loss, _ = clipped_surrogate(
+                new_logprobs, rollout.old_logprobs, rollout.advantages, self.clip_range
+            )
             return loss.float()
 
         true_gradient = before = None
@@ -89,14 +108,33 @@ class ZerothOrderUpdate:
             true_gradient = self._true_gradient(surrogate_loss)
             before = {n: p.detach().clone() for n, p in self.params.items()}
         self.pm.use("policy")
-        result = zo_update(self.params, surrogate_loss, sampler, run_seed=self.recipe.seed, update_index=update_index,
-                           eps=config.eps, lr=lr, weight_decay=config.weight_decay, directions=config.directions,
-                           g_clip=config.g_clip or None, reduce_g=self.run.reduce_scalar)
+        result = zo_update(
+            self.params,
+            surrogate_loss,
+            sampler,
+            run_seed=self.recipe.seed,
+            update_index=update_index,
+            eps=config.eps,
+            lr=lr,
+            weight_decay=config.weight_decay,
+            directions=config.directions,
+            g_clip=config.g_clip or None,
+            reduce_g=self.run.reduce_scalar,
+        )
         metrics = {
-            "zo/g": result.g, "zo/g_raw": result.g_raw, "zo/abs_g": result.abs_g, "zo/decay": decay,
-            "zo/cos_z_mu": result.cos_z_mu, "zo/cos_z_v": result.cos_z_v, "zo/skipped": float(result.skipped),
-            "zo/clipped": float(result.clipped), "zo/loss_plus": result.loss_plus, "zo/loss_minus": result.loss_minus,
-            "zo/directions": float(result.directions), "policy/lr": lr, "loss/policy": (result.loss_plus + result.loss_minus) / 2,
+            "zo/g": result.g,
+            "zo/g_raw": result.g_raw,
+            "zo/abs_g": result.abs_g,
+            "zo/decay": decay,
+            "zo/cos_z_mu": result.cos_z_mu,
+            "zo/cos_z_v": result.cos_z_v,
+            "zo/skipped": float(result.skipped),
+            "zo/clipped": float(result.clipped),
+            "zo/loss_plus": result.loss_plus,
+            "zo/loss_minus": result.loss_minus,
+            "zo/directions": float(result.directions),
+            "policy/lr": lr,
+            "loss/policy": (result.loss_plus + result.loss_minus) / 2,
             "zo/first_order": 0.0,
         }
         if true_gradient is not None and before is not None and not result.skipped:
@@ -134,8 +172,9 @@ def _difference(end: Path, start: Path, adapter: str) -> dict[str, torch.Tensor]
     return {k: (after[k].float() - before[k].float()) for k in after}
 
 
-def _cosine_with_step(gradient: dict[str, torch.Tensor], before: dict[str, torch.Tensor],
-                      params: dict[str, torch.Tensor]) -> float:
+def _cosine_with_step(
+    gradient: dict[str, torch.Tensor], before: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
+) -> float:
     """cos(true gradient, theta_before - theta_after): how well the zeroth-order step follows the gradient
     (with weight decay 0 the step is exactly lr times the estimate (1/q) sum_i g_i z_i)."""
     dot = grad_sq = step_sq = 0.0

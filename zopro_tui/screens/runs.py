@@ -19,16 +19,16 @@ from engine.reader import RunInfo
 from engine.report import STATUS_STYLE, fmt_duration, fmt_value
 from zopro_tui.reading import RunsListed, read_runs
 from zopro_tui.screens.modals import NewRunModal
+from zopro_tui.widgets.chart import fmt_number
 
 COLUMNS = (
-    ("mark", " "),
     ("run", "run"),
     ("method", "method"),
     ("status", "status"),
     ("position", "position"),
-    ("score", "RM score"),
+    ("score", "RM"),
     ("gold", "gold"),
-    ("win", "win vs SFT"),
+    ("win", "win"),
     ("elapsed", "elapsed"),
     ("eta", "ETA"),
 )
@@ -92,7 +92,7 @@ def run_detail(info: RunInfo) -> Table:
     for start in range(0, len(shown), 3):
         cells: list = []
         for label, value in shown[start : start + 3]:
-            cells += [label, fmt_value(value)]
+            cells += [label, fmt_number(float(value))]
         metrics.add_row(*cells)
     if shown:
         grid.add_row(metrics)
@@ -209,8 +209,7 @@ class RunsScreen(Screen):
     def row(self, info: RunInfo) -> list:
         latest = info.latest
         return [
-            Text("●", style="yellow") if info.path in self.marked else "",
-            info.name,
+            Text.assemble(("● ", "yellow") if info.path in self.marked else "  ", info.name),
             info.method,
             Text(info.status, style=STATUS_STYLE.get(info.status, "")),
             run_position(info),

@@ -21,6 +21,7 @@ EVENT_STYLES = {
     "resume": "magenta",
     "eval": "green",
 }
+QUIET_EVENTS = ("samples",)  # written every few updates: the samples panel shows them
 LOG_WARNING_WORDS = ("warning", "error", "traceback", "exception")
 
 
@@ -82,6 +83,8 @@ class EventsPanel(Panel):
             log.clear()  # a rewind: start over
             self._events_shown = 0
         for event in events[self._events_shown :]:
+            if event.get("type") in QUIET_EVENTS:
+                continue
             line = Text(no_wrap=True)
             line.append(f"{fmt_duration(event.get('elapsed')):>7} ", style="dim")
             line.append(describe_event(event), style=EVENT_STYLES.get(event.get("type", ""), ""))

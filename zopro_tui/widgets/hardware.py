@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.widgets import Sparkline, Static
+from textual.containers import Horizontal
+from textual.widgets import Label, Sparkline, Static
 
 from zopro_tui.view import CurveView
 from zopro_tui.watched import WatchedRun
@@ -36,8 +37,12 @@ class HardwarePanel(Panel):
 
     def compose(self) -> ComposeResult:
         yield Static(id="hardware-text")
-        yield Sparkline([], id="cpu-spark", summary_function=max)
-        yield Sparkline([], id="rss-spark", summary_function=max)
+        with Horizontal(classes="spark-row", id="cpu-row"):
+            yield Label("CPU ", classes="spark-label")
+            yield Sparkline([], id="cpu-spark", summary_function=max)
+        with Horizontal(classes="spark-row", id="rss-row"):
+            yield Label("RSS ", classes="spark-label")
+            yield Sparkline([], id="rss-spark", summary_function=max)
 
     def show_run(self, run: WatchedRun, view: CurveView, data_range: tuple[float, float] | None) -> None:
         grid = Table.grid(padding=(0, 1))
@@ -85,10 +90,9 @@ class HardwarePanel(Panel):
         rows = grid.row_count
         text.update(grid, layout=rows != self._rows)  # a new layout only when the height changes
         self._rows = rows
-        cpu_spark = self.query_one("#cpu-spark", Sparkline)
-        rss_spark = self.query_one("#rss-spark", Sparkline)
-        cpu_spark.display = rss_spark.display = len(run.cpu_history) >= 2
-        if cpu_spark.display:
-            cpu_spark.data = list(run.cpu_history)
-            rss_spark.data = list(run.rss_history)
-            cpu_spark.tooltip = f"CPU % over the last {len(run.cpu_history)} samples"
+        history = len(run.cpu_history) >= 2
+        for row in self.query(".spark-row"):
+            row.display = history
+        if history:
+            self.query_one("#cpu-spark", Sparkline).data = list(run.cpu_history)
+            self.query_one("#rss-spark", Sparkline).data = list(run.rss_history)

@@ -1,0 +1,204 @@
+"""`zopro bench methods`: what zeroth-order buys, measured. For each method, in a fresh process: peak memory
+of the policy-update phase, time per update (median) and forward passes per update, on one rollout size."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+BENCH_METHODS = ("rloo", "ppo", "online_dpo", "mezo", "zopro")
+
+
+@dataclass
+class BenchConfig:
+    model: str = "builtin:base10m"
+    prompts: int = 16
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    updates: int = 5
+    warmup: int = 1
+    lora_rank: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+def worker(method: str, config: BenchConfig) -> dict:
+    """Runs in its own process: load, make one rollout, then time `updates` policy updates on it."""
+    import torch
+
+    from engine.methods import make_update
+    from engine.models import load_preference_model, quiet_transformers, resolve_base, resolve_device
+    from engine.recipe import recipe_from_dict
+    from engine.rollout import collect_rollout
+    from engine.tasks import make_task
+    from engine.telemetry import Counters, PhasePeak, rss_mib
+    from engine.zeroth_order import ZoproSampler
+
+    quiet_transformers()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    recipe = recipe_from_dict(
+        {
+            "seed": config.seed,
+            "device": config.device,
+            "model": {
+                "base": config.model,
+                "lora_rank": config.lora_rank,
+                "lora_alpha": 2.0 * config.lora_rank,
+                "max_new_tokens": config.max_new_tokens,
+                "dtype": config.dtype,
+            },
+            "policy": {"method": method},
+            "train": {
+                "prompts_per_update": config.prompts,
+                "samples_per_prompt": config.samples_per_prompt,
+                "updates_per_iteration": config.updates + config.warmup,
+            },
+        },
+        "<bench>",
+    )
+    task = make_task(recipe.task.name, config.seed)
+    device = resolve_device(config.device)
+    base = resolve_base(config.model, task.corpus(), config.seed, "")  # untrained: full-length answers
+    pm = load_preference_model(
+        base,
+        dtype=config.dtype,
+        device=device,
+        lora_rank=config.lora_rank,
+        lora_alpha=2.0 * config.lora_rank,
+        target_modules=recipe.model.target_modules,
+        seed=config.seed,
+    )
+    counters = Counters()
+    counters.enter("bench")
+    run = SimpleNamespace(
+        pm=pm,
+        counters=counters,
+        recipe=recipe,
+        state=SimpleNamespace(iteration=1),
+        reduce_scalar=None,
+        iteration_checkpoint=None,
+    )
+    update = make_update(method, run)
+    if method == "zopro":  # iteration 1: informed directions from a synthetic mu and v
+        gen = torch.Generator().manual_seed(config.seed)
+        params = pm.adapter_parameters("policy")
+        mu = {n: (0.01 * torch.randn(p.shape, generator=gen)).to(device) for n, p in params.items()}
+        v = {n: (0.01 * torch.randn(p.shape, generator=gen)).to(device) for n, p in params.items()}
+        update.sampler, update.sampler_iteration = ZoproSampler(mu, v, decay=0.999), 1
+    prompts = task.prompts(config.prompts, "bench")
+    rollout_started = time.perf_counter()
+    rollout = collect_rollout(
+        pm,
+        prompts,
+        k=config.samples_per_prompt,
+        kl_coef=0.05,
+        missing_eos_penalty=0.0,
+        max_new_tokens=config.max_new_tokens,
+        max_prompt_tokens=32,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(config.seed),
+        counters=counters,
+    )
+    rollout_s = time.perf_counter() - rollout_started
+    tokens = int(rollout.sequences.attention_mask.sum())
+    baseline_rss = rss_mib()
+    times, peaks, passes = [], [], []
+    for step in range(config.warmup + config.updates):
+        before = counters.forward_passes
+        started = time.perf_counter()
+        with PhasePeak(device) as phase:
+            update.update(rollout, update_index=step, step_in_iteration=step, lr_scale=1.0)
+        if step >= config.warmup:
+            times.append(time.perf_counter() - started)
+            peaks.append(phase.growth_mib)
+            passes.append(counters.forward_passes - before)
+    result = {
+        "peak_update_mem_mib": round(max(peaks), 2),
+        "time_per_update_s": round(statistics.median(times), 4),
+        "forward_passes_per_update": statistics.median(passes),
+        "rollout_s": round(rollout_s, 3),
+        "sequences": len(rollout.sequences.responses),
+        "tokens_per_update": tokens,
+        "rss_after_load_mib": round(baseline_rss, 1),
+        "memory_measure": "cuda max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth",
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+    return result
+
+
+def run_methods(methods: list[str], config: BenchConfig) -> dict:
+    """Each method in a fresh subprocess, so peaks do not leak between methods."""
+    results = {}
+    for method in methods:
+        payload = json.dumps({"method": method, "config": config.__dict__})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.run(
+            [sys.executable, "-m", "engine.bench", payload], capture_output=True, text=True, env=env
+        )
+        lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
+        if process.returncode != 0 or not lines:
+            tail = (process.stderr.strip().splitlines() or ["no output"])[-1]
+            results[method] = {"error": tail}
+            continue
+        results[method] = json.loads(lines[-1])
+    return {"methods": results, "config": config.__dict__}
+
+
+def bench_table(report: dict):
+    from rich.table import Table
+
+    table = Table(
+        title=f"policy-update phase, {report['config']['model']}", header_style="bold", title_justify="left"
+    )
+    for column in (
+        "method",
+        "peak update mem (MiB)",
+        "time / update (s)",
+        "forward passes / update",
+        "vs rloo mem",
+        "vs rloo time",
+    ):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    reference = report["methods"].get("rloo", {})
+    for method, row in report["methods"].items():
+        if "error" in row:
+            table.add_row(method, "error: " + row["error"][:60], "", "", "", "")
+            continue
+        mem_ratio = (
+            row["peak_update_mem_mib"] / reference["peak_update_mem_mib"]
+            if reference.get("peak_update_mem_mib")
+            else None
+        )
+        time_ratio = (
+            row["time_per_update_s"] / reference["time_per_update_s"]
+            if reference.get("time_per_update_s")
+            else None
+        )
+        table.add_row(
+            method,
+            f"{row['peak_update_mem_mib']:.1f}",
+            f"{row['time_per_update_s']:.3f}",
+            f"{row['forward_passes_per_update']:g}",
+            "-" if mem_ratio is None else f"{mem_ratio:.2f}",
+            "-" if time_ratio is None else f"{time_ratio:.2f}",
+        )
+    return table
+
+
+if __name__ == "__main__":
+    request = json.loads(sys.argv[1])
+    print(json.dumps(worker(request["method"], BenchConfig(**request["config"]))))
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown (torch threads) so the parent's timing is clean

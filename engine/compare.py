@@ -1,0 +1,125 @@
+"""Comparing methods: run several methods of one recipe one after another into sibling run directories
+(same seed, same data), and the table that sets them side by side."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from engine.reader import read_events, run_info
+from engine.recipe import RecipeError, load_recipe
+from engine.report import fmt_duration, fmt_value
+
+EXIT_BAD_INPUT = 2
+
+
+def comparison_row(run_dir: Path) -> dict:
+    """Final held-out scores and the cost of one run: what the compare table and screen show."""
+    events = read_events(run_dir)
+    evals = [e["metrics"] for e in events if e.get("type") == "eval"]
+    metrics = [e for e in events if e.get("type") == "metrics"]
+    policy = [e["metrics"] for e in metrics if e.get("stage") == "policy"]
+    last = evals[-1] if evals else {}
+    update_peaks = [m["mem/update_peak_mib"] for m in policy if m.get("mem/update_peak_mib") is not None]
+    update_times = sorted(
+        m["time/policy_update_s"] for m in policy if m.get("time/policy_update_s") is not None
+    )
+    info = run_info(run_dir)
+    return {
+        "run": run_dir.name,
+        "method": info.method,
+        "status": info.status,
+        "sft_gold": evals[0].get("eval/gold") if evals else None,
+        "final_gold": last.get("eval/gold"),
+        "win_rate_vs_sft": last.get("eval/win_rate_vs_sft"),
+        "reward_score": last.get("eval/reward"),
+        "kl": last.get("eval/kl"),
+        "wall_time_s": events[-1].get("elapsed") if events else None,
+        "forward_passes": (metrics[-1]["metrics"].get("compute/forward_passes") if metrics else None),
+        "policy_forward_passes": _policy_forward_passes(events),
+        "peak_update_mem_mib": max(update_peaks) if update_peaks else None,
+        "median_update_s": update_times[len(update_times) // 2] if update_times else None,
+    }
+
+
+def _policy_forward_passes(events: list[dict]) -> int | None:
+    """Forward passes spent in the policy stages (the compute axis on which methods differ)."""
+    total = 0
+    found = False
+    for event in events:
+        if event.get("type") == "stage_end" and event.get("stage") == "policy":
+            total += event.get("counters", {}).get("forward_passes", 0)
+            found = True
+    return total if found else None
+
+
+def comparison_table(rows: list[dict], title: str = "comparison") -> Table:
+    table = Table(title=title, header_style="bold", title_justify="left")
+    columns = (
+        "method",
+        "final gold",
+        "win vs SFT",
+        "reward score",
+        "KL",
+        "wall time",
+        "policy fwd passes",
+        "peak update mem (MiB)",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(
+            row["method"],
+            fmt_value(row["final_gold"]),
+            fmt_value(row["win_rate_vs_sft"]),
+            fmt_value(row["reward_score"]),
+            fmt_value(row["kl"]),
+            fmt_duration(row["wall_time_s"]),
+            fmt_value(row["policy_forward_passes"]),
+            fmt_value(row["peak_update_mem_mib"], 1),
+        )
+    return table
+
+
+def run_comparison(
+    recipe_path: Path,
+    methods: list[str],
+    overrides: list[str],
+    *,
+    root: Path,
+    quiet: bool,
+    console: Console,
+    err: Console,
+) -> int:
+    """Validate every sibling recipe first (bad input creates nothing), then run them in turn."""
+    from engine.runner import EXIT_OK, run_training
+
+    try:
+        recipes = {m: load_recipe(recipe_path, [*overrides, f"policy.method={m}"]) for m in methods}
+    except RecipeError as error:
+        err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
+        return EXIT_BAD_INPUT
+    name = next(iter(recipes.values())).name
+    folder = root / f"{name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    dirs = []
+    for method in methods:
+        console.print(f"[bold]{method}[/] -> {folder / method}")
+        code = run_training(
+            recipe_path,
+            [*overrides, f"policy.method={method}"],
+            run_dir=folder / method,
+            resume=False,
+            quiet=quiet,
+            console=console,
+            err=err,
+        )
+        dirs.append(folder / method)
+        if code != EXIT_OK:
+            err.print(f"{method} ended with exit code {code}; the comparison stops here")
+            return code
+    console.print(comparison_table([comparison_row(d) for d in dirs], f"comparison: {folder}"))
+    return EXIT_OK
