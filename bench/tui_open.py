@@ -60,8 +60,21 @@ def generate(run_dir: Path, events: int) -> None:
     started = time.time() - events * 0.041
     seq = 0
     with open(run_dir / "events.jsonl", "w") as out:
-        out.write(json.dumps({"seq": 0, "type": "run_start", "time": started, "stage": "policy", "iteration": 0,
-                              "step": 0, "global_step": 0, "elapsed": 0.0}) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "seq": 0,
+                    "type": "run_start",
+                    "time": started,
+                    "stage": "policy",
+                    "iteration": 0,
+                    "step": 0,
+                    "global_step": 0,
+                    "elapsed": 0.0,
+                }
+            )
+            + "\n"
+        )
         seq = 1
         for step in range(1, events + 1):
             elapsed = step * 0.041
@@ -70,39 +83,95 @@ def generate(run_dir: Path, events: int) -> None:
             seq += 1
             if step % UPDATES_PER_ITERATION == 0:
                 angle = 90 - 30 * (1 - math.exp(-iteration / 200)) + rng.gauss(0, 3)
-                interplay = {"interplay/angle_policy_reward_deg": angle,
-                             "interplay/cos_policy_reward": math.cos(math.radians(angle)),
-                             "interplay/cos_policy_successive": rng.gauss(0.5, 0.1),
-                             "interplay/cos_reward_successive": rng.gauss(0.4, 0.1),
-                             "interplay/policy_update_norm": abs(rng.gauss(1, 0.1)),
-                             "interplay/reward_update_norm": abs(rng.gauss(0.5, 0.1)),
-                             "interplay/traj_policy_x": iteration * 0.01 + rng.gauss(0, 0.01),
-                             "interplay/traj_policy_y": math.sin(iteration / 50),
-                             "interplay/traj_reward_x": math.cos(iteration / 70),
-                             "interplay/traj_reward_y": iteration * 0.005}
-                out.write(json.dumps({"seq": seq, "type": "metrics", "stage": "refine", "iteration": iteration,
-                                      "step": 0, "global_step": step, "elapsed": elapsed,
-                                      "metrics": interplay}) + "\n")
+                interplay = {
+                    "interplay/angle_policy_reward_deg": angle,
+                    "interplay/cos_policy_reward": math.cos(math.radians(angle)),
+                    "interplay/cos_policy_successive": rng.gauss(0.5, 0.1),
+                    "interplay/cos_reward_successive": rng.gauss(0.4, 0.1),
+                    "interplay/policy_update_norm": abs(rng.gauss(1, 0.1)),
+                    "interplay/reward_update_norm": abs(rng.gauss(0.5, 0.1)),
+                    "interplay/traj_policy_x": iteration * 0.01 + rng.gauss(0, 0.01),
+                    "interplay/traj_policy_y": math.sin(iteration / 50),
+                    "interplay/traj_reward_x": math.cos(iteration / 70),
+                    "interplay/traj_reward_y": iteration * 0.005,
+                }
+                out.write(
+                    json.dumps(
+                        {
+                            "seq": seq,
+                            "type": "metrics",
+                            "stage": "refine",
+                            "iteration": iteration,
+                            "step": 0,
+                            "global_step": step,
+                            "elapsed": elapsed,
+                            "metrics": interplay,
+                        }
+                    )
+                    + "\n"
+                )
                 seq += 1
                 gold = 0.2 + 0.5 * (1 - math.exp(-iteration / 300)) + rng.gauss(0, 0.02)
-                out.write(json.dumps({"seq": seq, "type": "eval", "stage": "eval", "iteration": iteration,
-                                      "step": 0, "global_step": step, "elapsed": elapsed,
-                                      "metrics": {"eval/gold": gold, "eval/win_rate_vs_sft": gold + 0.2,
-                                                  "eval/kl": 0.5 + iteration / 1000, "eval/reward": gold,
-                                                  "compute/forward_passes": step * 17 + 4}}) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "seq": seq,
+                            "type": "eval",
+                            "stage": "eval",
+                            "iteration": iteration,
+                            "step": 0,
+                            "global_step": step,
+                            "elapsed": elapsed,
+                            "metrics": {
+                                "eval/gold": gold,
+                                "eval/win_rate_vs_sft": gold + 0.2,
+                                "eval/kl": 0.5 + iteration / 1000,
+                                "eval/reward": gold,
+                                "compute/forward_passes": step * 17 + 4,
+                            },
+                        }
+                    )
+                    + "\n"
+                )
                 seq += 1
-    latest = {"objective/scores": 0.3, "eval/gold": 0.7, "eval/win_rate_vs_sft": 0.9,
-              "compute/forward_passes": events * 17, "mem/peak_rss_mib": 640.1}
-    status = {"state": "finished", "stage": "done", "iteration": events // UPDATES_PER_ITERATION - 1,
-              "iterations": events // UPDATES_PER_ITERATION, "step": 0, "global_step": events,
-              "total_steps": events, "method": "zopro", "latest": latest, "pid": None,
-              "started": started, "updated": started + events * 0.041}
+    latest = {
+        "objective/scores": 0.3,
+        "eval/gold": 0.7,
+        "eval/win_rate_vs_sft": 0.9,
+        "compute/forward_passes": events * 17,
+        "mem/peak_rss_mib": 640.1,
+    }
+    status = {
+        "state": "finished",
+        "stage": "done",
+        "iteration": events // UPDATES_PER_ITERATION - 1,
+        "iterations": events // UPDATES_PER_ITERATION,
+        "step": 0,
+        "global_step": events,
+        "total_steps": events,
+        "method": "zopro",
+        "latest": latest,
+        "pid": None,
+        "started": started,
+        "updated": started + events * 0.041,
+    }
     (run_dir / "status.json").write_text(json.dumps(status))
     (run_dir / "meta.json").write_text(json.dumps({"method": "zopro", "started": started, "host": "bench"}))
     (run_dir / "samples").mkdir(exist_ok=True)
-    rows = [{"kind": "eval", "iteration": 999, "step": 0, "prompt": "how was the soup ?",
-             "response": "the soup was lovely .", "score": 0.5, "gold": 0.8}] * 8
-    (run_dir / "samples" / f"samples-{events:08d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [
+        {
+            "kind": "eval",
+            "iteration": 999,
+            "step": 0,
+            "prompt": "how was the soup ?",
+            "response": "the soup was lovely .",
+            "score": 0.5,
+            "gold": 0.8,
+        }
+    ] * 8
+    (run_dir / "samples" / f"samples-{events:08d}.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
     marker.write_text(f"{events}\n")
 
 
@@ -160,13 +229,23 @@ def main() -> None:
     generated_s = time.perf_counter() - started
     width, height = (int(v) for v in args.size.split("x"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(args.dir), str(width), str(height)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(args.dir), str(width), str(height)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=1800,
+    )
     if done.returncode != 0:
         sys.exit(done.stderr)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result.update(events=args.events, events_file_mib=round((args.dir / "events.jsonl").stat().st_size / 2**20, 1),
-                  size=args.size, generate_s=round(generated_s, 1))
+    result.update(
+        events=args.events,
+        events_file_mib=round((args.dir / "events.jsonl").stat().st_size / 2**20, 1),
+        size=args.size,
+        generate_s=round(generated_s, 1),
+    )
     print(json.dumps(result))
 
 

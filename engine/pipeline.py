@@ -88,7 +88,7 @@ class RunState:
     rollouts: list[dict] = field(default_factory=list)  # this iteration's (prompt, response, score)
     judged_pairs: list[dict] | None = None
     judge_stats: dict[str, int] = field(default_factory=dict)
-    sft_eval_answers: list[str] = field(default_factory=list)
+    sft_eval_answers: list[tuple[str, bool]] = field(default_factory=list)  # (answer, finished)
     history: list[dict] = field(default_factory=list)  # one row per evaluation (sft baseline, iterations)
     counters: dict = field(default_factory=dict)
     latest: dict[str, float] = field(default_factory=dict)
@@ -580,7 +580,7 @@ class Pipeline:
         if not self.state.sft_eval_answers:
             with self.pm.adapter("sft"):
                 sft = sample(self.pm, prompts, generator=generator(self.seed, "eval"), **kwargs)
-            self.state.sft_eval_answers = sft.responses
+            self.state.sft_eval_answers = list(zip(sft.responses, sft.finished.tolist(), strict=True))
         with self.pm.adapter("policy"):
             seqs = sample(self.pm, prompts, generator=generator(self.seed, "eval"), **kwargs)
             logprobs = token_logprobs(self.pm, seqs, self.counters)
@@ -598,7 +598,7 @@ class Pipeline:
                 self.task.gold(p, a, f) for p, a, f in zip(prompts, seqs.responses, finished, strict=True)
             ]
             sft_gold = [
-                self.task.gold(p, a) for p, a in zip(prompts, self.state.sft_eval_answers, strict=True)
+                self.task.gold(p, a, f) for p, (a, f) in zip(prompts, self.state.sft_eval_answers, strict=True)
             ]
             wins = [
                 1.0 if g > s + 1e-9 else 0.0 if g < s - 1e-9 else 0.5

@@ -57,18 +57,21 @@ class ProgressView:
         rate = self.rate()
         eta = (self.total_steps - step) / rate if rate else None
         iteration = e.get("iteration")
-        grid = Table.grid(padding=(0, 2))
-        grid.add_row(
-            Text(f"{self.method}", style="bold cyan"),
-            Text(self.stage_title, style="bold"),
-            f"it {'-' if iteration is None else iteration + 1}/{self.iterations}",
-            f"step {step}/{self.total_steps}",
-            f"RM {fmt_value(m.get('objective/scores'))}",
-            f"gold {fmt_value(m.get('eval/gold'))}",
-            f"KL {fmt_value(m.get('objective/kl'))}",
-            f"{rate:.2f} steps/s" if rate else "- steps/s",
-            f"ETA {fmt_duration(eta)}",
-        )
+        cells = [
+            (self.method, "bold cyan"),
+            (e.get("stage", "loading"), "bold"),
+            (f"it {'-' if iteration is None else iteration + 1}/{self.iterations}", ""),
+            (f"step {step}/{self.total_steps}", ""),
+            (f"RM {fmt_value(m.get('objective/scores'), 2)}", ""),
+            (f"gold {fmt_value(m.get('eval/gold'), 3)}", "green"),
+            (f"KL {fmt_value(m.get('objective/kl'), 2)}", ""),
+            (f"{rate:.1f} st/s" if rate else "- st/s", "dim"),
+            (f"ETA {fmt_duration(eta)}", ""),
+        ]
+        grid = Table.grid(padding=(0, 1))
+        for _ in cells:
+            grid.add_column(no_wrap=True, overflow="ellipsis")
+        grid.add_row(*(Text(text, style=style) for text, style in cells))
         return grid
 
 

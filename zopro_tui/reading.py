@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from zopro_tui.catalogue import wanted_metric
 
 CHUNK_BYTES = 4 << 20  # read at most this much per poll, so a huge log streams in and the UI stays live
 PREVIEW_ABOVE_BYTES = 24 << 20  # bigger logs first get a strided sample, drawn until the full read ends
-PREVIEW_EVENTS = 6000
+PREVIEW_EVENTS = 3000
 CAUGHT_UP_SLACK_BYTES = 1 << 16
 
 
@@ -145,7 +146,9 @@ class RunReader:
             self.started_reading = True
             self.history_bytes = max(self.history_bytes, self.size())
         before = self.tail.offset
-        batches = self.parser.parse(self.tail.iter_new(max_bytes=self.chunk_bytes))  # streamed: no list of dicts
+        batches = self.parser.parse(
+            self.tail.iter_new(max_bytes=self.chunk_bytes)
+        )  # streamed: no list of dicts
         if self.tail.offset == before:
             return None
         progress = min(1.0, self.tail.offset / self.history_bytes) if self.history_bytes else 1.0
@@ -268,7 +271,15 @@ def _load_nvml():
         return None
 
 
-def follow_run(run_dir: Path, post, cancelled, *, extras: bool = True, poll_seconds: float = 0.5) -> None:
+def follow_run(
+    run_dir: Path,
+    post,
+    cancelled,
+    *,
+    extras: bool = True,
+    poll_seconds: float = 0.5,
+    shown: threading.Event | None = None,
+) -> None:
     """The body of a worker thread: read a run until cancelled, posting what is new.
 
     Status every second; events every `poll_seconds` (continuously while catching up with a big log, after
@@ -285,6 +296,8 @@ def follow_run(run_dir: Path, post, cancelled, *, extras: bool = True, poll_seco
         for message in (reader.read_samples(), reader.read_log()):
             if message is not None:
                 post(message)
+    if preview is not None and shown is not None:
+        shown.wait(3.0)  # let the UI draw the sample before the catch-up competes with it for the GIL
     last_status = last_extras = time.monotonic()
     while not cancelled():
         read = reader.read_series()
@@ -300,7 +313,7 @@ def follow_run(run_dir: Path, post, cancelled, *, extras: bool = True, poll_seco
                 if message is not None:
                     post(message)
         if read is not None and not read.caught_up:
-            time.sleep(0.001)  # catching up: keep reading, but let the UI thread in
+            time.sleep(0.02)  # catching up: keep reading, but leave the UI thread room to stay responsive
             continue
         deadline = time.monotonic() + poll_seconds
         while not cancelled() and time.monotonic() < deadline:

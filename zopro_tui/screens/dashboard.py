@@ -7,6 +7,7 @@ here own the run's state. Panels redraw at most four times a second, and less of
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -53,20 +54,24 @@ CPU_BUDGET = 0.10  # live redraws slow down when the TUI uses more than this sha
 
 
 class RedrawPace:
-    """How long to wait before the next live redraw: 0.25 s, longer while this process has been using more
+    """How long to wait before the next live redraw: 0.25 s, longer while the UI thread has been using more
     than CPU_BUDGET of a core (a huge run, a slow terminal), so the TUI never competes with training."""
+
+    WARM_UP_SECONDS = 3.0  # opening a run (first layout, first full draw) is not the steady state
 
     def __init__(self) -> None:
         self.interval = REDRAW_SECONDS
-        self._cpu = time.process_time()
-        self._wall = time.monotonic()
+        self._cpu = time.thread_time()
+        self._wall = self._started = time.monotonic()
 
     def next_interval(self) -> float:
-        cpu, wall = time.process_time(), time.monotonic()
+        cpu, wall = time.thread_time(), time.monotonic()
         share = (cpu - self._cpu) / max(wall - self._wall, 1e-3)
         self._cpu, self._wall = cpu, wall
+        if wall - self._started < self.WARM_UP_SECONDS:
+            return REDRAW_SECONDS
         if share > CPU_BUDGET:
-            self.interval = min(5.0, self.interval * min(4.0, share / CPU_BUDGET))
+            self.interval = min(2.0, self.interval * min(4.0, share / CPU_BUDGET))
         else:
             self.interval = max(REDRAW_SECONDS, self.interval * 0.7)
         return self.interval
@@ -116,6 +121,7 @@ class DashboardScreen(Screen):
         self._dirty = True
         self._next_redraw = 0.0
         self.pace = RedrawPace()
+        self.first_picture = threading.Event()  # set once the first data is on screen
         self._hardware_target: tuple[int | None, str | None] = (None, None)
         self._told: set[str] = set()
 
@@ -173,7 +179,7 @@ class DashboardScreen(Screen):
     @work(thread=True, exclusive=True, group="run-reader", exit_on_error=False)
     def read_run(self) -> None:
         worker = get_current_worker()
-        follow_run(self.run.path, self.post_message, lambda: worker.is_cancelled)
+        follow_run(self.run.path, self.post_message, lambda: worker.is_cancelled, shown=self.first_picture)
 
     @work(thread=True, exclusive=True, group="hardware", exit_on_error=False)
     def sample_hardware(self) -> None:
@@ -190,10 +196,14 @@ class DashboardScreen(Screen):
     @on(SeriesRead)
     def on_series(self, message: SeriesRead) -> None:
         was_zo = self.run.zeroth_order
+        first_picture = message.preview or (message.caught_up and not self.run.caught_up)
         self.run.apply_series(message)
         if self.run.zeroth_order != was_zo:
             self.apply_layout()
         self._dirty = True
+        if first_picture:
+            self.redraw(force=True)  # the sample of a big log, or the end of the catch-up: show it now
+            self.call_after_refresh(self.first_picture.set)
 
     @on(StatusRead)
     def on_status(self, message: StatusRead) -> None:

@@ -1,0 +1,105 @@
+"""engine.series, what the TUI draws from: rewinds, min/max per column, EMA, shared indices, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.reader import EventTail, read_events
+from engine.rundir import RunWriter
+from engine.series import MetricStore, SeriesParser, ema, minmax_columns, sample_events
+
+
+def store_of(events: list[dict]) -> MetricStore:
+    store = MetricStore()
+    for batch in SeriesParser().parse(events):
+        store.extend(batch)
+    return store
+
+
+def test_a_spike_in_a_million_points_survives_decimation():
+    x = np.arange(1_000_000, dtype=float)
+    y = np.zeros_like(x)
+    y[654_321] = 9.0
+    columns = minmax_columns(x, y, 0, x[-1], 200)
+    assert len(columns) == 200
+    assert columns.high.max() == 9.0 and columns.low.min() == 0.0
+    assert columns.column[np.argmax(columns.high)] == int(654_321 / 999_999 * 200)
+
+
+def test_ema_matches_the_recurrence_and_extends_incrementally():
+    values = np.random.default_rng(0).normal(size=1000)
+    for weight in (0.6, 0.9, 0.99):
+        state, expected = 0.0, []
+        for t, value in enumerate(values):
+            state = weight * state + (1 - weight) * value
+            expected.append(state / (1 - weight ** (t + 1)))
+        whole, _ = ema(values, weight)
+        head, carry = ema(values[:300], weight)
+        tail, _ = ema(values[300:], weight, carry, 300)
+        assert np.allclose(whole, expected) and np.allclose(np.concatenate([head, tail]), expected)
+
+
+def test_rewind_drops_what_a_resumed_run_replays(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run) as writer:
+        for step in range(10):
+            writer.emit(
+                "metrics",
+                stage="policy",
+                iteration=0,
+                step=step,
+                global_step=step,
+                metrics={"objective/scores": float(step)},
+            )
+    with RunWriter(run, next_seq=6) as writer:  # a resumed writer: re-emits from seq 6
+        writer.emit("resume", stage="policy", iteration=0, step=6, rewind_to_seq=6)
+        for step in range(5, 8):
+            writer.emit(
+                "metrics",
+                stage="policy",
+                iteration=0,
+                step=step,
+                global_step=step,
+                metrics={"objective/scores": 100.0 + step},
+            )
+    tail_store = MetricStore()
+    tail = EventTail(run / "events.jsonl", chunk_bytes=200)  # many small reads, the rewind among them
+    parser = SeriesParser()
+    while batches := parser.parse(tail.read_new(max_bytes=300)):
+        for batch in batches:
+            tail_store.extend(batch)
+    expected = [e["metrics"]["objective/scores"] for e in read_events(run) if e["type"] == "metrics"]
+    assert list(tail_store.series("objective/scores")[1]) == expected == [0, 1, 2, 3, 4, 5, 105, 106, 107]
+
+
+def test_metrics_logged_together_share_their_index_until_they_part():
+    events = [{"seq": i, "type": "metrics", "global_step": i, "metrics": {"a": i, "b": -i}} for i in range(5)]
+    events.append({"seq": 5, "type": "metrics", "global_step": 5, "metrics": {"a": 5}})
+    store = MetricStore()
+    parser = SeriesParser()
+    store.extend(parser.parse(events[:5])[0])
+    assert store.index["a"] is store.index["b"]
+    store.extend(parser.parse(events[5:])[0])
+    assert store.index["a"] is not store.index["b"]
+    assert list(store.series("a")[0]) == [0, 1, 2, 3, 4, 5] and list(store.series("b")[0]) == [0, 1, 2, 3, 4]
+
+
+def test_views_handed_out_stay_valid_while_the_store_grows():
+    store = store_of([{"seq": 0, "type": "metrics", "global_step": 0, "metrics": {"a": 1.0}}])
+    x, y = store.series("a")
+    for i in range(1, 5000):
+        store.extend(
+            SeriesParser().parse([{"seq": i, "type": "metrics", "global_step": i, "metrics": {"a": 2.0}}])[0]
+        )
+    assert list(x) == [0.0] and list(y) == [1.0]
+    assert len(store.series("a")[1]) == 5000
+
+
+def test_sample_events_spreads_over_the_file(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run) as writer:
+        for step in range(2000):
+            writer.emit("metrics", stage="policy", iteration=0, step=step, metrics={"a": step})
+    sample = sample_events(run / "events.jsonl", 100)
+    seqs = [event["seq"] for event in sample]
+    assert seqs == sorted(set(seqs)) and seqs[0] == 0 and seqs[-1] > 1900 and 90 <= len(seqs) <= 100
