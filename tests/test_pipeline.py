@@ -184,3 +184,20 @@ def test_tiny_pipeline_improves_the_gold_score(tmp_path):
     evals = [e["metrics"] for e in read_events(run) if e["type"] == "eval"]
     assert evals[-1]["eval/gold"] > evals[0]["eval/gold"] + 0.1
     assert evals[-1]["eval/win_rate_vs_sft"] > 0.6
+
+
+def test_kill_9_loses_only_work_since_the_last_checkpoint(tmp_path, fast_recipe):
+    straight = tmp_path / "straight"
+    assert zopro("run", str(fast_recipe), "--run-dir", str(straight)).returncode == 0
+    killed = tmp_path / "killed"
+    process = zopro_popen("run", str(fast_recipe), "--run-dir", str(killed))
+    # past the reward-model checkpoint, inside the first iteration: no chance to checkpoint here
+    wait_for(lambda: global_step(killed) >= 12 + 12 + 2 or process.poll() is not None, every=0.02)
+    process.kill()
+    process.wait(timeout=60)
+    assert run_info(killed).status == "stale"
+    assert not list((killed / "checkpoints").glob("iter-*"))
+    resumed = zopro("run", "--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    # the events written after the last checkpoint were rewound and re-emitted identically
+    assert metric_events(killed) == metric_events(straight)
