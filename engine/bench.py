@@ -66,7 +66,7 @@ def worker(method: str, config: BenchConfig) -> dict:
         },
         "<bench>",
     )
-    task = make_task(recipe.task.name, config.seed)
+    task = make_task(recipe)
     device = resolve_device(config.device)
     base = resolve_base(config.model, task.corpus(), config.seed, "")  # untrained: full-length answers
     pm = load_preference_model(
@@ -162,14 +162,7 @@ def bench_table(report: dict):
     table = Table(
         title=f"policy-update phase, {report['config']['model']}", header_style="bold", title_justify="left"
     )
-    for column in (
-        "method",
-        "peak update mem (MiB)",
-        "time / update (s)",
-        "forward passes / update",
-        "vs rloo mem",
-        "vs rloo time",
-    ):
+    for column in ("method", "update MiB", "s / update", "fwd / update", "mem x rloo", "time x rloo"):
         table.add_column(column, justify="left" if column == "method" else "right")
     reference = report["methods"].get("rloo", {})
     for method, row in report["methods"].items():

@@ -121,6 +121,8 @@ def run_comparison(
         if code != EXIT_OK:
             err.print(f"{method} ended with exit code {code}; the comparison stops here")
             return code
-    console.print(comparison_table([comparison_row(d) for d in dirs], "comparison (final held-out evaluation)"))
+    console.print(
+        comparison_table([comparison_row(d) for d in dirs], "comparison (final held-out evaluation)")
+    )
     console.print(f"runs in {folder}", soft_wrap=True)
     return EXIT_OK

@@ -6,6 +6,7 @@ seeded by (run seed, what, where), and a checkpoint holds adapters, optimisers a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ import torch
 
 from engine import __version__
 from engine.interplay import InterplayTracker, adapter_views, pair_adapter_tensors
-from engine.judges import GoldJudge, RewardJudge
+from engine.judges import GoldJudge, LLMJudge, RewardJudge
 from engine.methods import make_update
 from engine.models import (
     ModelError,
@@ -34,6 +35,7 @@ from engine.models import (
     save_adapters,
 )
 from engine.objectives import bradley_terry_loss, sft_loss
+from engine.preference_data import DataError
 from engine.recipe import Recipe, dump_recipe
 from engine.rollout import (
     collect_rollout,
@@ -107,7 +109,10 @@ class Pipeline:
         self.clock = Stopwatch()
         self.signal_received: str | None = None
         self.stage_started = time.monotonic()
-        self.task = make_task(recipe.task.name, recipe.seed)
+        try:
+            self.task = make_task(recipe)
+        except DataError as error:
+            raise ModelError(f"data.path = {recipe.data.path!r}: {error}") from None
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         self.device = resolve_device(recipe.device)
@@ -128,6 +133,11 @@ class Pipeline:
             target_modules=m.target_modules,
             seed=recipe.seed,
         )
+        if hasattr(self.task, "bind"):  # a dataset: format prompts for this tokenizer, drop over-long rows
+            try:
+                self.data_report = self.task.bind(self.pm.tokenizer, m.max_prompt_tokens + m.max_new_tokens)
+            except DataError as error:
+                raise ModelError(f"data.path = {recipe.data.path!r}: {error}") from None
         self.train_prompts = self.task.prompts(recipe.task.train_prompts, "train")
         self.eval_prompts = self.task.prompts(recipe.task.eval_prompts, "eval")
         self.sft_optimizer = torch.optim.AdamW(self.pm.adapter_parameters("sft").values(), lr=recipe.sft.lr)
@@ -149,6 +159,8 @@ class Pipeline:
                 )
         self.method = make_update(recipe.policy.method, self)
         self.reward_before_refine: dict[str, torch.Tensor] | None = None
+        self.reward_initial: dict[str, torch.Tensor] | None = None
+        self.judge = None
 
     def _reward_optimizer(self, lr: float) -> torch.optim.Optimizer:
         params = list(self.pm.adapter_parameters("reward").values()) + list(self.pm.score_head.parameters())
@@ -230,13 +242,17 @@ class Pipeline:
                     reset_peak(self.device)
                     self.emit("stage_start", message=_stage_title(stage, self.state.iteration))
                     self.writer.update_status(stage=stage, iteration=self._iteration_or_none(), step=0)
-                {
+                run_stage = {
                     "sft": self.run_sft,
                     "reward": self.run_reward,
                     "policy": self.run_policy,
                     "refine": self.run_refine,
                     "eval": self.run_eval,
-                }[stage]()
+                }[stage]
+                try:
+                    run_stage()
+                except torch.cuda.OutOfMemoryError:
+                    raise TrainingFailed(self._out_of_memory(stage)) from None
             self.writer.update_status(
                 state="finished", stage="done", latest=self.state.latest, elapsed=self.clock.elapsed()
             )
@@ -299,6 +315,7 @@ class Pipeline:
                 [p.chosen for p in batch],
                 [p.rejected for p in batch],
                 self.reward_optimizer,
+                targets=[p.score for p in batch],
             )
             self._check_finite(loss, "reward", "loss/reward")
             self.advance()
@@ -306,14 +323,20 @@ class Pipeline:
                 self.metrics({"loss/reward": loss, "reward/accuracy": accuracy})
             self.between_steps()
         self._center_reward(pairs)
-        held_out = self.task.preference_pairs(256) if hasattr(self.task, "preference_pairs") else []
+        held_out = self.task.held_out_pairs(256)
+        self.reward_initial = self._reward_snapshot()  # the fixed judge of win rates when there is no gold
         accuracy = self._reward_accuracy(held_out)
         self.metrics({"reward/eval_accuracy": accuracy})
         self.evaluate(label="sft")
         self.end_stage("policy", checkpoint="reward")
 
     def _bradley_terry_step(
-        self, prompts: list[str], chosen: list[str], rejected: list[str], optimizer: torch.optim.Optimizer
+        self,
+        prompts: list[str],
+        chosen: list[str],
+        rejected: list[str],
+        optimizer: torch.optim.Optimizer,
+        targets: list[float | None] | None = None,
     ) -> tuple[float, float]:
         r = self.recipe
         # the reward adapter stays active (and so trainable) through the backward pass
@@ -328,6 +351,12 @@ class Pipeline:
             scores = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
             n = len(prompts)
             loss = bradley_terry_loss(scores[:n], scores[n:])
+            weight = r.reward.score_mse_weight
+            if weight and targets and any(t is not None for t in targets):
+                # data with a quality score (WMT20 MLQE z_mean): also regress r(p, chosen) on it
+                keep = [k for k, t in enumerate(targets) if t is not None]
+                wanted = torch.tensor([targets[k] for k in keep], device=scores.device, dtype=scores.dtype)
+                loss = loss + weight * torch.nn.functional.mse_loss(scores[:n][keep], wanted)
             loss.backward()
             self.counters.add(backward_passes=1)
             optimizer.step()
@@ -421,10 +450,14 @@ class Pipeline:
             update_metrics["mem/update_peak_mib"] = round(phase.growth_mib, 2)
             seqs = rollout.sequences
             finished = seqs.finished.tolist()
-            gold = [
-                self.task.gold(p, a, f)
-                for p, a, f in zip(seqs.prompts, seqs.responses, finished, strict=True)
-            ]
+            gold = (
+                [
+                    self.task.gold(p, a, f)
+                    for p, a, f in zip(seqs.prompts, seqs.responses, finished, strict=True)
+                ]
+                if self.task.has_gold
+                else None
+            )
             scores = rollout.scores.tolist()
             self.state.rollouts.extend(
                 {"prompt": p, "response": a, "score": s}
@@ -443,7 +476,7 @@ class Pipeline:
                     "objective/rlhf_reward": float(rollout.rlhf_reward.mean()),
                     "objective/kl": float(rollout.kl.mean()),
                     "objective/entropy": entropy,
-                    "objective/gold": sum(gold) / len(gold),
+                    **({"objective/gold": sum(gold) / len(gold)} if gold else {}),
                     "objective/response_length": float(seqs.response_mask.sum(-1).float().mean()),
                     "objective/finished": sum(finished) / len(finished),
                     "policy/update": self.state.policy_updates,
@@ -511,6 +544,13 @@ class Pipeline:
             "judged": len(pairs),
             "no_verdict": undecided,
         }
+        if judge.name != "gold" and self.task.has_gold:  # how often this judge agrees with the truth
+            truth = GoldJudge(self.task).compare([row["prompt"] for row in kept], firsts, seconds)
+            both = [(v, t) for v, t in zip(verdicts, truth, strict=True) if v is not None and t is not None]
+            if both:
+                self.state.judge_stats["agreement_with_gold_pct"] = round(
+                    100 * sum(v == t for v, t in both) / len(both)
+                )
         self.reward_before_refine = self._reward_snapshot()
 
     def make_judge(self):
@@ -519,7 +559,28 @@ class Pipeline:
             return GoldJudge(self.task)
         if r.refine.judge == "reward":
             return RewardJudge(self.pm, self.counters, r.model.max_prompt_tokens, r.model.max_new_tokens)
-        raise TrainingFailed(f"refine.judge = {r.refine.judge!r} is not available yet")
+        if self.judge is None:  # loaded once, on first use
+            self.judge = LLMJudge(
+                r.refine.judge_model, device=self.device, dtype=r.refine.judge_dtype, counters=self.counters
+            )
+        return self.judge
+
+    @contextlib.contextmanager
+    def _reward_weights(self, snapshot: dict[str, torch.Tensor]):
+        """Score with other reward weights (the initial reward model) for a moment, then restore."""
+        current = self._reward_snapshot()
+        self._load_reward(snapshot)
+        try:
+            yield
+        finally:
+            self._load_reward(current)
+
+    @torch.no_grad()
+    def _load_reward(self, snapshot: dict[str, torch.Tensor]) -> None:
+        live = dict(self.pm.adapter_parameters("reward"))
+        live.update({f"score_head.{n}": p for n, p in self.pm.score_head.named_parameters()})
+        for name, param in live.items():
+            param.copy_(snapshot[name].to(param.device))
 
     def _reward_snapshot(self) -> dict[str, torch.Tensor]:
         snapshot = {n: p.detach().clone() for n, p in self.pm.adapter_parameters("reward").items()}
@@ -598,7 +659,8 @@ class Pipeline:
                 self.task.gold(p, a, f) for p, a, f in zip(prompts, seqs.responses, finished, strict=True)
             ]
             sft_gold = [
-                self.task.gold(p, a, f) for p, (a, f) in zip(prompts, self.state.sft_eval_answers, strict=True)
+                self.task.gold(p, a, f)
+                for p, (a, f) in zip(prompts, self.state.sft_eval_answers, strict=True)
             ]
             wins = [
                 1.0 if g > s + 1e-9 else 0.0 if g < s - 1e-9 else 0.5
@@ -606,6 +668,16 @@ class Pipeline:
             ]
             metrics["eval/gold"] = sum(gold) / len(gold)
             metrics["eval/win_rate_vs_sft"] = sum(wins) / len(wins)
+        elif self.reward_initial is not None:  # no gold: the fixed initial reward model judges
+            with self._reward_weights(self.reward_initial):
+                mine = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
+                theirs = self._score_texts(prompts, [a for a, _ in self.state.sft_eval_answers])
+            wins = [
+                1.0 if a > b else 0.0 if a < b else 0.5
+                for a, b in zip(mine.tolist(), theirs.tolist(), strict=True)
+            ]
+            metrics["eval/win_rate_vs_sft"] = sum(wins) / len(wins)
+            metrics["eval/reward_initial"] = float(mine.mean())
         self.metrics(metrics, type="eval")
         row = {
             "label": label,
@@ -701,6 +773,22 @@ class Pipeline:
         self.writer.write_samples(self.state.global_step, rows)
         self.emit("samples", count=len(rows), kind=kind)
 
+    def _out_of_memory(self, stage: str) -> str:
+        r = self.recipe
+        batch = {
+            "sft": f"sft.batch_size = {r.sft.batch_size}",
+            "reward": f"reward.batch_size = {r.reward.batch_size} pairs",
+            "policy": f"train.prompts_per_update x train.samples_per_prompt = "
+            f"{r.train.prompts_per_update * r.train.samples_per_prompt} sequences of up to "
+            f"{r.model.max_prompt_tokens} + {r.model.max_new_tokens} tokens",
+            "refine": f"refine.batch_size = {r.refine.batch_size} pairs",
+            "eval": f"task.eval_prompts = {r.task.eval_prompts}",
+        }.get(stage, "the batch")
+        return (
+            f"CUDA ran out of memory in the {stage} stage with {batch}; lower that (or model.max_new_tokens), "
+            "or use a smaller model or model.dtype = 'bfloat16', then resume"
+        )
+
     def _check_finite(self, loss: torch.Tensor | float, stage: str, name: str) -> None:
         if not math.isfinite(float(loss)):
             raise TrainingFailed(
@@ -741,6 +829,7 @@ class Pipeline:
                     "method": self.method.state_dict(),
                     "reward_before_refine": self.reward_before_refine,
                     "interplay": self.interplay.state_dict() if self.interplay is not None else None,
+                    "reward_initial": self.reward_initial,
                 },
                 folder / "trainer_state.pt",
             )
@@ -755,6 +844,7 @@ class Pipeline:
         self.refine_optimizer.load_state_dict(trainer["refine_optimizer"])
         self.method.load_state_dict(trainer["method"])
         self.reward_before_refine = trainer["reward_before_refine"]
+        self.reward_initial = trainer.get("reward_initial")
         if self.interplay is not None and trainer.get("interplay") is not None:
             self.interplay.load_state_dict(trainer["interplay"])
         self.state = RunState(**json.loads((folder / "state.json").read_text()))

@@ -69,11 +69,50 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = spec("builtin:sentiment", help="builtin:sentiment, or a dataset format (issue 6)")
+    name: str = spec("builtin:sentiment", help="builtin:sentiment, or dataset (read from [data])")
     train_prompts: int = spec(512, low=8)
     eval_prompts: int = spec(64, low=4)
     sft_examples: int = spec(2048, low=8)
     preference_pairs: int = spec(2048, low=8)
+
+
+@dataclass
+class DataConfig:
+    """A preference dataset, used when task.name = "dataset" (formats of engine/preference_data.py)."""
+
+    format: str = spec(
+        "preference_table", choices=("hh_rlhf", "summarize_from_feedback", "wmt20_mlqe", "preference_table")
+    )
+    path: str = spec("", help="a hub id (Anthropic/hh-rlhf) or a local file or folder")
+    split: str = spec("train")
+    config: str = spec("", help="hub config: comparisons, en-de, ...")
+    data_dir: str = spec("", help="hub sub-folder, e.g. harmless-base")
+    limit: int = spec(0, low=0, help="rows to keep (0: all)")
+    prompt_column: str = spec("prompt")
+    chosen_column: str = spec("chosen")
+    rejected_column: str = spec("rejected")
+    score_column: str = spec("score")
+    wmt_rejected: str = spec("source_copy", choices=("source_copy", "none"))
+
+    def source(self):
+        from engine.preference_data import PreferenceSource
+
+        columns = {
+            "prompt": self.prompt_column,
+            "chosen": self.chosen_column,
+            "rejected": self.rejected_column,
+            "score": self.score_column,
+        }
+        return PreferenceSource(
+            format=self.format,
+            path=self.path,
+            split=self.split,
+            config=self.config or None,
+            data_dir=self.data_dir or None,
+            limit=self.limit or None,
+            columns=columns,
+            wmt_rejected=self.wmt_rejected,
+        )
 
 
 @dataclass
@@ -168,6 +207,8 @@ class ZOPrOConfig(ZerothOrderConfig):
 @dataclass
 class RefineConfig:
     judge: str = spec("gold", choices=("gold", "reward", "llm"))
+    judge_model: str = spec("", help="the llm judge: a local folder or hub id of an instruction model")
+    judge_dtype: str = spec("bfloat16", choices=("float32", "bfloat16", "float16"))
     keep_fraction: float = spec(0.6, low=0.0, low_open=True, high=1.0)
     epochs: int = spec(2, low=0)
     batch_size: int = spec(16, low=1)
@@ -206,6 +247,7 @@ class Recipe:
     threads: int = spec(0, low=0, help="torch CPU threads (0: leave torch's default)")
     model: ModelConfig = spec(factory=ModelConfig)
     task: TaskConfig = spec(factory=TaskConfig)
+    data: DataConfig = spec(factory=DataConfig)
     sft: SFTConfig = spec(factory=SFTConfig)
     reward: RewardConfig = spec(factory=RewardConfig)
     policy: PolicyConfig = spec(factory=PolicyConfig)
@@ -229,7 +271,7 @@ class Recipe:
 
 
 METHOD_SECTIONS = {"rloo": "rloo", "ppo": "ppo", "online_dpo": "online_dpo", "mezo": "mezo", "zopro": "zopro"}
-TASK_NAMES = ("builtin:sentiment",)  # method -> its recipe section (issue 3 adds the others)
+TASK_NAMES = ("builtin:sentiment", "dataset")  # method -> its recipe section (issue 3 adds the others)
 
 
 # --- loading and validation ---------------------------------------------------------------------------------
@@ -344,6 +386,21 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
             f"{source}: task.name = {recipe.task.name!r} is not accepted; choose one of "
             f"{', '.join(TASK_NAMES)}{_suggest(recipe.task.name, list(TASK_NAMES))}"
         )
+    if recipe.task.name == "dataset" and not recipe.data.path:
+        raise RecipeError(
+            f"{source}: task.name = 'dataset' needs data.path (a hub id or a local file or folder)"
+        )
+    if recipe.task.name != "dataset" and "data" in raw:
+        raise RecipeError(f"{source}: [data] is only read when task.name = 'dataset'")
+    if recipe.task.name == "dataset" and recipe.refine.judge == "gold":
+        raise RecipeError(
+            f"{source}: refine.judge = 'gold' needs a task with a gold scorer; use 'reward' or 'llm' "
+            "with a dataset"
+        )
+    if recipe.refine.judge == "llm" and not recipe.refine.judge_model:
+        raise RecipeError(
+            f"{source}: refine.judge = 'llm' needs refine.judge_model (a local folder or a hub id)"
+        )
     if recipe.model.target_modules == []:
         raise RecipeError(f"{source}: model.target_modules must name at least one module")
     if recipe.train.prompts_per_update > recipe.task.train_prompts:
@@ -446,6 +503,8 @@ def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as TOML (defaults filled in, overrides applied)."""
     data = recipe.to_dict()
     unused = set(METHOD_SECTIONS.values()) - set(sections_used(recipe.policy.method))
+    if recipe.task.name != "dataset":
+        unused.add("data")
     data = {k: v for k, v in data.items() if k not in unused}
     lines = ["# fully resolved by zopro: every default filled in, every --set applied"]
     tables = []

@@ -165,6 +165,11 @@ class SentimentTask:
                 break
         return pairs
 
+    def held_out_pairs(self, count: int) -> list[PreferencePair]:
+        """Pairs on prompts the reward model never trained on (for its held-out accuracy)."""
+        held = SentimentTask(self.seed + 7919)
+        return held.preference_pairs(count)
+
     def corpus(self) -> list[str]:
         """Text for training the built-in tokenizer: every word and template of the task."""
         rng = random.Random(f"{self.seed}:corpus")
@@ -207,5 +212,10 @@ class SentimentTask:
 TASKS = {"builtin:sentiment": SentimentTask}
 
 
-def make_task(name: str, seed: int) -> SentimentTask:
-    return TASKS[name](seed)
+def make_task(recipe):
+    """The recipe's task: a built-in one, or a preference dataset (`task.name = "dataset"`, `[data]`)."""
+    if recipe.task.name == "dataset":
+        from engine.dataset_task import DatasetTask
+
+        return DatasetTask(recipe.data.source(), recipe.task.eval_prompts, recipe.seed)
+    return TASKS[recipe.task.name](recipe.seed)

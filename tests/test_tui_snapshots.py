@@ -24,6 +24,11 @@ SIZES = [(80, 24), (160, 48)]
 @pytest.fixture(autouse=True)
 def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("TZ", "UTC")  # the runs screen shows start times in local time
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
 async def settle(pilot, ready, timeout: float = 10) -> None:

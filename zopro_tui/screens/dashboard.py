@@ -49,8 +49,8 @@ from zopro_tui.widgets.header import RunHeader
 from zopro_tui.widgets.panel import ChartGridPanel, Panel
 from zopro_tui.widgets.samples import SamplesPanel
 
-REDRAW_SECONDS = 0.25  # at most four redraws a second
-CPU_BUDGET = 0.10  # live redraws slow down when the TUI uses more than this share of a core
+REDRAW_SECONDS = 0.5  # new data redraws at most twice a second; keys redraw at once
+CPU_BUDGET = 0.05  # live redraws slow down when the TUI uses more than this share of a core
 
 
 class RedrawPace:

@@ -20,6 +20,7 @@ from engine.report import STATUS_STYLE, fmt_duration, fmt_value
 from zopro_tui.reading import RunsListed, read_runs
 from zopro_tui.screens.modals import NewRunModal
 from zopro_tui.widgets.chart import fmt_number
+from zopro_tui.widgets.header import run_position
 
 COLUMNS = (
     ("run", "run"),
@@ -59,16 +60,6 @@ DETAIL_METRICS = (
     ("zo/g", "zo g"),
     ("zo/decay", "zo decay"),
 )
-
-
-def run_position(info: RunInfo) -> str:
-    """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them, `done` after."""
-    if info.status == "finished" or info.stage == "done":
-        return f"done, {info.iterations} it" if info.iterations else "done"
-    if info.iteration is None:
-        return f"{info.stage or '-'} {info.step}".strip()
-    total = f"/{info.iterations}" if info.iterations else ""
-    return f"it {info.iteration + 1}{total} {info.stage} {info.step}"
 
 
 def run_detail(info: RunInfo) -> Table:

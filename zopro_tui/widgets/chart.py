@@ -89,6 +89,22 @@ def value_before(x: np.ndarray, values: np.ndarray, at: float) -> float | None:
     return float(values[position]) if position >= 0 else None
 
 
+def data_signature(data: ChartData) -> tuple:
+    """What decides a chart's look, cheaply: per series its length, last point and smoothing."""
+    series = tuple(
+        (
+            s.label,
+            s.color,
+            len(s.x),
+            float(s.x[-1]) if len(s.x) else None,
+            float(s.y[-1]) if len(s.y) else None,
+            s.smoothed is not None and len(s.smoothed),
+        )
+        for s in data.series
+    )
+    return (data.title, series, data.x_window, data.cursor, data.x_kind, data.waiting, data.xy)
+
+
 class CurveChart(Widget):
     """Several series on shared axes in braille, with a legend that reads the values at the cursor."""
 
@@ -101,9 +117,15 @@ class CurveChart(Widget):
         self.data = data or ChartData(title="")
         self._strips: list[Strip] | None = None
         self._strips_width = 0
+        self._signature: tuple | None = None
 
     def show(self, data: ChartData) -> None:
+        """Draw new data; nothing happens when it draws the same as before (the same points, window, cursor)."""
+        signature = data_signature(data)
         self.data = data
+        if signature == self._signature:
+            return
+        self._signature = signature
         self._strips = None
         self.refresh()
 

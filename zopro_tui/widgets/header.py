@@ -5,9 +5,20 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from engine.report import STATUS_STYLE, fmt_duration, position
+from engine.reader import RunInfo
+from engine.report import STATUS_STYLE, fmt_duration
 from zopro_tui.view import CurveView
 from zopro_tui.watched import WatchedRun
+
+
+def run_position(info: RunInfo) -> str:
+    """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them, `done` after."""
+    if info.status == "finished" or info.stage == "done":
+        return f"done, {info.iterations} it" if info.iterations else "done"
+    if info.iteration is None:
+        return f"{info.stage or '-'} {info.step}".strip()
+    total = f"/{info.iterations}" if info.iterations else ""
+    return f"it {info.iteration + 1}{total} {info.stage} {info.step}"
 
 
 def status_line(run: WatchedRun, readonly: bool = False, starting_pid: int | None = None) -> Text:
@@ -22,7 +33,7 @@ def status_line(run: WatchedRun, readonly: bool = False, starting_pid: int | Non
         status = "starting" + (f" (pid {starting_pid}, loading the model)" if starting_pid else "")
     line.append(status, style=STATUS_STYLE.get(status, "bold"))
     if info is not None and info.status != "created":
-        line.append(f"  {position(info)}")
+        line.append(f"  {run_position(info)}")
         if info.total_steps:
             line.append(f"  step {info.global_step}/{info.total_steps}")
         rate = run.steps_per_second()
