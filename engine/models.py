@@ -30,7 +30,7 @@ BUILTIN_SIZES = {
     "base100m": (768, 12, 12, 3072),
 }
 BUILTIN_VOCAB = 512
-BUILTIN_VERSION = 2  # bump when the build changes, so caches rebuild
+BUILTIN_VERSION = 3  # bump when the build changes, so caches rebuild
 PRETRAIN_STEPS = 300
 
 
@@ -102,7 +102,7 @@ def build_builtin(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=256,
+        max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -70,8 +70,8 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = spec("builtin:sentiment", help="builtin:sentiment, or dataset (read from [data])")
-    train_prompts: int = spec(512, low=8)
-    eval_prompts: int = spec(64, low=4)
+    train_prompts: int = spec(512, low=1)
+    eval_prompts: int = spec(64, low=1)
     sft_examples: int = spec(2048, low=8)
     preference_pairs: int = spec(2048, low=8)
 

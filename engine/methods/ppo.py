@@ -106,7 +106,7 @@ class PPOUpdate:
     zeroth_order = False
 
     def __init__(self, run: Any):
-        self.pm, self.counters, self.seed = run.pm, run.counters, run.seed
+        self.pm, self.counters, self.seed = run.pm, run.counters, run.recipe.seed
         self.config = run.recipe.ppo
         self.kl_coef = run.recipe.policy.kl_coef
         self.clip_range = run.recipe.policy.clip_range

@@ -50,7 +50,8 @@ from zopro_tui.widgets.panel import ChartGridPanel, Panel
 from zopro_tui.widgets.samples import SamplesPanel
 
 REDRAW_SECONDS = 0.5  # new data redraws at most twice a second; keys redraw at once
-CPU_BUDGET = 0.05  # live redraws slow down when the TUI uses more than this share of a core
+ALL_PARTS = frozenset({"series", "status", "clock", "samples", "log", "hardware"})
+CPU_BUDGET = 0.03  # live redraws slow down when the TUI uses more than this share of a core
 
 
 class RedrawPace:
@@ -118,7 +119,7 @@ class DashboardScreen(Screen):
         super().__init__()
         self.run = WatchedRun(Path(run_dir))
         self.readonly = readonly
-        self._dirty = True
+        self._dirty: set[str] = set(ALL_PARTS)  # what changed since the last redraw
         self._next_redraw = 0.0
         self.pace = RedrawPace()
         self.first_picture = threading.Event()  # set once the first data is on screen
@@ -173,7 +174,7 @@ class DashboardScreen(Screen):
             visible = [panel for panel in self.panels() if panel.display]
             if visible:
                 visible[0].focus()
-        self._dirty = True
+        self._dirty |= ALL_PARTS
 
     # -- workers: they read and post, nothing else -----------------------------------------------------
     @work(thread=True, exclusive=True, group="run-reader", exit_on_error=False)
@@ -200,7 +201,7 @@ class DashboardScreen(Screen):
         self.run.apply_series(message)
         if self.run.zeroth_order != was_zo:
             self.apply_layout()
-        self._dirty = True
+        self._dirty.add("series")
         if first_picture:
             self.redraw(force=True)  # the sample of a big log, or the end of the catch-up: show it now
             self.call_after_refresh(self.first_picture.set)
@@ -208,6 +209,7 @@ class DashboardScreen(Screen):
     @on(StatusRead)
     def on_status(self, message: StatusRead) -> None:
         before = self.run.info.status if self.run.info else None
+        changed = message.info != self.run.info
         was_zo = self.run.zeroth_order
         self.run.apply_status(message.info)
         info = message.info
@@ -224,22 +226,27 @@ class DashboardScreen(Screen):
                 f"the run's process exited before writing its run directory; see {launched.log_path}",
                 "error",
             )
-        self._dirty = True
+        if changed:
+            self._dirty.add("status")
+        elif self.run.live:
+            self._dirty.add("clock")  # elapsed and ETA move on
 
     @on(SamplesRead)
     def on_samples(self, message: SamplesRead) -> None:
         self.run.samples, self.run.samples_source = message.rows, message.source
-        self._dirty = True
+        self._dirty.add("samples")
 
     @on(LogRead)
     def on_log(self, message: LogRead) -> None:
         self.run.apply_log(message.lines)
-        self._dirty = True
+        self._dirty.add("log")
 
     @on(HardwareRead)
     def on_hardware(self, message: HardwareRead) -> None:
+        changed = message.reading != self.run.hardware
         self.run.apply_hardware(message.reading)
-        self._dirty = True
+        if changed:
+            self._dirty.add("hardware")
 
     def _host(self) -> str | None:
         import json
@@ -278,7 +285,8 @@ class DashboardScreen(Screen):
         now = time.monotonic()
         if not (self._dirty or force) or (not force and now < self._next_redraw):
             return
-        self._dirty = False
+        dirty = ALL_PARTS if force else self._dirty
+        self._dirty = set()
         starting_pid = None
         launched = getattr(self.app, "launched", {}).get(self.run.path)
         if launched is not None and launched.alive():
@@ -286,7 +294,7 @@ class DashboardScreen(Screen):
         self.query_one(RunHeader).show(self.run, self.view, self.readonly, starting_pid)
         data_range = self.data_range()
         for panel in self.panels():
-            if panel.display:
+            if panel.display and panel.FEEDS & dirty:
                 panel.show_run(self.run, self.view, data_range)
         self._next_redraw = now + self.pace.next_interval()
 

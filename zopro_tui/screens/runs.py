@@ -135,7 +135,6 @@ class RunsScreen(Screen):
         self.query_one("#runs-filter", Input).display = False
         self.show_title()
         table.focus()
-        self.list_runs()
 
     @work(thread=True, exclusive=True, group="runs-list", exit_on_error=False)
     def list_runs(self) -> None:
@@ -148,8 +147,16 @@ class RunsScreen(Screen):
 
     @on(RunsListed)
     def on_runs_listed(self, message: RunsListed) -> None:
+        changed = [info.to_json() for info in message.runs] != [info.to_json() for info in self.runs]
         self.runs = message.runs
-        self.show_runs()
+        if changed or not self.query_one(RunsTable).row_count:
+            self.show_runs()
+
+    def on_screen_resume(self) -> None:
+        self.list_runs()  # exclusive: replaces a worker still running
+
+    def on_screen_suspend(self) -> None:
+        self.workers.cancel_group(self, "runs-list")  # under a dashboard: no listing, no repaints
 
     def visible_runs(self) -> list[RunInfo]:
         return [info for info in self.runs if run_matches(info, self.filter_text)]

@@ -61,6 +61,8 @@ def describe_event(event: dict) -> str:
 class EventsPanel(Panel):
     """Events of the run and warning lines of its launch log, as a scrolling log."""
 
+    FEEDS = frozenset({"series", "log"})
+
     def __init__(self, *, id: str | None = None, classes: str | None = None):
         super().__init__("events", id=id, classes=classes)
         self._events_shown = 0

@@ -31,6 +31,8 @@ def mib(value: float | None) -> str:
 class HardwarePanel(Panel):
     """Process CPU and memory (psutil), GPU memory and utilisation (nvidia-ml-py), steps/s, forward passes/s."""
 
+    FEEDS = frozenset({"series", "status", "hardware"})
+
     def __init__(self, *, id: str | None = None, classes: str | None = None):
         super().__init__("hardware", id=id, classes=classes)
         self._rows = 0

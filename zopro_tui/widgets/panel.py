@@ -30,6 +30,8 @@ class Panel(Widget, can_focus=True):
         Binding("pagedown,ctrl+d", "scroll_panel(1)", "Scroll down", show=False),
     ]
 
+    FEEDS: frozenset[str] = frozenset({"series"})  # what changes of the run this panel draws
+
     def __init__(self, title: str, *, id: str | None = None, classes: str | None = None):
         super().__init__(id=id, classes=classes)
         self.border_title = title

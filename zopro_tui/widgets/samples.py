@@ -21,6 +21,8 @@ def printable(text: object, limit: int = 400) -> str:
 class SamplesPanel(Panel):
     """A table of the newest samples file (train rollouts or held-out evaluation)."""
 
+    FEEDS = frozenset({"samples"})
+
     def __init__(self, *, id: str | None = None, classes: str | None = None):
         super().__init__("samples", id=id, classes=classes)
         self._shown = ""
