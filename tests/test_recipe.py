@@ -142,3 +142,11 @@ def test_run_with_bad_recipe_real_process_leaves_nothing(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((REPO / "recipes").rglob("*.toml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        result = CliRunner().invoke(app, ["validate", str(path)])
+        assert result.exit_code == 0, (path, result.stderr)

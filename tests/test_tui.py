@@ -56,7 +56,8 @@ def live_copy(tmp_path: Path, state: str = "running", **status: object) -> Path:
     return run
 
 
-# -- the whole story, with a real detached run --------------------------------------------------------------
+# -- the whole story, with a real detached run (about 40 s: a real training process) -----------------------------
+@pytest.mark.slow
 async def test_start_watch_pause_resume_detach_and_reattach(tmp_path, monkeypatch):
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "fast.toml").write_text(FAST_RECIPE)
