@@ -212,7 +212,13 @@ class Pipeline:
             total_steps=self.total_steps,
             name=path.name,
         )
-        self.emit("run_start", recipe=self.recipe.to_dict(), total_steps=self.total_steps)
+        report = getattr(self, "data_report", None)
+        self.emit(
+            "run_start",
+            recipe=self.recipe.to_dict(),
+            total_steps=self.total_steps,
+            **({"data": report.as_dict()} if report is not None else {}),
+        )
         self.train()
 
     def resume(self) -> None:

@@ -10,7 +10,10 @@ from tests.conftest import FAST_RECIPE, zopro
 
 def test_compare_runs_methods_into_sibling_dirs_with_one_seed(tmp_path):
     recipe = tmp_path / "fast.toml"
-    recipe.write_text(FAST_RECIPE + '\n[mezo]\nlr = 1e-3\neps = 1e-3\ng_clip = 0.5\n\n[compare]\nmethods = ["rloo", "mezo"]\n')
+    recipe.write_text(
+        FAST_RECIPE
+        + '\n[mezo]\nlr = 1e-3\neps = 1e-3\ng_clip = 0.5\n\n[compare]\nmethods = ["rloo", "mezo"]\n'
+    )
     result = zopro("compare", str(recipe), "--root", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr
     (folder,) = (tmp_path / "runs").iterdir()
@@ -35,8 +38,26 @@ def test_compare_with_a_bad_method_creates_nothing(tmp_path):
 
 def test_bench_methods_writes_the_json_shape(tmp_path):
     out = tmp_path / "bench.json"
-    result = zopro("bench", "methods", "--model", "builtin:nano", "--methods", "rloo,zopro", "--prompts", "2",
-                   "--samples", "2", "--new-tokens", "8", "--updates", "2", "--threads", "1", "--json", str(out))
+    result = zopro(
+        "bench",
+        "methods",
+        "--model",
+        "builtin:nano",
+        "--methods",
+        "rloo,zopro",
+        "--prompts",
+        "2",
+        "--samples",
+        "2",
+        "--new-tokens",
+        "8",
+        "--updates",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert json.loads(result.stdout) == report

@@ -60,20 +60,39 @@ batch_size = 4
 """
 
 
-def recipe_for(tmp_path: Path, fmt: str, path: Path, *, extra: str = "", judge: str = "reward", judge_model: str = "",
-               mse: float = 0.0, prompt_tokens: int = 96) -> Path:
-    text = DATASET_RECIPE.format(format=fmt, path=path, extra=extra, judge=judge, mse=mse, prompt_tokens=prompt_tokens,
-                                 judge_model=f'judge_model = "{judge_model}"' if judge_model else "")
+def recipe_for(
+    tmp_path: Path,
+    fmt: str,
+    path: Path,
+    *,
+    extra: str = "",
+    judge: str = "reward",
+    judge_model: str = "",
+    mse: float = 0.0,
+    prompt_tokens: int = 96,
+) -> Path:
+    text = DATASET_RECIPE.format(
+        format=fmt,
+        path=path,
+        extra=extra,
+        judge=judge,
+        mse=mse,
+        prompt_tokens=prompt_tokens,
+        judge_model=f'judge_model = "{judge_model}"' if judge_model else "",
+    )
     recipe = tmp_path / f"{fmt}.toml"
     recipe.write_text(text)
     return recipe
 
 
-@pytest.mark.parametrize(("fmt", "path", "extra", "mse", "prompt_tokens"), [
-    ("hh_rlhf", FIXTURES / "hh-rlhf" / "train.jsonl", "", 0.0, 96),
-    ("summarize_from_feedback", FIXTURES / "summarize_from_feedback" / "comparisons.jsonl", "", 0.0, 240),
-    ("wmt20_mlqe", FIXTURES / "wmt20_mlqe_task1" / "en-de.jsonl", 'config = "en-de"', 1.0, 96),
-])
+@pytest.mark.parametrize(
+    ("fmt", "path", "extra", "mse", "prompt_tokens"),
+    [
+        ("hh_rlhf", FIXTURES / "hh-rlhf" / "train.jsonl", "", 0.0, 96),
+        ("summarize_from_feedback", FIXTURES / "summarize_from_feedback" / "comparisons.jsonl", "", 0.0, 240),
+        ("wmt20_mlqe", FIXTURES / "wmt20_mlqe_task1" / "en-de.jsonl", 'config = "en-de"', 1.0, 96),
+    ],
+)
 def test_fixture_recipe_runs_one_iteration_end_to_end(tmp_path, fmt, path, extra, mse, prompt_tokens):
     recipe = recipe_for(tmp_path, fmt, path, extra=extra, mse=mse, prompt_tokens=prompt_tokens)
     run = tmp_path / "run"
@@ -108,7 +127,9 @@ def test_llm_judge_on_the_builtin_task_reports_verdicts_and_agreement(tmp_path, 
     assert first.returncode == 0, first.stderr
     judge_model = json.loads((tmp_path / "first" / "meta.json").read_text())["base"]
     recipe = tmp_path / "llm.toml"
-    recipe.write_text(fast_recipe.read_text() + f'\n[refine]\njudge = "llm"\njudge_model = "{judge_model}"\nepochs = 1\n')
+    recipe.write_text(
+        fast_recipe.read_text() + f'\n[refine]\njudge = "llm"\njudge_model = "{judge_model}"\nepochs = 1\n'
+    )
     result = zopro("run", str(recipe), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     judged = [e for e in read_events(tmp_path / "run") if e["type"] == "judge"]
