@@ -42,12 +42,12 @@ def fmt_value(value: float | None, digits: int = 3) -> str:
 
 
 def position(info: RunInfo) -> str:
+    if info.stage == "done" or info.status == "finished":
+        return f"done, {info.iterations or 0} it"
     if info.iteration is None:
         return f"{info.stage or '-'} {info.step}"
     total = f"/{info.iterations}" if info.iterations else ""
-    return (
-        f"it {info.iteration + 1 if info.stage != 'done' else info.iteration}{total} {info.stage} {info.step}"
-    )
+    return f"it {info.iteration + 1}{total} {info.stage} {info.step}"
 
 
 def runs_table(runs: list[RunInfo]) -> Table:

@@ -254,9 +254,11 @@ async def test_a_run_that_fails_while_watched_shows_a_toast_and_its_error(tmp_pa
         status.update(state="failed", error="NaN in the policy loss at update 3")
         (run / "status.json").write_text(json.dumps(status))
         await wait_for(pilot, lambda: screen.run.status == "failed", 10, "the failure")
-        await pilot.pause(0.5)
+        header = screen.query_one("#run-header")
+        await wait_for(
+            pilot, lambda: "NaN in the policy loss" in str(header.render()), 5, "the error in the header"
+        )
         assert any("NaN in the policy loss" in n.message for n in app._notifications)
-        assert "NaN in the policy loss" in str(screen.query_one("#run-header").render())
 
 
 async def test_zeroth_order_and_interplay_panels_draw_what_appears(tmp_path):

@@ -44,10 +44,16 @@ async def settle(pilot, ready, timeout: float = 10) -> None:
     await pilot.pause(0.2)
 
 
+def runs_table_sized(app) -> bool:
+    """Both runs in the table, and its columns widened to them (the table sizes its columns lazily)."""
+    table = app.screen.query_one("#runs")
+    return table.row_count == 2 and not table._require_update_dimensions  # DataTable resizes on its Idle
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_runs_screen(snap_compare, size):
     async def ready(pilot):
-        await settle(pilot, lambda: pilot.app.screen.query_one("#runs").row_count == 2)
+        await settle(pilot, lambda: runs_table_sized(pilot.app))
 
     assert snap_compare(ZoproApp(ROOT), terminal_size=size, run_before=ready)
 
@@ -71,7 +77,7 @@ def test_compare_screen(snap_compare, size):
     app = ZoproApp(ROOT)
 
     async def ready(pilot):
-        await settle(pilot, lambda: app.screen.query_one("#runs").row_count == 2)
+        await settle(pilot, lambda: runs_table_sized(app))
         await pilot.press("space", "j", "space", "c")
 
         def loaded() -> bool:

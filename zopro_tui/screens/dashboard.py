@@ -228,6 +228,8 @@ class DashboardScreen(Screen):
             )
         if changed:
             self._dirty.add("status")
+        if before is not None and info.status != before:
+            self.redraw(force=True)  # a run that pauses, ends or fails says so at once
         elif self.run.live:
             self._dirty.add("clock")  # elapsed and ETA move on
 
