@@ -260,7 +260,11 @@ class Pipeline:
                 except torch.cuda.OutOfMemoryError:
                     raise TrainingFailed(self._out_of_memory(stage)) from None
             self.writer.update_status(
-                state="finished", stage="done", latest=self.state.latest, elapsed=self.clock.elapsed()
+                state="finished",
+                stage="done",
+                latest=self.state.latest,
+                elapsed=self.clock.elapsed(),
+                total_steps=self.state.global_step,
             )
             self.emit("run_end", status="finished", history=self.state.history)
         except StopRun as stop:
