@@ -66,11 +66,12 @@ def test_dpo_loss_on_constructed_logprobs():
     policy_chosen = torch.tensor([-10.0, -4.0], requires_grad=True)
     policy_rejected = torch.tensor([-12.0, -3.0], requires_grad=True)
     ref_chosen, ref_rejected = torch.tensor([-11.0, -4.0]), torch.tensor([-11.0, -4.0])
-    loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                      beta=0.1)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1
+    )
     # pair 0: beta * ((-10 + 11) - (-12 + 11)) = 0.2;  pair 1: beta * (0 - 1) = -0.1
     expected = (math.log1p(math.exp(-0.2)) + math.log1p(math.exp(0.1))) / 2
-    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(expected, abs=1e-6)
     assert torch.allclose(chosen_rewards - rejected_rewards, torch.tensor([0.2, -0.1]), atol=1e-6)
     loss.backward()
     assert (policy_chosen.grad < 0).all() and (policy_rejected.grad > 0).all()  # raise chosen, lower rejected
@@ -88,7 +89,9 @@ def test_pairs_come_from_the_first_two_answers_ranked_by_score_and_ties_are_skip
 
 # --- real runs ----------------------------------------------------------------------------------------------
 
-PPO_RECIPE = FAST_RECIPE + """
+PPO_RECIPE = (
+    FAST_RECIPE
+    + """
 [policy]
 method = "ppo"
 
@@ -96,15 +99,22 @@ method = "ppo"
 epochs = 2
 minibatches = 2
 """
-DPO_RECIPE = FAST_RECIPE + """
+)
+DPO_RECIPE = (
+    FAST_RECIPE
+    + """
 [policy]
 method = "online_dpo"
 """
+)
 
 
 def policy_metrics(run) -> list[dict]:
-    return [e["metrics"] | {"iteration": e["iteration"]} for e in read_events(run)
-            if e["type"] == "metrics" and e["stage"] == "policy"]
+    return [
+        e["metrics"] | {"iteration": e["iteration"]}
+        for e in read_events(run)
+        if e["type"] == "metrics" and e["stage"] == "policy"
+    ]
 
 
 def consecutive(steps: list[dict]) -> list[tuple[dict, dict]]:
@@ -128,8 +138,16 @@ def test_ppo_run_reports_its_metrics_and_counts_its_passes(ppo_run):
     steps = policy_metrics(run)
     assert len(steps) == 2 * 4
     for m in steps:
-        for key in ("loss/policy", "loss/value", "policy/clipfrac", "policy/approxkl", "policy/grad_norm",
-                    "policy/lr", "value/mean", "value/explained_variance"):
+        for key in (
+            "loss/policy",
+            "loss/value",
+            "policy/clipfrac",
+            "policy/approxkl",
+            "policy/grad_norm",
+            "policy/lr",
+            "value/mean",
+            "value/explained_variance",
+        ):
             assert math.isfinite(m[key]), key
         assert 0.0 <= m["policy/clipfrac"] <= 1.0
     assert steps[0]["value/mean"] == 0.0  # the value head starts at zero
@@ -139,7 +157,11 @@ def test_ppo_run_reports_its_metrics_and_counts_its_passes(ppo_run):
         assert after["compute/forward_passes"] - before["compute/forward_passes"] == 4 + 1 + 4
         assert after["compute/backward_passes"] - before["compute/backward_passes"] == 4
     policy = adapters(run, "iter-0001")
-    assert any(not torch.equal(policy[k], policy[k.replace("policy/", "sft/")]) for k in policy if k.startswith("policy/"))
+    assert any(
+        not torch.equal(policy[k], policy[k.replace("policy/", "sft/")])
+        for k in policy
+        if k.startswith("policy/")
+    )
 
 
 def test_resumed_ppo_run_equals_an_uninterrupted_one(ppo_run, tmp_path):
@@ -148,7 +170,9 @@ def test_resumed_ppo_run_equals_an_uninterrupted_one(ppo_run, tmp_path):
     interrupted = tmp_path / "interrupted"
     process = zopro_popen("run", str(recipe), "--run-dir", str(interrupted))
     # stop inside iteration 1's policy updates (sft 12 + reward 12 + iteration 0: 4 updates + refine)
-    wait_for(lambda: global_step(interrupted) >= 12 + 12 + 4 + 4 + 2 or process.poll() is not None, every=0.02)
+    wait_for(
+        lambda: global_step(interrupted) >= 12 + 12 + 4 + 4 + 2 or process.poll() is not None, every=0.02
+    )
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=120)
     assert process.returncode == 143
@@ -182,8 +206,9 @@ def test_online_dpo_run_reports_its_metrics(tmp_path):
             assert after["compute/forward_passes"] - before["compute/forward_passes"] == 5
 
 
-# A run big enough to learn in about a minute on two shared cores (nano model, a reward model that ranks
-# ~90 % of held-out pairs right, 3 iterations x 10 updates of 8 prompts x 4 answers).
+# A run big enough to learn in under a minute on two cores (nano model; a reward model that ranks ~90 % of
+# held-out pairs right; 3 iterations x 15 updates of 8 prompts x 4 answers; lr 1e-3 as rloo in tiny.toml).
+# Measured (seed 0): SFT gold 0.325 -> ppo 0.492, online_dpo 0.442.
 LEARNING_RECIPE = """
 name = "learn"
 seed = 0
@@ -219,12 +244,15 @@ missing_eos_penalty = 1.0
 
 [train]
 iterations = 3
-updates_per_iteration = 10
+updates_per_iteration = 15
 prompts_per_update = 8
 samples_per_prompt = 4
 
 [refine]
 epochs = 1
+
+[METHOD]
+lr = 1e-3
 """
 
 
@@ -239,5 +267,5 @@ def test_method_improves_the_held_out_gold_score(tmp_path, method):
     evals = [e["metrics"] for e in read_events(run) if e["type"] == "eval"]
     assert len(evals) == 1 + 3
     sft_gold, final_gold = evals[0]["eval/gold"], evals[-1]["eval/gold"]
-    assert final_gold > sft_gold + 0.04, (sft_gold, [e["eval/gold"] for e in evals])
-    assert evals[-1]["eval/win_rate_vs_sft"] > 0.55
+    assert final_gold > sft_gold + 0.06, (sft_gold, [e["eval/gold"] for e in evals])
+    assert evals[-1]["eval/win_rate_vs_sft"] > 0.58
