@@ -127,9 +127,10 @@ def test_llm_judge_on_the_builtin_task_reports_verdicts_and_agreement(tmp_path, 
     assert first.returncode == 0, first.stderr
     judge_model = json.loads((tmp_path / "first" / "meta.json").read_text())["base"]
     recipe = tmp_path / "llm.toml"
-    recipe.write_text(
-        fast_recipe.read_text() + f'\n[refine]\njudge = "llm"\njudge_model = "{judge_model}"\nepochs = 1\n'
+    text = fast_recipe.read_text().replace(
+        "[refine]\n", f'[refine]\njudge = "llm"\njudge_model = "{judge_model}"\n'
     )
+    recipe.write_text(text)
     result = zopro("run", str(recipe), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     judged = [e for e in read_events(tmp_path / "run") if e["type"] == "judge"]
