@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 
-from engine.reader import read_events, run_info
-from tests.conftest import FAST_RECIPE, zopro, zopro_popen
-from tests.test_pipeline import adapters, global_step, metric_events, wait_for
+from engine.reader import read_events
+from tests.conftest import FAST_RECIPE, zopro
+from tests.runs import assert_resume_after_sigterm_is_exact
 
 ZOPRO_RECIPE = (
     FAST_RECIPE.replace('method = "rloo"', "")
@@ -85,23 +84,11 @@ def test_interplay_metrics_every_iteration_and_offline_report(zopro_run):
 
 
 def test_resumed_zeroth_order_run_equals_an_uninterrupted_one(zopro_run, tmp_path):
+    # stopped inside iteration 1, where the updates are zeroth-order
     recipe, straight = zopro_run
-    interrupted = tmp_path / "interrupted"
-    process = zopro_popen("run", str(recipe), "--run-dir", str(interrupted))
-    # stop inside iteration 1, where the updates are zeroth-order
-    wait_for(
-        lambda: global_step(interrupted) >= 12 + 12 + 4 + 4 + 2 or process.poll() is not None, every=0.02
+    assert_resume_after_sigterm_is_exact(
+        recipe, straight, tmp_path / "interrupted", at_step=12 + 12 + 4 + 4 + 2
     )
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    assert process.returncode == 143
-    resumed = zopro("run", "--resume", str(interrupted))
-    assert resumed.returncode == 0, resumed.stderr
-    assert run_info(interrupted).status == "finished"
-    assert metric_events(interrupted) == metric_events(straight)
-    a, b = adapters(straight, "iter-0001"), adapters(interrupted, "iter-0001")
-    for key in a:
-        assert (a[key] == b[key]).all(), key
 
 
 def test_mezo_run_is_isotropic(tmp_path):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -14,42 +12,7 @@ from safetensors.torch import load_file
 from engine.reader import read_events, run_info
 from engine.rundir import send_control
 from tests.conftest import REPO, zopro, zopro_popen
-
-
-def metric_events(run: Path) -> list[tuple]:
-    """(type, stage, iteration, step, metrics without wall-clock values) of every metric event."""
-    rows = []
-    for event in read_events(run):
-        if event["type"] in ("metrics", "eval"):
-            metrics = {k: v for k, v in event["metrics"].items() if not k.startswith(("time/", "mem/"))}
-            rows.append((event["type"], event["stage"], event["iteration"], event["step"], metrics))
-    return rows
-
-
-def adapters(run: Path, checkpoint: str) -> dict:
-    out = {}
-    for name in ("sft", "policy", "reward"):
-        for key, value in load_file(
-            run / "checkpoints" / checkpoint / "adapters" / name / "adapter_model.safetensors"
-        ).items():
-            out[f"{name}/{key}"] = value
-    return out
-
-
-def wait_for(predicate, timeout: float = 120.0, every: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
-
-
-def global_step(run: Path) -> int:
-    try:
-        return json.loads((run / "status.json").read_text()).get("global_step", 0)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
+from tests.runs import assert_resume_after_sigterm_is_exact, global_step, metric_events, wait_for
 
 
 def test_run_writes_a_complete_run_directory(tmp_path, fast_recipe):
@@ -99,25 +62,8 @@ def test_checkpointed_adapters_load_with_plain_peft(tmp_path, fast_recipe):
 def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path, fast_recipe):
     straight = tmp_path / "straight"
     assert zopro("run", str(fast_recipe), "--run-dir", str(straight)).returncode == 0
-
-    interrupted = tmp_path / "interrupted"
-    process = zopro_popen("run", str(fast_recipe), "--run-dir", str(interrupted))
     # interrupt in the middle of the first iteration's policy updates
-    wait_for(lambda: global_step(interrupted) >= 12 + 12 + 2 or process.poll() is not None, every=0.02)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
-    assert run_info(interrupted).status == "stopped"
-    assert "--resume" in stderr
-
-    resumed = zopro("run", "--resume", str(interrupted))
-    assert resumed.returncode == 0, resumed.stderr
-    assert run_info(interrupted).status == "finished"
-    assert metric_events(interrupted) == metric_events(straight)
-    a, b = adapters(straight, "iter-0001"), adapters(interrupted, "iter-0001")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert (a[key] == b[key]).all(), key
+    assert_resume_after_sigterm_is_exact(fast_recipe, straight, tmp_path / "interrupted", at_step=12 + 12 + 2)
 
 
 def test_pause_stops_steps_until_resume(tmp_path, fast_recipe):

@@ -4,16 +4,15 @@ through the command line: their metrics, an exact resume, and a rising held-out 
 from __future__ import annotations
 
 import math
-import signal
 
 import pytest
 import torch
 
 from engine.methods.online_dpo import dpo_loss, preference_pairs
 from engine.methods.ppo import gae, masked_whiten, token_rewards
-from engine.reader import read_events, run_info
-from tests.conftest import FAST_RECIPE, zopro, zopro_popen
-from tests.test_pipeline import adapters, global_step, metric_events, wait_for
+from engine.reader import read_events
+from tests.conftest import FAST_RECIPE, zopro
+from tests.runs import adapters, assert_resume_after_sigterm_is_exact
 
 # --- GAE and token rewards ----------------------------------------------------------------------------------
 
@@ -167,22 +166,9 @@ def test_ppo_run_reports_its_metrics_and_counts_its_passes(ppo_run):
 def test_resumed_ppo_run_equals_an_uninterrupted_one(ppo_run, tmp_path):
     """The value head and the optimiser are part of the checkpoint: a resume mid-iteration is exact."""
     recipe, straight = ppo_run
-    interrupted = tmp_path / "interrupted"
-    process = zopro_popen("run", str(recipe), "--run-dir", str(interrupted))
-    # stop inside iteration 1's policy updates (sft 12 + reward 12 + iteration 0: 4 updates + refine)
-    wait_for(
-        lambda: global_step(interrupted) >= 12 + 12 + 4 + 4 + 2 or process.poll() is not None, every=0.02
+    assert_resume_after_sigterm_is_exact(
+        recipe, straight, tmp_path / "interrupted", at_step=12 + 12 + 4 + 4 + 2
     )
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    assert process.returncode == 143
-    resumed = zopro("run", "--resume", str(interrupted))
-    assert resumed.returncode == 0, resumed.stderr
-    assert run_info(interrupted).status == "finished"
-    assert metric_events(interrupted) == metric_events(straight)
-    a, b = adapters(straight, "iter-0001"), adapters(interrupted, "iter-0001")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_online_dpo_run_reports_its_metrics(tmp_path):

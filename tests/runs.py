@@ -1,0 +1,72 @@
+"""Helpers for tests that run the real command line: read a run's metrics and adapters, wait, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from engine.reader import read_events, run_info
+from tests.conftest import zopro, zopro_popen
+
+
+def metric_events(run: Path) -> list[tuple]:
+    """(type, stage, iteration, step, metrics without wall-clock values) of every metric event."""
+    rows = []
+    for event in read_events(run):
+        if event["type"] in ("metrics", "eval"):
+            metrics = {k: v for k, v in event["metrics"].items() if not k.startswith(("time/", "mem/"))}
+            rows.append((event["type"], event["stage"], event["iteration"], event["step"], metrics))
+    return rows
+
+
+def adapters(run: Path, checkpoint: str) -> dict:
+    out = {}
+    for name in ("sft", "policy", "reward"):
+        for key, value in load_file(
+            run / "checkpoints" / checkpoint / "adapters" / name / "adapter_model.safetensors"
+        ).items():
+            out[f"{name}/{key}"] = value
+    return out
+
+
+def wait_for(predicate, timeout: float = 120.0, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def global_step(run: Path) -> int:
+    try:
+        return json.loads((run / "status.json").read_text()).get("global_step", 0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def assert_resume_after_sigterm_is_exact(
+    recipe: Path, straight: Path, interrupted: Path, at_step: int
+) -> None:
+    """SIGTERM a run of `recipe` once it reaches `at_step`, resume it, and check that its metric events and
+    final adapters equal those of the uninterrupted run in `straight`."""
+    process = zopro_popen("run", str(recipe), "--run-dir", str(interrupted))
+    wait_for(lambda: global_step(interrupted) >= at_step or process.poll() is not None, every=0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert run_info(interrupted).status == "stopped"
+    assert "--resume" in stderr
+    resumed = zopro("run", "--resume", str(interrupted))
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_info(interrupted).status == "finished"
+    assert metric_events(interrupted) == metric_events(straight)
+    last = sorted(p.name for p in (straight / "checkpoints").glob("iter-*"))[-1]
+    a, b = adapters(straight, last), adapters(interrupted, last)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), key
