@@ -42,32 +42,38 @@ def fmt_value(value: float | None, digits: int = 3) -> str:
 
 
 def position(info: RunInfo) -> str:
-    if info.stage == "done" or info.status == "finished":
-        return f"done, {info.iterations or 0} it"
+    """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them, `done` after."""
+    if info.status == "finished" or info.stage == "done":
+        return f"done, {info.iterations} it" if info.iterations else "done"
     if info.iteration is None:
-        return f"{info.stage or '-'} {info.step}"
+        return f"{info.stage or '-'} {info.step}".strip()
     total = f"/{info.iterations}" if info.iterations else ""
     return f"it {info.iteration + 1}{total} {info.stage} {info.step}"
 
 
 def runs_table(runs: list[RunInfo]) -> Table:
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("run", "method", "status", "position", "RM score", "gold", "win vs SFT", "elapsed", "ETA"):
-        table.add_column(
-            column, no_wrap=True, justify="right" if column in ("RM score", "gold", "win vs SFT") else "left"
-        )
+    """name, method, status, position, latest scores, and time (elapsed, "+ETA" while running)."""
+    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
+    table.add_column("run", overflow="ellipsis", no_wrap=True, max_width=18)
+    for column, width in (("method", 10), ("status", 8), ("position", 10)):
+        table.add_column(column, no_wrap=True, min_width=width)
+    for column in ("RM", "gold", "win"):
+        table.add_column(column, no_wrap=True, justify="right", min_width=5)
+    table.add_column("time", no_wrap=True)
     for info in runs:
         latest = info.latest
+        time_text = fmt_duration(info.elapsed)
+        if info.eta is not None:
+            time_text += f" +{fmt_duration(info.eta)}"
         table.add_row(
             info.name,
             info.method,
             Text(info.status, style=STATUS_STYLE.get(info.status, "")),
             position(info),
-            fmt_value(latest.get("objective/scores")),
+            fmt_value(latest.get("objective/scores"), 2),
             fmt_value(latest.get("eval/gold")),
             fmt_value(latest.get("eval/win_rate_vs_sft")),
-            fmt_duration(info.elapsed),
-            fmt_duration(info.eta),
+            time_text,
         )
     return table
 

@@ -5,20 +5,10 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from engine.reader import RunInfo
 from engine.report import STATUS_STYLE, fmt_duration
+from engine.report import position as run_position
 from zopro_tui.view import CurveView
 from zopro_tui.watched import WatchedRun
-
-
-def run_position(info: RunInfo) -> str:
-    """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them, `done` after."""
-    if info.status == "finished" or info.stage == "done":
-        return f"done, {info.iterations} it" if info.iterations else "done"
-    if info.iteration is None:
-        return f"{info.stage or '-'} {info.step}".strip()
-    total = f"/{info.iterations}" if info.iterations else ""
-    return f"it {info.iteration + 1}{total} {info.stage} {info.step}"
 
 
 def status_line(run: WatchedRun, readonly: bool = False, starting_pid: int | None = None) -> Text:
