@@ -258,7 +258,12 @@ async def test_a_run_that_fails_while_watched_shows_a_toast_and_its_error(tmp_pa
         await wait_for(
             pilot, lambda: "NaN in the policy loss" in str(header.render()), 5, "the error in the header"
         )
-        assert any("NaN in the policy loss" in n.message for n in app._notifications)
+        await wait_for(
+            pilot,
+            lambda: any("NaN in the policy loss" in n.message for n in app._notifications),
+            5,
+            "the failure toast",
+        )
 
 
 async def test_zeroth_order_and_interplay_panels_draw_what_appears(tmp_path):
