@@ -86,3 +86,32 @@ class CurveView:
         if self.window is not None:
             parts.append("zoomed")
         return " · ".join(parts)
+
+
+class CurveViewActions:
+    """The keyboard actions on a screen's CurveView (x axis, smoothing, value cursor, zoom), shared by the
+    dashboard and the compare screen; the screen provides `view`, `plot_columns()` and `data_range()`."""
+
+    view: CurveView
+
+    def action_next_axis(self) -> None:
+        self.view = self.view.next_axis()
+        self.notify(f"x axis: {self.view.axis_label}", timeout=2)
+
+    def action_smoothing(self) -> None:
+        self.view = self.view.next_smoothing()
+        self.notify(
+            f"EMA smoothing {self.view.smoothing:g}" if self.view.smoothing else "no smoothing", timeout=2
+        )
+
+    def action_move_cursor(self, columns: int) -> None:
+        self.view = self.view.cursor_moved(columns, self.plot_columns(), self.data_range())
+
+    def action_cursor_to_end(self) -> None:
+        self.view = self.view.cursor_to_end()
+
+    def action_zoom_x(self, factor: float) -> None:
+        self.view = self.view.zoomed(factor, self.data_range())
+
+    def action_reset_x(self) -> None:
+        self.view = self.view.reset()

@@ -18,7 +18,7 @@ from textual.widgets import DataTable, Footer, Static
 from engine.report import STATUS_STYLE, fmt_duration, fmt_value
 from zopro_tui.catalogue import COMPARE_CHARTS
 from zopro_tui.reading import SeriesRead, StatusRead, follow_run
-from zopro_tui.view import CurveView
+from zopro_tui.view import CurveView, CurveViewActions
 from zopro_tui.watched import WatchedRun
 from zopro_tui.widgets.chart import LABEL_WIDTH, PALETTE, ChartData, ChartSeries, CurveChart
 from zopro_tui.widgets.panel import SMOOTH_FROM_POINTS
@@ -43,7 +43,7 @@ def mean_update_seconds(run: WatchedRun) -> float | None:
     return float(np.mean(values)) if len(values) else run.store.latest.get("time/update_s")
 
 
-class CompareScreen(Screen):
+class CompareScreen(CurveViewActions, Screen):
     """Runs side by side: same axes, same cursor, one colour per run."""
 
     BINDINGS = [
@@ -204,21 +204,3 @@ class CompareScreen(Screen):
 
     def action_back(self) -> None:
         self.app.pop_screen()
-
-    def action_next_axis(self) -> None:
-        self.view = self.view.next_axis()
-
-    def action_smoothing(self) -> None:
-        self.view = self.view.next_smoothing()
-
-    def action_move_cursor(self, columns: int) -> None:
-        self.view = self.view.cursor_moved(columns, self.plot_columns(), self.data_range())
-
-    def action_cursor_to_end(self) -> None:
-        self.view = self.view.cursor_to_end()
-
-    def action_zoom_x(self, factor: float) -> None:
-        self.view = self.view.zoomed(factor, self.data_range())
-
-    def action_reset_x(self) -> None:
-        self.view = self.view.reset()

@@ -40,7 +40,7 @@ from zopro_tui.reading import (
     follow_run,
 )
 from zopro_tui.screens.modals import ConfirmModal
-from zopro_tui.view import CurveView
+from zopro_tui.view import CurveView, CurveViewActions
 from zopro_tui.watched import WatchedRun
 from zopro_tui.widgets.chart import LABEL_WIDTH, CurveChart
 from zopro_tui.widgets.events import EventsPanel
@@ -86,7 +86,7 @@ CONTROL_NOTES = {
 }
 
 
-class DashboardScreen(Screen):
+class DashboardScreen(CurveViewActions, Screen):
     """Everything about one run, live from its run directory."""
 
     BINDINGS = [
@@ -360,28 +360,6 @@ class DashboardScreen(Screen):
     def plot_columns(self) -> int:
         charts = [chart for chart in self.query(CurveChart) if chart.display and chart.size.width]
         return max(1, (charts[0].size.width - LABEL_WIDTH) * 2) if charts else 100
-
-    def action_move_cursor(self, columns: int) -> None:
-        self.view = self.view.cursor_moved(columns, self.plot_columns(), self.data_range())
-
-    def action_cursor_to_end(self) -> None:
-        self.view = self.view.cursor_to_end()
-
-    def action_zoom_x(self, factor: float) -> None:
-        self.view = self.view.zoomed(factor, self.data_range())
-
-    def action_reset_x(self) -> None:
-        self.view = self.view.reset()
-
-    def action_next_axis(self) -> None:
-        self.view = self.view.next_axis()
-        self.notify(f"x axis: {self.view.axis_label}", timeout=2)
-
-    def action_smoothing(self) -> None:
-        self.view = self.view.next_smoothing()
-        self.notify(
-            f"EMA smoothing {self.view.smoothing:g}" if self.view.smoothing else "no smoothing", timeout=2
-        )
 
     def action_control(self, request: str) -> None:
         if self.readonly:
