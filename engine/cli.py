@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -311,21 +312,17 @@ def bench_methods(
         device=device,
         threads=threads,
     )
-    with err.status(f"benchmarking {', '.join(chosen)} on {model}…") if err.is_terminal else _quiet():
+    with (
+        err.status(f"benchmarking {', '.join(chosen)} on {model}…")
+        if err.is_terminal
+        else contextlib.nullcontext()
+    ):
         report = run_methods(chosen, config)
     err.print(bench_table(report))
     text = json.dumps(report, indent=1)
     if json_path is not None:
         json_path.write_text(text + "\n")
     print(text)
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import platform
 import random
 import signal
@@ -190,13 +191,13 @@ class Pipeline:
             "host": platform.node(),
             "device": str(self.device),
             "seed": self.seed,
-            "pid": _pid(),
+            "pid": os.getpid(),
             "started": time.time(),
             "method": self.recipe.policy.method,
             "base": self.pm.base_path,
             "argv": sys.argv,
         }
-        with _suppress_import_errors():
+        with contextlib.suppress(ImportError):
             import peft
             import transformers  # noqa: E401
 
@@ -227,7 +228,7 @@ class Pipeline:
         self.writer.load_status()
         if checkpoint is None:
             self.writer.seq = 0
-            self.writer.update_status(state="running", pid=_pid())
+            self.writer.update_status(state="running", pid=os.getpid())
             self.emit("resume", rewind_to_seq=0, checkpoint=None)
             self.train()
             return
@@ -892,20 +893,6 @@ class Pipeline:
             reason = self.signal_received or "stop request"
             self.checkpoint("resume")
             raise StopRun(reason)
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
-
-
-class _suppress_import_errors:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, ImportError)
 
 
 def _stage_title(stage: str, iteration: int) -> str:

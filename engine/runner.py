@@ -3,6 +3,7 @@ print the summary, and map the outcome to an exit code (0 ok, 1 failed, 2 bad in
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from pathlib import Path
@@ -146,7 +147,7 @@ def run_training(
                 _plain_line(event, view_holder[0], console)
 
     live_enabled = console.is_terminal and not quiet
-    with console.status("loading the model…", spinner="dots") if live_enabled else _nullcontext():
+    with console.status("loading the model…", spinner="dots") if live_enabled else contextlib.nullcontext():
         try:
             pipeline = Pipeline(recipe, writer, listener=listener)
         except ModelError as error:
@@ -167,7 +168,7 @@ def run_training(
         with (
             Live(view, console=console, refresh_per_second=4, transient=True)
             if live_enabled
-            else _nullcontext()
+            else contextlib.nullcontext()
         ):
             if resume:
                 pipeline.resume()
@@ -202,11 +203,3 @@ def _record_failure(pipeline, writer: RunWriter, message: str, err: Console, run
         pass
     err.print(f"[bold red]training failed:[/] {escape(message)}", soft_wrap=True)
     return EXIT_FAILED
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
