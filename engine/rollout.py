@@ -3,6 +3,7 @@ scores, sequence KL, rlhf reward and RLOO advantages (method.md section 2). Writ
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,19 @@ class Sequences:
     @property
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_width :]
+
+    def select(self, rows: torch.Tensor) -> Sequences:
+        """The rows `rows` of this batch, in the same layout."""
+        picked = rows.tolist()
+        return dataclasses.replace(
+            self,
+            prompts=[self.prompts[i] for i in picked],
+            responses=[self.responses[i] for i in picked],
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            finished=self.finished[rows],
+        )
 
 
 @dataclass

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.methods.ppo import select_rows
 from engine.rollout import Rollout, token_logprobs
 
 
@@ -70,7 +69,7 @@ class OnlineDPOUpdate:
         rows = torch.cat([chosen, rejected])
         reference = rollout.ref_logprobs[rows].sum(-1)
         with self.pm.adapter("policy"):  # active (so trainable) through backward and step
-            logprobs = token_logprobs(self.pm, select_rows(rollout.sequences, rows), self.counters).sum(-1)
+            logprobs = token_logprobs(self.pm, rollout.sequences.select(rows), self.counters).sum(-1)
             loss, chosen_rewards, rejected_rewards = dpo_loss(
                 logprobs[:pairs], logprobs[pairs:], reference[:pairs], reference[pairs:], self.config.beta
             )

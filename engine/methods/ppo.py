@@ -11,7 +11,6 @@ with ratio_t = exp(logp_t - logp_old_t), over the policy adapter and the value h
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -67,20 +66,6 @@ def gae(
         next_value = values[:, t]
         advantages[:, t] = next_advantage
     return advantages, (advantages + values) * mask
-
-
-def select_rows(seqs: Sequences, rows: torch.Tensor) -> Sequences:
-    """The rows `rows` of a batch of sequences (same layout)."""
-    picked = rows.tolist()
-    return dataclasses.replace(
-        seqs,
-        prompts=[seqs.prompts[i] for i in picked],
-        responses=[seqs.responses[i] for i in picked],
-        input_ids=seqs.input_ids[rows],
-        attention_mask=seqs.attention_mask[rows],
-        response_mask=seqs.response_mask[rows],
-        finished=seqs.finished[rows],
-    )
 
 
 def logprobs_and_values(
@@ -150,7 +135,7 @@ class PPOUpdate:
                 m = mask[rows]
                 with self.pm.adapter("policy"):  # active (so trainable) through backward and step
                     logprobs, values = logprobs_and_values(
-                        self.pm, self.value_head, select_rows(seqs, rows), self.counters
+                        self.pm, self.value_head, seqs.select(rows), self.counters
                     )
                     # clipped surrogate on token ratios
                     log_ratio = logprobs - rollout.old_logprobs[rows]
