@@ -40,7 +40,7 @@ def worker(method: str, config: BenchConfig) -> dict:
     from engine.rollout import collect_rollout
     from engine.tasks import make_task
     from engine.telemetry import Counters, PhasePeak, rss_mib
-    from engine.zeroth_order import ZoproSampler
+    from engine.zo_samplers import ZoproSampler
 
     quiet_transformers()
     if config.threads:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from engine import __version__
+from engine.errors import StopRun, TrainingFailed  # noqa: F401 (re-exported)
 from engine.interplay import InterplayTracker, adapter_views, pair_adapter_tensors
 from engine.judges import GoldJudge, LLMJudge, RewardJudge
 from engine.methods import make_update
@@ -39,6 +40,7 @@ from engine.objectives import bradley_terry_loss, sft_loss
 from engine.preference_data import DataError
 from engine.recipe import Recipe, dump_recipe
 from engine.rollout import (
+    Rollout,
     collect_rollout,
     encode_responses,
     position_ids,
@@ -51,18 +53,6 @@ from engine.tasks import make_task
 from engine.telemetry import Counters, PhasePeak, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
 
 STAGES = ("sft", "reward", "policy", "refine", "eval", "done")
-
-
-class StopRun(Exception):
-    """Training stopped on request (control `stop`, SIGINT, SIGTERM) after a checkpoint."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class TrainingFailed(RuntimeError):
-    """Training could not go on (for example a non-finite loss); the message is for the user."""
 
 
 def seeded(seed: int, *where: Any) -> int:
@@ -428,6 +418,68 @@ class Pipeline:
         """{key: tensor} of the policy and of the reward adapter, keyed alike (peft's saved names)."""
         return adapter_views(pair_adapter_tensors(dict(self.pm.model.named_parameters())))
 
+    def rollout(self, prompts: list[str], gen: torch.Generator) -> Rollout:
+        """The shared rollout of one update on `prompts` with this run's settings."""
+        r = self.recipe
+        return collect_rollout(
+            self.pm,
+            prompts,
+            k=r.train.samples_per_prompt,
+            kl_coef=r.policy.kl_coef,
+            missing_eos_penalty=r.policy.missing_eos_penalty,
+            max_new_tokens=r.model.max_new_tokens,
+            max_prompt_tokens=r.model.max_prompt_tokens,
+            temperature=r.policy.temperature,
+            generator=gen,
+            counters=self.counters,
+        )
+
+    def fresh_rollout(self, where: tuple) -> Rollout:
+        """A rollout on training prompts of this iteration drawn from `where` (diagnostics)."""
+        chunk = self.iteration_prompts(self.state.iteration)
+        order = torch.randperm(len(chunk), generator=generator(self.seed, "prompts", *where))
+        prompts = [chunk[j] for j in order[: self.recipe.train.prompts_per_update].tolist()]
+        return self.rollout(prompts, generator(self.seed, "rollout", *where))
+
+    @torch.no_grad()
+    def score_policy(self, *where: Any) -> dict[str, float]:
+        """Mean reward-model score (and gold) of one fresh answer per held-out prompt from the active
+        adapter, on the generator of `where`: a quick probe (the premise check), not the evaluation."""
+        r = self.recipe
+        prompts = self.eval_prompts[: r.zopro.premise_prompts]
+        seqs = sample(
+            self.pm,
+            prompts,
+            max_new_tokens=r.model.max_new_tokens,
+            max_prompt_tokens=r.model.max_prompt_tokens,
+            temperature=r.eval.temperature,
+            generator=generator(self.seed, *where),
+            counters=self.counters,
+        )
+        scores = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
+        out = {"reward": float(scores.mean())}
+        if self.task.has_gold:
+            finished = seqs.finished.tolist()
+            gold = [
+                self.task.gold(p, a, f) for p, a, f in zip(prompts, seqs.responses, finished, strict=True)
+            ]
+            out["gold"] = sum(gold) / len(gold)
+        return out
+
+    def warn(self, code: str, message: str, **fields: Any) -> None:
+        """A `warning` event (shown by the progress line, `zopro status` and the TUI), kept in status."""
+        self.emit("warning", code=code, message=message, **fields)
+        warnings = list(self.writer._status.get("warnings", []))[-19:]
+        warnings.append(
+            {
+                "code": code,
+                "message": message,
+                "iteration": self._iteration_or_none(),
+                "step": self.state.step,
+            }
+        )
+        self.writer.update_status(warnings=warnings)
+
     def run_policy(self) -> None:
         r = self.recipe
         i = self.state.iteration
@@ -440,18 +492,7 @@ class Pipeline:
             started = time.monotonic()
             order = torch.randperm(len(chunk), generator=generator(self.seed, "prompts", i, step))
             prompts = [chunk[j] for j in order[: r.train.prompts_per_update].tolist()]
-            rollout = collect_rollout(
-                self.pm,
-                prompts,
-                k=r.train.samples_per_prompt,
-                kl_coef=r.policy.kl_coef,
-                missing_eos_penalty=r.policy.missing_eos_penalty,
-                max_new_tokens=r.model.max_new_tokens,
-                max_prompt_tokens=r.model.max_prompt_tokens,
-                temperature=r.policy.temperature,
-                generator=generator(self.seed, "rollout", i, step),
-                counters=self.counters,
-            )
+            rollout = self.rollout(prompts, generator(self.seed, "rollout", i, step))
             update_started = time.monotonic()
             with PhasePeak(self.device) as phase:
                 update_metrics = self.method.update(
@@ -639,10 +680,12 @@ class Pipeline:
     # -- held-out evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, label: str) -> dict[str, float]:
-        """Mean gold score of the policy on held-out prompts and its win rate against the SFT policy.
-        Both use the same eval generator every time, so iterations differ only by the policy."""
+        """Mean gold score of the policy on held-out prompts and its win rate against the SFT policy, each
+        with its standard error over prompts (`eval/<name>_se`). `eval.samples_per_prompt` answers per
+        prompt; the same eval generator every time, so iterations differ only by the policy."""
         r = self.recipe
-        prompts = self.eval_prompts
+        n = r.eval.samples_per_prompt
+        prompts = [p for p in self.eval_prompts for _ in range(n)]  # prompt-major: n answers each
         kwargs = dict(
             max_new_tokens=r.model.max_new_tokens,
             max_prompt_tokens=r.model.max_prompt_tokens,
@@ -660,10 +703,10 @@ class Pipeline:
             ref = token_logprobs(self.pm, seqs, self.counters)
         scores = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
         finished = seqs.finished.tolist()
-        metrics: dict[str, float] = {
-            "eval/reward": float(scores.mean()),
-            "eval/kl": float((logprobs - ref).sum(-1).mean()),
-            "eval/response_length": float(seqs.response_mask.sum(-1).float().mean()),
+        per_answer: dict[str, list[float]] = {
+            "reward": scores.tolist(),
+            "kl": (logprobs - ref).sum(-1).tolist(),
+            "response_length": seqs.response_mask.sum(-1).float().tolist(),
         }
         if self.task.has_gold:
             gold = [
@@ -673,22 +716,22 @@ class Pipeline:
                 self.task.gold(p, a, f)
                 for p, (a, f) in zip(prompts, self.state.sft_eval_answers, strict=True)
             ]
-            wins = [
-                1.0 if g > s + 1e-9 else 0.0 if g < s - 1e-9 else 0.5
-                for g, s in zip(gold, sft_gold, strict=True)
-            ]
-            metrics["eval/gold"] = sum(gold) / len(gold)
-            metrics["eval/win_rate_vs_sft"] = sum(wins) / len(wins)
+            per_answer["gold"] = gold
+            per_answer["win_rate_vs_sft"] = [_win(g, s, 1e-9) for g, s in zip(gold, sft_gold, strict=True)]
         elif self.reward_initial is not None:  # no gold: the fixed initial reward model judges
             with self._reward_weights(self.reward_initial):
                 mine = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
                 theirs = self._score_texts(prompts, [a for a, _ in self.state.sft_eval_answers])
-            wins = [
-                1.0 if a > b else 0.0 if a < b else 0.5
-                for a, b in zip(mine.tolist(), theirs.tolist(), strict=True)
+            per_answer["win_rate_vs_sft"] = [
+                _win(a, b, 0.0) for a, b in zip(mine.tolist(), theirs.tolist(), strict=True)
             ]
-            metrics["eval/win_rate_vs_sft"] = sum(wins) / len(wins)
-            metrics["eval/reward_initial"] = float(mine.mean())
+            per_answer["reward_initial"] = mine.tolist()
+        metrics: dict[str, float] = {}
+        for name, values in per_answer.items():
+            mean, se = mean_and_standard_error(values, n)
+            metrics[f"eval/{name}"] = mean
+            if name != "response_length":
+                metrics[f"eval/{name}_se"] = se
         self.metrics(metrics, type="eval")
         row = {
             "label": label,
@@ -713,6 +756,11 @@ class Pipeline:
         if self.interplay is not None:
             with torch.no_grad():
                 self.metrics(self.interplay.end_iteration(*self.adapter_views()))
+        if hasattr(self.method, "end_iteration"):
+            with torch.no_grad():
+                iteration_metrics = self.method.end_iteration(i)
+            if iteration_metrics:
+                self.metrics(iteration_metrics)
         self.evaluate(label=f"iter {i}")
         self.state.rollouts = []
         self.state.judged_pairs = None
@@ -893,6 +941,18 @@ class Pipeline:
             reason = self.signal_received or "stop request"
             self.checkpoint("resume")
             raise StopRun(reason)
+
+
+def _win(mine: float, theirs: float, tie: float) -> float:
+    return 1.0 if mine > theirs + tie else 0.0 if mine < theirs - tie else 0.5
+
+
+def mean_and_standard_error(values: list[float], per_prompt: int) -> tuple[float, float]:
+    """The mean of prompt-major values (`per_prompt` answers per prompt) and its standard error over
+    prompts: the answers of one prompt are averaged first, since they are not independent."""
+    means = torch.tensor(values, dtype=torch.float64).view(-1, per_prompt).mean(-1)
+    se = float(means.std(unbiased=True) / math.sqrt(len(means))) if len(means) > 1 else 0.0
+    return float(means.mean()), se
 
 
 def _stage_title(stage: str, iteration: int) -> str:

@@ -190,11 +190,17 @@ class ZerothOrderConfig:
     g_clip: float = spec(0.0, low=0.0, help="clip each projected gradient g to [-g_clip, g_clip] (0: off)")
     max_consecutive_skips: int = spec(5, low=1, help="non-finite estimates in a row that stop the run")
     grad_cosine_every: int = spec(0, low=0, help="every K updates, cosine with the true gradient (0: off)")
+    normalize_g: bool = spec(
+        False, help="divide each g by its running RMS, so lr is the fraction of |z| moved per update"
+    )
+    g_rms_decay: float = spec(0.9, low=0.0, high=0.999, help="decay of the running mean of g^2")
 
 
 @dataclass
 class MeZOConfig(ZerothOrderConfig):
-    pass
+    sampler: str = spec(
+        "isotropic", choices=("isotropic", "block"), help="isotropic N(0, I) (MeZO) or one block (MeZO-BCD)"
+    )
 
 
 @dataclass
@@ -202,6 +208,30 @@ class ZOPrOConfig(ZerothOrderConfig):
     decay_schedule: str = spec("exp", choices=("exp", "linear"), help="d: 0.999 e^-s, or 0.999 - s/S")
     decay_start: float = spec(0.999, low=0.0, high=0.999999)
     first_iteration: str = spec("rloo", choices=("rloo", "mezo"), help="iteration 0 has no mu or v yet")
+    sampler: str = spec(
+        "zopro",
+        choices=("zopro", "subspace", "block", "isotropic"),
+        help="zopro: the paper's informed directions; subspace: inside the span of the first-order "
+        "iteration's gradients; block: MeZO-BCD; isotropic: MeZO",
+    )
+    z_norm: str = spec(
+        "mu",
+        choices=("mu", "reference"),
+        help="length of the zopro sampler's z: |mu| of the last change (the paper) or the fixed |mu| of "
+        "the first informed iteration",
+    )
+    subspace_snapshots: int = spec(
+        16, low=1, high=1024, help="gradients kept for the subspace basis (memory: this x adapter size x 4 B)"
+    )
+    subspace_refresh_every: int = spec(
+        0, low=0, help="every M iterations a first-order iteration renews the subspace basis (0: never)"
+    )
+    premise_check: bool = spec(True, help="score and gold along -mu, 0, +mu at each zeroth-order iteration")
+    premise_step: float = spec(0.5, low=0.0, low_open=True, help="the premise check moves this many mu")
+    premise_prompts: int = spec(32, low=1, help="held-out prompts of the premise check")
+    premise_gradient_batches: int = spec(
+        0, low=0, help="rollouts whose mean gradient is compared with mu (a backward each; 0: off)"
+    )
 
 
 @dataclass
@@ -229,6 +259,9 @@ class InterplayConfig:
 @dataclass
 class EvalConfig:
     temperature: float = spec(1.0, low=0.0, low_open=True)
+    samples_per_prompt: int = spec(
+        1, low=1, high=256, help="answers per held-out prompt; the standard errors are over prompts"
+    )
 
 
 @dataclass
@@ -400,6 +433,11 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
     if recipe.refine.judge == "llm" and not recipe.refine.judge_model:
         raise RecipeError(
             f"{source}: refine.judge = 'llm' needs refine.judge_model (a local folder or a hub id)"
+        )
+    if method == "zopro" and recipe.zopro.sampler == "subspace" and recipe.zopro.first_iteration != "rloo":
+        raise RecipeError(
+            f"{source}: zopro.sampler = 'subspace' needs zopro.first_iteration = 'rloo' (the basis is built "
+            "from a first-order iteration's gradients)"
         )
     if recipe.model.target_modules == []:
         raise RecipeError(f"{source}: model.target_modules must name at least one module")

@@ -10,9 +10,9 @@ This module is method.md section 3 and nothing else. One update with q direction
         g_i = (L+ - L-) / (2 eps)                        (averaged across ranks by `reduce_g`)
     theta <- theta - lr * ((1/q) sum_i g_i z_i + wd * theta)    (no wd on "bias" / "norm" tensors)
 
-Directions come from a sampler: `IsotropicSampler` (MeZO, z ~ N(0, I)) or `ZoproSampler` (ZOPrO: along
-the policy's last change mu, away from the reward model's last change v, mixed by the decay d of
-`decay_at`).
+Directions come from a sampler of `engine.zo_samplers` (isotropic MeZO, the paper's ZOPrO, the gradient
+subspace, block coordinate). With a `RunningRMS` each g_i is divided by the running RMS of g before the
+clip and the step, so `lr` reads as the fraction of |z| moved per update whatever the loss scale.
 
 Facts a caller should know:
 - Seed replay: every rank and a resumed run regenerate the same z from three integers, tensor by tensor in
@@ -39,12 +39,13 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from engine.zo_samplers import DirectionSampler
 
 DECAY_SCHEDULES = ("exp", "linear")
 
@@ -75,155 +76,64 @@ def decay_at(schedule: str, s: int, updates_in_iteration: int, start: float = 0.
     return max(0.0, start - s / updates_in_iteration)
 
 
-class DirectionSampler(Protocol):
-    """Draws the direction z for one tensor from a generator; called tensor by tensor in sorted-name order."""
+class RunningRMS:
+    """The running root-mean-square of g (an exponential moving average of g^2 with Adam's bias
+    correction), used to normalise each g_i: g_i / rms. Updated with the finite g's of every update."""
 
-    decay: float
-
-    def check(self, params: Mapping[str, Tensor]) -> None:
-        """Raise ValueError if no direction can be drawn for these parameters."""
-        ...
-
-    def direction(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
-        """z for tensor `name`: float32, shaped like `param`, on its device."""
-        ...
-
-    def references(self, name: str) -> tuple[Tensor | None, Tensor | None]:
-        """(mu_k, v_k) for tensor `name`, or (None, None) for a sampler without them."""
-        ...
-
-
-def _standard_normal(param: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
-
-
-class IsotropicSampler:
-    """MeZO: z ~ N(0, I) for every tensor."""
-
-    decay = 0.0
-
-    def check(self, params: Mapping[str, Tensor]) -> None:
-        pass
-
-    def direction(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
-        return _standard_normal(param, generator)
-
-    def references(self, name: str) -> tuple[Tensor | None, Tensor | None]:
-        return None, None
-
-
-class ZoproSampler:
-    """ZOPrO's informed directions (method.md section 3). Per tensor k:
-
-        n ~ N(0, I)
-        n_perp = n - <v_hat_k, n> v_hat_k               (skipped when |v_k| = 0)
-        n_perp <- n_perp * |mu_k| / |n_perp|            (noise as long as the momentum)
-        z_k = d mu_k + sqrt(1 - d^2) n_perp
-
-    mu_k is the policy's change over the previous iteration, v_k the reward adapter's latest change (same
-    key), d the decay of `decay_at`: a plain attribute, so one sampler serves a whole iteration
-    (`sampler.decay = decay_at(...)` before each update).
-
-    Fallbacks, so that z is never zero or NaN (0 <= d < 1 is enforced):
-    - |v_k| = 0: no projection, n_perp = n.
-    - no room orthogonal to v_k (a one-element tensor, or n numerically parallel to v_k): n_perp = n, i.e.
-      this tensor's noise keeps its component along v.
-    - |mu_k| = 0: n_perp keeps the norm it was drawn with (sqrt(numel) in expectation, that of an isotropic
-      draw) and the mu term is zero, so z_k = sqrt(1 - d^2) n_perp: MeZO-like exploration orthogonal to v,
-      small while d is near 1 (the momentum says this tensor did not move) and full once d has decayed.
-
-    mu and v are kept by reference (no copy when they are float32 already): put them on the parameters'
-    device, or every draw copies them there.
-    """
-
-    def __init__(self, mu: Mapping[str, Tensor], v: Mapping[str, Tensor], decay: float) -> None:
-        if set(mu) != set(v):
-            raise ValueError(f"mu and v must have the same keys; differ on {sorted(set(mu) ^ set(v))}")
-        self.mu = {name: tensor.detach().to(torch.float32) for name, tensor in mu.items()}
-        self.v = {name: tensor.detach().to(torch.float32) for name, tensor in v.items()}
-        self.mu_norm: dict[str, float] = {}
-        self.v_norm: dict[str, float] = {}
-        for name in self.mu:
-            if self.mu[name].shape != self.v[name].shape:
-                raise ValueError(
-                    f"mu and v of tensor {name!r} differ in shape: "
-                    f"{tuple(self.mu[name].shape)} vs {tuple(self.v[name].shape)}"
-                )
-            self.mu_norm[name] = float(torch.linalg.vector_norm(self.mu[name]))
-            self.v_norm[name] = float(torch.linalg.vector_norm(self.v[name]))
-            if not (math.isfinite(self.mu_norm[name]) and math.isfinite(self.v_norm[name])):
-                raise ValueError(f"mu or v of tensor {name!r} is not finite")
-        self.decay = decay
+    def __init__(self, decay: float = 0.9):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"the RMS decay must be in [0, 1), got {decay}")
+        self.decay, self.mean_square, self.count = decay, 0.0, 0
 
     @property
-    def decay(self) -> float:
-        return self._decay
+    def rms(self) -> float:
+        if self.count == 0:
+            return 0.0
+        return math.sqrt(self.mean_square / (1.0 - self.decay**self.count))
 
-    @decay.setter
-    def decay(self, value: float) -> None:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"ZOPrO decay d must be in [0, 1), got {value}")
-        self._decay = float(value)
+    def normalize(self, values: list[float]) -> list[float]:
+        """Fold `values` into the running mean square, then divide them by the updated RMS."""
+        for g in values:
+            self.mean_square = self.decay * self.mean_square + (1.0 - self.decay) * g * g
+            self.count += 1
+        rms = self.rms
+        return [g / rms if rms > 0 else 0.0 for g in values]
 
-    def check(self, params: Mapping[str, Tensor]) -> None:
-        for name, param in params.items():
-            if name not in self.mu:
-                raise ValueError(
-                    f"ZoproSampler has no mu/v for tensor {name!r}; key them like the parameters"
-                )
-            if self.mu[name].shape != param.shape:
-                raise ValueError(
-                    f"mu/v of tensor {name!r} have shape {tuple(self.mu[name].shape)}, "
-                    f"the parameter {tuple(param.shape)}"
-                )
+    def state_dict(self) -> dict[str, float]:
+        return {"decay": self.decay, "mean_square": self.mean_square, "count": self.count}
 
-    def noise(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
-        """n_perp of tensor `name` before mixing: orthogonal to v_k, norm |mu_k| (see the fallbacks)."""
-        n = _standard_normal(param, generator)
-        n_perp = n
-        if self.v_norm[name] > 0:
-            v_hat = self.v[name].to(param.device) / self.v_norm[name]
-            # n_perp = n - <v_hat, n> v_hat
-            n_perp = n - torch.dot(v_hat.reshape(-1), n.reshape(-1)) * v_hat
-            # nothing left orthogonal to v: keep n (decided on the device, no host sync)
-            n_perp = torch.where(n_perp.norm() > 1e-5 * n.norm(), n_perp, n)
-        if self.mu_norm[name] > 0:
-            # rescale n_perp to |mu_k|
-            n_perp = n_perp * (self.mu_norm[name] / torch.linalg.vector_norm(n_perp))
-        return n_perp
-
-    def direction(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
-        d = self.decay
-        # z_k = d mu_k + sqrt(1 - d^2) n_perp
-        z = math.sqrt(1.0 - d * d) * self.noise(name, param, generator)
-        return z.add_(self.mu[name].to(param.device), alpha=d)
-
-    def references(self, name: str) -> tuple[Tensor | None, Tensor | None]:
-        return self.mu[name], self.v[name]
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.decay, self.mean_square, self.count = state["decay"], state["mean_square"], int(state["count"])
 
 
 @dataclass
 class ZOStepResult:
     """What one zeroth-order update did (means over the directions it evaluated)."""
 
-    g: float  # mean g_i used by the update (after the clip); non-finite when skipped
-    g_raw: float  # mean g_i before the clip
-    abs_g: float  # mean |g_i| before the clip: what a watchdog on |g| should see
+    g: float  # mean g_i used by the update (after normalising and the clip); non-finite when skipped
+    g_raw: float  # mean g_i as estimated (averaged across ranks), before normalising and the clip
+    abs_g: float  # mean |g_i| as estimated: what a watchdog on |g| should see
     skipped: bool  # a non-finite g: theta restored, no update applied
     loss_plus: float  # mean L+
     loss_minus: float  # mean L-
     forward_passes: int  # calls of loss_fn
     cos_z_mu: float  # global cosine between z and mu (0.0 without mu or when a norm is 0)
     cos_z_v: float  # global cosine between z and v (same)
-    decay: float  # the sampler's d (0.0 for MeZO)
+    decay: float  # the sampler's d (0.0 for the others)
     directions: int  # q, the directions requested
     clipped: int = 0  # how many g_i the clip changed
+    z_norm: float = 0.0  # mean |z_i|
+    step_norm: float = 0.0  # |theta_after - theta_before| (weight decay included), exact
+    g_rms: float = 0.0  # the running RMS that divided g (0.0 without normalising)
 
 
 def replay_direction(params: Mapping[str, Tensor], sampler: DirectionSampler, seed: int) -> dict[str, Tensor]:
-    """Materialise the direction z of `seed` (for tests and diagnostics; the update never stores it)."""
+    """Materialise the direction z of `seed` (for tests and diagnostics; the update never stores it).
+    Tensors a sampler leaves out (block coordinate) get zeros."""
     with torch.no_grad():
-        return {name: z for name, _, z in _replay(params, sampler, seed)}
+        z = {name: torch.zeros_like(param, dtype=torch.float32) for name, param in params.items()}
+        z.update({name: zi for name, _, zi in sampler.replay(params, seed)})
+        return z
 
 
 def zo_update(
@@ -239,11 +149,14 @@ def zo_update(
     directions: int = 1,
     g_clip: float | None = None,
     reduce_g: Callable[[float], float] | None = None,
+    normalizer: RunningRMS | None = None,
 ) -> ZOStepResult:
     """One SPSA update of `params` in place (see the module docstring); returns what it did.
 
     `loss_fn` evaluates the loss at the current parameters (a scalar tensor or float); it is called under
     `torch.no_grad()`, twice per direction. `update_index` is the global update index (it seeds z).
+    With `normalizer`, each g_i is divided by the running RMS of g before the clip (so `g_clip` is then
+    in units of that RMS).
     """
     _check_params(params)
     if not (math.isfinite(eps) and eps > 0):
@@ -260,7 +173,7 @@ def zo_update(
     g_raw: list[float] = []
     losses_plus: list[float] = []
     losses_minus: list[float] = []
-    cosines: list[tuple[float, float]] = []
+    meters: list[_CosineMeter] = []
     with torch.no_grad():
         for seed in seeds:
             meter = _CosineMeter()
@@ -278,20 +191,23 @@ def zo_update(
             # g = (L+ - L-) / (2 eps), then averaged across ranks
             g = (losses_plus[-1] - losses_minus[-1]) / (2.0 * eps)
             g_raw.append(float(reduce_g(g)) if reduce_g is not None else g)
-            cosines.append(meter.cosines())
+            meters.append(meter)
             if not math.isfinite(g_raw[-1]):
                 break
 
         skipped = not all(math.isfinite(g) for g in g_raw)
-        g_used = [g if g_clip is None or skipped else min(max(g, -g_clip), g_clip) for g in g_raw]
+        g_used = list(g_raw)
+        if not skipped and normalizer is not None:
+            g_used = normalizer.normalize(g_used)
+        if g_clip is not None and not skipped:
+            g_used = [min(max(g, -g_clip), g_clip) for g in g_used]
+        clipped = 0 if skipped else sum(abs(g) >= g_clip for g in g_used) if g_clip is not None else 0
+        step_norm = 0.0
         if not skipped and lr > 0:
             # theta <- theta - lr * ((1/q) sum_i g_i z_i + wd * theta), no wd on biases and norms
-            if weight_decay > 0:
-                for name, param in params.items():
-                    if _decays(name):
-                        param.mul_(1.0 - lr * weight_decay)
-            for seed, g in zip(seeds, g_used, strict=True):
-                _perturb(params, sampler, seed, -lr * g / directions)
+            step_norm = _apply_step(
+                params, sampler, seeds, [-lr * g / directions for g in g_used], lr * weight_decay
+            )
 
     return ZOStepResult(
         g=_mean(g_used),
@@ -301,11 +217,14 @@ def zo_update(
         loss_plus=_mean(losses_plus),
         loss_minus=_mean(losses_minus),
         forward_passes=len(losses_plus) + len(losses_minus),
-        cos_z_mu=_mean([cos_mu for cos_mu, _ in cosines]),
-        cos_z_v=_mean([cos_v for _, cos_v in cosines]),
+        cos_z_mu=_mean([m.cosines()[0] for m in meters]),
+        cos_z_v=_mean([m.cosines()[1] for m in meters]),
         decay=float(sampler.decay),
         directions=directions,
-        clipped=0 if skipped else sum(raw != used for raw, used in zip(g_raw, g_used, strict=True)),
+        clipped=clipped,
+        z_norm=_mean([m.z_norm() for m in meters]),
+        step_norm=step_norm,
+        g_rms=normalizer.rms if normalizer is not None else 0.0,
     )
 
 
@@ -325,18 +244,6 @@ def _check_params(params: Mapping[str, Tensor]) -> None:
         storages[pointer] = name
 
 
-def _replay(
-    params: Mapping[str, Tensor], sampler: DirectionSampler, seed: int
-) -> Iterator[tuple[str, Tensor, Tensor]]:
-    """Regenerate z tensor by tensor: sorted names, one generator per device, all seeded with `seed`."""
-    generators: dict[torch.device, torch.Generator] = {}
-    for name in sorted(params):
-        param = params[name]
-        if param.device not in generators:
-            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-        yield name, param, sampler.direction(name, param, generators[param.device])
-
-
 def _perturb(
     params: Mapping[str, Tensor],
     sampler: DirectionSampler,
@@ -345,28 +252,80 @@ def _perturb(
     meter: _CosineMeter | None = None,
 ) -> None:
     """theta_k <- theta_k + scale * z_k for every tensor k, z regenerated from `seed`."""
-    for name, param, z in _replay(params, sampler, seed):
+    for name, param, z in sampler.replay(params, seed):
         param.add_(z, alpha=scale)
         if meter is not None:
             meter.add(z, *sampler.references(name))
 
 
+def _apply_step(
+    params: Mapping[str, Tensor],
+    sampler: DirectionSampler,
+    seeds: list[int],
+    coefficients: list[float],
+    decay: float,
+) -> float:
+    """theta_k <- theta_k - decay theta_k [k decays] + sum_i c_i z_ik and the step's norm. The q replays
+    advance side by side, tensor by tensor in sorted-name order, so only one tensor's step is held."""
+    replays = [_Peekable(sampler.replay(params, seed)) for seed in seeds]
+    square = None
+    for name in sorted(params):
+        param = params[name]
+        step = None
+        for replay, coefficient in zip(replays, coefficients, strict=True):
+            z = replay.take(name)
+            if z is not None:
+                step = z.mul_(coefficient) if step is None else step.add_(z, alpha=coefficient)
+        if decay > 0 and _decays(name):
+            step = param * -decay if step is None else step.add_(param, alpha=-decay)
+        if step is None:
+            continue
+        param.add_(step)
+        part = (step.double() ** 2).sum()
+        square = part if square is None else square + part.to(square.device)
+    return math.sqrt(float(square)) if square is not None else 0.0
+
+
+class _Peekable:
+    """A replay whose next (name, param, z) is taken only when asked for by name (a sampler may leave
+    tensors out, in sorted order)."""
+
+    def __init__(self, replay):
+        self.replay = replay
+        self.next = next(self.replay, None)
+
+    def take(self, name: str) -> Tensor | None:
+        if self.next is None or self.next[0] != name:
+            return None
+        z = self.next[2]
+        self.next = next(self.replay, None)
+        return z
+
+
 class _CosineMeter:
-    """cos(z, mu) and cos(z, v) over the concatenated tensors, accumulated tensor by tensor as z is drawn."""
+    """|z|, cos(z, mu) and cos(z, v) over the concatenated tensors, accumulated tensor by tensor."""
 
     def __init__(self) -> None:
         self.parts: list[Tensor] = []  # per tensor: [z.z, z.mu, mu.mu, z.v, v.v], kept on the device
 
     def add(self, z: Tensor, mu: Tensor | None, v: Tensor | None) -> None:
+        z = z.reshape(-1)
+        zz = z @ z
         if mu is None or v is None:
+            zero = torch.zeros((), device=z.device)
+            self.parts.append(torch.stack([zz, zero, zero, zero, zero]).double())
             return
-        z, mu, v = z.reshape(-1), mu.to(z.device).reshape(-1), v.to(z.device).reshape(-1)
-        self.parts.append(torch.stack([z @ z, z @ mu, mu @ mu, z @ v, v @ v]).double())
+        mu, v = mu.to(z.device).reshape(-1), v.to(z.device).reshape(-1)
+        self.parts.append(torch.stack([zz, z @ mu, mu @ mu, z @ v, v @ v]).double())
+
+    def _sums(self) -> list[float]:
+        return sum(part.cpu() for part in self.parts).tolist() if self.parts else [0.0] * 5
+
+    def z_norm(self) -> float:
+        return math.sqrt(self._sums()[0])
 
     def cosines(self) -> tuple[float, float]:
-        if not self.parts:
-            return 0.0, 0.0
-        zz, z_mu, mu_mu, z_v, v_v = sum(part.cpu() for part in self.parts).tolist()
+        zz, z_mu, mu_mu, z_v, v_v = self._sums()
         cos_mu = z_mu / math.sqrt(zz * mu_mu) if zz * mu_mu > 0 else 0.0
         cos_v = z_v / math.sqrt(zz * v_v) if zz * v_v > 0 else 0.0
         return cos_mu, cos_v

@@ -10,14 +10,8 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from engine.zeroth_order import (
-    IsotropicSampler,
-    ZoproSampler,
-    decay_at,
-    direction_seed,
-    replay_direction,
-    zo_update,
-)
+from engine.zeroth_order import decay_at, direction_seed, replay_direction, zo_update
+from engine.zo_samplers import IsotropicSampler, ZoproSampler
 
 SHAPES = {"layer.0.lora_A": (4, 16), "layer.0.lora_B": (16, 4), "layer.1.bias": (16,), "scalar": (1,)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,12 +17,16 @@ class RLOOUpdate:
     name = "rloo"
     zeroth_order = False
 
-    def __init__(self, run: Any):
+    def __init__(self, run: Any, on_gradient: Callable[[dict[str, torch.Tensor]], None] | None = None):
+        """`on_gradient({name: raw gradient})` is called after each backward, before the clip (the
+        zeroth-order methods keep these snapshots for their subspace sampler)."""
         self.pm, self.counters = run.pm, run.counters
+        self.on_gradient = on_gradient
         self.clip_range = run.recipe.policy.clip_range
         config = run.recipe.rloo
         self.lr, self.max_grad_norm = config.lr, config.max_grad_norm
-        self.params = list(self.pm.adapter_parameters("policy").values())
+        self.named_params = self.pm.adapter_parameters("policy")
+        self.params = list(self.named_params.values())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
 
     def update(
@@ -36,6 +41,8 @@ class RLOOUpdate:
             )
             loss.backward()
         self.counters.add(backward_passes=1)
+        if self.on_gradient is not None:
+            self.on_gradient({name: p.grad for name, p in self.named_params.items()})
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
