@@ -36,34 +36,46 @@ def worker(method: str, config: BenchConfig) -> dict:
 
     from engine.methods import make_update
     from engine.models import load_preference_model, quiet_transformers, resolve_base, resolve_device
-    from engine.recipe import recipe_from_dict
+    from engine.recipe import apply_overrides, recipe_from_dict, split_variant
     from engine.rollout import collect_rollout
     from engine.tasks import make_task
     from engine.telemetry import Counters, PhasePeak, rss_mib
-    from engine.zo_samplers import ZoproSampler
+    from engine.zo_samplers import (
+        BlockSampler,
+        GradientSnapshots,
+        IsotropicSampler,
+        SubspaceSampler,
+        ZoproSampler,
+        layer_blocks,
+    )
 
     quiet_transformers()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    label = method
+    method, variant = split_variant(label)
     recipe = recipe_from_dict(
-        {
-            "seed": config.seed,
-            "device": config.device,
-            "model": {
-                "base": config.model,
-                "lora_rank": config.lora_rank,
-                "lora_alpha": 2.0 * config.lora_rank,
-                "max_new_tokens": config.max_new_tokens,
-                "dtype": config.dtype,
+        apply_overrides(
+            {
+                "seed": config.seed,
+                "device": config.device,
+                "model": {
+                    "base": config.model,
+                    "lora_rank": config.lora_rank,
+                    "lora_alpha": 2.0 * config.lora_rank,
+                    "max_new_tokens": config.max_new_tokens,
+                    "dtype": config.dtype,
+                },
+                "policy": {"method": method},
+                "train": {
+                    "prompts_per_update": config.prompts,
+                    "samples_per_prompt": config.samples_per_prompt,
+                    "updates_per_iteration": config.updates + config.warmup,
+                },
             },
-            "policy": {"method": method},
-            "train": {
-                "prompts_per_update": config.prompts,
-                "samples_per_prompt": config.samples_per_prompt,
-                "updates_per_iteration": config.updates + config.warmup,
-            },
-        },
+            variant,
+        ),
         "<bench>",
     )
     task = make_task(recipe)
@@ -89,12 +101,31 @@ def worker(method: str, config: BenchConfig) -> dict:
         iteration_checkpoint=None,
     )
     update = make_update(method, run)
-    if method == "zopro":  # iteration 1: informed directions from a synthetic mu and v
+    sampler_state_mib = 0.0
+    if method == "zopro":  # iteration 1: informed directions from a synthetic mu, v and basis
         gen = torch.Generator().manual_seed(config.seed)
         params = pm.adapter_parameters("policy")
         mu = {n: (0.01 * torch.randn(p.shape, generator=gen)).to(device) for n, p in params.items()}
         v = {n: (0.01 * torch.randn(p.shape, generator=gen)).to(device) for n, p in params.items()}
-        update.sampler, update.sampler_iteration = ZoproSampler(mu, v, decay=0.999), 1
+        if recipe.zopro.sampler == "subspace":
+            snapshots = GradientSnapshots(recipe.zopro.subspace_snapshots)
+            for _ in range(recipe.zopro.subspace_snapshots):
+                snapshots.add(
+                    {n: torch.randn(p.shape, generator=gen).to(device) for n, p in params.items()}, params
+                )
+            basis = snapshots.basis()
+            snapshots.clear()
+            sampler_state_mib = basis.numel() * 4 / 2**20  # held between updates, like Adam's moments
+            shapes = {n: p.shape for n, p in params.items()}
+            update.sampler = SubspaceSampler(basis, shapes, norm=1.0, mu=mu, v=v)
+        elif recipe.zopro.sampler == "zopro":
+            update.sampler = ZoproSampler(mu, v, decay=0.999)
+        elif recipe.zopro.sampler == "block":
+            update.sampler = BlockSampler(layer_blocks(list(params)))
+        else:
+            update.sampler = IsotropicSampler()
+        update.sampler_iteration = 1
+        update.premise = lambda iteration: {}
     prompts = task.prompts(config.prompts, "bench")
     rollout_started = time.perf_counter()
     rollout = collect_rollout(
@@ -130,6 +161,7 @@ def worker(method: str, config: BenchConfig) -> dict:
         "sequences": len(rollout.sequences.responses),
         "tokens_per_update": tokens,
         "rss_after_load_mib": round(baseline_rss, 1),
+        "sampler_state_mib": round(sampler_state_mib, 2),
         "memory_measure": "cuda max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth",
         "device": str(device),
     }
@@ -163,7 +195,10 @@ def bench_table(report: dict):
         title=f"policy-update phase, {report['config']['model']}", header_style="bold", title_justify="left"
     )
     for column in ("method", "update MiB", "s / update", "fwd / update", "mem x rloo", "time x rloo"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        if column == "method":
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, justify="right")
     reference = report["methods"].get("rloo", {})
     for method, row in report["methods"].items():
         if "error" in row:

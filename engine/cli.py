@@ -127,8 +127,9 @@ def compare(
 ) -> None:
     """Run several methods of one recipe in turn (same seed, same data) and compare them."""
     from engine.compare import run_comparison
+    from engine.recipe import split_method_list
 
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else compare_methods_of(recipe)
+    chosen = split_method_list(methods) if methods else compare_methods_of(recipe)
     if len(chosen) < 2:
         fail(f"{recipe}: name at least two methods with --methods or in [compare] methods")
     raise typer.Exit(
@@ -295,11 +296,21 @@ def bench_methods(
     """Peak memory of the policy-update phase, time per update and forward passes per update, per method,
     each in a fresh process."""
     from engine.bench import BENCH_METHODS, BenchConfig, bench_table, run_methods
+    from engine.recipe import RecipeError, apply_overrides, recipe_from_dict, split_method_list, split_variant
 
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in BENCH_METHODS]
+    chosen = split_method_list(methods)
+    unknown = [m for m in chosen if split_variant(m)[0] not in BENCH_METHODS]
     if unknown:
-        fail(f"--methods: unknown {', '.join(unknown)}; accepted: {', '.join(BENCH_METHODS)}")
+        fail(
+            f"--methods: unknown {', '.join(unknown)}; accepted: {', '.join(BENCH_METHODS)}, each optionally "
+            'with settings of its section ("zopro:sampler=subspace")'
+        )
+    for entry in chosen:
+        method, variant = split_variant(entry)
+        try:
+            recipe_from_dict(apply_overrides({"policy": {"method": method}}, variant), f"--methods {entry}")
+        except RecipeError as error:
+            fail(str(error))
     if device not in ("auto", "cpu", "cuda") or dtype not in ("float32", "bfloat16", "float16"):
         fail("--device takes auto, cpu or cuda; --dtype takes float32, bfloat16 or float16")
     config = BenchConfig(

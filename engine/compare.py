@@ -11,13 +11,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine.reader import read_events, run_info
-from engine.recipe import RecipeError, load_recipe
+from engine.recipe import RecipeError, load_recipe, split_variant, variant_label
 from engine.report import fmt_duration, fmt_value
 
 EXIT_BAD_INPUT = 2
 
 
-def comparison_row(run_dir: Path) -> dict:
+def comparison_row(run_dir: Path, label: str | None = None) -> dict:
     """Final held-out scores and the cost of one run: what the compare table and screen show."""
     events = read_events(run_dir)
     evals = [e["metrics"] for e in events if e.get("type") == "eval"]
@@ -31,7 +31,7 @@ def comparison_row(run_dir: Path) -> dict:
     info = run_info(run_dir)
     return {
         "run": run_dir.name,
-        "method": info.method,
+        "method": label or info.method,
         "status": info.status,
         "sft_gold": evals[0].get("eval/gold") if evals else None,
         "final_gold": last.get("eval/gold"),
@@ -98,31 +98,32 @@ def run_comparison(
     """Validate every sibling recipe first (bad input creates nothing), then run them in turn."""
     from engine.runner import EXIT_OK, run_training
 
+    variants = {entry: split_variant(entry) for entry in methods}
+    settings = {
+        entry: [*overrides, f"policy.method={method}", *own] for entry, (method, own) in variants.items()
+    }
     try:
-        recipes = {m: load_recipe(recipe_path, [*overrides, f"policy.method={m}"]) for m in methods}
+        recipes = {entry: load_recipe(recipe_path, settings[entry]) for entry in methods}
     except RecipeError as error:
         err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
         return EXIT_BAD_INPUT
     name = next(iter(recipes.values())).name
     folder = root / f"{name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
     dirs = []
-    for method in methods:
-        console.print(f"[bold]{method}[/] -> {folder / method}")
+    for entry in methods:
+        run_dir = folder / variant_label(entry)
+        console.print(f"[bold]{escape(entry)}[/] -> {run_dir}")
         code = run_training(
-            recipe_path,
-            [*overrides, f"policy.method={method}"],
-            run_dir=folder / method,
-            resume=False,
-            quiet=quiet,
-            console=console,
-            err=err,
+            recipe_path, settings[entry], run_dir=run_dir, resume=False, quiet=quiet, console=console, err=err
         )
-        dirs.append(folder / method)
+        dirs.append((run_dir, entry))
         if code != EXIT_OK:
-            err.print(f"{method} ended with exit code {code}; the comparison stops here")
+            err.print(f"{entry} ended with exit code {code}; the comparison stops here")
             return code
     console.print(
-        comparison_table([comparison_row(d) for d in dirs], "comparison (final held-out evaluation)")
+        comparison_table(
+            [comparison_row(d, label) for d, label in dirs], "comparison (final held-out evaluation)"
+        )
     )
     console.print(f"runs in {folder}", soft_wrap=True)
     return EXIT_OK

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -215,10 +216,10 @@ class ZOPrOConfig(ZerothOrderConfig):
         "iteration's gradients; block: MeZO-BCD; isotropic: MeZO",
     )
     z_norm: str = spec(
-        "mu",
-        choices=("mu", "reference"),
-        help="length of the zopro sampler's z: |mu| of the last change (the paper) or the fixed |mu| of "
-        "the first informed iteration",
+        "published",
+        choices=("published", "reference"),
+        help="length of z: as each sampler is published (the zopro sampler: |mu| of the last change), or "
+        "'reference': the fixed |mu| of the first informed iteration, for every sampler",
     )
     subspace_snapshots: int = spec(
         16, low=1, high=1024, help="gradients kept for the subspace basis (memory: this x adapter size x 4 B)"
@@ -448,10 +449,39 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
         )
 
 
+def split_variant(entry: str) -> tuple[str, list[str]]:
+    """A [compare] entry: a method, or a method with settings of its own section, as in
+    "zopro:sampler=subspace,lr=0.2" -> ("zopro", ["zopro.sampler=subspace", "zopro.lr=0.2"])."""
+    method, _, settings = entry.partition(":")
+    method = method.strip()
+    section = METHOD_SECTIONS.get(method, method)
+    overrides = [f"{section}.{part.strip()}" for part in settings.split(",") if part.strip()]
+    return method, overrides
+
+
+def split_method_list(text: str) -> list[str]:
+    """A comma-separated list of [compare]-style entries, where an entry's own settings are also separated
+    by commas: "rloo,zopro:sampler=subspace,lr=0.2,mezo" -> ["rloo", "zopro:sampler=subspace,lr=0.2", "mezo"]."""
+    entries: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" in part and ":" not in part and entries and ":" in entries[-1]:
+            entries[-1] += "," + part
+        else:
+            entries.append(part)
+    return entries
+
+
+def variant_label(entry: str) -> str:
+    """A folder-safe name for a [compare] entry: "zopro:sampler=subspace" -> "zopro-sampler-subspace"."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", entry).strip("-") or "method"
+
+
 def _compare_methods(raw: dict[str, Any]) -> list[str]:
     compare = raw.get("compare")
     if isinstance(compare, dict) and isinstance(compare.get("methods"), list):
-        return [m for m in compare["methods"] if isinstance(m, str)]
+        return [split_variant(m)[0] for m in compare["methods"] if isinstance(m, str)]
     return []
 
 
@@ -489,12 +519,12 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
         isinstance(compare, dict)
         and set(compare) <= {"methods", "run_all"}
         and isinstance(compare.get("methods", []), list)
-        and all(m in METHODS for m in compare.get("methods", []))
+        and all(isinstance(m, str) and split_variant(m)[0] in METHODS for m in compare.get("methods", []))
         and isinstance(compare.get("run_all", False), bool)
     ):
         raise RecipeError(
-            f"{source}: [compare] takes methods = a list drawn from {', '.join(METHODS)} and "
-            "run_all = true or false"
+            f"{source}: [compare] takes methods = a list drawn from {', '.join(METHODS)} (each optionally "
+            'with settings of its section, as "zopro:sampler=subspace,lr=0.2") and run_all = true or false'
         )
     recipe = _build(Recipe, {k: v for k, v in raw.items() if k != "compare"}, "", source)
     _check_recipe(recipe, source, raw)

@@ -97,12 +97,16 @@ class TensorwiseSampler:
 
 
 class IsotropicSampler(TensorwiseSampler):
-    """MeZO: z ~ N(0, I) for every tensor."""
+    """MeZO: z ~ N(0, I) for every tensor, times `scale` (1: as published; R / sqrt(D) gives |z| ~ R)."""
 
     name = "isotropic"
 
+    def __init__(self, scale: float = 1.0):
+        self.scale = float(scale)
+
     def direction(self, name: str, param: Tensor, generator: torch.Generator) -> Tensor:
-        return standard_normal(param, generator)
+        z = standard_normal(param, generator)
+        return z if self.scale == 1.0 else z.mul_(self.scale)
 
 
 def fill_zero_norms(norms: Mapping[str, float], numels: Mapping[str, int]) -> dict[str, float]:
@@ -334,15 +338,17 @@ def layer_blocks(names: Sequence[str]) -> list[list[str]]:
 
 class BlockSampler:
     """MeZO-BCD: z ~ N(0, I) on one block of tensors (`layer_blocks`), zero on the others. The block is
-    drawn uniformly from the direction's seed, so with q = 1 each update perturbs one block."""
+    drawn uniformly from the direction's seed, so with q = 1 each update perturbs one block. With
+    `norm`, z is scaled by norm / sqrt(block size), so that |z| ~ norm whichever block is drawn."""
 
     name = "block"
     decay = 0.0
 
-    def __init__(self, blocks: Sequence[Sequence[str]]):
+    def __init__(self, blocks: Sequence[Sequence[str]], norm: float | None = None):
         if not blocks or not all(blocks):
             raise ValueError("the block sampler needs at least one non-empty block")
         self.blocks = [sorted(block) for block in blocks]
+        self.norm = norm
 
     def check(self, params: Mapping[str, Tensor]) -> None:
         covered = [name for block in self.blocks for name in block]
@@ -355,9 +361,14 @@ class BlockSampler:
 
     def replay(self, params: Mapping[str, Tensor], seed: int) -> Iterator[tuple[str, Tensor, Tensor]]:
         generators = seeded_generators(seed)
-        for name in self.blocks[self.block_of(seed)]:
+        block = self.blocks[self.block_of(seed)]
+        scale = 1.0
+        if self.norm is not None:
+            scale = self.norm / math.sqrt(sum(params[name].numel() for name in block))
+        for name in block:
             param = params[name]
-            yield name, param, standard_normal(param, generators[param.device])
+            z = standard_normal(param, generators[param.device])
+            yield name, param, z if scale == 1.0 else z.mul_(scale)
 
     def references(self, name: str) -> tuple[Tensor | None, Tensor | None]:
         return None, None

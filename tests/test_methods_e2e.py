@@ -91,6 +91,84 @@ def test_resumed_zeroth_order_run_equals_an_uninterrupted_one(zopro_run, tmp_pat
     )
 
 
+SUBSPACE_RECIPE = (
+    ZOPRO_RECIPE.replace("lr = 1e-3\neps = 1e-3", "lr = 0.1\neps = 1e-2")
+    .replace("g_clip = 0.5", "g_clip = 3.0")
+    .replace("grad_cosine_every = 2\n", "")
+    + """sampler = "subspace"
+normalize_g = true
+premise_prompts = 4
+premise_gradient_batches = 1
+
+[eval]
+samples_per_prompt = 2
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def subspace_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("subspace")
+    recipe = folder / "subspace.toml"
+    recipe.write_text(SUBSPACE_RECIPE)
+    run = folder / "run"
+    result = zopro("run", str(recipe), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    return recipe, run
+
+
+def test_subspace_run_draws_inside_the_first_order_gradients_at_a_fixed_norm(subspace_run):
+    _, run = subspace_run
+    events = read_events(run)
+    policy = [e for e in events if e["type"] == "metrics" and e["stage"] == "policy"]
+    first = [e["metrics"] for e in policy if e["iteration"] == 0]
+    second = [e["metrics"] for e in policy if e["iteration"] == 1]
+    assert [m["zo/basis_snapshots"] for m in first] == [1.0, 2.0, 3.0, 4.0]  # one per first-order update
+    assert second and all(1 <= m["zo/basis_rank"] <= 4 for m in second)
+    norms = {round(m["zo/z_norm"], 4) for m in second}
+    assert len(norms) == 1 and norms.pop() > 0  # the reference norm, fixed: no collapse
+    # normalised g: the first step moves lr * |z| (g / rms = +-1), later ones lr_t |g / rms| |z| (q = 2)
+    assert all(m["zo/step_norm"] > 0 and m["zo/g_rms"] > 0 for m in second)
+    assert second[0]["zo/step_norm"] <= 0.1 * second[0]["zo/z_norm"] * 1.0001
+    # the premise check runs once, at the start of the zeroth-order iteration
+    premise = [m for m in second if "premise/gold_plus" in m]
+    assert len(premise) == 1 and premise[0] is second[0]
+    for key in ("gold_minus", "gold_0", "reward_plus", "gold_gain", "cos_descent_mu"):
+        assert f"premise/{key}" in premise[0], key
+    assert 0.0 <= premise[0]["premise/subspace_capture"] <= 1.0 + 1e-6
+    ends = [e["metrics"] for e in events if e["type"] == "metrics" and "zo/policy_change_rel" in e["metrics"]]
+    assert len(ends) == 1 and ends[0]["zo/policy_change_rel"] > 1e-3
+    evals = [e["metrics"] for e in events if e["type"] == "eval"]
+    assert len(evals) == 3 and all(m["eval/gold_se"] > 0 and "eval/win_rate_vs_sft_se" in m for m in evals)
+    assert not [e for e in events if e["type"] == "warning"]
+
+
+def test_resumed_subspace_run_equals_an_uninterrupted_one(subspace_run, tmp_path):
+    # stopped inside iteration 1: the basis, the reference norm and the running RMS come from the checkpoint
+    recipe, straight = subspace_run
+    assert_resume_after_sigterm_is_exact(
+        recipe, straight, tmp_path / "interrupted", at_step=12 + 12 + 4 + 4 + 2
+    )
+
+
+def test_a_stalled_zeroth_order_run_says_so(tmp_path):
+    recipe = tmp_path / "stalled.toml"
+    recipe.write_text(
+        ZOPRO_RECIPE.replace("lr = 1e-3\neps = 1e-3", "lr = 1e-12\neps = 1e-3")
+        .replace("g_clip = 0.5", "g_clip = 1e-9")
+        .replace("grad_cosine_every = 2\n", "premise_check = false\n")
+        .replace("updates_per_iteration = 4", "updates_per_iteration = 6")
+    )
+    result = zopro("run", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    warnings = [e for e in read_events(tmp_path / "run") if e["type"] == "warning"]
+    codes = [w["code"] for w in warnings]
+    assert codes == ["g_at_clip", "policy_stalled"], codes
+    assert "zopro.lr" in warnings[0]["message"] and "zopro.lr" in warnings[1]["message"]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert [w["code"] for w in status["warnings"]] == codes
+
+
 def test_mezo_run_is_isotropic(tmp_path):
     recipe = tmp_path / "mezo.toml"
     recipe.write_text(

@@ -203,3 +203,15 @@ def test_step_norm_with_several_directions_is_the_exact_change(make):
         weight_decay=0.1,
     )
     assert result.step_norm == pytest.approx((flat(theta) - before).norm().item(), rel=1e-4)
+
+
+def test_isotropic_and_block_directions_can_take_the_reference_length():
+    params = tensors(0)
+    total = sum(p.numel() for p in params.values())
+    iso = IsotropicSampler(scale=3.0 / math.sqrt(total))
+    block = BlockSampler(layer_blocks(list(params)), norm=3.0)
+    for seed in range(5):
+        assert flat(replay_direction(params, iso, seed)).norm().item() == pytest.approx(3.0, rel=0.3)
+        assert flat(replay_direction(params, block, seed)).norm().item() == pytest.approx(3.0, rel=0.3)
+    plain = flat(replay_direction(params, IsotropicSampler(), 1))
+    assert torch.allclose(flat(replay_direction(params, iso, 1)), plain * 3.0 / math.sqrt(total))

@@ -60,6 +60,7 @@ class ZerothOrderUpdate:
         self.sampler: DirectionSampler = IsotropicSampler()
         self.sampler_iteration: int | None = None
         self.reference_norms: dict[str, float] | None = None  # |mu_k| of the first informed iteration
+        self.basis: torch.Tensor | None = None  # the subspace's orthonormal basis, once built
         self.consecutive_skips = 0
         self.stuck = {"g_at_clip": 0, "g_zero": 0}
 
@@ -89,17 +90,23 @@ class ZerothOrderUpdate:
             mu, v = self.momentum_and_reward_change(iteration)
             if self.reference_norms is None:  # the first informed iteration fixes the scale
                 self.reference_norms = {n: float(torch.linalg.vector_norm(t)) for n, t in mu.items()}
+        fixed = self.reference_norms is not None and self.config.z_norm == "reference"
+        norm = math.sqrt(sum(x * x for x in self.reference_norms.values())) if self.reference_norms else None
         if kind == "block":
-            sampler: DirectionSampler = BlockSampler(layer_blocks(list(self.params)))
+            sampler: DirectionSampler = BlockSampler(layer_blocks(list(self.params)), norm if fixed else None)
         elif kind == "zopro" and mu is not None:
-            reference = self.reference_norms if self.config.z_norm == "reference" else None
-            sampler = ZoproSampler(mu, v, decay=self.config.decay_start, reference_norms=reference)
+            sampler = ZoproSampler(
+                mu, v, decay=self.config.decay_start, reference_norms=self.reference_norms if fixed else None
+            )
         elif kind == "subspace" and mu is not None:
-            norm = math.sqrt(sum(x * x for x in self.reference_norms.values()))
             shapes = {n: p.shape for n, p in self.params.items()}
-            sampler = SubspaceSampler(self.snapshots.basis(), shapes, norm, mu=mu, v=v)
-        else:  # mezo, or zopro's zeroth-order warm-up iteration 0 (no mu yet)
-            sampler = IsotropicSampler()
+            if self.basis is None:  # built once from the snapshots, which are then let go
+                self.basis = self.snapshots.basis()
+                self.snapshots.clear()
+            sampler = SubspaceSampler(self.basis, shapes, norm, mu=mu, v=v)
+        else:  # mezo, zopro's zeroth-order warm-up iteration 0 (no mu yet), or isotropic by choice
+            total = sum(p.numel() for p in self.params.values())
+            sampler = IsotropicSampler(norm / math.sqrt(total) if fixed else 1.0)
         self.sampler, self.sampler_iteration = sampler, iteration
         return sampler
 
@@ -140,6 +147,7 @@ class ZerothOrderUpdate:
         if self.uses_first_order(iteration):
             if self.snapshots is not None and step_in_iteration == 0:
                 self.snapshots.clear()  # a (refresh) first-order iteration renews the basis
+                self.basis = None
             metrics = self.first_order.update(
                 rollout, update_index=update_index, step_in_iteration=step_in_iteration, lr_scale=lr_scale
             )
@@ -316,6 +324,7 @@ class ZerothOrderUpdate:
             "reference_norms": self.reference_norms,
             "normalizer": self.normalizer.state_dict() if self.normalizer else None,
             "snapshots": self.snapshots.state_dict() if self.snapshots is not None else None,
+            "basis": self.basis.cpu() if self.basis is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -327,6 +336,8 @@ class ZerothOrderUpdate:
             self.normalizer.load_state_dict(state["normalizer"])
         if self.snapshots is not None and state.get("snapshots"):
             self.snapshots.load_state_dict(state["snapshots"], self.pm.device)
+        basis = state.get("basis")
+        self.basis = basis.to(self.pm.device) if basis is not None else None
         self.sampler_iteration = None  # rebuilt from the checkpoints on the next update
 
 
