@@ -29,7 +29,7 @@ REWARD_CHARTS = (
     ChartSpec(
         "reward-model score",
         (
-            ("objective/scores", "RM score"),
+            ("objective/scores", "RM"),
             ("objective/rlhf_reward", "rlhf"),
             ("eval/reward", "held-out"),
         ),

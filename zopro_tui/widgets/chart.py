@@ -393,12 +393,18 @@ class CurveChart(Widget):
     def _legend(self, width: int, no_color: bool) -> Text:
         """The title, then each series' marker, label and value (at the cursor) with its standard error; when
         everything does not fit the standard errors go first, then the title."""
-        legend = self._series_legend(no_color, with_errors=True)
-        if legend.cell_len > width:
-            legend = self._series_legend(no_color, with_errors=False)
         data = self.data
-        if not data.series or len(data.title) + 2 + legend.cell_len <= width:
-            legend = Text.assemble((data.title, "bold"), "  " if data.series else "", legend)
+        with_errors = self._series_legend(no_color, with_errors=True)
+        plain = self._series_legend(no_color, with_errors=False)
+        if not data.series:
+            legend = Text(data.title, style="bold")
+        else:
+            for series_legend in (with_errors, plain):
+                if len(data.title) + 2 + series_legend.cell_len <= width:
+                    legend = Text.assemble((data.title, "bold"), "  ", series_legend)
+                    break
+            else:
+                legend = with_errors if with_errors.cell_len <= width else plain
         legend.truncate(width, overflow="ellipsis")
         return legend
 
