@@ -22,7 +22,7 @@ def test_compare_runs_methods_into_sibling_dirs_with_one_seed(tmp_path):
     result = zopro("compare", str(recipe), "--root", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr
     (folder,) = (tmp_path / "runs").iterdir()
-    rows = {p.name: comparison_row(p) for p in folder.iterdir()}
+    rows = {p.name: comparison_row(p) for p in folder.iterdir() if p.is_dir()}
     assert set(rows) == {"rloo", "mezo"}
     assert rows["rloo"]["method"] == "rloo" and rows["mezo"]["method"] == "mezo"
     # same seed and data: the SFT baseline (before any method-specific step) is identical
