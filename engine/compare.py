@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,13 +13,15 @@ from rich.table import Table
 
 from engine.reader import read_events, run_info
 from engine.recipe import RecipeError, load_recipe, split_variant, variant_label
-from engine.report import fmt_duration, fmt_value
+from engine.report import fmt_duration, fmt_value, fmt_with_se
 
 EXIT_BAD_INPUT = 2
+COMPARISON_JSON = "comparison.json"  # the table's rows, standard errors included, beside the runs
 
 
 def comparison_row(run_dir: Path, label: str | None = None) -> dict:
-    """Final held-out scores and the cost of one run: what the compare table and screen show."""
+    """Final held-out scores (with their standard errors where the run logged them: None otherwise) and the
+    cost of one run: what the compare table and screen show. `label` names the method (or variant)."""
     events = read_events(run_dir)
     evals = [e["metrics"] for e in events if e.get("type") == "eval"]
     metrics = [e for e in events if e.get("type") == "metrics"]
@@ -35,9 +38,13 @@ def comparison_row(run_dir: Path, label: str | None = None) -> dict:
         "status": info.status,
         "sft_gold": evals[0].get("eval/gold") if evals else None,
         "final_gold": last.get("eval/gold"),
+        "final_gold_se": last.get("eval/gold_se"),
         "win_rate_vs_sft": last.get("eval/win_rate_vs_sft"),
+        "win_rate_vs_sft_se": last.get("eval/win_rate_vs_sft_se"),
         "reward_score": last.get("eval/reward"),
+        "reward_score_se": last.get("eval/reward_se"),
         "kl": last.get("eval/kl"),
+        "kl_se": last.get("eval/kl_se"),
         "wall_time_s": events[-1].get("elapsed") if events else None,
         "forward_passes": (metrics[-1]["metrics"].get("compute/forward_passes") if metrics else None),
         "policy_forward_passes": _policy_forward_passes(events),
@@ -74,8 +81,8 @@ def comparison_table(rows: list[dict], title: str = "comparison") -> Table:
     for row in rows:
         table.add_row(
             row["method"],
-            fmt_value(row["final_gold"]),
-            fmt_value(row["win_rate_vs_sft"]),
+            fmt_with_se(row["final_gold"], row.get("final_gold_se")),
+            fmt_with_se(row["win_rate_vs_sft"], row.get("win_rate_vs_sft_se")),
             fmt_value(row["reward_score"]),
             fmt_value(row["kl"]),
             fmt_duration(row["wall_time_s"]),
@@ -120,10 +127,8 @@ def run_comparison(
         if code != EXIT_OK:
             err.print(f"{entry} ended with exit code {code}; the comparison stops here")
             return code
-    console.print(
-        comparison_table(
-            [comparison_row(d, label) for d, label in dirs], "comparison (final held-out evaluation)"
-        )
-    )
-    console.print(f"runs in {folder}", soft_wrap=True)
+    rows = [comparison_row(d, label) for d, label in dirs]
+    console.print(comparison_table(rows, "comparison (final held-out evaluation)"))
+    (folder / COMPARISON_JSON).write_text(json.dumps(rows, indent=1) + "\n")
+    console.print(f"runs in {folder}; the table as JSON in {folder / COMPARISON_JSON}", soft_wrap=True)
     return EXIT_OK

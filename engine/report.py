@@ -41,6 +41,13 @@ def fmt_value(value: float | None, digits: int = 3) -> str:
     return str(value)
 
 
+def fmt_with_se(value: float | None, se: float | None, digits: int = 3) -> str:
+    """A score with its standard error when there is one: `0.468 ± 0.012`, else as `fmt_value`."""
+    if value is None or se is None or not isinstance(se, (int, float)) or se != se:
+        return fmt_value(value, digits)
+    return f"{fmt_value(value, digits)} ± {se:.{digits}f}"
+
+
 def position(info: RunInfo) -> str:
     """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them, `done` after."""
     if info.status == "finished" or info.stage == "done":

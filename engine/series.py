@@ -387,6 +387,19 @@ class MetricStore:
         _, take_x, take_y = np.intersect1d(index_x, index_y, assume_unique=True, return_indices=True)
         return self.values[name_x].view[take_x], self.values[name_y].view[take_y]
 
+    def aligned(self, name: str, like: str) -> np.ndarray | None:
+        """The values of `name` at the points of `like` (NaN where `name` was not logged with it), e.g. a
+        standard error beside its mean; None when `name` has no points."""
+        if not self.count(name) or not self.count(like):
+            return None
+        index, like_index = self.index[name], self.index[like]
+        if index is like_index:
+            return self.values[name].view
+        aligned = np.full(len(like_index), np.nan)
+        _, take, put = np.intersect1d(index.view, like_index.view, assume_unique=True, return_indices=True)
+        aligned[put] = self.values[name].view[take]
+        return aligned
+
     def x_range(self, axis: str, names: Iterable[str]) -> tuple[float, float] | None:
         """The smallest and largest x over the given metrics (None when none has points)."""
         low, high = np.inf, -np.inf

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
-from engine.compare import comparison_row
+from rich.console import Console
+
+from engine.compare import COMPARISON_JSON, comparison_row, comparison_table
+from engine.rundir import RunWriter
 from tests.conftest import FAST_RECIPE, zopro
 
 
@@ -17,7 +22,7 @@ def test_compare_runs_methods_into_sibling_dirs_with_one_seed(tmp_path):
     result = zopro("compare", str(recipe), "--root", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr
     (folder,) = (tmp_path / "runs").iterdir()
-    rows = {p.name: comparison_row(p) for p in folder.iterdir()}
+    rows = {p.name: comparison_row(p) for p in folder.iterdir() if p.is_dir()}
     assert set(rows) == {"rloo", "mezo"}
     assert rows["rloo"]["method"] == "rloo" and rows["mezo"]["method"] == "mezo"
     # same seed and data: the SFT baseline (before any method-specific step) is identical
@@ -26,6 +31,51 @@ def test_compare_runs_methods_into_sibling_dirs_with_one_seed(tmp_path):
         assert row["final_gold"] is not None and row["policy_forward_passes"] > 0
         assert row["peak_update_mem_mib"] is not None
     assert "comparison" in result.stdout and "win vs SFT" in result.stdout
+    written = {row["method"]: row for row in json.loads((folder / COMPARISON_JSON).read_text())}
+    assert written["rloo"] == json.loads(json.dumps(rows["rloo"]))
+    assert written["mezo"]["final_gold_se"] > 0, "the evaluation's standard error rides along as a field"
+    assert "±" in result.stdout
+
+
+def evaluated_run(run: Path, evaluations: list[dict]) -> Path:
+    with RunWriter(run) as writer:
+        writer.update_status(state="finished", method="zopro", stage="done", started=time.time() - 60)
+        for index, metrics in enumerate(evaluations):
+            writer.emit(
+                "eval", stage="eval", step=0, iteration=index, global_step=10 * index, metrics=metrics
+            )
+    return run
+
+
+def table_text(rows: list[dict]) -> str:
+    console = Console(width=200, record=True)
+    console.print(comparison_table(rows))
+    return console.export_text()
+
+
+def test_final_scores_carry_their_standard_errors_where_the_run_logged_them(tmp_path):
+    sft = {
+        "eval/gold": 0.3,
+        "eval/gold_se": 0.02,
+        "eval/win_rate_vs_sft": 0.5,
+        "eval/win_rate_vs_sft_se": 0.0,
+    }
+    final = {
+        "eval/gold": 0.468,
+        "eval/gold_se": 0.012,
+        "eval/win_rate_vs_sft": 0.61,
+        "eval/win_rate_vs_sft_se": 0.031,
+    }
+    row = comparison_row(evaluated_run(tmp_path / "new", [sft, final]))
+    assert (row["final_gold"], row["final_gold_se"]) == (0.468, 0.012)
+    assert (row["win_rate_vs_sft"], row["win_rate_vs_sft_se"]) == (0.61, 0.031)
+    assert "0.468 ± 0.012" in table_text([row]) and "0.610 ± 0.031" in table_text([row])
+
+    old = {"eval/gold": 0.468, "eval/win_rate_vs_sft": 0.61}  # a run from before the standard errors
+    row = comparison_row(evaluated_run(tmp_path / "old", [old]))
+    assert row["final_gold_se"] is None and row["win_rate_vs_sft_se"] is None
+    text = table_text([row])
+    assert "0.468" in text and "±" not in text
 
 
 def test_compare_with_a_bad_method_creates_nothing(tmp_path):

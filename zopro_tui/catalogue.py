@@ -28,7 +28,11 @@ class TrajectorySpec:
 REWARD_CHARTS = (
     ChartSpec(
         "reward-model score",
-        (("objective/scores", "RM score"), ("objective/rlhf_reward", "rlhf reward")),
+        (
+            ("objective/scores", "RM"),
+            ("objective/rlhf_reward", "rlhf"),
+            ("eval/reward", "held-out"),
+        ),
         "waiting for objective/scores: the first policy update",
     ),
     ChartSpec(
@@ -78,11 +82,39 @@ TRAJECTORY = TrajectorySpec(
     "waiting for interplay/traj_*: logged at the end of each iteration",
 )
 
+# In order of what a user asks first when space is short; charts with data go before those still waiting.
 ZO_CHARTS = (
+    ChartSpec(
+        "premise: gold along mu",
+        (("premise/gold_minus", "gold -mu"), ("premise/gold_0", "gold 0"), ("premise/gold_plus", "gold +mu")),
+        "waiting for premise/gold_*: zopro's premise check, gold at theta -/+ mu at the start of each "
+        "iteration after the first",
+    ),
     ChartSpec(
         "projected gradient g",
         (("zo/g", "g"), ("zo/abs_g", "|g|")),
         "waiting for zo/g: the first zeroth-order update",
+    ),
+    ChartSpec(
+        "premise: cos(descent, mu)",
+        (("premise/cos_descent_mu", "cos(-grad,mu)"), ("premise/subspace_capture", "capture")),
+        "waiting for premise/cos_descent_mu (> 0: mu points downhill) and premise/subspace_capture (the "
+        "gradient's share in the subspace basis): zopro.premise_gradient_batches > 0",
+    ),
+    ChartSpec(
+        "step |dtheta|",
+        (("zo/step_norm", "|dtheta|"),),
+        "waiting for zo/step_norm: the first zeroth-order update",
+    ),
+    ChartSpec(
+        "g normalisation",
+        (("zo/g_raw", "g raw"), ("zo/g_rms", "running RMS")),
+        "waiting for zo/g_raw and zo/g_rms (0 unless normalize_g): the first zeroth-order update",
+    ),
+    ChartSpec(
+        "direction |z|",  # its own chart: |z| is O(1..sqrt(d)), a step O(lr)
+        (("zo/z_norm", "|z|"),),
+        "waiting for zo/z_norm: the first zeroth-order update",
     ),
     ChartSpec("decay", (("zo/decay", "decay"),), "waiting for zo/decay: ZOPrO's mixing of mu and v"),
     ChartSpec(
@@ -91,6 +123,11 @@ ZO_CHARTS = (
         "waiting for zo/cos_z_mu and zo/cos_z_v",
     ),
     ChartSpec("skipped updates", (("zo/skipped", "skipped"),), "waiting for zo/skipped: non-finite g guard"),
+    ChartSpec(
+        "premise: RM score along mu",
+        (("premise/reward_minus", "RM -mu"), ("premise/reward_0", "RM 0"), ("premise/reward_plus", "RM +mu")),
+        "waiting for premise/reward_*: zopro's premise check, RM score at theta -/+ mu",
+    ),
 )
 
 INTERPLAY_WAITING = (
@@ -98,8 +135,8 @@ INTERPLAY_WAITING = (
     "logged at the end of each iteration, once the policy and the reward model have both moved"
 )
 ZO_WAITING = (
-    "waiting for the zeroth-order diagnostics (zo/g, zo/abs_g, zo/decay, zo/cos_z_mu, zo/cos_z_v, zo/skipped): "
-    "logged at every zeroth-order update"
+    "waiting for the zeroth-order diagnostics (zo/g, zo/step_norm, zo/decay, zo/cos_z_mu, ...): logged at every "
+    "zeroth-order update; zopro's premise check (premise/*) at the start of each iteration after the first"
 )
 
 COMPARE_CHARTS = (
@@ -118,8 +155,11 @@ _CHART_NAMES = {
 
 
 def wanted_metric(name: str) -> bool:
-    """The metrics a screen keeps as full series: those its charts draw, and every zo/ diagnostic."""
-    return name in _CHART_NAMES or (name.startswith("zo/") and name.count("/") == 1)
+    """The metrics a screen keeps as full series: those its charts draw with their standard errors (`_se`),
+    every zo/ diagnostic and every premise/ check."""
+    if name in _CHART_NAMES or (name.endswith("_se") and name[: -len("_se")] in _CHART_NAMES):
+        return True
+    return name.count("/") == 1 and name.startswith(("zo/", "premise/"))
 
 
 def is_zeroth_order(method: str) -> bool:

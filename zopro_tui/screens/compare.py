@@ -15,15 +15,16 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from engine.report import STATUS_STYLE, fmt_duration, fmt_value
+from engine.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se
 from zopro_tui.catalogue import COMPARE_CHARTS
 from zopro_tui.reading import SeriesRead, StatusRead, follow_run
 from zopro_tui.view import CurveView, CurveViewActions
 from zopro_tui.watched import WatchedRun
-from zopro_tui.widgets.chart import LABEL_WIDTH, PALETTE, ChartData, ChartSeries, CurveChart
-from zopro_tui.widgets.panel import SMOOTH_FROM_POINTS
+from zopro_tui.widgets.chart import LABEL_WIDTH, PALETTE, ChartData, CurveChart
+from zopro_tui.widgets.panel import metric_series
 
 REDRAW_SECONDS = 0.25
+TABLE_SE_FROM_WIDTH = 110  # narrower, gold and win drop their standard errors so every column still fits
 TABLE_COLUMNS = (
     ("run", "run"),
     ("method", "method"),
@@ -145,16 +146,11 @@ class CompareScreen(CurveViewActions, Screen):
         window = view.visible(self.data_range())
         for spec, chart in zip(COMPARE_CHARTS, self.charts, strict=True):
             name = spec.metrics[0][0]
-            series = []
-            for path, run in self.runs.items():
-                x, y = run.series.series(name, view.axis)
-                if len(x):
-                    smoothed = (
-                        run.series.smoothed(name, view.smoothing)
-                        if (view.smoothing and len(y) >= SMOOTH_FROM_POINTS)
-                        else None
-                    )
-                    series.append(ChartSeries(run.name, x, y, self.run_colors[path], smoothed))
+            series = [
+                metric_series(run.series, name, run.name, view, self.run_colors[path])
+                for path, run in self.runs.items()
+            ]
+            series = [s for s in series if len(s.x)]
             chart.show(
                 ChartData(
                     spec.title,
@@ -178,6 +174,12 @@ class CompareScreen(CurveViewActions, Screen):
     def show_table(self) -> None:
         table = self.query_one("#compare-table", DataTable)
         table.clear()
+        with_se = self.size.width >= TABLE_SE_FROM_WIDTH
+
+        def score(latest: dict, name: str) -> Text:
+            se = latest.get(f"{name}_se") if with_se else None
+            return Text(fmt_with_se(latest.get(name), se), justify="right")
+
         for path, run in self.runs.items():
             latest = run.store.latest or (run.info.latest if run.info else {})
             info = run.info
@@ -186,8 +188,8 @@ class CompareScreen(CurveViewActions, Screen):
                 Text(run.name, style=self.run_colors[path]),
                 run.method,
                 Text(run.status, style=STATUS_STYLE.get(run.status, "")),
-                Text(fmt_value(latest.get("eval/gold")), justify="right"),
-                Text(fmt_value(latest.get("eval/win_rate_vs_sft")), justify="right"),
+                score(latest, "eval/gold"),
+                score(latest, "eval/win_rate_vs_sft"),
                 Text(fmt_value(latest.get("eval/kl", latest.get("objective/kl"))), justify="right"),
                 fmt_duration(info.elapsed if info else None),
                 Text(fmt_value(latest.get("compute/forward_passes")), justify="right"),

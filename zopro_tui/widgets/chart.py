@@ -2,7 +2,9 @@
 
 The chart knows nothing about runs: a panel gives it `ChartSeries` (x, y and optionally a smoothed y, as
 numpy arrays at full resolution), the visible x window and the cursor, and it draws what fits. With
-smoothing the raw data is drawn dim under the smoothed line, the way TensorBoard does it.
+smoothing the raw data is drawn dim under the smoothed line, the way TensorBoard does it. A series with a
+standard error per point gets error bars (dim, under the line: a band where the points are dense), and a
+series with few points in the window gets a marker on each point, so three evaluations read as three.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from rich.text import Text
 from textual.strip import Strip
 from textual.widget import Widget
 
-from engine.series import minmax_columns
+from engine.series import Columns, minmax_columns
 
 PALETTE = ("#4aa8ff", "#ffb347", "#5fd35f", "#ff6b9a", "#b78cff", "#40e0d0", "#e8e85a", "#ff7f50")
 NO_COLOR_MARKERS = ("⣿", "•", "+", "x", "o", "*", "#", "%")
+POINT_MARKERS = ("●", "•", "+", "x", "o", "*", "#", "%")  # a sparse series' points (NO_COLOR: one per series)
+SPARSE_COLUMNS_PER_POINT = 4  # a series gets point markers while it has at most one point per 4 columns
 LABEL_WIDTH = 8
 # bit of each braille dot, indexed [row within cell (0-3)][column within cell (0-1)]
 BRAILLE_BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.int64)
@@ -28,13 +32,15 @@ BRAILLE_BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]]
 
 @dataclass
 class ChartSeries:
-    """One line: full-resolution points (x non-decreasing) and, when smoothing, the smoothed values."""
+    """One line: full-resolution points (x non-decreasing), when smoothing the smoothed values, and when
+    known the standard error of each point (NaN where unknown), drawn as error bars around y."""
 
     label: str
     x: np.ndarray
     y: np.ndarray
     color: str = PALETTE[0]
     smoothed: np.ndarray | None = None
+    se: np.ndarray | None = None
 
 
 @dataclass
@@ -48,6 +54,34 @@ class ChartData:
     x_kind: str = "step"  # step, time or compute: how x values are written
     waiting: str = "no data yet"
     xy: bool = False  # a trajectory: y against x, in the order logged, not a function of x
+
+
+@dataclass
+class Raster:
+    """A chart's plot area per cell: braille bits of the lines and who drew them (2 * series + dim), braille
+    bits of the error bars and their series, the series whose point marker sits there (-1: none), and the
+    y range drawn."""
+
+    line_bits: np.ndarray
+    line_owners: np.ndarray
+    band_bits: np.ndarray
+    band_owners: np.ndarray
+    markers: np.ndarray
+    y_low: float
+    y_high: float
+
+
+def _cells(pixel_owner: np.ndarray, rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (owner per pixel, -1 for none) to braille cells: the bits of each cell and its largest owner."""
+    drawn = pixel_owner >= 0
+    bits = np.zeros((rows, width), dtype=np.int64)
+    owners = np.full((rows, width), -1, dtype=np.int64)
+    for dy in range(4):
+        for dx in range(2):
+            sub = drawn[dy::4, dx::2]
+            bits += sub * BRAILLE_BITS[dy, dx]
+            owners = np.maximum(owners, np.where(sub, pixel_owner[dy::4, dx::2], -1))
+    return bits, owners
 
 
 def fmt_number(value: float, width: int = 7) -> str:
@@ -99,6 +133,7 @@ def data_signature(data: ChartData) -> tuple:
             float(s.x[-1]) if len(s.x) else None,
             float(s.y[-1]) if len(s.y) else None,
             s.smoothed is not None and len(s.smoothed),
+            s.se is not None and len(s.se),
         )
         for s in data.series
     )
@@ -164,7 +199,7 @@ class CurveChart(Widget):
             strips += [blank] * max(0, (height - 2) // 2) + [self._text_strip(message, width)]
             return strips
         window = self._window(drawable)
-        cells, owners, y_low, y_high = self._raster(drawable, window, plot_rows, plot_width)
+        raster = self._raster(drawable, window, plot_rows, plot_width)
         cursor_cell = None
         if data.cursor is not None and window[1] > window[0] and not data.xy:
             fraction = (data.cursor - window[0]) / (window[1] - window[0])
@@ -178,11 +213,11 @@ class CurveChart(Widget):
         blank_style = base
         for row in range(plot_rows):
             if row == 0:
-                label = fmt_number(y_high)
+                label = fmt_number(raster.y_high)
             elif row == plot_rows - 1:
-                label = fmt_number(y_low)
+                label = fmt_number(raster.y_low)
             elif row == plot_rows // 2 and plot_rows >= 5:
-                label = fmt_number((y_low + y_high) / 2)
+                label = fmt_number((raster.y_low + raster.y_high) / 2)
             else:
                 label = ""
             segments = [
@@ -190,20 +225,34 @@ class CurveChart(Widget):
             ]
             run_text: list[str] = []
             run_style: Style | None = None
-            row_bits, row_owners = cells[row], owners[row]
+            line_bits, line_owners = raster.line_bits[row], raster.line_owners[row]
+            band_bits, band_owners, markers = (
+                raster.band_bits[row],
+                raster.band_owners[row],
+                raster.markers[row],
+            )
             for column in range(plot_width):
-                bits = int(row_bits[column])
-                if bits:
-                    series_index, dim = divmod(int(row_owners[column]), 2)
+                bits = int(line_bits[column])
+                marker = int(markers[column])
+                if bits:  # an error bar through a line's cell still shows, in the line's colour
+                    bits |= int(band_bits[column])
+                if marker >= 0:
+                    char = POINT_MARKERS[marker % len(POINT_MARKERS)] if no_color else POINT_MARKERS[0]
+                    style = styles[marker]
+                elif bits:
+                    series_index, dim = divmod(int(line_owners[column]), 2)
                     if no_color and series_index > 0:
                         char = NO_COLOR_MARKERS[series_index % len(NO_COLOR_MARKERS)]
                     else:
                         char = chr(0x2800 + bits)
                     style = dim_styles[series_index] if dim else styles[series_index]
+                elif band_bits[column]:
+                    bits = int(band_bits[column])
+                    char, style = chr(0x2800 + bits), dim_styles[int(band_owners[column])]
                 else:
                     char, style = " ", blank_style
                 if column == cursor_cell:
-                    if not bits:
+                    if not bits and marker < 0:
                         char, style = "│", base + Style(color="grey50")
                     style = style + cursor_style
                 if style is not run_style and run_text:
@@ -228,10 +277,13 @@ class CurveChart(Widget):
         high = max(float(s.x[-1]) for s in drawable)
         return (low, high) if high > low else (low - 0.5, high + 0.5)
 
-    def _raster(self, drawable: list[ChartSeries], window: tuple[float, float], rows: int, width: int):
-        """Braille bits per cell and, per cell, the series that drew it last (2 * index + dim)."""
+    def _raster(
+        self, drawable: list[ChartSeries], window: tuple[float, float], rows: int, width: int
+    ) -> Raster:
+        """Braille bits per cell of the lines and of the error bars, who drew them, and the point markers."""
         pixel_rows, pixel_columns = rows * 4, width * 2
-        traces: list[tuple[int, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        traces: list[tuple[int, bool, Columns | _PathColumns]] = []
+        bars: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # series, column, low, high
         low, high = math.inf, -math.inf
         for index, series in enumerate(drawable):
             layers = (
@@ -246,10 +298,16 @@ class CurveChart(Widget):
                     columns = minmax_columns(series.x, values, window[0], window[1], pixel_columns)
                 if not len(columns):
                     continue
-                traces.append((index, dim, columns.column, columns.low, columns.high, columns.first))
-                traces[-1] = traces[-1] + (columns.last,)
+                traces.append((index, dim, columns))
                 low = min(low, float(columns.low.min()))
                 high = max(high, float(columns.high.max()))
+            if series.se is not None and not self.data.xy and len(series.se) == len(series.y):
+                below = minmax_columns(series.x, series.y - series.se, window[0], window[1], pixel_columns)
+                above = minmax_columns(series.x, series.y + series.se, window[0], window[1], pixel_columns)
+                if len(below) and len(below) == len(above):  # NaN errors drop the same points from both
+                    bars.append((index, below.column, below.low, above.high))
+                    low = min(low, float(below.low.min()))
+                    high = max(high, float(above.high.max()))
         if not traces or not math.isfinite(low):
             low, high = 0.0, 1.0
         if high - low < 1e-12:
@@ -258,14 +316,25 @@ class CurveChart(Widget):
         else:
             pad = (high - low) * 0.04
             low, high = low - pad, high + pad
-        pixels_owner = np.full((pixel_rows, pixel_columns), -1, dtype=np.int64)
         scale = (pixel_rows - 1) / (high - low)
-        for index, dim, column, col_low, col_high, first, last in traces:
+
+        def pixel_row(values: np.ndarray) -> np.ndarray:
+            return np.clip(((high - values) * scale).round().astype(np.int64), 0, pixel_rows - 1)
+
+        bar_owner = np.full((pixel_rows, pixel_columns), -1, dtype=np.int64)
+        for index, column, bar_low, bar_high in bars:
+            tops, bottoms = pixel_row(bar_high), pixel_row(bar_low)
+            for c, top, bottom in zip(column.tolist(), tops.tolist(), bottoms.tolist(), strict=True):
+                bar_owner[top : bottom + 1, c] = index
+                caps = slice(max(0, c - 1), c + 2)
+                bar_owner[top, caps] = index
+                bar_owner[bottom, caps] = index
+        pixels_owner = np.full((pixel_rows, pixel_columns), -1, dtype=np.int64)
+        for index, dim, columns in traces:
             owner = 2 * index + (1 if dim else 0)
-            row_high = np.clip(((high - col_high) * scale).round().astype(np.int64), 0, pixel_rows - 1)
-            row_low = np.clip(((high - col_low) * scale).round().astype(np.int64), 0, pixel_rows - 1)
-            row_first = np.clip(((high - first) * scale).round().astype(np.int64), 0, pixel_rows - 1)
-            row_last = np.clip(((high - last) * scale).round().astype(np.int64), 0, pixel_rows - 1)
+            column = columns.column
+            row_high, row_low = pixel_row(columns.high), pixel_row(columns.low)
+            row_first, row_last = pixel_row(columns.first), pixel_row(columns.last)
             previous_column, previous_row = None, None
             for i in range(len(column)):
                 c = int(column[i])
@@ -285,21 +354,30 @@ class CurveChart(Widget):
                         ] = owner
                 pixels_owner[top : bottom + 1, c] = owner
                 previous_column, previous_row = c, int(row_last[i])
-        drawn = pixels_owner >= 0
-        cells = np.zeros((rows, width), dtype=np.int64)
-        owners = np.full((rows, width), -1, dtype=np.int64)
-        for dy in range(4):
-            for dx in range(2):
-                sub = drawn[dy::4, dx::2]
-                cells += sub * BRAILLE_BITS[dy, dx]
-                owners = np.maximum(owners, np.where(sub, pixels_owner[dy::4, dx::2], -1))
-        return cells, owners, low, high
+        line_bits, line_owners = _cells(pixels_owner, rows, width)
+        band_bits, band_owners = _cells(bar_owner, rows, width)
+        markers = np.full((rows, width), -1, dtype=np.int64)
+        if not self.data.xy:
+            for index, series in enumerate(drawable):
+                if series.smoothed is not None:
+                    continue
+                start = int(np.searchsorted(series.x, window[0], side="left"))
+                stop = int(np.searchsorted(series.x, window[1], side="right"))
+                x, y = series.x[start:stop], series.y[start:stop]
+                finite = np.isfinite(y)
+                x, y = x[finite], y[finite]
+                if not 0 < len(x) <= width // SPARSE_COLUMNS_PER_POINT:
+                    continue
+                span = max(window[1] - window[0], 1e-300)
+                column = np.minimum(
+                    ((x - window[0]) / span * pixel_columns).astype(np.int64), pixel_columns - 1
+                )
+                markers[pixel_row(y) // 4, column // 2] = index
+        return Raster(line_bits, line_owners, band_bits, band_owners, markers, low, high)
 
     @staticmethod
     def _xy_columns(x: np.ndarray, y: np.ndarray, window: tuple[float, float], columns: int):
         """A trajectory as per-point 'columns' in logged order (so the path joins point to point)."""
-        from engine.series import Columns
-
         finite = np.isfinite(x) & np.isfinite(y)
         x, y = x[finite], y[finite]
         span = window[1] - window[0]
@@ -313,8 +391,24 @@ class CurveChart(Widget):
         return _PathColumns(column, y)
 
     def _legend(self, width: int, no_color: bool) -> Text:
-        """The title, then each series' marker, label and value (at the cursor); the title goes first when
-        everything does not fit."""
+        """The title, then each series' marker, label and value (at the cursor) with its standard error; when
+        everything does not fit the standard errors go first, then the title."""
+        data = self.data
+        with_errors = self._series_legend(no_color, with_errors=True)
+        plain = self._series_legend(no_color, with_errors=False)
+        if not data.series:
+            legend = Text(data.title, style="bold")
+        else:
+            for series_legend in (with_errors, plain):
+                if len(data.title) + 2 + series_legend.cell_len <= width:
+                    legend = Text.assemble((data.title, "bold"), "  ", series_legend)
+                    break
+            else:
+                legend = with_errors if with_errors.cell_len <= width else plain
+        legend.truncate(width, overflow="ellipsis")
+        return legend
+
+    def _series_legend(self, no_color: bool, with_errors: bool) -> Text:
         data = self.data
         legend = Text(no_wrap=True, overflow="ellipsis")
         for index, series in enumerate(data.series):
@@ -325,15 +419,18 @@ class CurveChart(Widget):
             legend.append(f" {series.label} ")
             value = self._legend_value(series)
             legend.append(fmt_number(value) if value is not None else "-", style="bold")
-        if not data.series or len(data.title) + 2 + legend.cell_len <= width:
-            legend = Text.assemble((data.title, "bold"), "  " if data.series else "", legend)
-        legend.truncate(width, overflow="ellipsis")
+            if with_errors and series.se is not None and series.smoothed is None:
+                error = self._legend_value(series, series.se)
+                if error is not None and math.isfinite(error):
+                    legend.append(f"±{error:.2g}", style="dim")
         return legend
 
-    def _legend_value(self, series: ChartSeries) -> float | None:
+    def _legend_value(self, series: ChartSeries, values: np.ndarray | None = None) -> float | None:
+        """The value (or, given, another array's entry) of the last point at or before the cursor."""
         if not len(series.x):
             return None
-        values = series.smoothed if series.smoothed is not None else series.y
+        if values is None:
+            values = series.smoothed if series.smoothed is not None else series.y
         if self.data.cursor is None or self.data.xy:
             return float(values[-1])
         return value_before(series.x, values, self.data.cursor)

@@ -46,22 +46,27 @@ class Panel(Widget, can_focus=True):
 def chart_series(
     store: MetricStore, spec: ChartSpec, view: CurveView, colors: tuple[str, ...] = PALETTE
 ) -> list[ChartSeries]:
-    """The series of one chart spec that have points, with EMA when smoothing is on."""
+    """The series of one chart spec that have points, with EMA when smoothing is on and with the standard
+    error of each point when the run logs one beside the metric (`eval/gold_se` beside `eval/gold`)."""
     series = []
     for index, (name, label) in enumerate(spec.metrics):
-        x, y = store.series(name, view.axis)
-        if not len(x):
-            continue
-        smoothed = (
-            store.smoothed(name, view.smoothing) if view.smoothing and len(y) >= SMOOTH_FROM_POINTS else None
-        )
-        series.append(ChartSeries(label or name, x, y, colors[index % len(colors)], smoothed))
-    return series
+        series.append(metric_series(store, name, label or name, view, colors[index % len(colors)]))
+    return [s for s in series if len(s.x)]
+
+
+def metric_series(store: MetricStore, name: str, label: str, view: CurveView, color: str) -> ChartSeries:
+    """One metric of a run as a chart series on the view's axis (no points: an empty series)."""
+    x, y = store.series(name, view.axis)
+    smoothed = (
+        store.smoothed(name, view.smoothing) if view.smoothing and len(y) >= SMOOTH_FROM_POINTS else None
+    )
+    return ChartSeries(label, x, y, color, smoothed, se=store.aligned(f"{name}_se", name))
 
 
 class ChartGridPanel(Panel):
-    """Several charts in a grid that fits the panel: as many as fit at a readable size, the first ones first.
-    Until any of its metrics appears, the panel says in one line what it waits for."""
+    """Several charts in a grid that fits the panel: as many as fit at a readable size, those with data
+    before those still waiting, and in their order among each. Until any of its metrics appears, the panel
+    says in one line what it waits for."""
 
     def __init__(
         self,
@@ -77,6 +82,7 @@ class ChartGridPanel(Panel):
         self.specs = specs
         self.trajectory = trajectory
         self.waiting = waiting
+        self.with_data: tuple[bool, ...] = ()  # per chart: has it points to draw
         self.charts = [CurveChart(ChartData(spec.title, waiting=spec.waiting)) for spec in specs]
         if trajectory is not None:
             self.charts.append(CurveChart(ChartData(trajectory.title, waiting=trajectory.waiting, xy=True)))
@@ -103,16 +109,18 @@ class ChartGridPanel(Panel):
         grid = self.query_one(Grid)
         grid.styles.grid_size_columns = columns
         grid.styles.grid_size_rows = rows
+        with_data = self.with_data or (False,) * count
+        first = sorted(range(count), key=lambda index: (not with_data[index], index))[:visible]
         for index, chart in enumerate(self.charts):
-            chart.display = index < visible
+            chart.display = index in first
 
     def show_run(self, run: WatchedRun, view: CurveView, data_range: tuple[float, float] | None) -> None:
         store = run.series
         window = view.visible(data_range)
-        any_data = False
+        with_data = []
         for spec, chart in zip(self.specs, self.charts, strict=False):
             series = chart_series(store, spec, view)
-            any_data = any_data or bool(series)
+            with_data.append(bool(series))
             chart.show(
                 ChartData(
                     spec.title,
@@ -129,10 +137,13 @@ class ChartGridPanel(Panel):
                 x, y = store.pairs(name_x, name_y)
                 if len(x):
                     paths.append(ChartSeries(label, x, y, PALETTE[index]))
-            any_data = any_data or bool(paths)
+            with_data.append(bool(paths))
             self.charts[-1].show(
                 ChartData(self.trajectory.title, paths, waiting=self.trajectory.waiting, xy=True)
             )
-        waiting = bool(self.waiting) and not any_data
+        if tuple(with_data) != self.with_data:
+            self.with_data = tuple(with_data)
+            self.fit_charts()
+        waiting = bool(self.waiting) and not any(with_data)
         self.query_one(".panel-waiting", Static).display = waiting
         self.query_one(Grid).display = not waiting

@@ -1,0 +1,95 @@
+"""The braille chart on its own: error bars from standard errors, point markers on sparse series, the legend."""
+
+from __future__ import annotations
+
+import numpy as np
+from textual.app import App, ComposeResult
+
+from zopro_tui.catalogue import wanted_metric
+from zopro_tui.widgets.chart import LABEL_WIDTH, ChartData, ChartSeries, CurveChart
+
+X = np.array([0.0, 50.0, 100.0])
+FLAT = np.array([0.5, 0.5, 0.5])
+
+
+class OneChart(App):
+    def compose(self) -> ComposeResult:
+        yield CurveChart(ChartData("held-out gold"))
+
+
+async def drawn(*series: ChartSeries, size: tuple[int, int] = (48, 14)) -> list[str]:
+    """The chart's lines as text: legend, plot rows (y labels, then the plot area), x labels."""
+    app = OneChart()
+    async with app.run_test(size=size) as pilot:
+        chart = app.query_one(CurveChart)
+        chart.show(ChartData("held-out gold", list(series)))
+        await pilot.pause()
+        return [chart.render_line(y).text for y in range(chart.size.height)]
+
+
+def plot_rows(lines: list[str]) -> list[str]:
+    return [line[LABEL_WIDTH:] for line in lines[1:-1]]
+
+
+def drawn_rows(lines: list[str]) -> list[int]:
+    return [row for row, text in enumerate(plot_rows(lines)) if text.strip()]
+
+
+async def test_standard_errors_draw_bars_around_the_points_and_widen_the_y_range():
+    plain = await drawn(ChartSeries("held-out", X, FLAT))
+    assert len(drawn_rows(plain)) == 1, "a flat line without standard errors: one row"
+    assert plain[1].startswith("   0.55"), "the y range is the line's, padded"
+
+    lines = await drawn(ChartSeries("held-out", X, FLAT, se=np.array([0.2, 0.2, 0.2])))
+    rows = drawn_rows(lines)
+    assert rows[0] == 0 and rows[-1] == len(plot_rows(lines)) - 1, "the bars reach 0.3 and 0.7: the y range"
+    assert float(lines[1][: LABEL_WIDTH - 1]) > 0.7 and float(lines[-2][: LABEL_WIDTH - 1]) < 0.3
+    line_row = next(row for row, text in enumerate(plot_rows(lines)) if text.count("●") == 3)
+    markers = marker_columns(plot_rows(lines)[line_row])
+    for row, text in enumerate(plot_rows(lines)):
+        if row != line_row:
+            bar_columns = [column for column, char in enumerate(text) if char.strip()]
+            assert bar_columns, f"row {row}: every row between the bars' ends has them"
+            assert all(min(abs(column - marker) for marker in markers) <= 1 for column in bar_columns), (
+                f"row {row}: bars only at the points, not between them"
+            )
+    assert "±0.2" in lines[0], "the legend reads the standard error at the cursor (the last point)"
+
+
+def marker_columns(text: str) -> list[int]:
+    return [column for column, char in enumerate(text) if char == "●"]
+
+
+async def test_a_point_without_standard_error_gets_no_bar():
+    lines = await drawn(ChartSeries("held-out", X, FLAT, se=np.array([np.nan, 0.2, np.nan])))
+    line_row = next(row for row, text in enumerate(plot_rows(lines)) if text.count("●") == 3)
+    first, middle, last = marker_columns(plot_rows(lines)[line_row])
+    for row, text in enumerate(plot_rows(lines)):
+        if row != line_row and text.strip():
+            assert all(abs(column - middle) <= 1 for column, char in enumerate(text) if char.strip())
+    assert "±" not in lines[0], "no standard error at the last point: none in the legend"
+
+
+async def test_sparse_series_get_markers_and_dense_ones_do_not():
+    sparse = await drawn(ChartSeries("premise", X, np.array([0.1, 0.4, 0.2])))
+    assert sum(text.count("●") for text in plot_rows(sparse)) == 3
+    x = np.arange(200.0)
+    dense = await drawn(ChartSeries("rollouts", x, np.sin(x / 10)))
+    assert not any("●" in text for text in plot_rows(dense))
+
+
+async def test_the_legend_drops_standard_errors_before_the_title():
+    series = ChartSeries("held-out", X, FLAT, se=np.array([0.2, 0.2, 0.2]))
+    wide = await drawn(series, size=(48, 10))
+    assert wide[0].startswith("held-out gold") and "±0.2" in wide[0]
+    narrower = await drawn(series, size=(30, 10))
+    assert narrower[0].startswith("held-out gold") and "±" not in narrower[0]
+    narrowest = await drawn(series, size=(22, 10))
+    assert narrowest[0].strip() == "━ held-out 0.5±0.2", "no room for the title: the series and its error"
+
+
+def test_screens_keep_the_premise_check_and_the_standard_errors_they_draw():
+    for name in ("premise/gold_minus", "premise/gold_gain", "premise/cos_descent_mu", "eval/gold_se"):
+        assert wanted_metric(name), name
+    assert wanted_metric("eval/win_rate_vs_sft_se") and wanted_metric("zo/step_norm")
+    assert not wanted_metric("eval/response_length") and not wanted_metric("eval/response_length_se")
