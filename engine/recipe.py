@@ -6,6 +6,7 @@ and what is accepted. Nothing is created before a recipe validates.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -528,6 +529,13 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
         )
     recipe = _build(Recipe, {k: v for k, v in raw.items() if k != "compare"}, "", source)
     _check_recipe(recipe, source, raw)
+    for entry in (compare or {}).get("methods", []):
+        method, own = split_variant(entry)
+        if own:  # each variant must be a valid recipe too
+            variant = copy.deepcopy(raw)
+            variant["compare"] = {"methods": [split_variant(m)[0] for m in compare["methods"]]}
+            apply_overrides(variant, [f"policy.method={method}", *own])
+            recipe_from_dict(variant, f"{source} ([compare] methods entry {entry!r})")
     return recipe
 
 
