@@ -7,7 +7,7 @@ import json
 import pytest
 
 from engine.reader import read_events
-from tests.conftest import FAST_RECIPE, zopro
+from tests.conftest import FAST_RECIPE, REPO, zopro
 from tests.runs import assert_resume_after_sigterm_is_exact
 
 ZOPRO_RECIPE = (
@@ -193,3 +193,21 @@ def test_zeroth_order_setting_on_a_first_order_method_is_refused(tmp_path):
     assert result.returncode == 2
     assert "[zopro]" in result.stderr and "policy.method" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_zeroth_order_iterations_raise_gold(tmp_path):
+    """The subspace sampler's zeroth-order iterations (1 and 2) lift held-out gold well beyond the first-order
+    iteration 0 (measured: 0.300 -> 0.362 -> 0.413, standard error ~0.025)."""
+    run = tmp_path / "run"
+    result = zopro(
+        "run", str(REPO / "tests" / "fixtures" / "zo_learns.toml"), "--run-dir", str(run), timeout=900
+    )
+    assert result.returncode == 0, result.stderr
+    evals = [e["metrics"] for e in read_events(run) if e["type"] == "eval"]
+    gold = [m["eval/gold"] for m in evals]
+    assert len(gold) == 4  # SFT, then iterations 0, 1, 2
+    assert gold[3] - gold[1] > 0.04, gold
+    assert gold[3] - gold[1] > 1.5 * evals[3]["eval/gold_se"], (gold, evals[3]["eval/gold_se"])
+    policy = [e["metrics"] for e in read_events(run) if e["type"] == "metrics" and e["stage"] == "policy"]
+    assert all(m["zo/first_order"] == 0.0 for m in policy[10:])  # the gain is zeroth-order's
