@@ -141,7 +141,7 @@ def compare_runs_all(recipe: Path) -> bool:
 
     try:
         raw = tomllib.loads(recipe.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError):
         return False  # load_recipe reports the problem
     return isinstance(raw.get("compare"), dict) and raw["compare"].get("run_all") is True
 
@@ -151,7 +151,7 @@ def compare_methods_of(recipe: Path) -> list[str]:
 
     try:
         raw = tomllib.loads(recipe.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError):
         return []
     methods = raw.get("compare", {}).get("methods", []) if isinstance(raw.get("compare"), dict) else []
     return [m for m in methods if isinstance(m, str)]

@@ -120,6 +120,12 @@ def run_training(
         else:
             assert recipe_path is not None
             recipe = load_recipe(recipe_path, overrides)
+            for flag, folder in (("--run-dir", run_dir), ("--root", None if run_dir else root)):
+                blocker = _file_in_the_way(folder)
+                if blocker is not None:
+                    return bad(
+                        f"{flag} {folder}: {blocker} is a file, not a folder; choose another directory"
+                    )
             if run_dir is None:
                 from engine.cli import default_run_dir
 
@@ -192,6 +198,16 @@ def run_training(
     if code == EXIT_OK and pipeline.state.stage == "done":
         console.print(f"finished in {fmt_duration(pipeline.clock.elapsed())}: {run_dir}")
     return code
+
+
+def _file_in_the_way(folder: Path | None) -> Path | None:
+    """The folder itself or its nearest existing parent, when that is not a folder (a run cannot go there)."""
+    if folder is None:
+        return None
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            return None if existing.is_dir() else existing
+    return None
 
 
 def _record_failure(pipeline, writer: RunWriter, message: str, err: Console, run_dir: Path) -> int:
