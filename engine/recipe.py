@@ -11,11 +11,10 @@ import difflib
 import json
 import math
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
-
-import tomllib
 
 FIRST_ORDER_METHODS = ("rloo", "ppo", "online_dpo")
 ZEROTH_ORDER_METHODS = ("mezo", "zopro")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 
 import pytest
-import tomllib
 from typer.testing import CliRunner
 
 from engine.cli import app
