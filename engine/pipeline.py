@@ -290,8 +290,8 @@ class Pipeline:
                         raise
                     raise TrainingFailed(  # sampling from NaN or infinite logits: the weights diverged
                         f"the model's next-token probabilities became NaN or infinite in the {stage} stage at "
-                        f"step {self.state.step}; the weights diverged: lower {self._lr_setting(stage)} and "
-                        "resume from the last checkpoint"
+                        f"step {self.state.step}; the weights diverged: lower {self._lr_setting(stage)} (in a "
+                        "new run, or in the run's recipe.toml before `zopro run --resume`)"
                     ) from None
             self.writer.update_status(
                 state="finished",
@@ -839,7 +839,7 @@ class Pipeline:
         if not math.isfinite(float(loss)):
             raise TrainingFailed(
                 f"{name} became {float(loss)} at {stage} step {self.state.step}; lower the learning rate "
-                f"({self._lr_setting(stage)}) and resume from the last checkpoint"
+                f"({self._lr_setting(stage)}) in a new run, or in the run's recipe.toml before `zopro run --resume`"
             )
 
     def _lr_setting(self, stage: str) -> str:
