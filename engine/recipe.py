@@ -403,14 +403,18 @@ def _check_paths(recipe: Recipe, source: str) -> None:
         )
     if recipe.model.cache_dir:
         path = Path(recipe.model.cache_dir).expanduser()
-        for existing in (path, *path.parents):
-            if existing.exists():
-                if not existing.is_dir():
-                    raise RecipeError(
-                        f"{source}: model.cache_dir = {recipe.model.cache_dir!r}: {existing} is a file, "
-                        "not a folder; name a folder (it is created if missing)"
-                    )
-                break
+        try:
+            existing = next(p for p in (path, *path.parents) if p.exists())
+        except OSError as error:  # a name too long for the file system, ...
+            raise RecipeError(
+                f"{source}: model.cache_dir = {_shown(recipe.model.cache_dir)} cannot be a folder "
+                f"({error.strerror}); name a folder (it is created if missing)"
+            ) from None
+        if not existing.is_dir():
+            raise RecipeError(
+                f"{source}: model.cache_dir = {_shown(recipe.model.cache_dir)}: {existing} is a file, "
+                "not a folder; name a folder (it is created if missing)"
+            )
 
 
 def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ Layout (the contract every reader relies on; see README "The run directory"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -110,6 +111,18 @@ class RunWriter:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def open(self) -> RunWriter:
+        """Take the lock and open the files; RunDirError (one sentence) when the folder cannot be written."""
+        try:
+            return self._open()
+        except OSError as error:
+            self.close()
+            where = error.filename or self.path
+            raise RunDirError(
+                f"{where} cannot be written as part of a run directory ({error.strerror or error}); "
+                "fix or remove it, or choose another directory"
+            ) from None
+
+    def _open(self) -> RunWriter:
         os.umask(os.umask(PRIVATE_BITS) | PRIVATE_BITS)  # also covers what torch and safetensors write
         self.path.mkdir(parents=True, exist_ok=True)
         _make_private(self.path)
@@ -130,6 +143,8 @@ class RunWriter:
         handle.flush()
         self._lock_handle = handle
         for folder in (self.control_dir, self.checkpoints_dir, self.samples_dir):
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
             folder.mkdir(exist_ok=True)
             _make_private(folder)
         self.recover_checkpoints()

@@ -120,6 +120,8 @@ def run_training(
                 return bad(f"{run_dir} has already finished; start a new run instead")
             if info.status in ("running", "paused"):
                 return bad(f"{run_dir} is still {info.status} (pid {info.pid}); stop it before resuming")
+            if info.status == "unreadable":
+                return bad(f"{run_dir} cannot be resumed: {info.error}")
             recipe = load_recipe(run_dir / "recipe.toml")
         else:
             assert recipe_path is not None

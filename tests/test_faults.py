@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine.reader import EventTail, read_events, run_info
-from engine.rundir import RunWriter
+from engine.rundir import RunDirError, RunWriter
 from tests.conftest import REPO, zopro, zopro_popen
 from tests.runs import global_step, wait_for
 
@@ -232,3 +232,26 @@ def test_run_directory_is_private_under_umask_000(tmp_path):
     run = tmp_path / "run"
     for path in [run, *run.rglob("*")]:
         assert not path.stat().st_mode & 0o022, f"{path} is group- or world-writable"
+
+
+@pytest.mark.parametrize("blocker", ["control", "checkpoints", "lock", "events.jsonl"])
+def test_a_run_directory_with_a_file_or_folder_in_the_way_is_one_sentence(tmp_path, blocker):
+    run = tmp_path / "run"
+    run.mkdir()
+    if blocker in ("control", "checkpoints"):
+        (run / blocker).write_text("in the way\n")
+    else:
+        (run / blocker).mkdir()
+    with pytest.raises(RunDirError) as caught:
+        RunWriter(run).open()
+    assert blocker in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+def test_resuming_a_run_whose_status_is_unreadable_is_refused_before_loading(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(REPO / "tests" / "fixtures" / "run_tiny" / "fast-seed0", run)
+    (run / "status.json").unlink()
+    (run / "status.json").mkdir()
+    result = zopro("run", "--resume", str(run))
+    assert result.returncode == 2 and "cannot be resumed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

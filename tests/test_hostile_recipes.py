@@ -46,6 +46,7 @@ HOSTILE_OVERRIDES = [
     ("train.samples_per_prompt=100000", ["train.samples_per_prompt", "<= 1024"]),
     ("model.cache_dir=/etc/passwd", ["model.cache_dir", "is a file"]),
     ("model.cache_dir=/etc/passwd/below", ["model.cache_dir", "is a file"]),
+    ("model.cache_dir=" + "c" * 5000, ["model.cache_dir", "cannot be a folder"]),
     ('model.base="builtin:tiny\\u0000"', ["model.base", "control character"]),
     ('model.target_modules=["q_proj\\n"]', ["model.target_modules[0]", "control character"]),
     ("train.iterations=" + "[" * 5000 + "]" * 5000, ["train.iterations", "nested too deeply"]),
