@@ -82,11 +82,13 @@ def send_control(run_dir: Path, request: str) -> Path:
     """Ask the run's writer to pause, resume, stop or checkpoint; it polls between steps."""
     if request not in CONTROL_REQUESTS:
         raise RunDirError(f"unknown control request {request!r}; accepted: {', '.join(CONTROL_REQUESTS)}")
-    control = Path(run_dir) / "control"
+    run_dir = Path(run_dir)
+    control = run_dir / "control"
     if not control.is_dir():
-        raise RunDirError(
-            f"{run_dir} has no control/ folder yet (not started, or not a run directory); nothing was sent"
-        )
+        if not ((run_dir / "status.json").exists() or (run_dir / "events.jsonl").exists()):
+            # creating it would make a run that is still loading find its folder taken
+            raise RunDirError(f"{run_dir} is not a run directory yet (still starting?); nothing was sent")
+        control.mkdir(mode=0o755, exist_ok=True)
     path = control / request
     atomic_write_text(path, f"{time.time()}\n")
     return path

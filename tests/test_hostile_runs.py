@@ -188,3 +188,12 @@ async def test_a_tui_run_that_fails_while_loading_says_so_in_the_header(tmp_path
 
         await _until(pilot, lambda: "failed to start" in header() and "model.base" in header(), "the failure")
         assert "loading the model" not in header()
+
+
+def test_a_control_request_to_a_run_still_starting_creates_nothing(tmp_path):
+    from engine.rundir import RunDirError, send_control
+
+    starting = tmp_path / "runs" / "starting"  # the TUI shows it while the engine loads the model
+    with pytest.raises(RunDirError, match="not a run directory yet"):
+        send_control(starting, "pause")
+    assert not starting.exists(), "the run would then find its --run-dir taken and refuse to start"
