@@ -142,7 +142,7 @@ def compare_runs_all(recipe: Path) -> bool:
 
     try:
         raw = tomllib.loads(recipe.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError):
         return False  # load_recipe reports the problem
     return isinstance(raw.get("compare"), dict) and raw["compare"].get("run_all") is True
 
@@ -152,7 +152,7 @@ def compare_methods_of(recipe: Path) -> list[str]:
 
     try:
         raw = tomllib.loads(recipe.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError):
         return []
     methods = raw.get("compare", {}).get("methods", []) if isinstance(raw.get("compare"), dict) else []
     return [m for m in methods if isinstance(m, str)]
@@ -203,6 +203,11 @@ def list_runs_command(
         console.print(f"no runs under {root}/ yet: start one with `zopro run`")
         return
     console.print(runs_table(runs))
+    for info in runs:
+        if info.status == "unreadable":
+            err.print(
+                f"[bold red]unreadable:[/] {escape(info.name)}: {escape(info.error or '')}", soft_wrap=True
+            )
 
 
 @app.command()
@@ -217,7 +222,12 @@ def status(
     if not run_dir.is_dir() or not is_run_dir(run_dir):
         fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
     info = run_info(run_dir)
-    evals = [e for e in read_events(run_dir) if e.get("type") == "eval"]
+    if info.status == "unreadable":
+        fail(f"{run_dir} cannot be read: {info.error}")
+    problems: list[str] = []
+    evals = [e for e in read_events(run_dir, problems) if e.get("type") == "eval"]
+    for problem in problems:
+        err.print(f"warning: {run_dir}: {escape(problem)}", soft_wrap=True)
     if as_json:
         data = info.to_json()
         data["evaluations"] = [{"iteration": e.get("iteration"), **e.get("metrics", {})} for e in evals]
@@ -242,7 +252,13 @@ def export(
         fail(f"--format {format!r} is not accepted; choose csv or json")
     if not run_dir.is_dir() or not is_run_dir(run_dir):
         fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
-    text = export_metrics(run_dir, format)
+    events = run_dir / "events.jsonl"
+    if events.exists() and not events.is_file():
+        fail(f"{events} is not a file; nothing to export")
+    problems: list[str] = []
+    text = export_metrics(run_dir, format, problems)
+    for problem in problems:
+        err.print(f"warning: {run_dir}: {escape(problem)}", soft_wrap=True)
     if output is None:
         sys.stdout.write(text)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class StopRun(Exception):
-    """Training stopped on request (control `stop`, SIGINT, SIGTERM) after a checkpoint."""
+    """Training stopped on request (control `stop`, SIGINT, SIGTERM, SIGHUP) after a checkpoint."""
 
     def __init__(self, reason: str):
         super().__init__(reason)

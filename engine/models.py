@@ -311,13 +311,25 @@ def save_adapters(pm: PreferenceModel, folder: Path) -> None:
     )
 
 
-def load_adapters(pm: PreferenceModel, folder: Path) -> None:
-    from peft.utils import set_peft_model_state_dict
+def read_adapters(folder: Path, device: torch.device | str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter and score-head tensors of a checkpoint folder, read but not applied (safetensors only)."""
     from safetensors.torch import load_file
 
+    weights = {
+        name: load_file(str(folder / "adapters" / name / "adapter_model.safetensors"), device=str(device))
+        for name in ADAPTERS
+    }
+    weights["score_head"] = load_file(str(folder / "score_head.safetensors"), device=str(device))
+    return weights
+
+
+def apply_adapters(pm: PreferenceModel, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
     for name in ADAPTERS:
-        weights = load_file(
-            str(folder / "adapters" / name / "adapter_model.safetensors"), device=str(pm.device)
-        )
-        set_peft_model_state_dict(pm.model, weights, adapter_name=name)
-    pm.score_head.load_state_dict(load_file(str(folder / "score_head.safetensors"), device=str(pm.device)))
+        set_peft_model_state_dict(pm.model, weights[name], adapter_name=name)
+    pm.score_head.load_state_dict(weights["score_head"])
+
+
+def load_adapters(pm: PreferenceModel, folder: Path) -> None:
+    apply_adapters(pm, read_adapters(folder, pm.device))

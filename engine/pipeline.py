@@ -30,8 +30,9 @@ from engine.judges import GoldJudge, LLMJudge, RewardJudge
 from engine.methods import make_update
 from engine.models import (
     ModelError,
-    load_adapters,
+    apply_adapters,
     load_preference_model,
+    read_adapters,
     resolve_base,
     resolve_device,
     save_adapters,
@@ -48,11 +49,15 @@ from engine.rollout import (
     sample,
     token_logprobs,
 )
-from engine.rundir import RunWriter, atomic_write_json, latest_checkpoint
+from engine.rundir import RunDirError, RunWriter, atomic_write_json, atomic_write_text, checkpoint_candidates
 from engine.tasks import make_task
 from engine.telemetry import Counters, PhasePeak, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
 
 STAGES = ("sft", "reward", "policy", "refine", "eval", "done")
+
+
+class CheckpointUnreadable(ValueError):
+    """A checkpoint folder that cannot be loaded (truncated, garbage, or not plain tensors); one phrase."""
 
 
 def seeded(seed: int, *where: Any) -> int:
@@ -173,7 +178,7 @@ class Pipeline:
     def start(self) -> None:
         """A new run: write the resolved recipe and meta, then train."""
         path = self.writer.path
-        (path / "recipe.toml").write_text(dump_recipe(self.recipe))
+        atomic_write_text(path / "recipe.toml", dump_recipe(self.recipe))
         meta = {
             "zopro": __version__,
             "torch": torch.__version__,
@@ -213,19 +218,39 @@ class Pipeline:
         self.train()
 
     def resume(self) -> None:
-        """Continue from the latest checkpoint: same data order, same sampling, same directions."""
-        checkpoint = latest_checkpoint(self.writer.path)
+        """Continue from the newest intact checkpoint: same data order, same sampling, same directions.
+        One that cannot be read is skipped (and named); with none left, RunDirError and nothing changes."""
+        candidates = checkpoint_candidates(self.writer.path)
+        skipped: list[str] = []
+        checkpoint = None
+        for folder in candidates:
+            try:
+                self.load_checkpoint(folder)
+            except CheckpointUnreadable as error:
+                skipped.append(f"{folder.name} ({error})")
+                continue
+            checkpoint = folder
+            break
+        if candidates and checkpoint is None:
+            raise RunDirError(
+                f"no checkpoint in {self.writer.checkpoints_dir} can be read ({'; '.join(skipped)}); "
+                "nothing was changed: start a new run"
+            )
         self.writer.load_status()
-        if checkpoint is None:
-            self.writer.seq = 0
-            self.writer.update_status(state="running", pid=os.getpid())
-            self.emit("resume", rewind_to_seq=0, checkpoint=None)
-            self.train()
-            return
-        self.load_checkpoint(checkpoint)
-        self.writer.seq = self.state.event_seq
-        self.writer.update_status(state="running", error=None)
-        self.emit("resume", rewind_to_seq=self.state.event_seq, checkpoint=checkpoint.name)
+        self.writer.seq = self.state.event_seq if checkpoint is not None else 0
+        self.writer.update_status(state="running", error=None, pid=os.getpid())
+        self.emit(
+            "resume",
+            rewind_to_seq=self.writer.seq,
+            checkpoint=checkpoint.name if checkpoint is not None else None,
+            **({"skipped": skipped} if skipped else {}),
+            message=(
+                f"resuming from checkpoint {checkpoint.name}"
+                if checkpoint is not None
+                else "no checkpoint yet: starting again from the first SFT step"
+            )
+            + (f"; skipped {', '.join(skipped)}" if skipped else ""),
+        )
         self.train()
 
     def train(self) -> None:
@@ -250,6 +275,14 @@ class Pipeline:
                     run_stage()
                 except torch.cuda.OutOfMemoryError:
                     raise TrainingFailed(self._out_of_memory(stage)) from None
+                except RuntimeError as error:
+                    if "probability tensor contains" not in str(error):
+                        raise
+                    raise TrainingFailed(  # sampling from NaN or infinite logits: the weights diverged
+                        f"the model's next-token probabilities became NaN or infinite in the {stage} stage at "
+                        f"step {self.state.step}; the weights diverged: lower {self._lr_setting(stage)} (in a "
+                        "new run, or in the run's recipe.toml before `zopro run --resume`)"
+                    ) from None
             self.writer.update_status(
                 state="finished",
                 stage="done",
@@ -498,6 +531,8 @@ class Pipeline:
                 update_metrics = self.method.update(
                     rollout, update_index=self.state.policy_updates, step_in_iteration=step, lr_scale=1.0
                 )
+            if "loss/policy" in update_metrics:
+                self._check_finite(update_metrics["loss/policy"], "policy", "loss/policy")
             update_metrics["time/policy_update_s"] = time.monotonic() - update_started
             update_metrics["mem/update_peak_mib"] = round(phase.growth_mib, 2)
             seqs = rollout.sequences
@@ -852,8 +887,21 @@ class Pipeline:
         if not math.isfinite(float(loss)):
             raise TrainingFailed(
                 f"{name} became {float(loss)} at {stage} step {self.state.step}; lower the learning rate "
-                f"({stage}.lr) and resume from the last checkpoint"
+                f"({self._lr_setting(stage)}) in a new run, or in the run's recipe.toml before `zopro run --resume`"
             )
+
+    def _lr_setting(self, stage: str) -> str:
+        """The recipe key and value of the learning rate that drives `stage` (policy-side for the rest)."""
+        r = self.recipe
+        section = stage if stage in ("sft", "reward", "refine") else r.policy.method
+        if (
+            section == "zopro"
+            and self.state.iteration == 0
+            and getattr(r.zopro, "first_iteration", "") == "rloo"
+        ):
+            section = "rloo"  # zopro's iteration 0 is a first-order rloo update
+        lr = getattr(getattr(r, section, None), "lr", None)
+        return f"{section}.lr = {lr:g}" if isinstance(lr, float) else f"{section}.lr"
 
     def end_stage(self, next_stage: str, checkpoint: str | None = None) -> None:
         finished = self.state.stage
@@ -896,26 +944,45 @@ class Pipeline:
         self.emit("checkpoint", name=name)
 
     def load_checkpoint(self, folder: Path) -> None:
-        load_adapters(self.pm, folder)
-        trainer = torch.load(folder / "trainer_state.pt", map_location=self.device, weights_only=False)
-        self.sft_optimizer.load_state_dict(trainer["sft_optimizer"])
-        self.reward_optimizer.load_state_dict(trainer["reward_optimizer"])
-        self.refine_optimizer.load_state_dict(trainer["refine_optimizer"])
-        self.method.load_state_dict(trainer["method"])
-        self.reward_before_refine = trainer["reward_before_refine"]
-        self.reward_initial = trainer.get("reward_initial")
-        if self.interplay is not None and trainer.get("interplay") is not None:
-            self.interplay.load_state_dict(trainer["interplay"])
-        self.state = RunState(**json.loads((folder / "state.json").read_text()))
-        self.counters.load_state_dict(self.state.counters)
+        """Restore a checkpoint; CheckpointUnreadable (nothing applied) when a file is truncated or garbage.
+        trainer_state.pt is read with weights_only: tensors and plain values, never code."""
+        try:
+            state = _run_state(json.loads((folder / "state.json").read_text()))
+        except (OSError, ValueError, TypeError, RecursionError) as error:
+            raise CheckpointUnreadable(f"state.json: {_first_line(error)}") from None
+        try:
+            adapters = read_adapters(folder, self.device)
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointUnreadable(f"adapters: {_first_line(error)}") from None
+        try:
+            trainer = torch.load(folder / "trainer_state.pt", map_location=self.device, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - truncated zip, a pickle that is not plain data, ...
+            raise CheckpointUnreadable(f"trainer_state.pt: {_first_line(error)}") from None
+        try:
+            apply_adapters(self.pm, adapters)
+            self.sft_optimizer.load_state_dict(trainer["sft_optimizer"])
+            self.reward_optimizer.load_state_dict(trainer["reward_optimizer"])
+            self.refine_optimizer.load_state_dict(trainer["refine_optimizer"])
+            self.method.load_state_dict(trainer["method"])
+            self.reward_before_refine = trainer["reward_before_refine"]
+            self.reward_initial = trainer.get("reward_initial")
+            if self.interplay is not None and trainer.get("interplay") is not None:
+                self.interplay.load_state_dict(trainer["interplay"])
+            self.counters.load_state_dict(state.counters)
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
+            raise CheckpointUnreadable(f"does not fit this run ({_first_line(error)})") from None
+        self.state = state
         self.clock = Stopwatch(self.state.elapsed)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):  # noqa: ARG001
             self.signal_received = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                _leave_the_terminal()
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGHUP, handler)  # the SSH connection dropped: stop cleanly, like SIGTERM
 
     def between_steps(self) -> None:
         """Poll control requests and signals; pause, checkpoint or stop here, where the state is whole."""
@@ -953,6 +1020,37 @@ def mean_and_standard_error(values: list[float], per_prompt: int) -> tuple[float
     means = torch.tensor(values, dtype=torch.float64).view(-1, per_prompt).mean(-1)
     se = float(means.std(unbiased=True) / math.sqrt(len(means))) if len(means) > 1 else 0.0
     return float(means.mean()), se
+
+
+def _leave_the_terminal() -> None:
+    """After SIGHUP the terminal is gone and writing to it fails (EIO): send what went there to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
+
+
+def _run_state(data: Any) -> RunState:
+    """A RunState from checkpoint JSON, or TypeError/ValueError when the JSON is not one."""
+    if not isinstance(data, dict):
+        raise TypeError("not a JSON object")
+    state = RunState(**data)
+    if state.stage not in STAGES:
+        raise ValueError(f"unknown stage {state.stage!r}")
+    for name in ("iteration", "step", "global_step", "policy_updates", "event_seq"):
+        value = getattr(state, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} is not a count: {value!r}")
+    if not isinstance(state.elapsed, (int, float)) or not isinstance(state.counters, dict):
+        raise ValueError("elapsed or counters has the wrong type")
+    return state
 
 
 def _stage_title(stage: str, iteration: int) -> str:

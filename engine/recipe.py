@@ -9,16 +9,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
+import math
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-import tomllib
-
 FIRST_ORDER_METHODS = ("rloo", "ppo", "online_dpo")
 ZEROTH_ORDER_METHODS = ("mezo", "zopro")
 METHODS = FIRST_ORDER_METHODS + ZEROTH_ORDER_METHODS
+INT_CEILING = 10**9  # no count, size or step of a run comes near this; larger is a typo
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
 
 
 class RecipeError(ValueError):
@@ -49,7 +52,7 @@ def spec(
 class ModelConfig:
     base: str = spec("builtin:tiny", help="builtin:nano|tiny|small|base10m, a hub id, or a local folder")
     dtype: str = spec("float32", choices=("float32", "bfloat16", "float16"), help="dtype of the frozen base")
-    lora_rank: int = spec(8, low=1, high=4096)
+    lora_rank: int = spec(8, low=1, high=1024)
     lora_alpha: float = spec(16.0, low=0.0, low_open=True)
     target_modules: list[str] = spec(
         factory=lambda: [
@@ -64,8 +67,8 @@ class ModelConfig:
         ],
         help='module names for LoRA, or ["all-linear"]',
     )
-    max_prompt_tokens: int = spec(32, low=1)
-    max_new_tokens: int = spec(16, low=1, help="response length in tokens (the paper: 53)")
+    max_prompt_tokens: int = spec(32, low=1, high=131072)
+    max_new_tokens: int = spec(16, low=1, high=131072, help="response length in tokens (the paper: 53)")
     cache_dir: str = spec("", help="where built-in models are built; default ~/.cache/zopro or $ZOPRO_CACHE")
 
 
@@ -103,8 +106,9 @@ class DataConfig:
             "prompt": self.prompt_column,
             "chosen": self.chosen_column,
             "rejected": self.rejected_column,
-            "score": self.score_column,
         }
+        if self.score_column != "score":  # a renamed score column must exist; the default one is optional
+            columns["score"] = self.score_column
         return PreferenceSource(
             format=self.format,
             path=self.path,
@@ -147,10 +151,10 @@ class PolicyConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = spec(4, low=1)
+    iterations: int = spec(4, low=1, high=10_000)
     updates_per_iteration: int = spec(15, low=1)
     prompts_per_update: int = spec(8, low=1)
-    samples_per_prompt: int = spec(4, low=2, help="k: answers sampled per prompt")
+    samples_per_prompt: int = spec(4, low=2, high=1024, help="k: answers sampled per prompt")
 
 
 @dataclass
@@ -277,9 +281,9 @@ class LogConfig:
 @dataclass
 class Recipe:
     name: str = spec("run", help="prefix of the run directory's name")
-    seed: int = spec(0, low=0)
+    seed: int = spec(0, low=0, high=2**63 - 1)
     device: str = spec("auto", choices=("auto", "cpu", "cuda"))
-    threads: int = spec(0, low=0, help="torch CPU threads (0: leave torch's default)")
+    threads: int = spec(0, low=0, high=1024, help="torch CPU threads (0: leave torch's default)")
     model: ModelConfig = spec(factory=ModelConfig)
     task: TaskConfig = spec(factory=TaskConfig)
     data: DataConfig = spec(factory=DataConfig)
@@ -345,12 +349,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise RecipeError(f"{where} = {value!r} is not accepted; it must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise RecipeError(f"{where} must be a string, got {value!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecipeError(f"{where} = {_shown(value)} is not valid UTF-8 text") from None
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise RecipeError(
+                f"{where} = {_shown(value)} contains a control character (NUL, newline, tab, ...); write it on one line"
+            )
         return value
     raise RecipeError(f"{where}: unsupported type")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr of a value, cut short so that one bad value keeps the error to one readable line."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(value)} characters)" if isinstance(value, str) else text[:limit] + "..."
+
+
+def _bound(limit: float) -> str:
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
 
 
 def _check_bounds(value: Any, meta: dict, where: str) -> None:
@@ -359,12 +385,14 @@ def _check_bounds(value: Any, meta: dict, where: str) -> None:
         hint = _suggest(str(value), list(choices))
         raise RecipeError(f"{where} = {value!r} is not accepted; choose one of {', '.join(choices)}{hint}")
     low, high = meta.get("low"), meta.get("high")
+    if isinstance(value, int) and not isinstance(value, bool) and high is None:
+        high = INT_CEILING
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if low is not None and (value < low or (meta.get("low_open") and value == low)):
             op = ">" if meta.get("low_open") else ">="
-            raise RecipeError(f"{where} = {value!r} is out of range; it must be {op} {low:g}")
+            raise RecipeError(f"{where} = {value!r} is out of range; it must be {op} {_bound(low)}")
         if high is not None and value > high:
-            raise RecipeError(f"{where} = {value!r} is out of range; it must be <= {high:g}")
+            raise RecipeError(f"{where} = {value!r} is out of range; it must be <= {_bound(high)}")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
@@ -400,7 +428,31 @@ def sections_used(method: str) -> tuple[str, ...]:
     return {"zopro": ("zopro", "rloo")}.get(method, (METHOD_SECTIONS.get(method, method),))
 
 
+def _check_paths(recipe: Recipe, source: str) -> None:
+    """What becomes a path: the run's name (one folder) and the model cache (a folder, maybe not yet made)."""
+    if not NAME_PATTERN.fullmatch(recipe.name):
+        raise RecipeError(
+            f"{source}: name = {_shown(recipe.name)} is not accepted; a name becomes one folder name: 1 to 100 "
+            "letters, digits, '_', '.', '+' or '-', not starting with '.', '+' or '-'"
+        )
+    if recipe.model.cache_dir:
+        path = Path(recipe.model.cache_dir).expanduser()
+        try:
+            existing = next(p for p in (path, *path.parents) if p.exists())
+        except OSError as error:  # a name too long for the file system, ...
+            raise RecipeError(
+                f"{source}: model.cache_dir = {_shown(recipe.model.cache_dir)} cannot be a folder "
+                f"({error.strerror}); name a folder (it is created if missing)"
+            ) from None
+        if not existing.is_dir():
+            raise RecipeError(
+                f"{source}: model.cache_dir = {_shown(recipe.model.cache_dir)}: {existing} is a file, "
+                "not a folder; name a folder (it is created if missing)"
+            )
+
+
 def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
+    _check_paths(recipe, source)
     method = recipe.policy.method
     if method not in METHOD_SECTIONS:
         raise RecipeError(
@@ -498,6 +550,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw_value.strip()
+    except RecursionError:
+        raise RecipeError(f"--set {key}=...: the value is nested too deeply to be a recipe value") from None
     return key.split("."), value
 
 
@@ -553,6 +607,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{source}: not a text file; a recipe is TOML") from None
     except tomllib.TOMLDecodeError as error:
         raise RecipeError(f"{source}: not valid TOML ({error})") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: arrays or tables are nested too deeply to be a recipe") from None
     try:
         raw = apply_overrides(raw, overrides or [])
     except RecipeError as error:
@@ -569,7 +625,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # a JSON string is a TOML basic string once DEL is escaped too (every other control is)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(type(value))

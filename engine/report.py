@@ -21,6 +21,7 @@ STATUS_STYLE = {
     "stale": "magenta",
     "stopped": "yellow",
     "created": "dim",
+    "unreadable": "bold red",
 }
 
 
@@ -138,9 +139,9 @@ def status_panel(info: RunInfo, evals: list[dict]) -> Group:
     return Group(*parts)
 
 
-def metric_rows(run_dir: Path) -> list[dict]:
+def metric_rows(run_dir: Path, problems: list[str] | None = None) -> list[dict]:
     rows = []
-    for event in read_events(run_dir):
+    for event in read_events(run_dir, problems):
         if event.get("type") not in ("metrics", "eval"):
             continue
         row = {
@@ -152,8 +153,8 @@ def metric_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
-def export_metrics(run_dir: Path, format: str) -> str:
-    rows = metric_rows(run_dir)
+def export_metrics(run_dir: Path, format: str, problems: list[str] | None = None) -> str:
+    rows = metric_rows(run_dir, problems)
     if format == "json":
         return json.dumps({"run": Path(run_dir).name, "rows": rows}, indent=None) + "\n"
     columns: list[str] = []

@@ -94,7 +94,7 @@ def sample(
     n, width = input_ids.shape
     eos, pad = tok.eos_token_id, tok.pad_token_id
     out = pm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
-    past = out.past_key_values
+    cache = out.cache  # transformers >= 5.24 names the KV cache `cache` (past_key_values goes in 5.40)
     logits = out.logits[:, -1, :]
     finished = torch.zeros(n, dtype=torch.bool, device=pm.device)
     next_pos = mask.long().sum(-1)
@@ -114,11 +114,11 @@ def sample(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=next_pos[:, None],
-            past_key_values=past,
+            cache=cache,
             use_cache=True,
         )
         next_pos = next_pos + 1
-        past = out.past_key_values
+        cache = out.cache
         logits = out.logits[:, -1, :]
     response_ids = torch.stack(new_tokens, dim=1)
     response_mask = torch.stack(new_mask, dim=1)

@@ -9,7 +9,8 @@ Layout (the contract every reader relies on; see README "The run directory"):
       heartbeat          rewritten every few seconds while the writer is alive (unix time)
       status.json        the latest state, small, replaced atomically
       control/           requests from readers: files named pause, resume, stop, checkpoint
-      checkpoints/       one folder per checkpoint, written under a temporary name then renamed
+      checkpoints/       one folder per checkpoint, written under a temporary name then renamed;
+                         `latest` names the newest (state.json is written last: a folder without it is partial)
       samples/           samples-<global_step>.jsonl: prompts, responses and scores
       lock               held (flock) by the one process that writes
 """
@@ -17,6 +18,7 @@ Layout (the contract every reader relies on; see README "The run directory"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -30,6 +32,9 @@ from typing import Any
 
 CONTROL_REQUESTS = ("pause", "resume", "stop", "checkpoint")
 HEARTBEAT_SECONDS = 2.0
+PRIVATE_BITS = (
+    0o022  # no group or other write on anything a writer creates: control/ and checkpoints steer it
+)
 
 
 class RunDirError(RuntimeError):
@@ -39,9 +44,14 @@ class RunDirError(RuntimeError):
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a whole file under a temporary name, then rename it over the target."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full disk leaves no half-written temporary behind
+        raise
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -72,8 +82,13 @@ def send_control(run_dir: Path, request: str) -> Path:
     """Ask the run's writer to pause, resume, stop or checkpoint; it polls between steps."""
     if request not in CONTROL_REQUESTS:
         raise RunDirError(f"unknown control request {request!r}; accepted: {', '.join(CONTROL_REQUESTS)}")
-    control = Path(run_dir) / "control"
-    control.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
+    control = run_dir / "control"
+    if not control.is_dir():
+        if not ((run_dir / "status.json").exists() or (run_dir / "events.jsonl").exists()):
+            # creating it would make a run that is still loading find its folder taken
+            raise RunDirError(f"{run_dir} is not a run directory yet (still starting?); nothing was sent")
+        control.mkdir(mode=0o755, exist_ok=True)
     path = control / request
     atomic_write_text(path, f"{time.time()}\n")
     return path
@@ -90,14 +105,29 @@ class RunWriter:
         self.samples_dir = self.path / "samples"
         self.seq = next_seq
         self._lock_handle: Any = None
-        self._events: Any = None
+        self._events_fd: int | None = None
+        self._events_size = 0
         self._status: dict[str, Any] = {}
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def open(self) -> RunWriter:
+        """Take the lock and open the files; RunDirError (one sentence) when the folder cannot be written."""
+        try:
+            return self._open()
+        except OSError as error:
+            self.close()
+            where = error.filename or self.path
+            raise RunDirError(
+                f"{where} cannot be written as part of a run directory ({error.strerror or error}); "
+                "fix or remove it, or choose another directory"
+            ) from None
+
+    def _open(self) -> RunWriter:
+        os.umask(os.umask(PRIVATE_BITS) | PRIVATE_BITS)  # also covers what torch and safetensors write
         self.path.mkdir(parents=True, exist_ok=True)
+        _make_private(self.path)
         handle = open(self.path / "lock", "a+")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,8 +145,13 @@ class RunWriter:
         handle.flush()
         self._lock_handle = handle
         for folder in (self.control_dir, self.checkpoints_dir, self.samples_dir):
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
             folder.mkdir(exist_ok=True)
-        self._events = open(self.events_path, "a", encoding="utf-8")
+            _make_private(folder)
+        self.recover_checkpoints()
+        self._events_fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._events_size = _drop_partial_line(self._events_fd)
         self.beat()
         self._beat_thread = threading.Thread(target=self._beat_loop, name="zopro-heartbeat", daemon=True)
         self._beat_thread.start()
@@ -126,9 +161,9 @@ class RunWriter:
         self._beat_stop.set()
         if self._beat_thread is not None:
             self._beat_thread.join(timeout=5)
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        if self._events_fd is not None:
+            os.close(self._events_fd)
+            self._events_fd = None
         if self._lock_handle is not None:
             fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
             self._lock_handle.close()
@@ -167,8 +202,16 @@ class RunWriter:
         if "metrics" in fields:
             fields["metrics"] = clean_metrics(fields["metrics"])
         event.update(fields)
-        self._events.write(json.dumps(event, default=_json_default, allow_nan=False) + "\n")
-        self._events.flush()
+        line = (json.dumps(event, default=_json_default, allow_nan=False) + "\n").encode()
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(self._events_fd, line[written:])
+        except OSError:
+            with contextlib.suppress(OSError):  # a full disk: no half line that the next event would join
+                os.ftruncate(self._events_fd, self._events_size)
+            raise
+        self._events_size += len(line)
         self.seq += 1
         return event
 
@@ -181,8 +224,9 @@ class RunWriter:
 
     def load_status(self) -> None:
         """Carry the previous status over (on resume)."""
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-            self._status = json.loads((self.path / "status.json").read_text())
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            status = json.loads((self.path / "status.json").read_text())
+            self._status = status if isinstance(status, dict) else {}
 
     def write_samples(self, global_step: int, rows: list[dict]) -> Path:
         path = self.samples_dir / f"samples-{global_step:08d}.jsonl"
@@ -209,7 +253,11 @@ class RunWriter:
         tmp = self.checkpoints_dir / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        yield tmp
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back at once
+            raise
         if final.exists():
             old = self.checkpoints_dir / f".old-{name}-{os.getpid()}"
             os.replace(final, old)
@@ -219,17 +267,78 @@ class RunWriter:
             os.replace(tmp, final)
         atomic_write_text(self.checkpoints_dir / "latest", name + "\n")
 
-    def clean_partial_checkpoints(self) -> None:
+    def recover_checkpoints(self) -> None:
+        """Undo what a crash inside `checkpoint` left: a checkpoint moved aside (`.old-NAME-PID`) whose
+        replacement never arrived goes back to NAME; partial `.tmp-*` folders and stale `.old-*` ones go."""
+        for old in sorted(self.checkpoints_dir.glob(".old-*")):
+            name = old.name[len(".old-") :].rsplit("-", 1)[0]
+            final = self.checkpoints_dir / name
+            if name and not final.exists() and (old / "state.json").is_file():
+                os.replace(old, final)
         for path in self.checkpoints_dir.glob(".*"):
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _make_private(folder: Path) -> None:
+    """Take group and other write off a folder this writer owns (it may predate the umask, e.g. --run-dir)."""
+    mode = folder.stat().st_mode & 0o7777
+    if mode & PRIVATE_BITS:
+        os.chmod(folder, mode & ~PRIVATE_BITS)
+
+
+def _drop_partial_line(fd: int) -> int:
+    """Cut an unterminated last line (a writer killed mid-line) so the next event starts a line; the size."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    keep = position = size
+    while position > 0:
+        step = min(1 << 20, position)
+        position -= step
+        newline = os.pread(fd, step, position).rfind(b"\n")
+        if newline >= 0:
+            keep = position + newline + 1
+            break
+    else:
+        keep = 0
+    os.ftruncate(fd, keep)
+    return keep
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """The complete checkpoint folders (state.json written), newest first: the one `checkpoints/latest`
+    names, then the others by the event position they saved (unreadable ones last, newest file first)."""
+    folder = Path(run_dir) / "checkpoints"
+    try:
+        complete = [
+            p for p in folder.iterdir() if not p.name.startswith(".") and (p / "state.json").is_file()
+        ]
+    except OSError:
+        return []
+
+    def position(path: Path) -> tuple[int, int, float]:
+        try:
+            seq = json.loads((path / "state.json").read_text()).get("event_seq")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            seq = None
+        mtime = (path / "state.json").stat().st_mtime
+        return (1, seq, mtime) if isinstance(seq, int) and not isinstance(seq, bool) else (0, 0, mtime)
+
+    complete.sort(key=position, reverse=True)
+    try:
+        named = folder / (folder / "latest").read_text().strip()
+    except (OSError, ValueError):
+        named = None
+    if named in complete:
+        complete.remove(named)
+        complete.insert(0, named)
+    return complete
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The most recent complete checkpoint folder, or None."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    try:
-        name = pointer.read_text().strip()
-    except FileNotFoundError:
-        return None
-    path = pointer.parent / name
-    return path if path.is_dir() else None
+    candidates = checkpoint_candidates(run_dir)
+    return candidates[0] if candidates else None

@@ -4,6 +4,8 @@ print the summary, and map the outcome to an exit code (0 ok, 1 failed, 2 bad in
 from __future__ import annotations
 
 import contextlib
+import errno
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -20,6 +22,8 @@ from engine.report import evaluations_table, fmt_duration, fmt_value
 from engine.rundir import RunDirError, RunWriter
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_HANGUP = 129
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class ProgressView:
@@ -116,10 +120,18 @@ def run_training(
                 return bad(f"{run_dir} has already finished; start a new run instead")
             if info.status in ("running", "paused"):
                 return bad(f"{run_dir} is still {info.status} (pid {info.pid}); stop it before resuming")
+            if info.status == "unreadable":
+                return bad(f"{run_dir} cannot be resumed: {info.error}")
             recipe = load_recipe(run_dir / "recipe.toml")
         else:
             assert recipe_path is not None
             recipe = load_recipe(recipe_path, overrides)
+            for flag, folder in (("--run-dir", run_dir), ("--root", None if run_dir else root)):
+                blocker = _file_in_the_way(folder)
+                if blocker is not None:
+                    return bad(
+                        f"{flag} {folder}: {blocker} is a file, not a folder; choose another directory"
+                    )
             if run_dir is None:
                 from engine.cli import default_run_dir
 
@@ -141,6 +153,8 @@ def run_training(
     view_holder: list[ProgressView] = []
 
     def listener(event: dict) -> None:
+        if event.get("type") == "resume" and not quiet:
+            console.print(event.get("message", ""), markup=False)
         if view_holder:
             view_holder[0].on_event(event)
             if not live_enabled and not quiet:
@@ -175,16 +189,27 @@ def run_training(
             else:
                 pipeline.start()
     except StopRun as stop:
-        code = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED}.get(stop.reason, EXIT_OK)
+        code = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGHUP": EXIT_HANGUP}.get(
+            stop.reason, EXIT_OK
+        )
         err.print(f"stopped ({stop.reason}) after a checkpoint; continue with `zopro run --resume {run_dir}`")
+    except RunDirError as error:  # --resume found no checkpoint it can read; nothing was changed
+        code = bad(str(error))
     except TrainingFailed as error:
         code = _record_failure(pipeline, writer, str(error), err, run_dir)
     except Exception as error:  # a bug or an environment problem: keep the traceback in the run directory
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        code = _record_failure(
-            pipeline, writer, f"{first} (traceback in {run_dir / 'error.log'})", err, run_dir
-        )
+        if _disk_full(error, run_dir):
+            writer.recover_checkpoints()  # a half-written checkpoint goes, and gives its space back
+            code = _record_failure(
+                pipeline,
+                writer,
+                f"the disk holding {run_dir} is full (no space left on device); nothing half-written was kept: "
+                f"free some space, then continue with `zopro run --resume {run_dir}`",
+                err,
+                run_dir,
+            )
+        else:
+            code = _record_bug(pipeline, writer, error, err, run_dir)
     finally:
         writer.close()
     if pipeline.state.history:
@@ -194,8 +219,44 @@ def run_training(
     return code
 
 
+def _file_in_the_way(folder: Path | None) -> Path | None:
+    """The folder itself or its nearest existing parent, when that is not a folder (a run cannot go there)."""
+    if folder is None:
+        return None
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            return None if existing.is_dir() else existing
+    return None
+
+
+def _disk_full(error: BaseException, run_dir: Path) -> bool:
+    """An error from a full disk: ENOSPC itself, or torch's and safetensors' wrappers of it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return True
+        if "No space left on device" in str(seen) or "file write failed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(run_dir).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _record_bug(pipeline, writer: RunWriter, error: BaseException, err: Console, run_dir: Path) -> int:
+    first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    try:
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        first += f" (traceback in {run_dir / 'error.log'})"
+    except OSError:
+        pass
+    return _record_failure(pipeline, writer, first, err, run_dir)
+
+
 def _record_failure(pipeline, writer: RunWriter, message: str, err: Console, run_dir: Path) -> int:
-    writer.update_status(state="failed", error=message)
+    with contextlib.suppress(OSError):  # the disk may be what failed
+        writer.update_status(state="failed", error=message)
     try:
         pipeline.emit("error", message=message)
         pipeline.emit("run_end", status="failed", error=message)

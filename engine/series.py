@@ -18,7 +18,6 @@ first picture while the full read goes on.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from array import array
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from engine.reader import MAX_LINE_BYTES, parse_event_line
 
 X_AXES = ("step", "time", "compute")
 X_AXIS_LABELS = {"step": "cycle step", "time": "wall time (s)", "compute": "forward passes"}
@@ -444,18 +445,19 @@ def sample_events(path: Path, count: int, line_bytes: int = 4096) -> list[dict]:
             start = 0 if offset == 0 else data.find(b"\n") + 1
             if offset and start == 0:
                 continue  # a line longer than line_bytes: skip this probe
+            data = bytearray(data)
             end = data.find(b"\n", start)
-            while end < 0:
-                more = handle.read(line_bytes)
+            while end < 0 and len(data) <= MAX_LINE_BYTES:  # an endless line is garbage: give up on it
+                more = handle.read(max(line_bytes, len(data)))  # doubling: linear in the line's length
                 if not more:
                     break
+                searched = len(data)
                 data += more
-                end = data.find(b"\n", start)
+                end = data.find(b"\n", searched)
             if end < 0 or offset + start <= last_start:
                 continue
             last_start = offset + start
-            try:
-                events.append(json.loads(data[start:end]))
-            except json.JSONDecodeError:
-                continue
+            event = parse_event_line(bytes(data[start:end]))
+            if event is not None:
+                events.append(event)
     return events

@@ -1,8 +1,9 @@
 """Starting runs from the TUI: find recipes, validate one with its overrides, start it as a detached process.
 
-A started run is `python -m engine.cli run RECIPE --run-dir DIR --set ... --quiet` in its own session
+A started run is `python -P -m engine.cli run RECIPE --run-dir DIR --set ... --quiet` in its own session
 (`start_new_session`), with no stdin and its output in `DIR.log` next to the run directory: closing the
-TUI or losing the SSH connection leaves it running, and any reader can attach to it later.
+TUI or losing the SSH connection leaves it running, and any reader can attach to it later. `-P` keeps the
+current folder off the module path: a folder named `engine/` where the user stands is never run.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def launch(plan: RunPlan) -> LaunchedRun:
     log_path = launch_log_path(plan.run_dir)
     command = [
         sys.executable,
+        "-P",
         "-m",
         "engine.cli",
         "run",

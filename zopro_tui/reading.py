@@ -283,8 +283,27 @@ def follow_run(
     """The body of a worker thread: read a run until cancelled, posting what is new.
 
     Status every second; events every `poll_seconds` (continuously while catching up with a big log, after
-    a strided preview of it); with `extras`, the newest samples and the launch log too.
+    a strided preview of it); with `extras`, the newest samples and the launch log too. An error while
+    reading ends the worker with an `unreadable` status, shown in the header, never silently.
     """
+    try:
+        _follow(run_dir, post, cancelled, extras=extras, poll_seconds=poll_seconds, shown=shown)
+    except Exception as error:  # noqa: BLE001 - say it on screen instead of a silent, frozen dashboard
+        message = str(error).strip().splitlines()
+        post(
+            StatusRead(
+                run_dir,
+                RunInfo(
+                    path=Path(run_dir),
+                    name=Path(run_dir).name,
+                    status="unreadable",
+                    error=f"reading stopped: {type(error).__name__}: {message[0][:200] if message else ''}",
+                ),
+            )
+        )
+
+
+def _follow(run_dir: Path, post, cancelled, *, extras: bool, poll_seconds: float, shown) -> None:
     import time
 
     reader = RunReader(run_dir)

@@ -221,6 +221,8 @@ class DashboardScreen(CurveViewActions, Screen):
             self.apply_layout()
         launched = self.app.launched.get(self.run.path) if hasattr(self.app, "launched") else None
         if launched is not None and not launched.alive() and info.status in ("created",):
+            if "died" not in self._told:
+                self.redraw(force=True)  # the header stops saying "starting" at once
             self.tell_once(
                 "died",
                 f"the run's process exited before writing its run directory; see {launched.log_path}",
@@ -289,11 +291,16 @@ class DashboardScreen(CurveViewActions, Screen):
             return
         dirty = ALL_PARTS if force else self._dirty
         self._dirty = set()
-        starting_pid = None
+        starting_pid = start_failure = None
         launched = getattr(self.app, "launched", {}).get(self.run.path)
         if launched is not None and launched.alive():
             starting_pid = launched.pid
-        self.query_one(RunHeader).show(self.run, self.view, self.readonly, starting_pid)
+        elif launched is not None:
+            last = next((line for line in reversed(self.run.log_lines) if line.strip()), "")
+            start_failure = (
+                f"(exit {launched.process.returncode}) {last}".strip() + f"  log: {launched.log_path}"
+            )
+        self.query_one(RunHeader).show(self.run, self.view, self.readonly, starting_pid, start_failure)
         data_range = self.data_range()
         for panel in self.panels():
             if panel.display and panel.FEEDS & dirty:

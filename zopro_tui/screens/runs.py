@@ -46,6 +46,13 @@ class RunsTable(DataTable):
         Binding("G", "scroll_bottom", "Last", show=False),
     ]
 
+    def _update_dimensions(self, new_rows) -> None:
+        # DataTable widens its columns lazily (on Idle) but may keep rows it drew at the labels' widths
+        # ("f" for "fast-seed0"); drop those drawings so every row is drawn at the new widths.
+        super()._update_dimensions(new_rows)
+        self._clear_caches()
+        self.refresh()
+
 
 DETAIL_METRICS = (
     ("objective/scores", "RM score"),

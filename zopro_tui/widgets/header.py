@@ -11,7 +11,10 @@ from zopro_tui.view import CurveView
 from zopro_tui.watched import WatchedRun
 
 
-def status_line(run: WatchedRun, readonly: bool = False, starting_pid: int | None = None) -> Text:
+def status_line(
+    run: WatchedRun, readonly: bool = False, starting_pid: int | None = None, start_failure: str | None = None
+) -> Text:
+    """`start_failure`: the run's process (started from this TUI) exited before writing its run directory."""
     info = run.info
     line = Text(no_wrap=True, overflow="ellipsis")
     line.append(run.name, style="bold")
@@ -19,6 +22,10 @@ def status_line(run: WatchedRun, readonly: bool = False, starting_pid: int | Non
         line.append(f"  {run.method}")
     line.append("  ")
     status = run.status
+    if (info is None or status == "created") and start_failure:
+        line.append("failed to start", style=STATUS_STYLE["failed"])
+        line.append(f"  {start_failure}", style="red")
+        return line
     if info is None or status == "created":
         status = "starting" + (f" (pid {starting_pid}, loading the model)" if starting_pid else "")
     line.append(status, style=STATUS_STYLE.get(status, "bold"))
@@ -56,7 +63,16 @@ def view_line(run: WatchedRun, view: CurveView) -> Text:
 class RunHeader(Static):
     """Two lines at the top of the dashboard."""
 
-    def show(self, run: WatchedRun, view: CurveView, readonly: bool, starting_pid: int | None) -> None:
-        text = Text("\n").join([status_line(run, readonly, starting_pid), view_line(run, view)])
+    def show(
+        self,
+        run: WatchedRun,
+        view: CurveView,
+        readonly: bool,
+        starting_pid: int | None,
+        start_failure: str | None = None,
+    ) -> None:
+        text = Text("\n").join(
+            [status_line(run, readonly, starting_pid, start_failure), view_line(run, view)]
+        )
         text.no_wrap, text.overflow = True, "ellipsis"
         self.update(text, layout=False)
