@@ -26,6 +26,7 @@ import torch
 from engine import __version__
 from engine.interplay import InterplayTracker, adapter_views, pair_adapter_tensors
 from engine.judges import GoldJudge, LLMJudge, RewardJudge
+from engine.kl_control import KLController
 from engine.methods import make_update
 from engine.models import (
     ModelError,
@@ -49,16 +50,21 @@ from engine.rollout import (
 from engine.rundir import RunWriter, atomic_write_json, latest_checkpoint
 from engine.tasks import make_task
 from engine.telemetry import Counters, PhasePeak, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
+from engine.watchdog import check as check_runaway
+
+STATUS_WARNINGS = 20  # status.json keeps the last this many warnings
 
 STAGES = ("sft", "reward", "policy", "refine", "eval", "done")
 
 
 class StopRun(Exception):
-    """Training stopped on request (control `stop`, SIGINT, SIGTERM) after a checkpoint."""
+    """Training stopped on request (control `stop`, SIGINT, SIGTERM) or by a guard (policy.max_kl) after a
+    checkpoint; `failed` marks a guard's stop, which the command line reports with a non-zero exit code."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, failed: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.failed = failed
 
 
 class TrainingFailed(RuntimeError):
@@ -95,6 +101,8 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # one row per evaluation (sft baseline, iterations)
     counters: dict = field(default_factory=dict)
     latest: dict[str, float] = field(default_factory=dict)
+    warnings: list[dict] = field(default_factory=list)  # the last STATUS_WARNINGS warnings
+    warning_count: int = 0
 
 
 class Pipeline:
@@ -159,6 +167,8 @@ class Pipeline:
                     keys, sketch_size=recipe.interplay.sketch_size, seed=recipe.seed
                 )
         self.method = make_update(recipe.policy.method, self)
+        policy = recipe.policy
+        self.kl_controller = KLController(policy.kl_coef, policy.kl_target, policy.kl_horizon)
         self.reward_before_refine: dict[str, torch.Tensor] | None = None
         self.reward_initial: dict[str, torch.Tensor] | None = None
         self.judge = None
@@ -234,8 +244,15 @@ class Pipeline:
             return
         self.load_checkpoint(checkpoint)
         self.writer.seq = self.state.event_seq
-        self.writer.update_status(state="running", error=None)
-        self.emit("resume", rewind_to_seq=self.state.event_seq, checkpoint=checkpoint.name)
+        self.writer.update_status(
+            state="running", error=None, warnings=self.state.warnings, warning_count=self.state.warning_count
+        )
+        self.emit(
+            "resume",
+            rewind_to_seq=self.state.event_seq,
+            checkpoint=checkpoint.name,
+            warning_count=self.state.warning_count,
+        )
         self.train()
 
     def train(self) -> None:
@@ -444,8 +461,10 @@ class Pipeline:
                 self.pm,
                 prompts,
                 k=r.train.samples_per_prompt,
-                kl_coef=r.policy.kl_coef,
+                kl_coef=self.kl_controller.value,
                 missing_eos_penalty=r.policy.missing_eos_penalty,
+                reward_clip=r.policy.reward_clip,
+                whiten_advantages=r.policy.whiten_advantages,
                 max_new_tokens=r.model.max_new_tokens,
                 max_prompt_tokens=r.model.max_prompt_tokens,
                 temperature=r.policy.temperature,
@@ -458,6 +477,7 @@ class Pipeline:
                     rollout, update_index=self.state.policy_updates, step_in_iteration=step, lr_scale=1.0
                 )
             update_metrics["time/policy_update_s"] = time.monotonic() - update_started
+            self.kl_controller.update(float(rollout.kl.mean()))
             update_metrics["mem/update_peak_mib"] = round(phase.growth_mib, 2)
             seqs = rollout.sequences
             finished = seqs.finished.tolist()
@@ -486,6 +506,7 @@ class Pipeline:
                     "objective/scores": float(rollout.scores.mean()),
                     "objective/rlhf_reward": float(rollout.rlhf_reward.mean()),
                     "objective/kl": float(rollout.kl.mean()),
+                    "policy/kl_coef": rollout.kl_coef,
                     "objective/entropy": entropy,
                     **({"objective/gold": sum(gold) / len(gold)} if gold else {}),
                     "objective/response_length": float(seqs.response_mask.sum(-1).float().mean()),
@@ -713,7 +734,10 @@ class Pipeline:
         if self.interplay is not None:
             with torch.no_grad():
                 self.metrics(self.interplay.end_iteration(*self.adapter_views()))
-        self.evaluate(label=f"iter {i}")
+        runaway = self.watch(self.evaluate(label=f"iter {i}"))
+        if runaway and self.recipe.policy.max_kl_action == "rollback":
+            self.roll_back(i, runaway)
+            return
         self.state.rollouts = []
         self.state.judged_pairs = None
         self.state.judge_stats = {}
@@ -721,6 +745,62 @@ class Pipeline:
         self.state.iteration += 1
         done = self.state.iteration >= self.recipe.train.iterations
         self.end_stage("done" if done else "policy", checkpoint=f"iter-{i:04d}")
+        if runaway:
+            raise StopRun(f"{runaway}; the run stopped after checkpoint iter-{i:04d}", failed=True)
+
+    # -- runaway detection -------------------------------------------------------------------------------
+    def warn(self, code: str, message: str, **fields: Any) -> dict:
+        """A `warning` event (code, message and the fields), also kept in status.json's `warnings` (the last
+        STATUS_WARNINGS) for `zopro status`/`ls`, the progress line, the TUI and the summary tables."""
+        event = self.emit("warning", code=code, message=message, **fields)
+        self.state.warnings.append(
+            {"code": code, "message": message, "iteration": event["iteration"], "step": event["step"]}
+        )
+        del self.state.warnings[:-STATUS_WARNINGS]
+        self.state.warning_count += 1
+        self.writer.update_status(warnings=self.state.warnings, warning_count=self.state.warning_count)
+        return event
+
+    def watch(self, metrics: dict[str, float]) -> str | None:
+        """After a held-out evaluation: the watchdog's warnings, and the reason to stop (or roll back) when
+        the held-out KL exceeds policy.max_kl."""
+        w = self.recipe.watchdog
+        earlier = self.state.history[:-1]  # evaluate() appended this evaluation's row last
+        for warning in check_runaway(
+            metrics,
+            earlier,
+            kl_jump_factor=w.kl_jump_factor,
+            kl_jump_min=w.kl_jump_min,
+            gold_drop=w.gold_drop,
+        ):
+            self.warn(warning.code, warning.message, **warning.fields)
+        limit, kl = self.recipe.policy.max_kl, metrics.get("eval/kl")
+        if limit and kl is not None and kl > limit:
+            action = self.recipe.policy.max_kl_action
+            self.warn(
+                "max_kl",
+                f"held-out KL {kl:.2f} exceeds policy.max_kl = {limit:g} after iteration "
+                f"{self.state.iteration}: {'rolling back to the last checkpoint' if action == 'rollback' else 'stopping'}",
+                kl=kl,
+                max_kl=limit,
+                action=action,
+            )
+            return f"held-out KL {kl:.2f} > policy.max_kl = {limit:g} after iteration {self.state.iteration}"
+        return None
+
+    def roll_back(self, iteration: int, reason: str) -> None:
+        """Restore the checkpoint written at the end of the previous iteration (the reward model's for
+        iteration 0) and finish the run with that policy; time, compute and warnings are kept."""
+        folder = self.iteration_checkpoint(iteration - 1)
+        elapsed, counters = self.clock.elapsed(), self.counters.state_dict()
+        warnings, count, global_step = self.state.warnings, self.state.warning_count, self.state.global_step
+        self.load_checkpoint(folder)
+        self.clock = Stopwatch(elapsed)
+        self.counters.load_state_dict(counters)
+        self.state.warnings, self.state.warning_count, self.state.global_step = warnings, count, global_step
+        self.state.stage, self.state.step = "done", 0
+        self.emit("rollback", checkpoint=folder.name, reason=reason)
+        self.writer.update_status(rolled_back_to=folder.name, stopped_by=reason)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def _iteration_or_none(self) -> int | None:
@@ -838,6 +918,7 @@ class Pipeline:
                     "reward_optimizer": self.reward_optimizer.state_dict(),
                     "refine_optimizer": self.refine_optimizer.state_dict(),
                     "method": self.method.state_dict(),
+                    "kl_controller": self.kl_controller.state_dict(),
                     "reward_before_refine": self.reward_before_refine,
                     "interplay": self.interplay.state_dict() if self.interplay is not None else None,
                     "reward_initial": self.reward_initial,
@@ -854,6 +935,7 @@ class Pipeline:
         self.reward_optimizer.load_state_dict(trainer["reward_optimizer"])
         self.refine_optimizer.load_state_dict(trainer["refine_optimizer"])
         self.method.load_state_dict(trainer["method"])
+        self.kl_controller.load_state_dict(trainer.get("kl_controller"))
         self.reward_before_refine = trainer["reward_before_refine"]
         self.reward_initial = trainer.get("reward_initial")
         if self.interplay is not None and trainer.get("interplay") is not None:

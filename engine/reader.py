@@ -127,6 +127,8 @@ class RunInfo:
     error: str | None = None
     latest: dict[str, Any] = field(default_factory=dict)
     pid: int | None = None
+    warnings: list[dict] = field(default_factory=list)  # the last few: {code, message, iteration, step}
+    warning_count: int = 0
 
     @property
     def elapsed(self) -> float | None:
@@ -184,6 +186,8 @@ def run_info(run_dir: Path, now: float | None = None) -> RunInfo:
         error=status.get("error"),
         latest=status.get("latest", {}) or {},
         pid=pid,
+        warnings=status.get("warnings") or [],
+        warning_count=status.get("warning_count") or len(status.get("warnings") or []),
     )
 
 

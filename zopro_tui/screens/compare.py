@@ -15,7 +15,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from engine.report import STATUS_STYLE, fmt_duration, fmt_value
+from engine.report import STATUS_STYLE, fmt_duration, fmt_value, status_text
 from zopro_tui.catalogue import COMPARE_CHARTS
 from zopro_tui.reading import SeriesRead, StatusRead, follow_run
 from zopro_tui.view import CurveView, CurveViewActions
@@ -185,7 +185,9 @@ class CompareScreen(CurveViewActions, Screen):
             table.add_row(
                 Text(run.name, style=self.run_colors[path]),
                 run.method,
-                Text(run.status, style=STATUS_STYLE.get(run.status, "")),
+                status_text(info)
+                if info is not None
+                else Text(run.status, style=STATUS_STYLE.get(run.status, "")),
                 Text(fmt_value(latest.get("eval/gold")), justify="right"),
                 Text(fmt_value(latest.get("eval/win_rate_vs_sft")), justify="right"),
                 Text(fmt_value(latest.get("eval/kl", latest.get("objective/kl"))), justify="right"),

@@ -22,6 +22,8 @@ def status_line(run: WatchedRun, readonly: bool = False, starting_pid: int | Non
     if info is None or status == "created":
         status = "starting" + (f" (pid {starting_pid}, loading the model)" if starting_pid else "")
     line.append(status, style=STATUS_STYLE.get(status, "bold"))
+    if info is not None and info.warning_count:
+        line.append(f" !{info.warning_count}", style="bold yellow")
     if info is not None and info.status != "created":
         line.append(f"  {run_position(info)}")
         if info.total_steps:
