@@ -145,7 +145,7 @@ class PolicyConfig:
         0.0,
         low=0.0,
         help="adaptive KL (Ziegler et al. 2019): after each update beta *= 1 + clip(KL/target - 1, "
-        "+-0.2) / kl_horizon, KL = the rollout's mean sequence KL in nats; kl_coef is the start (0: fixed beta)",
+        "+-0.2) / kl_horizon, KL = the rollout's mean sequence KL in nats, never below kl_coef (0: fixed beta)",
     )
     kl_horizon: float = spec(
         10.0, low=0.0, low_open=True, help="policy updates over which the adaptive beta moves by up to 20 %"
