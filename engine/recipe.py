@@ -142,13 +142,16 @@ class PolicyConfig:
         0.0, low=0.0, help="subtracted from the score of answers that never end (as TRL)"
     )
     kl_target: float = spec(
-        0.0,
+        1.5,
         low=0.0,
         help="adaptive KL (Ziegler et al. 2019): after each update beta *= 1 + clip(KL/target - 1, "
         "+-0.2) / kl_horizon, KL = the rollout's mean sequence KL in nats, never below kl_coef (0: fixed beta)",
     )
     kl_horizon: float = spec(
-        10.0, low=0.0, low_open=True, help="policy updates over which the adaptive beta moves by up to 20 %"
+        1.0,
+        low=0.0,
+        low_open=True,
+        help="beta moves by at most 20 % / kl_horizon per update (Ziegler: 10; a run here has 60 updates)",
     )
     reward_clip: float = spec(
         0.0,
