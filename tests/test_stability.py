@@ -177,8 +177,11 @@ def test_resume_is_exact_with_the_adaptive_kl_controller_and_clipping(tmp_path):
 
 
 # -- the regression: RLOO on recipes/tiny.toml (each run takes minutes on 2 cores) ------------------------------
+# Seed 5 collapsed in issue 16 (held-out KL 0.91 -> 14.4 in the last iteration, gold .474 -> .297); on this
+# machine's numerics the same seed stays healthy, and seed 6 shows the same late runaway with the old fixed
+# beta (KL 0.70 -> 4.49 in the last iteration, a kl_jump warning). The adaptive KL holds both.
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [5])
+@pytest.mark.parametrize("seed", [5, 6])
 def test_tiny_rloo_stays_near_its_reference_and_improves(tmp_path, seed):
     run = tmp_path / "run"
     result = zopro(
@@ -194,5 +197,5 @@ def test_tiny_rloo_stays_near_its_reference_and_improves(tmp_path, seed):
     evals = [e["metrics"] for e in read_events(run) if e["type"] == "eval"]
     gold = [m["eval/gold"] for m in evals]
     kl = [m["eval/kl"] for m in evals]
-    assert gold[-1] > gold[1] and max(kl) < 5, (gold, kl)
+    assert gold[-1] > gold[1] and max(kl) < 3.5, (gold, kl)
     assert not [e for e in read_events(run) if e["type"] == "warning"]
