@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from engine.reader import read_events, run_info
 from engine.recipe import RecipeError, load_recipe, split_variant, variant_label
@@ -50,6 +51,7 @@ def comparison_row(run_dir: Path, label: str | None = None) -> dict:
         "policy_forward_passes": _policy_forward_passes(events),
         "peak_update_mem_mib": max(update_peaks) if update_peaks else None,
         "median_update_s": update_times[len(update_times) // 2] if update_times else None,
+        "warnings": [e.get("code", "?") for e in events if e.get("type") == "warning"],
     }
 
 
@@ -75,6 +77,7 @@ def comparison_table(rows: list[dict], title: str = "comparison") -> Table:
         "wall time",
         "policy fwd passes",
         "peak update mem (MiB)",
+        "warnings",
     )
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
@@ -88,8 +91,16 @@ def comparison_table(rows: list[dict], title: str = "comparison") -> Table:
             fmt_duration(row["wall_time_s"]),
             fmt_value(row["policy_forward_passes"]),
             fmt_value(row["peak_update_mem_mib"], 1),
+            Text(_warnings_cell(row.get("warnings") or []), style="bold yellow"),
         )
     return table
+
+
+def _warnings_cell(codes: list[str]) -> str:
+    """`2: kl_jump, gold_drop` (how many, and which), or `-`."""
+    if not codes:
+        return "-"
+    return f"{len(codes)}: " + ", ".join(dict.fromkeys(codes))
 
 
 def run_comparison(

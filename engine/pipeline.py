@@ -27,6 +27,7 @@ from engine import __version__
 from engine.errors import StopRun, TrainingFailed  # noqa: F401 (re-exported)
 from engine.interplay import InterplayTracker, adapter_views, pair_adapter_tensors
 from engine.judges import GoldJudge, LLMJudge, RewardJudge
+from engine.kl_control import KLController
 from engine.methods import make_update
 from engine.models import (
     ModelError,
@@ -52,6 +53,9 @@ from engine.rollout import (
 from engine.rundir import RunDirError, RunWriter, atomic_write_json, atomic_write_text, checkpoint_candidates
 from engine.tasks import make_task
 from engine.telemetry import Counters, PhasePeak, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
+from engine.watchdog import check as check_runaway
+
+STATUS_WARNINGS = 20  # status.json keeps the last this many warnings
 
 STAGES = ("sft", "reward", "policy", "refine", "eval", "done")
 
@@ -90,6 +94,8 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # one row per evaluation (sft baseline, iterations)
     counters: dict = field(default_factory=dict)
     latest: dict[str, float] = field(default_factory=dict)
+    warnings: list[dict] = field(default_factory=list)  # the last STATUS_WARNINGS warnings
+    warning_count: int = 0
 
 
 class Pipeline:
@@ -154,6 +160,8 @@ class Pipeline:
                     keys, sketch_size=recipe.interplay.sketch_size, seed=recipe.seed
                 )
         self.method = make_update(recipe.policy.method, self)
+        policy = recipe.policy
+        self.kl_controller = KLController(policy.kl_coef, policy.kl_target, policy.kl_horizon)
         self.reward_before_refine: dict[str, torch.Tensor] | None = None
         self.reward_initial: dict[str, torch.Tensor] | None = None
         self.judge = None
@@ -238,11 +246,18 @@ class Pipeline:
             )
         self.writer.load_status()
         self.writer.seq = self.state.event_seq if checkpoint is not None else 0
-        self.writer.update_status(state="running", error=None, pid=os.getpid())
+        self.writer.update_status(
+            state="running",
+            error=None,
+            pid=os.getpid(),
+            warnings=self.state.warnings,
+            warning_count=self.state.warning_count,
+        )
         self.emit(
             "resume",
             rewind_to_seq=self.writer.seq,
             checkpoint=checkpoint.name if checkpoint is not None else None,
+            warning_count=self.state.warning_count,
             **({"skipped": skipped} if skipped else {}),
             message=(
                 f"resuming from checkpoint {checkpoint.name}"
@@ -458,8 +473,10 @@ class Pipeline:
             self.pm,
             prompts,
             k=r.train.samples_per_prompt,
-            kl_coef=r.policy.kl_coef,
+            kl_coef=self.kl_controller.value,
             missing_eos_penalty=r.policy.missing_eos_penalty,
+            reward_clip=r.policy.reward_clip,
+            whiten_advantages=r.policy.whiten_advantages,
             max_new_tokens=r.model.max_new_tokens,
             max_prompt_tokens=r.model.max_prompt_tokens,
             temperature=r.policy.temperature,
@@ -499,20 +516,6 @@ class Pipeline:
             out["gold"] = sum(gold) / len(gold)
         return out
 
-    def warn(self, code: str, message: str, **fields: Any) -> None:
-        """A `warning` event (shown by the progress line, `zopro status` and the TUI), kept in status."""
-        self.emit("warning", code=code, message=message, **fields)
-        warnings = list(self.writer._status.get("warnings", []))[-19:]
-        warnings.append(
-            {
-                "code": code,
-                "message": message,
-                "iteration": self._iteration_or_none(),
-                "step": self.state.step,
-            }
-        )
-        self.writer.update_status(warnings=warnings)
-
     def run_policy(self) -> None:
         r = self.recipe
         i = self.state.iteration
@@ -534,6 +537,7 @@ class Pipeline:
             if "loss/policy" in update_metrics:
                 self._check_finite(update_metrics["loss/policy"], "policy", "loss/policy")
             update_metrics["time/policy_update_s"] = time.monotonic() - update_started
+            self.kl_controller.update(float(rollout.kl.mean()))
             update_metrics["mem/update_peak_mib"] = round(phase.growth_mib, 2)
             seqs = rollout.sequences
             finished = seqs.finished.tolist()
@@ -562,6 +566,7 @@ class Pipeline:
                     "objective/scores": float(rollout.scores.mean()),
                     "objective/rlhf_reward": float(rollout.rlhf_reward.mean()),
                     "objective/kl": float(rollout.kl.mean()),
+                    "policy/kl_coef": rollout.kl_coef,
                     "objective/entropy": entropy,
                     **({"objective/gold": sum(gold) / len(gold)} if gold else {}),
                     "objective/response_length": float(seqs.response_mask.sum(-1).float().mean()),
@@ -796,7 +801,10 @@ class Pipeline:
                 iteration_metrics = self.method.end_iteration(i)
             if iteration_metrics:
                 self.metrics(iteration_metrics)
-        self.evaluate(label=f"iter {i}")
+        runaway = self.watch(self.evaluate(label=f"iter {i}"))
+        if runaway and self.recipe.policy.max_kl_action == "rollback":
+            self.roll_back(i, runaway)
+            return
         self.state.rollouts = []
         self.state.judged_pairs = None
         self.state.judge_stats = {}
@@ -804,6 +812,62 @@ class Pipeline:
         self.state.iteration += 1
         done = self.state.iteration >= self.recipe.train.iterations
         self.end_stage("done" if done else "policy", checkpoint=f"iter-{i:04d}")
+        if runaway:
+            raise StopRun(f"{runaway}; the run stopped after checkpoint iter-{i:04d}", failed=True)
+
+    # -- runaway detection -------------------------------------------------------------------------------
+    def warn(self, code: str, message: str, **fields: Any) -> dict:
+        """A `warning` event (code, message and the fields), also kept in status.json's `warnings` (the last
+        STATUS_WARNINGS) for `zopro status`/`ls`, the progress line, the TUI and the summary tables."""
+        event = self.emit("warning", code=code, message=message, **fields)
+        self.state.warnings.append(
+            {"code": code, "message": message, "iteration": event["iteration"], "step": event["step"]}
+        )
+        del self.state.warnings[:-STATUS_WARNINGS]
+        self.state.warning_count += 1
+        self.writer.update_status(warnings=self.state.warnings, warning_count=self.state.warning_count)
+        return event
+
+    def watch(self, metrics: dict[str, float]) -> str | None:
+        """After a held-out evaluation: the watchdog's warnings, and the reason to stop (or roll back) when
+        the held-out KL exceeds policy.max_kl."""
+        w = self.recipe.watchdog
+        earlier = self.state.history[:-1]  # evaluate() appended this evaluation's row last
+        for warning in check_runaway(
+            metrics,
+            earlier,
+            kl_jump_factor=w.kl_jump_factor,
+            kl_jump_min=w.kl_jump_min,
+            gold_drop=w.gold_drop,
+        ):
+            self.warn(warning.code, warning.message, **warning.fields)
+        limit, kl = self.recipe.policy.max_kl, metrics.get("eval/kl")
+        if limit and kl is not None and kl > limit:
+            action = self.recipe.policy.max_kl_action
+            self.warn(
+                "max_kl",
+                f"held-out KL {kl:.2f} exceeds policy.max_kl = {limit:g} after iteration "
+                f"{self.state.iteration}: {'rolling back to the last checkpoint' if action == 'rollback' else 'stopping'}",
+                kl=kl,
+                max_kl=limit,
+                action=action,
+            )
+            return f"held-out KL {kl:.2f} > policy.max_kl = {limit:g} after iteration {self.state.iteration}"
+        return None
+
+    def roll_back(self, iteration: int, reason: str) -> None:
+        """Restore the checkpoint written at the end of the previous iteration (the reward model's for
+        iteration 0) and finish the run with that policy; time, compute and warnings are kept."""
+        folder = self.iteration_checkpoint(iteration - 1)
+        elapsed, counters = self.clock.elapsed(), self.counters.state_dict()
+        warnings, count, global_step = self.state.warnings, self.state.warning_count, self.state.global_step
+        self.load_checkpoint(folder)
+        self.clock = Stopwatch(elapsed)
+        self.counters.load_state_dict(counters)
+        self.state.warnings, self.state.warning_count, self.state.global_step = warnings, count, global_step
+        self.state.stage, self.state.step = "done", 0
+        self.emit("rollback", checkpoint=folder.name, reason=reason)
+        self.writer.update_status(rolled_back_to=folder.name, stopped_by=reason)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def _iteration_or_none(self) -> int | None:
@@ -934,6 +998,7 @@ class Pipeline:
                     "reward_optimizer": self.reward_optimizer.state_dict(),
                     "refine_optimizer": self.refine_optimizer.state_dict(),
                     "method": self.method.state_dict(),
+                    "kl_controller": self.kl_controller.state_dict(),
                     "reward_before_refine": self.reward_before_refine,
                     "interplay": self.interplay.state_dict() if self.interplay is not None else None,
                     "reward_initial": self.reward_initial,
@@ -964,6 +1029,7 @@ class Pipeline:
             self.reward_optimizer.load_state_dict(trainer["reward_optimizer"])
             self.refine_optimizer.load_state_dict(trainer["refine_optimizer"])
             self.method.load_state_dict(trainer["method"])
+            self.kl_controller.load_state_dict(trainer.get("kl_controller"))
             self.reward_before_refine = trainer["reward_before_refine"]
             self.reward_initial = trainer.get("reward_initial")
             if self.interplay is not None and trainer.get("interplay") is not None:

@@ -208,6 +208,8 @@ class RunInfo:
     error: str | None = None
     latest: dict[str, Any] = field(default_factory=dict)
     pid: int | None = None
+    warnings: list[dict] = field(default_factory=list)  # the last few: {code, message, iteration, step}
+    warning_count: int = 0
 
     @property
     def elapsed(self) -> float | None:
@@ -273,6 +275,8 @@ def run_info(run_dir: Path, now: float | None = None) -> RunInfo:
         error=problem or _typed(status.get("error"), str),
         latest={k: v for k, v in latest.items() if _is_number(v)},
         pid=pid,
+        warnings=status.get("warnings") or [],
+        warning_count=status.get("warning_count") or len(status.get("warnings") or []),
     )
 
 

@@ -147,6 +147,35 @@ class PolicyConfig:
     missing_eos_penalty: float = spec(
         0.0, low=0.0, help="subtracted from the score of answers that never end (as TRL)"
     )
+    kl_target: float = spec(
+        1.5,
+        low=0.0,
+        help="adaptive KL (Ziegler et al. 2019): after each update beta *= 1 + clip(KL/target - 1, "
+        "+-0.2) / kl_horizon, KL = the rollout's mean sequence KL in nats, never below kl_coef (0: fixed beta)",
+    )
+    kl_horizon: float = spec(
+        1.0,
+        low=0.0,
+        low_open=True,
+        help="beta moves by at most 20 % / kl_horizon per update (Ziegler: 10; a run here has 60 updates)",
+    )
+    reward_clip: float = spec(
+        0.0,
+        low=0.0,
+        help="clip reward-model scores to [-reward_clip, reward_clip] before the KL term (0: off)",
+    )
+    whiten_advantages: bool = spec(
+        False, help="rescale the RLOO advantages to mean 0, std 1 over each rollout (rloo, mezo, zopro)"
+    )
+    max_kl: float = spec(
+        0.0, low=0.0, help="held-out KL (nats per answer) above which max_kl_action is taken (0: off)"
+    )
+    max_kl_action: str = spec(
+        "stop",
+        choices=("stop", "rollback"),
+        help="stop: stop after that iteration's checkpoint; rollback: restore the last iteration's "
+        "checkpoint and finish the run with that policy",
+    )
 
 
 @dataclass
@@ -279,6 +308,22 @@ class LogConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Runaway detection after each held-out evaluation (engine/watchdog.py): `warning` events, not stops."""
+
+    kl_jump_factor: float = spec(
+        4.0, low=0.0, help="warn when held-out KL grows by more than this factor in one iteration (0: off)"
+    )
+    kl_jump_min: float = spec(3.0, low=0.0, help="... and reaches at least this many nats per answer")
+    gold_drop: float = spec(
+        0.08,
+        low=0.0,
+        help="warn when held-out gold (win rate vs SFT without gold) falls by more than this in one "
+        "iteration (0: off)",
+    )
+
+
+@dataclass
 class Recipe:
     name: str = spec("run", help="prefix of the run directory's name")
     seed: int = spec(0, low=0, high=2**63 - 1)
@@ -300,6 +345,7 @@ class Recipe:
     interplay: InterplayConfig = spec(factory=InterplayConfig)
     eval: EvalConfig = spec(factory=EvalConfig)
     log: LogConfig = spec(factory=LogConfig)
+    watchdog: WatchdogConfig = spec(factory=WatchdogConfig)
 
     @property
     def total_updates(self) -> int:

@@ -49,6 +49,23 @@ def fmt_with_se(value: float | None, se: float | None, digits: int = 3) -> str:
     return f"{fmt_value(value, digits)} ± {se:.{digits}f}"
 
 
+def status_text(info: RunInfo) -> Text:
+    """The run's state, with `!N` in yellow when it raised N warnings (runaway training and the like)."""
+    text = Text(info.status, style=STATUS_STYLE.get(info.status, ""))
+    if info.warning_count:
+        text.append(f" !{info.warning_count}", style="bold yellow")
+    return text
+
+
+def warning_codes(warnings: list[dict], iteration: int | None) -> str:
+    """The distinct codes of the warnings raised in `iteration` (in order), comma-separated."""
+    codes: list[str] = []
+    for warning in warnings:
+        if warning.get("iteration") == iteration and warning.get("code") not in codes:
+            codes.append(warning.get("code", "?"))
+    return ", ".join(codes)
+
+
 def position(info: RunInfo) -> str:
     """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them, `done` after."""
     if info.status == "finished" or info.stage == "done":
@@ -76,7 +93,7 @@ def runs_table(runs: list[RunInfo]) -> Table:
         table.add_row(
             info.name,
             info.method,
-            Text(info.status, style=STATUS_STYLE.get(info.status, "")),
+            status_text(info),
             position(info),
             fmt_value(latest.get("objective/scores"), 2),
             fmt_value(latest.get("eval/gold")),
@@ -86,11 +103,17 @@ def runs_table(runs: list[RunInfo]) -> Table:
     return table
 
 
-def evaluations_table(evals: list[dict], title: str | None = None) -> Table:
-    """One row per held-out evaluation: the SFT baseline, then each iteration."""
+def evaluations_table(
+    evals: list[dict], title: str | None = None, warnings: list[dict] | None = None
+) -> Table:
+    """One row per held-out evaluation: the SFT baseline, then each iteration; with `warnings` (events or
+    status entries with code and iteration) a last column names those raised in each iteration."""
     table = Table(title=title, header_style="bold", title_justify="left")
-    for column in ("", "gold", "win vs SFT", "reward score", "KL", "wall time"):
-        table.add_column(column, justify="left" if not column else "right")
+    columns = ["", "gold", "win vs SFT", "reward score", "KL", "wall time"]
+    if warnings:
+        columns.append("warnings")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("", "warnings") else "right")
     previous = 0.0
     for row in evals:
         metrics = row.get("metrics", row)
@@ -98,14 +121,18 @@ def evaluations_table(evals: list[dict], title: str | None = None) -> Table:
         elapsed = row.get("elapsed", metrics.get("time/elapsed_s"))
         wall = None if elapsed is None else elapsed - previous
         previous = elapsed or previous
-        table.add_row(
+        cells = [
             label,
             fmt_value(metrics.get("eval/gold")),
             fmt_value(metrics.get("eval/win_rate_vs_sft")),
             fmt_value(metrics.get("eval/reward")),
             fmt_value(metrics.get("eval/kl")),
             fmt_duration(wall),
-        )
+        ]
+        if warnings:
+            codes = warning_codes(warnings, row.get("iteration")) if row.get("iteration") is not None else ""
+            cells.append(Text(codes, style="bold yellow"))
+        table.add_row(*cells)
     return table
 
 
@@ -122,6 +149,20 @@ def status_panel(info: RunInfo, evals: list[dict]) -> Group:
     parts: list = [head]
     if info.error:
         parts.append(Text(f"error: {info.error}", style="red"))
+    if info.warning_count:
+        shown = info.warnings[-5:]
+        parts.append(
+            Text(
+                f"{info.warning_count} warning{'s' if info.warning_count > 1 else ''}"
+                + (f" (the last {len(shown)}):" if info.warning_count > len(shown) else ":"),
+                style="bold yellow",
+            )
+        )
+        for warning in shown:
+            where = f"iteration {warning['iteration']}" if warning.get("iteration") is not None else "-"
+            parts.append(
+                Text(f"  [{warning.get('code', '?')}] {where}: {warning.get('message', '')}", style="yellow")
+            )
     latest = {
         k: v
         for k, v in info.latest.items()
@@ -135,7 +176,7 @@ def status_panel(info: RunInfo, evals: list[dict]) -> Group:
             grid.add_row(key, fmt_value(latest[key], 4))
         parts.append(grid)
     if evals:
-        parts.append(evaluations_table(evals, "held-out evaluation"))
+        parts.append(evaluations_table(evals, "held-out evaluation", warnings=info.warnings))
     return Group(*parts)
 
 

@@ -49,11 +49,13 @@ class Rollout:
     sequences: Sequences
     old_logprobs: torch.Tensor  # (N, R) per-token, sampling policy
     ref_logprobs: torch.Tensor  # (N, R) per-token, sft adapter
-    scores: torch.Tensor  # (N,) reward model
+    scores: torch.Tensor  # (N,) reward model (clipped to [-reward_clip, reward_clip]), missing-EOS penalty
     kl: torch.Tensor  # (N,) sequence KL estimate sum_t (logp - logp_ref)
     rlhf_reward: torch.Tensor  # (N,) score - beta * kl
-    advantages: torch.Tensor  # (N,) RLOO: R_j - mean of the other k - 1
+    advantages: torch.Tensor  # (N,) RLOO: R_j - mean of the other k - 1 (whitened over the batch if asked)
     samples_per_prompt: int
+    kl_coef: float = 0.0  # the beta of this rollout (fixed, or the adaptive controller's value)
+    raw_scores: torch.Tensor | None = None  # (N,) the reward model's scores before clipping and penalty
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -177,6 +179,14 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baseline).reshape(-1)
 
 
+def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the batch (TRL's normalize_advantages); a batch with no spread stays at 0."""
+    centred = values - values.mean()
+    if values.numel() < 2:
+        return centred
+    return centred / (centred.std() + eps)
+
+
 @torch.no_grad()
 def collect_rollout(
     pm: PreferenceModel,
@@ -190,8 +200,14 @@ def collect_rollout(
     temperature: float,
     generator: torch.Generator,
     counters: Counters,
+    reward_clip: float = 0.0,
+    whiten_advantages: bool = False,
 ) -> Rollout:
-    """B prompts -> k answers each from the policy, with old and reference log-probs, scores and advantages."""
+    """B prompts -> k answers each from the policy, with old and reference log-probs, scores and advantages.
+
+    `reward_clip > 0` clips the reward model's scores to [-reward_clip, reward_clip] before the missing-EOS
+    penalty and the KL term (TRL's reward_clip_range); `whiten_advantages` rescales the RLOO advantages to
+    mean 0 and standard deviation 1 over the batch (TRL's normalize_advantages)."""
     repeated = [p for p in prompts for _ in range(k)]
     with pm.adapter("policy"):
         seqs = sample(
@@ -206,11 +222,15 @@ def collect_rollout(
         old_logprobs = token_logprobs(pm, seqs, counters)
     with pm.adapter("sft"):
         ref_logprobs = token_logprobs(pm, seqs, counters)
-    scores = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+    raw_scores = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+    scores = raw_scores.clamp(-reward_clip, reward_clip) if reward_clip > 0 else raw_scores
     if missing_eos_penalty:
         scores = scores - missing_eos_penalty * (~seqs.finished).float()
     kl = (old_logprobs - ref_logprobs).sum(-1)
     rlhf_reward = scores - kl_coef * kl
+    advantages = rloo_advantages(rlhf_reward, k)
+    if whiten_advantages:
+        advantages = whiten(advantages)
     return Rollout(
         sequences=seqs,
         old_logprobs=old_logprobs,
@@ -218,8 +238,10 @@ def collect_rollout(
         scores=scores,
         kl=kl,
         rlhf_reward=rlhf_reward,
-        advantages=rloo_advantages(rlhf_reward, k),
+        advantages=advantages,
         samples_per_prompt=k,
+        kl_coef=kl_coef,
+        raw_scores=raw_scores,
     )
 
 

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from engine.reader import is_run_dir, run_info
+from engine.reader import is_run_dir, read_events, run_info
 from engine.recipe import RecipeError, load_recipe
 from engine.report import evaluations_table, fmt_duration, fmt_value
 from engine.rundir import RunDirError, RunWriter
@@ -41,12 +41,19 @@ class ProgressView:
         self.started = time.monotonic()
         self.first_step: int | None = None
         self.stage_title = "loading"
+        self.warnings = 0
+        self.last_warning = ""
 
     def on_event(self, event: dict) -> None:
         self.event = event
         self.latest.update(event.get("metrics", {}))
         if event.get("type") == "stage_start":
             self.stage_title = event.get("message", event.get("stage", ""))
+        if event.get("type") == "warning":
+            self.warnings += 1
+            self.last_warning = event.get("code", "")
+        if event.get("type") == "resume":  # the resumed run re-emits what came after its checkpoint
+            self.warnings = event.get("warning_count", 0)
         if self.first_step is None:
             self.first_step = event.get("global_step", 0)
             self.started = time.monotonic()
@@ -73,11 +80,21 @@ class ProgressView:
             (f"{rate:.1f} st/s" if rate else "- st/s", "dim"),
             (f"ETA {fmt_duration(eta)}", ""),
         ]
+        if self.warnings:
+            plural = "s" if self.warnings > 1 else ""
+            cells.append((f"! {self.warnings} warning{plural} {self.last_warning}".rstrip(), "bold yellow"))
         grid = Table.grid(padding=(0, 1))
         for _ in cells:
             grid.add_column(no_wrap=True, overflow="ellipsis")
         grid.add_row(*(Text(text, style=style) for text, style in cells))
         return grid
+
+
+def warning_line(event: dict) -> str:
+    """One line for a `warning` event: where, the code and the message."""
+    iteration = event.get("iteration")
+    where = f"iteration {iteration}" if iteration is not None else event.get("stage", "")
+    return f"warning [{event.get('code', '?')}] {where}: {event.get('message', '')}"
 
 
 def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
@@ -155,6 +172,8 @@ def run_training(
     def listener(event: dict) -> None:
         if event.get("type") == "resume" and not quiet:
             console.print(event.get("message", ""), markup=False)
+        if event.get("type") == "warning":  # one line on stderr, also with --quiet and under the live line
+            err.print(f"[bold yellow]{escape(warning_line(event))}[/]", soft_wrap=True)
         if view_holder:
             view_holder[0].on_event(event)
             if not live_enabled and not quiet:
@@ -192,7 +211,13 @@ def run_training(
         code = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGHUP": EXIT_HANGUP}.get(
             stop.reason, EXIT_OK
         )
-        err.print(f"stopped ({stop.reason}) after a checkpoint; continue with `zopro run --resume {run_dir}`")
+        if stop.failed:  # a guard (policy.max_kl) stopped it: say so with the exit code too
+            code = EXIT_FAILED
+            err.print(f"[bold red]stopped:[/] {escape(stop.reason)}", soft_wrap=True)
+        else:
+            err.print(
+                f"stopped ({stop.reason}) after a checkpoint; continue with `zopro run --resume {run_dir}`"
+            )
     except RunDirError as error:  # --resume found no checkpoint it can read; nothing was changed
         code = bad(str(error))
     except TrainingFailed as error:
@@ -213,7 +238,13 @@ def run_training(
     finally:
         writer.close()
     if pipeline.state.history:
-        console.print(evaluations_table(pipeline.state.history, f"{run_dir.name}: held-out evaluation"))
+        console.print(
+            evaluations_table(
+                pipeline.state.history,
+                f"{run_dir.name}: held-out evaluation",
+                warnings=[e for e in read_events(run_dir) if e.get("type") == "warning"],
+            )
+        )
     if code == EXIT_OK and pipeline.state.stage == "done":
         console.print(f"finished in {fmt_duration(pipeline.clock.elapsed())}: {run_dir}")
     return code

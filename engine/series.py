@@ -56,6 +56,8 @@ EVENT_FIELDS = (
     "judged",
     "wall_s",
     "peak_rss_mib",
+    "code",  # warning events: code and message
+    "reason",
 )
 
 

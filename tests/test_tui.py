@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from textual.widgets import RichLog
 
 from engine.report import export_metrics
 from engine.rundir import RunWriter
@@ -430,3 +431,48 @@ def test_bad_targets_get_one_sentence_and_exit_2(args, says):
     )
     assert result.returncode == 2
     assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_warning_while_watched_is_highlighted_notified_and_marked(tmp_path):
+    run = live_copy(tmp_path)
+    app = ZoproApp(tmp_path / "runs", attach=run)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "the dashboard")
+        screen = dashboard(app)
+        await wait_for(pilot, lambda: screen.run.caught_up and screen.run.live, 10, "the caught-up live run")
+        assert not any(n.severity == "warning" for n in app._notifications)
+        message = "held-out KL to the reference jumped from 0.91 to 14.40 nats (x15.8) in one iteration"
+        warning = {"code": "kl_jump", "message": message, "iteration": 2, "step": 0}
+        with open(run / "events.jsonl", "a") as events:
+            events.write(
+                json.dumps(
+                    {
+                        "seq": 88,
+                        "type": "warning",
+                        "time": time.time(),
+                        "stage": "eval",
+                        "global_step": 60,
+                        "elapsed": 17.0,
+                        "kl": 14.4,
+                        "kl_before": 0.91,
+                        **warning,
+                    }
+                )
+                + "\n"
+            )
+        status = json.loads((run / "status.json").read_text())
+        status.update(warnings=[warning], warning_count=1, updated=time.time())
+        (run / "status.json").write_text(json.dumps(status))
+        await wait_for(
+            pilot,
+            lambda: any(n.severity == "warning" and message in n.message for n in app._notifications),
+            10,
+            "the warning toast",
+        )
+        screen.redraw(force=True)
+        await pilot.pause(0.2)
+        pane = screen.query_one("#events").query_one(RichLog)
+        lines = [strip.text for strip in pane.lines]
+        assert any("warning [kl_jump]" in line for line in lines), lines[-5:]
+        header = screen.query_one("#run-header")
+        await wait_for(pilot, lambda: "!1" in str(header.render()), 5, "the warning count in the header")

@@ -93,7 +93,6 @@ class PPOUpdate:
     def __init__(self, run: Any):
         self.pm, self.counters, self.seed = run.pm, run.counters, run.recipe.seed
         self.config = run.recipe.ppo
-        self.kl_coef = run.recipe.policy.kl_coef
         self.clip_range = run.recipe.policy.clip_range
         # V(s_t): a float32 linear read-out of the policy adapter's last hidden state; zero at the start
         self.value_head = nn.Linear(self.pm.score_head.in_features, 1).to(self.pm.device)
@@ -116,8 +115,8 @@ class PPOUpdate:
         with torch.no_grad(), self.pm.adapter("policy"):
             _, old_values = logprobs_and_values(self.pm, self.value_head, seqs, self.counters)
         rewards = token_rewards(
-            rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, mask, self.kl_coef
-        )
+            rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, mask, rollout.kl_coef
+        )  # the rollout's beta: policy.kl_coef, or the adaptive controller's value
         advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
             advantages = masked_whiten(advantages, mask)

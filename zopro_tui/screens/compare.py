@@ -15,7 +15,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from engine.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se
+from engine.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, status_text
 from zopro_tui.catalogue import COMPARE_CHARTS
 from zopro_tui.reading import SeriesRead, StatusRead, follow_run
 from zopro_tui.view import CurveView, CurveViewActions
@@ -187,7 +187,9 @@ class CompareScreen(CurveViewActions, Screen):
             table.add_row(
                 Text(run.name, style=self.run_colors[path]),
                 run.method,
-                Text(run.status, style=STATUS_STYLE.get(run.status, "")),
+                status_text(info)
+                if info is not None
+                else Text(run.status, style=STATUS_STYLE.get(run.status, "")),
                 score(latest, "eval/gold"),
                 score(latest, "eval/win_rate_vs_sft"),
                 Text(fmt_value(latest.get("eval/kl", latest.get("objective/kl"))), justify="right"),

@@ -125,6 +125,7 @@ class DashboardScreen(CurveViewActions, Screen):
         self.first_picture = threading.Event()  # set once the first data is on screen
         self._hardware_target: tuple[int | None, str | None] = (None, None)
         self._told: set[str] = set()
+        self._old_warnings: list[dict] = []  # warnings read while catching up with the run's history
 
     # -- composition and layout ----------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -198,6 +199,8 @@ class DashboardScreen(CurveViewActions, Screen):
     def on_series(self, message: SeriesRead) -> None:
         was_zo = self.run.zeroth_order
         first_picture = message.preview or (message.caught_up and not self.run.caught_up)
+        if not message.preview:
+            self.tell_warnings(message, live=self.run.caught_up)
         self.run.apply_series(message)
         if self.run.zeroth_order != was_zo:
             self.apply_layout()
@@ -264,6 +267,33 @@ class DashboardScreen(CurveViewActions, Screen):
         if key not in self._told:
             self._told.add(key)
             self.notify(message, severity=severity, timeout=10 if severity == "error" else 5)
+
+    def tell_warnings(self, message: SeriesRead, live: bool) -> None:
+        """A notification for each warning the run emits while watched; the ones already in its history
+        become one notification once the catch-up ends."""
+        warnings = [
+            event for batch in message.batches for event in batch.events if event.get("type") == "warning"
+        ]
+        if live:
+            for event in warnings:
+                self.notify(
+                    f"{self.run.name}: {event.get('message', '')}",
+                    title=f"warning: {event.get('code', '?')}",
+                    severity="warning",
+                    timeout=10,
+                )
+            return
+        self._old_warnings.extend(warnings)
+        if message.caught_up and self._old_warnings:
+            last = self._old_warnings[-1]
+            count = len(self._old_warnings)
+            self._old_warnings = []
+            self.tell_once(
+                "old-warnings",
+                f"{self.run.name} raised {count} warning{'s' if count > 1 else ''}; the last: "
+                f"[{last.get('code', '?')}] {last.get('message', '')}",
+                "warning",
+            )
 
     def tell_status_change(self, before: str | None, now: str) -> None:
         info = self.run.info

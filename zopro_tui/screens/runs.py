@@ -16,7 +16,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 from textual.worker import get_current_worker
 
 from engine.reader import RunInfo
-from engine.report import STATUS_STYLE, fmt_duration, fmt_value
+from engine.report import STATUS_STYLE, fmt_duration, fmt_value, status_text
 from zopro_tui.reading import RunsListed, read_runs
 from zopro_tui.screens.modals import NewRunModal
 from zopro_tui.widgets.chart import fmt_number
@@ -80,6 +80,15 @@ def run_detail(info: RunInfo) -> Table:
     grid.add_row(head)
     if info.error:
         grid.add_row(Text(f"error: {info.error}", style="red"))
+    if info.warnings:
+        last = info.warnings[-1]
+        grid.add_row(
+            Text(
+                f"{info.warning_count} warning{'s' if info.warning_count > 1 else ''}, the last "
+                f"[{last.get('code', '?')}]: {last.get('message', '')}",
+                style="yellow",
+            )
+        )
     metrics = Table.grid(padding=(0, 1))
     shown = [
         (label, info.latest[name]) for name, label in DETAIL_METRICS if info.latest.get(name) is not None
@@ -216,7 +225,7 @@ class RunsScreen(Screen):
         return [
             Text.assemble(("● ", "yellow") if info.path in self.marked else "  ", info.name),
             info.method,
-            Text(info.status, style=STATUS_STYLE.get(info.status, "")),
+            status_text(info),
             run_position(info),
             Text(fmt_value(latest.get("objective/scores")), justify="right"),
             Text(fmt_value(latest.get("eval/gold")), justify="right"),

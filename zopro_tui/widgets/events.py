@@ -20,8 +20,11 @@ EVENT_STYLES = {
     "resumed": "green",
     "resume": "magenta",
     "eval": "green",
+    "warning": "bold yellow",
+    "rollback": "bold yellow",
 }
-QUIET_EVENTS = ("samples",)  # written every few updates: the samples panel shows them
+QUIET_EVENTS = ("samples",)
+ALERT_EVENTS = ("warning", "rollback", "error")  # written every few updates: the samples panel shows them
 LOG_WARNING_WORDS = ("warning", "error", "traceback", "exception")
 
 
@@ -47,6 +50,10 @@ def describe_event(event: dict) -> str:
         return f"run {event.get('status', 'ended')}" + (f": {event['error']}" if event.get("error") else "")
     if kind == "error":
         return f"error: {event.get('message', '')}"
+    if kind == "warning":
+        return f"warning [{event.get('code', '?')}]: {event.get('message', '')}"
+    if kind == "rollback":
+        return f"rolled back to checkpoint {event.get('checkpoint', '?')}: {event.get('reason', '')}"
     if kind == "eval":
         metrics = event.get("metrics", {})
         return (
@@ -87,7 +94,7 @@ class EventsPanel(Panel):
         for event in events[self._events_shown :]:
             if event.get("type") in QUIET_EVENTS:
                 continue
-            line = Text(no_wrap=True)
+            line = Text(no_wrap=event.get("type") not in ALERT_EVENTS)  # a warning is read whole
             line.append(f"{fmt_duration(event.get('elapsed')):>7} ", style="dim")
             line.append(describe_event(event), style=EVENT_STYLES.get(event.get("type", ""), ""))
             log.write(line)

@@ -29,6 +29,8 @@ def status_line(
     if info is None or status == "created":
         status = "starting" + (f" (pid {starting_pid}, loading the model)" if starting_pid else "")
     line.append(status, style=STATUS_STYLE.get(status, "bold"))
+    if info is not None and info.warning_count:
+        line.append(f" !{info.warning_count}", style="bold yellow")
     if info is not None and info.status != "created":
         line.append(f"  {run_position(info)}")
         if info.total_steps:
