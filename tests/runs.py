@@ -13,6 +13,17 @@ from engine.reader import read_events, run_info
 from tests.conftest import zopro, zopro_popen
 
 
+def finished_run(folder: Path, name: str, recipe_text: str) -> tuple[Path, Path]:
+    """Write `recipe_text` as folder/<name>.toml, run it to the end with the real command line into
+    folder/run, and return (recipe, run directory)."""
+    recipe = folder / f"{name}.toml"
+    recipe.write_text(recipe_text)
+    run = folder / "run"
+    result = zopro("run", str(recipe), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    return recipe, run
+
+
 def metric_events(run: Path) -> list[tuple]:
     """(type, stage, iteration, step, metrics without wall-clock values) of every metric event."""
     rows = []

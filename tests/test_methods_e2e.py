@@ -8,7 +8,7 @@ import pytest
 
 from engine.reader import read_events
 from tests.conftest import FAST_RECIPE, REPO, zopro
-from tests.runs import assert_resume_after_sigterm_is_exact
+from tests.runs import assert_resume_after_sigterm_is_exact, finished_run
 
 ZOPRO_RECIPE = (
     FAST_RECIPE.replace('method = "rloo"', "")
@@ -28,13 +28,7 @@ grad_cosine_every = 2
 
 @pytest.fixture(scope="module")
 def zopro_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zopro")
-    recipe = folder / "zopro.toml"
-    recipe.write_text(ZOPRO_RECIPE)
-    run = folder / "run"
-    result = zopro("run", str(recipe), "--run-dir", str(run))
-    assert result.returncode == 0, result.stderr
-    return recipe, run
+    return finished_run(tmp_path_factory.mktemp("zopro"), "zopro", ZOPRO_RECIPE)
 
 
 def test_zopro_runs_first_order_then_zeroth_order_with_diagnostics(zopro_run):
@@ -108,13 +102,7 @@ samples_per_prompt = 2
 
 @pytest.fixture(scope="module")
 def subspace_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("subspace")
-    recipe = folder / "subspace.toml"
-    recipe.write_text(SUBSPACE_RECIPE)
-    run = folder / "run"
-    result = zopro("run", str(recipe), "--run-dir", str(run))
-    assert result.returncode == 0, result.stderr
-    return recipe, run
+    return finished_run(tmp_path_factory.mktemp("subspace"), "subspace", SUBSPACE_RECIPE)
 
 
 def test_subspace_run_draws_inside_the_first_order_gradients_at_a_fixed_norm(subspace_run):

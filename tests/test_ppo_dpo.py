@@ -12,7 +12,7 @@ from engine.methods.online_dpo import dpo_loss, preference_pairs
 from engine.methods.ppo import gae, masked_whiten, token_rewards
 from engine.reader import read_events
 from tests.conftest import FAST_RECIPE, zopro
-from tests.runs import adapters, assert_resume_after_sigterm_is_exact
+from tests.runs import adapters, assert_resume_after_sigterm_is_exact, finished_run
 
 # --- GAE and token rewards ----------------------------------------------------------------------------------
 
@@ -123,13 +123,7 @@ def consecutive(steps: list[dict]) -> list[tuple[dict, dict]]:
 
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ppo")
-    recipe = folder / "ppo.toml"
-    recipe.write_text(PPO_RECIPE)
-    run = folder / "run"
-    result = zopro("run", str(recipe), "--run-dir", str(run))
-    assert result.returncode == 0, result.stderr
-    return recipe, run
+    return finished_run(tmp_path_factory.mktemp("ppo"), "ppo", PPO_RECIPE)
 
 
 def test_ppo_run_reports_its_metrics_and_counts_its_passes(ppo_run):
