@@ -83,7 +83,7 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    """A preference dataset, used when task.name = "dataset" (formats of engine/preference_data.py)."""
+    """A preference dataset, used when task.name = "dataset" (formats of engine/data/preference_data.py)."""
 
     format: str = spec(
         "preference_table", choices=("hh_rlhf", "summarize_from_feedback", "wmt20_mlqe", "preference_table")
@@ -100,7 +100,7 @@ class DataConfig:
     wmt_rejected: str = spec("source_copy", choices=("source_copy", "none"))
 
     def source(self):
-        from engine.preference_data import PreferenceSource
+        from engine.data.preference_data import PreferenceSource
 
         columns = {
             "prompt": self.prompt_column,
@@ -309,7 +309,7 @@ class LogConfig:
 
 @dataclass
 class WatchdogConfig:
-    """Runaway detection after each held-out evaluation (engine/watchdog.py): `warning` events, not stops."""
+    """Runaway detection after each held-out evaluation (engine/training/watchdog.py): `warning` events, not stops."""
 
     kl_jump_factor: float = spec(
         4.0, low=0.0, help="warn when held-out KL grows by more than this factor in one iteration (0: off)"

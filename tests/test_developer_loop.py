@@ -10,7 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from engine.reader import run_info
+from engine.rundir.reader import run_info
 from tests.conftest import REPO, zopro
 
 

@@ -18,8 +18,8 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine import interplay
-from engine.interplay import (
+from engine.analysis import interplay
+from engine.analysis.interplay import (
     InterplayTracker,
     adapter_views,
     angle_deg,
@@ -31,7 +31,12 @@ from engine.interplay import (
     pearson,
     sketch_coordinates,
 )
-from engine.interplay_report import build_report, procrustes_disparity, render_report, trajectory_projection
+from engine.analysis.interplay_report import (
+    build_report,
+    procrustes_disparity,
+    render_report,
+    trajectory_projection,
+)
 
 HIDDEN, RANK, VOCAB = 24, 4, 40
 MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")

@@ -1,4 +1,4 @@
-"""Tests for engine.preference_data: upstream-format fixtures read through `datasets`, offline."""
+"""Tests for engine.data.preference_data: upstream-format fixtures read through `datasets`, offline."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from engine.preference_data import (  # noqa: E402
+from engine.data.preference_data import (  # noqa: E402
     CNNDM_TEMPLATE,
     PLAIN_PROMPT_TEMPLATE,
     TLDR_TEMPLATE,

@@ -20,7 +20,7 @@ from textual.screen import Screen
 from textual.widgets import Footer
 from textual.worker import get_current_worker
 
-from engine.rundir import RunDirError, send_control
+from engine.rundir.writer import RunDirError, send_control
 from zopro_tui.catalogue import (
     INTERPLAY_CHARTS,
     INTERPLAY_WAITING,

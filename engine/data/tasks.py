@@ -215,7 +215,7 @@ TASKS = {"builtin:sentiment": SentimentTask}
 def make_task(recipe):
     """The recipe's task: a built-in one, or a preference dataset (`task.name = "dataset"`, `[data]`)."""
     if recipe.task.name == "dataset":
-        from engine.dataset_task import DatasetTask
+        from engine.data.dataset_task import DatasetTask
 
         return DatasetTask(recipe.data.source(), recipe.task.eval_prompts, recipe.seed)
     return TASKS[recipe.task.name](recipe.seed)

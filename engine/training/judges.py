@@ -6,9 +6,9 @@ from typing import Protocol
 
 import torch
 
-from engine.models import PreferenceModel
-from engine.rollout import encode_responses, reward_scores
-from engine.telemetry import Counters
+from engine.training.models import PreferenceModel
+from engine.training.rollout import encode_responses, reward_scores
+from engine.training.telemetry import Counters
 
 
 class Judge(Protocol):
@@ -92,7 +92,7 @@ class LLMJudge:
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from engine.models import ModelError
+        from engine.training.models import ModelError
 
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         if device.type == "cpu" and torch_dtype != torch.float32:

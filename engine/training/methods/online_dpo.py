@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.rollout import Rollout, token_logprobs
+from engine.training.rollout import Rollout, token_logprobs
 
 
 def preference_pairs(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.models import PreferenceModel
-from engine.telemetry import Counters
+from engine.training.models import PreferenceModel
+from engine.training.telemetry import Counters
 
 
 @dataclass

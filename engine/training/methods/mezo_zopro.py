@@ -1,6 +1,6 @@
 """`mezo` and `zopro`: the policy update estimated from two forward passes per direction (method.md
 section 3). Both use the same rollout and the same clipped surrogate as `rloo`; they differ in where the
-directions come from (`engine.zo_samplers`): `mezo` has no first-order iteration and draws isotropic or
+directions come from (`engine.training.zo_samplers`): `mezo` has no first-order iteration and draws isotropic or
 block-coordinate directions; `zopro` runs iteration 0 first-order (as the paper does) and then draws the
 paper's informed directions, directions inside the span of that iteration's gradients, or either of the
 others. The step scale cannot collapse: z's length is tied to a fixed reference (`zopro.z_norm`,
@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from engine.errors import TrainingFailed
-from engine.methods.rloo import RLOOUpdate
-from engine.objectives import clipped_surrogate
-from engine.premise import along_mu, finite, gradient_alignment, mean_gradient
-from engine.rollout import Rollout, token_logprobs
-from engine.zeroth_order import RunningRMS, decay_at, zo_update
-from engine.zo_samplers import (
+from engine.training.methods.rloo import RLOOUpdate
+from engine.training.objectives import clipped_surrogate
+from engine.training.premise import along_mu, finite, gradient_alignment, mean_gradient
+from engine.training.rollout import Rollout, token_logprobs
+from engine.training.spsa import RunningRMS, decay_at, zo_update
+from engine.training.zo_samplers import (
     BlockSampler,
     DirectionSampler,
     GradientSnapshots,

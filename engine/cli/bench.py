@@ -34,13 +34,13 @@ def worker(method: str, config: BenchConfig) -> dict:
     """Runs in its own process: load, make one rollout, then time `updates` policy updates on it."""
     import torch
 
-    from engine.methods import make_update
-    from engine.models import load_preference_model, quiet_transformers, resolve_base, resolve_device
+    from engine.data.tasks import make_task
     from engine.recipe import apply_overrides, recipe_from_dict, split_variant
-    from engine.rollout import collect_rollout
-    from engine.tasks import make_task
-    from engine.telemetry import Counters, PhasePeak, rss_mib
-    from engine.zo_samplers import (
+    from engine.training.methods import make_update
+    from engine.training.models import load_preference_model, quiet_transformers, resolve_base, resolve_device
+    from engine.training.rollout import collect_rollout
+    from engine.training.telemetry import Counters, PhasePeak, rss_mib
+    from engine.training.zo_samplers import (
         BlockSampler,
         GradientSnapshots,
         IsotropicSampler,
@@ -177,7 +177,7 @@ def run_methods(methods: list[str], config: BenchConfig) -> dict:
         payload = json.dumps({"method": method, "config": config.__dict__})
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         process = subprocess.run(
-            [sys.executable, "-m", "engine.bench", payload], capture_output=True, text=True, env=env
+            [sys.executable, "-m", "engine.cli.bench", payload], capture_output=True, text=True, env=env
         )
         lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
         if process.returncode != 0 or not lines:

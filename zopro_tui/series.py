@@ -1,6 +1,6 @@
 """Metric series of a run for plotting: columns per metric read incrementally, rewinds applied, min/max per column, EMA.
 
-A reader (the TUI, a script) feeds the events that `engine.reader.EventTail` returns to a `SeriesParser`,
+A reader (the TUI, a script) feeds the events that `engine.rundir.reader.EventTail` returns to a `SeriesParser`,
 which turns them into compact `SeriesBatch`es (plain arrays, cheap to hand from a thread to a UI), and
 appends the batches to a `MetricStore`. The store keeps every point of the metrics it was asked for at full
 resolution (8 bytes per value, 4 per index, 32 per event for the x axes) and answers:
@@ -12,7 +12,7 @@ resolution (8 bytes per value, 4 per index, 32 per event for the x axes) and ans
   points still shows.
 
 A `resume` event's `rewind_to_seq` drops every stored point with `seq >= rewind_to_seq`, like
-`engine.reader.apply_rewinds`. `sample_events` reads a strided sample of a big events file for a quick
+`engine.rundir.reader.apply_rewinds`. `sample_events` reads a strided sample of a big events file for a quick
 first picture while the full read goes on.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.reader import MAX_LINE_BYTES, parse_event_line
+from engine.rundir.reader import MAX_LINE_BYTES, parse_event_line
 
 X_AXES = ("step", "time", "compute")
 X_AXIS_LABELS = {"step": "cycle step", "time": "wall time (s)", "compute": "forward passes"}

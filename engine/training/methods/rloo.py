@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from engine.objectives import clipped_surrogate
-from engine.rollout import Rollout, token_logprobs
+from engine.training.objectives import clipped_surrogate
+from engine.training.rollout import Rollout, token_logprobs
 
 
 class RLOOUpdate:

@@ -3,8 +3,14 @@ table): the same interface as the built-in tasks, without a gold scorer."""
 
 from __future__ import annotations
 
-from engine.preference_data import DataError, DropReport, PreferenceRow, PreferenceSource, load_preferences
-from engine.tasks import Example, PreferencePair
+from engine.data.preference_data import (
+    DataError,
+    DropReport,
+    PreferenceRow,
+    PreferenceSource,
+    load_preferences,
+)
+from engine.data.tasks import Example, PreferencePair
 
 
 class DatasetTask:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from engine.rollout import Rollout
+from engine.training.rollout import Rollout
 
 
 class PolicyUpdate(Protocol):
@@ -26,19 +26,19 @@ class PolicyUpdate(Protocol):
 def make_update(method: str, context: Any) -> PolicyUpdate:
     """The update step of `method` for this run (the pipeline passes itself as context)."""
     if method == "rloo":
-        from engine.methods.rloo import RLOOUpdate
+        from engine.training.methods.rloo import RLOOUpdate
 
         return RLOOUpdate(context)
     if method == "ppo":
-        from engine.methods.ppo import PPOUpdate
+        from engine.training.methods.ppo import PPOUpdate
 
         return PPOUpdate(context)
     if method == "online_dpo":
-        from engine.methods.online_dpo import OnlineDPOUpdate
+        from engine.training.methods.online_dpo import OnlineDPOUpdate
 
         return OnlineDPOUpdate(context)
     if method in ("mezo", "zopro"):
-        from engine.methods.zeroth_order import ZerothOrderUpdate
+        from engine.training.methods.mezo_zopro import ZerothOrderUpdate
 
         return ZerothOrderUpdate(context, method)
     raise ValueError(f"unknown policy method {method!r}")

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.models import PreferenceModel
-from engine.pipeline import generator
-from engine.rollout import Rollout, Sequences, position_ids
-from engine.telemetry import Counters
+from engine.training.models import PreferenceModel
+from engine.training.pipeline import generator
+from engine.training.rollout import Rollout, Sequences, position_ids
+from engine.training.telemetry import Counters
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

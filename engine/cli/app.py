@@ -63,7 +63,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress, only the summary")] = False,
 ) -> None:
     """Train: SFT, reward model, then iterations of policy optimisation and reward refinement."""
-    from engine.runner import run_training
+    from engine.cli.runner import run_training
 
     if resume is not None:
         if recipe is not None or set_:
@@ -72,7 +72,7 @@ def run(
     else:
         path = recipe if recipe is not None else embedded_recipe()
         if compare_runs_all(path):
-            from engine.compare import run_comparison
+            from engine.cli.compare import run_comparison
 
             if run_dir is not None:
                 fail(
@@ -126,7 +126,7 @@ def compare(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Run several methods of one recipe in turn (same seed, same data) and compare them."""
-    from engine.compare import run_comparison
+    from engine.cli.compare import run_comparison
     from engine.recipe import split_method_list
 
     chosen = split_method_list(methods) if methods else compare_methods_of(recipe)
@@ -192,8 +192,8 @@ def list_runs_command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON list instead of a table")] = False,
 ) -> None:
     """The runs under ROOT: name, method, status, iteration, scores."""
-    from engine.reader import list_runs
-    from engine.report import runs_table
+    from engine.rundir.reader import list_runs
+    from engine.rundir.report import runs_table
 
     runs = list_runs(root)
     if as_json:
@@ -216,8 +216,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """One run's state, latest metrics and per-iteration evaluations."""
-    from engine.reader import is_run_dir, read_events, run_info
-    from engine.report import status_panel
+    from engine.rundir.reader import is_run_dir, read_events, run_info
+    from engine.rundir.report import status_panel
 
     if not run_dir.is_dir() or not is_run_dir(run_dir):
         fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
@@ -245,8 +245,8 @@ def export(
     ] = None,
 ) -> None:
     """Write a run's metrics as CSV (one row per metrics event) or JSON."""
-    from engine.reader import is_run_dir
-    from engine.report import export_metrics
+    from engine.rundir.reader import is_run_dir
+    from engine.rundir.report import export_metrics
 
     if format not in ("csv", "json"):
         fail(f"--format {format!r} is not accepted; choose csv or json")
@@ -272,7 +272,7 @@ def interplay(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead")] = False,
 ) -> None:
     """How the policy's and the reward model's updates relate, from the run's iteration checkpoints."""
-    from engine.interplay_report import build_report, render_report
+    from engine.analysis.interplay_report import build_report, render_report
 
     if not run_dir.is_dir():
         fail(f"{run_dir} is not a run directory")
@@ -311,7 +311,7 @@ def bench_methods(
 ) -> None:
     """Peak memory of the policy-update phase, time per update and forward passes per update, per method,
     each in a fresh process."""
-    from engine.bench import BENCH_METHODS, BenchConfig, bench_table, run_methods
+    from engine.cli.bench import BENCH_METHODS, BenchConfig, bench_table, run_methods
     from engine.recipe import RecipeError, apply_overrides, recipe_from_dict, split_method_list, split_variant
 
     chosen = split_method_list(methods)

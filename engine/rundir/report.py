@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from engine.reader import RunInfo, read_events
+from engine.rundir.reader import RunInfo, read_events
 
 STATUS_STYLE = {
     "running": "green",

@@ -1,6 +1,6 @@
 """Report a finished (or running) run's policy/reward interplay from its saved checkpoints, one at a time.
 
-The offline counterpart of `engine.interplay` and of the paper's UMAP analysis (ZOPrO, arXiv 2503.03460),
+The offline counterpart of `engine.analysis.interplay` and of the paper's UMAP analysis (ZOPrO, arXiv 2503.03460),
 measured in LoRA parameter space. It reads `RUN_DIR/checkpoints/<name>/adapters/{policy,reward}/
 adapter_model.safetensors` for `reward` (the start: policy = sft) and `iter-0000`, `iter-0001`, ... in
 order, feeding them to an `InterplayTracker`, so memory holds one checkpoint plus the tracker's four adapter
@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import Tensor
 
-from engine.interplay import InterplayTracker, derived_seed, layer_sort_key, match_adapter_tensors
+from engine.analysis.interplay import InterplayTracker, derived_seed, layer_sort_key, match_adapter_tensors
 
 _ITERATION_CHECKPOINT = re.compile(r"iter-(\d+)")
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -16,10 +16,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from engine.reader import is_run_dir, read_events, run_info
 from engine.recipe import RecipeError, load_recipe
-from engine.report import evaluations_table, fmt_duration, fmt_value
-from engine.rundir import RunDirError, RunWriter
+from engine.rundir.reader import is_run_dir, read_events, run_info
+from engine.rundir.report import evaluations_table, fmt_duration, fmt_value
+from engine.rundir.writer import RunDirError, RunWriter
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 EXIT_HANGUP = 129
@@ -150,7 +150,7 @@ def run_training(
                         f"{flag} {folder}: {blocker} is a file, not a folder; choose another directory"
                     )
             if run_dir is None:
-                from engine.cli import default_run_dir
+                from engine.cli.app import default_run_dir
 
                 run_dir = default_run_dir(root, recipe.name, recipe.policy.method)
             elif run_dir.exists() and (is_run_dir(run_dir) or any(run_dir.iterdir())):
@@ -161,10 +161,10 @@ def run_training(
     except RecipeError as error:
         return bad(str(error))
 
-    from engine.models import ModelError, quiet_transformers
+    from engine.training.models import ModelError, quiet_transformers
 
     quiet_transformers()
-    from engine.pipeline import Pipeline, StopRun, TrainingFailed
+    from engine.training.pipeline import Pipeline, StopRun, TrainingFailed
 
     writer = RunWriter(run_dir)
     view_holder: list[ProgressView] = []

@@ -1,7 +1,7 @@
 """The run directory, reader side: tail events by byte offset, derive a run's status, list runs.
 
 Any number of readers (the TUI, `zopro ls/status/export`, tests) use this module; none of them talks to
-the training process except through the files described in `engine.rundir`.
+the training process except through the files described in `engine.rundir.writer`.
 """
 
 from __future__ import annotations

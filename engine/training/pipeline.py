@@ -24,12 +24,22 @@ from typing import Any
 import torch
 
 from engine import __version__
+from engine.analysis.interplay import InterplayTracker, adapter_views, pair_adapter_tensors
+from engine.data.preference_data import DataError
+from engine.data.tasks import make_task
 from engine.errors import StopRun, TrainingFailed  # noqa: F401 (re-exported)
-from engine.interplay import InterplayTracker, adapter_views, pair_adapter_tensors
-from engine.judges import GoldJudge, LLMJudge, RewardJudge
-from engine.kl_control import KLController
-from engine.methods import make_update
-from engine.models import (
+from engine.recipe import Recipe, dump_recipe
+from engine.rundir.writer import (
+    RunDirError,
+    RunWriter,
+    atomic_write_json,
+    atomic_write_text,
+    checkpoint_candidates,
+)
+from engine.training.judges import GoldJudge, LLMJudge, RewardJudge
+from engine.training.kl_control import KLController
+from engine.training.methods import make_update
+from engine.training.models import (
     ModelError,
     apply_adapters,
     load_preference_model,
@@ -38,10 +48,8 @@ from engine.models import (
     resolve_device,
     save_adapters,
 )
-from engine.objectives import bradley_terry_loss, sft_loss
-from engine.preference_data import DataError
-from engine.recipe import Recipe, dump_recipe
-from engine.rollout import (
+from engine.training.objectives import bradley_terry_loss, sft_loss
+from engine.training.rollout import (
     Rollout,
     collect_rollout,
     encode_responses,
@@ -50,10 +58,8 @@ from engine.rollout import (
     sample,
     token_logprobs,
 )
-from engine.rundir import RunDirError, RunWriter, atomic_write_json, atomic_write_text, checkpoint_candidates
-from engine.tasks import make_task
-from engine.telemetry import Counters, PhasePeak, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
-from engine.watchdog import check as check_runaway
+from engine.training.telemetry import Counters, PhasePeak, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
+from engine.training.watchdog import check as check_runaway
 
 STATUS_WARNINGS = 20  # status.json keeps the last this many warnings
 

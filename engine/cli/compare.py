@@ -12,9 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from engine.reader import read_events, run_info
 from engine.recipe import RecipeError, load_recipe, split_variant, variant_label
-from engine.report import fmt_duration, fmt_value, fmt_with_se
+from engine.rundir.reader import read_events, run_info
+from engine.rundir.report import fmt_duration, fmt_value, fmt_with_se
 
 EXIT_BAD_INPUT = 2
 COMPARISON_JSON = "comparison.json"  # the table's rows, standard errors included, beside the runs
@@ -114,7 +114,7 @@ def run_comparison(
     err: Console,
 ) -> int:
     """Validate every sibling recipe first (bad input creates nothing), then run them in turn."""
-    from engine.runner import EXIT_OK, run_training
+    from engine.cli.runner import EXIT_OK, run_training
 
     variants = {entry: split_variant(entry) for entry in methods}
     settings = {
