@@ -164,7 +164,7 @@ def run_training(
     from engine.training.models import ModelError, quiet_transformers
 
     quiet_transformers()
-    from engine.training.pipeline import Pipeline, StopRun, TrainingFailed
+    from engine.training.run import Pipeline, StopRun, TrainingFailed
 
     writer = RunWriter(run_dir)
     view_holder: list[ProgressView] = []
