@@ -37,7 +37,6 @@ Use in a training loop:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections import deque
@@ -48,6 +47,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from engine.seeds import MASK_63, digest64
 
 Vector = Tensor | np.ndarray | Sequence[float]
 
@@ -367,8 +368,7 @@ def layer_sort_key(layer: str) -> tuple[int, int]:
 
 def derived_seed(seed: int, purpose: str, key: str = "") -> int:
     """A 63-bit seed that is a pure function of (seed, purpose, key), stable across runs and machines."""
-    digest = hashlib.blake2b(f"{seed}/{purpose}/{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return digest64(f"{seed}/{purpose}/{key}") & MASK_63
 
 
 def gaussian_projection(key: str, numel: int, dims: int, seed: int) -> Tensor:

@@ -7,7 +7,6 @@ seeded by (run seed, what, where), and a checkpoint holds adapters, optimisers a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from engine.rundir.writer import (
     atomic_write_text,
     checkpoint_candidates,
 )
+from engine.seeds import generator, seeded
 from engine.training.judges import GoldJudge, LLMJudge, RewardJudge
 from engine.training.kl_control import KLController
 from engine.training.methods import make_update
@@ -68,18 +68,6 @@ STAGES = ("sft", "reward", "policy", "refine", "eval", "done")
 
 class CheckpointUnreadable(ValueError):
     """A checkpoint folder that cannot be loaded (truncated, garbage, or not plain tensors); one phrase."""
-
-
-def seeded(seed: int, *where: Any) -> int:
-    """A 63-bit seed that is a pure function of the run seed and a position in the run."""
-    text = ":".join(str(x) for x in (seed, *where))
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-
-
-def generator(seed: int, *where: Any) -> torch.Generator:
-    gen = torch.Generator()
-    gen.manual_seed(seeded(seed, *where))
-    return gen
 
 
 @dataclass

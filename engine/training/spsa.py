@@ -36,7 +36,6 @@ Facts a caller should know:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.seeds import seeded
 from engine.training.zo_samplers import DirectionSampler
 
 DECAY_SCHEDULES = ("exp", "linear")
@@ -55,9 +55,7 @@ def direction_seed(run_seed: int, update_index: int, direction_index: int) -> in
 
     A hash (blake2b) rather than arithmetic, so neighbouring (update, direction) pairs get unrelated seeds.
     """
-    key = ":".join(str(operator.index(value)) for value in (run_seed, update_index, direction_index))
-    digest = hashlib.blake2b(f"zopro-direction:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return seeded("zopro-direction", *(operator.index(v) for v in (run_seed, update_index, direction_index)))
 
 
 def decay_at(schedule: str, s: int, updates_in_iteration: int, start: float = 0.999) -> float:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.seeds import generator
 from engine.training.models import PreferenceModel
-from engine.training.pipeline import generator
 from engine.training.rollout import Rollout, Sequences, position_ids
 from engine.training.telemetry import Counters
 
