@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 BENCH_METHODS = ("rloo", "ppo", "online_dpo", "mezo", "zopro")
 
@@ -37,6 +36,7 @@ def worker(method: str, config: BenchConfig) -> dict:
     from engine.data.tasks import make_task
     from engine.recipe import apply_overrides, recipe_from_dict, split_variant
     from engine.training.methods import make_update
+    from engine.training.methods.context import MethodContext
     from engine.training.models import load_preference_model, quiet_transformers, resolve_base, resolve_device
     from engine.training.rollout import collect_rollout
     from engine.training.telemetry import Counters, PhasePeak, rss_mib
@@ -92,15 +92,21 @@ def worker(method: str, config: BenchConfig) -> dict:
     )
     counters = Counters()
     counters.enter("bench")
-    run = SimpleNamespace(
+
+    def unavailable(*args):
+        raise RuntimeError("a benchmark has no run directory, checkpoints or held-out prompts")
+
+    context = MethodContext(  # iteration 1 of a run that has none of a run's services
         pm=pm,
         counters=counters,
         recipe=recipe,
-        state=SimpleNamespace(iteration=1),
-        reduce_scalar=None,
-        iteration_checkpoint=None,
+        current_iteration=lambda: 1,
+        iteration_checkpoint=unavailable,
+        warn=unavailable,
+        score_policy=unavailable,
+        fresh_rollout=unavailable,
     )
-    update = make_update(method, run)
+    update = make_update(method, context)
     sampler_state_mib = 0.0
     if method == "zopro":  # iteration 1: informed directions from a synthetic mu, v and basis
         gen = torch.Generator().manual_seed(config.seed)
@@ -148,7 +154,7 @@ def worker(method: str, config: BenchConfig) -> dict:
         before = counters.forward_passes
         started = time.perf_counter()
         with PhasePeak(device) as phase:
-            update.update(rollout, update_index=step, step_in_iteration=step, lr_scale=1.0)
+            update.update(rollout, update_index=step, step_in_iteration=step)
         if step >= config.warmup:
             times.append(time.perf_counter() - started)
             peaks.append(phase.growth_mib)

@@ -9,6 +9,7 @@ import shutil
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -20,6 +21,9 @@ from engine.recipe import RecipeError, load_recipe
 from engine.rundir.reader import is_run_dir, read_events, run_info
 from engine.rundir.report import evaluations_table, fmt_duration, fmt_value
 from engine.rundir.writer import RunDirError, RunWriter
+
+if TYPE_CHECKING:
+    from engine.training.bookkeeping import RunBook
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 EXIT_HANGUP = 129
@@ -164,7 +168,9 @@ def run_training(
     from engine.training.models import ModelError, quiet_transformers
 
     quiet_transformers()
-    from engine.training.run import Pipeline, StopRun, TrainingFailed
+    from engine.errors import StopRun, TrainingFailed
+    from engine.training import loop
+    from engine.training.run import Run
 
     writer = RunWriter(run_dir)
     view_holder: list[ProgressView] = []
@@ -182,10 +188,10 @@ def run_training(
     live_enabled = console.is_terminal and not quiet
     with console.status("loading the model…", spinner="dots") if live_enabled else contextlib.nullcontext():
         try:
-            pipeline = Pipeline(recipe, writer, listener=listener)
+            run = Run(recipe, writer, listener=listener)
         except ModelError as error:
             return bad(str(error))
-    view = ProgressView(pipeline.total_steps, recipe.train.iterations, recipe.policy.method, run_dir)
+    view = ProgressView(run.total_steps, recipe.train.iterations, recipe.policy.method, run_dir)
     view_holder.append(view)
     try:
         writer.open()
@@ -194,7 +200,7 @@ def run_training(
     if not quiet:
         console.print(
             f"{'resuming' if resume else 'run'} [bold]{run_dir}[/]  (method {recipe.policy.method}, "
-            f"model {recipe.model.base}, device {pipeline.device})"
+            f"model {recipe.model.base}, device {run.device})"
         )
     code = EXIT_OK
     try:
@@ -204,9 +210,9 @@ def run_training(
             else contextlib.nullcontext()
         ):
             if resume:
-                pipeline.resume()
+                loop.resume(run)
             else:
-                pipeline.start()
+                loop.start(run)
     except StopRun as stop:
         code = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGHUP": EXIT_HANGUP}.get(
             stop.reason, EXIT_OK
@@ -221,12 +227,12 @@ def run_training(
     except RunDirError as error:  # --resume found no checkpoint it can read; nothing was changed
         code = bad(str(error))
     except TrainingFailed as error:
-        code = _record_failure(pipeline, writer, str(error), err, run_dir)
+        code = _record_failure(run.book, writer, str(error), err, run_dir)
     except Exception as error:  # a bug or an environment problem: keep the traceback in the run directory
         if _disk_full(error, run_dir):
             writer.recover_checkpoints()  # a half-written checkpoint goes, and gives its space back
             code = _record_failure(
-                pipeline,
+                run.book,
                 writer,
                 f"the disk holding {run_dir} is full (no space left on device); nothing half-written was kept: "
                 f"free some space, then continue with `zopro run --resume {run_dir}`",
@@ -234,19 +240,19 @@ def run_training(
                 run_dir,
             )
         else:
-            code = _record_bug(pipeline, writer, error, err, run_dir)
+            code = _record_bug(run.book, writer, error, err, run_dir)
     finally:
         writer.close()
-    if pipeline.state.history:
+    if run.state.history:
         console.print(
             evaluations_table(
-                pipeline.state.history,
+                run.state.history,
                 f"{run_dir.name}: held-out evaluation",
                 warnings=[e for e in read_events(run_dir) if e.get("type") == "warning"],
             )
         )
-    if code == EXIT_OK and pipeline.state.stage == "done":
-        console.print(f"finished in {fmt_duration(pipeline.clock.elapsed())}: {run_dir}")
+    if code == EXIT_OK and run.state.stage == "done":
+        console.print(f"finished in {fmt_duration(run.book.clock.elapsed())}: {run_dir}")
     return code
 
 
@@ -275,22 +281,22 @@ def _disk_full(error: BaseException, run_dir: Path) -> bool:
         return False
 
 
-def _record_bug(pipeline, writer: RunWriter, error: BaseException, err: Console, run_dir: Path) -> int:
+def _record_bug(book: RunBook, writer: RunWriter, error: BaseException, err: Console, run_dir: Path) -> int:
     first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     try:
         (run_dir / "error.log").write_text(traceback.format_exc())
         first += f" (traceback in {run_dir / 'error.log'})"
     except OSError:
         pass
-    return _record_failure(pipeline, writer, first, err, run_dir)
+    return _record_failure(book, writer, first, err, run_dir)
 
 
-def _record_failure(pipeline, writer: RunWriter, message: str, err: Console, run_dir: Path) -> int:
+def _record_failure(book: RunBook, writer: RunWriter, message: str, err: Console, run_dir: Path) -> int:
     with contextlib.suppress(OSError):  # the disk may be what failed
         writer.update_status(state="failed", error=message)
     try:
-        pipeline.emit("error", message=message)
-        pipeline.emit("run_end", status="failed", error=message)
+        book.emit("error", message=message)
+        book.emit("run_end", status="failed", error=message)
     except Exception:  # noqa: BLE001 - the writer may be what failed
         pass
     err.print(f"[bold red]training failed:[/] {escape(message)}", soft_wrap=True)

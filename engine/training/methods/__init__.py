@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from engine.training.methods.context import MethodContext
 from engine.training.rollout import Rollout
 
 
@@ -11,11 +12,8 @@ class PolicyUpdate(Protocol):
     """One way to turn a rollout into a change of the policy adapter."""
 
     name: str
-    zeroth_order: bool
 
-    def update(
-        self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float
-    ) -> dict[str, float]:
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
         """Change the policy adapter in place; return the update's metrics."""
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -23,8 +21,8 @@ class PolicyUpdate(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def make_update(method: str, context: Any) -> PolicyUpdate:
-    """The update step of `method` for this run (the pipeline passes itself as context)."""
+def make_update(method: str, context: MethodContext) -> PolicyUpdate:
+    """The update step of `method` for this run."""
     if method == "rloo":
         from engine.training.methods.rloo import RLOOUpdate
 

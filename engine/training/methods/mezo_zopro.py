@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.errors import TrainingFailed
+from engine.training.methods.context import MethodContext
 from engine.training.methods.rloo import RLOOUpdate
 from engine.training.objectives import clipped_surrogate
 from engine.training.premise import along_mu, finite, gradient_alignment, mean_gradient
@@ -40,22 +41,22 @@ STUCK_AFTER = 5  # updates in a row with every g at the clip, or g = 0, before a
 class ZerothOrderUpdate:
     """One SPSA update per rollout: theta <- theta - lr_t * ((1/q) sum_i g_i z_i + wd * theta)."""
 
-    zeroth_order = True
-
-    def __init__(self, run: Any, name: str):
+    def __init__(self, context: MethodContext, name: str):
         self.name = name
-        self.run = run
-        self.pm, self.counters = run.pm, run.counters
-        self.recipe = run.recipe
-        self.config = getattr(run.recipe, name)
-        self.clip_range = run.recipe.policy.clip_range
+        self.context = context
+        self.pm, self.counters = context.pm, context.counters
+        self.recipe = context.recipe
+        self.config = getattr(context.recipe, name)
+        self.clip_range = context.recipe.policy.clip_range
         # float32 trainable adapter tensors, keyed by their full peft names
         self.params = self.pm.adapter_parameters("policy")
         self.snapshots = (
             GradientSnapshots(self.config.subspace_snapshots) if self.config.sampler == "subspace" else None
         )
         # iteration 0 of zopro (the paper), and the refresh iterations of the subspace sampler
-        self.first_order = RLOOUpdate(run, on_gradient=self._snapshot if self.snapshots is not None else None)
+        self.first_order = RLOOUpdate(
+            context, on_gradient=self._snapshot if self.snapshots is not None else None
+        )
         self.normalizer = RunningRMS(self.config.g_rms_decay) if self.config.normalize_g else None
         self.sampler: DirectionSampler = IsotropicSampler()
         self.sampler_iteration: int | None = None
@@ -116,8 +117,8 @@ class ZerothOrderUpdate:
         """mu = the policy's whole change over the previous iteration (for iteration 1: policy - sft);
         v = the reward adapter's change in the previous iteration's refinement. Both read from the
         checkpoints saved at iteration boundaries, keyed like the policy parameters."""
-        end = self.run.iteration_checkpoint(iteration - 1)
-        start = self.run.iteration_checkpoint(iteration - 2)
+        end = self.context.iteration_checkpoint(iteration - 1)
+        start = self.context.iteration_checkpoint(iteration - 2)
         mu = _difference(end, start, "policy")
         v = _difference(end, start, "reward")
         to_param = self._checkpoint_keys(mu)
@@ -140,16 +141,14 @@ class ZerothOrderUpdate:
         return to_param
 
     # -- the update --------------------------------------------------------------------------------------
-    def update(
-        self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float
-    ) -> dict[str, float]:
-        iteration = self.run.state.iteration
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
+        iteration = self.context.iteration
         if self.uses_first_order(iteration):
             if self.snapshots is not None and step_in_iteration == 0:
                 self.snapshots.clear()  # a (refresh) first-order iteration renews the basis
                 self.basis = None
             metrics = self.first_order.update(
-                rollout, update_index=update_index, step_in_iteration=step_in_iteration, lr_scale=lr_scale
+                rollout, update_index=update_index, step_in_iteration=step_in_iteration
             )
             if self.snapshots is not None:
                 metrics["zo/basis_snapshots"] = float(len(self.snapshots))
@@ -166,11 +165,7 @@ class ZerothOrderUpdate:
         if isinstance(sampler, ZoproSampler):
             decay = decay_at(config.decay_schedule, step_in_iteration, updates, start=config.decay_start)
             sampler.decay = decay
-        lr = (
-            config.lr
-            * lr_scale
-            * (1.0 - step_in_iteration / updates if config.lr_schedule == "linear" else 1.0)
-        )
+        lr = config.lr * (1.0 - step_in_iteration / updates if config.lr_schedule == "linear" else 1.0)
 
         def surrogate_loss() -> torch.Tensor:
             return self._surrogate(rollout)
@@ -191,7 +186,7 @@ class ZerothOrderUpdate:
             weight_decay=config.weight_decay,
             directions=config.directions,
             g_clip=config.g_clip or None,
-            reduce_g=self.run.reduce_scalar,
+            reduce_g=self.context.reduce_scalar,
             normalizer=self.normalizer,
         )
         metrics = {
@@ -250,7 +245,7 @@ class ZerothOrderUpdate:
                         f"g has been exactly 0 for {STUCK_AFTER} updates: the loss no longer changes "
                         f"along the directions (a collapsed policy, or {self.name}.eps too small)"
                     )
-                self.run.warn(code, message)
+                self.context.warn(code, message)
 
     def _true_gradient(self, surrogate_loss) -> dict[str, torch.Tensor]:
         """The first-order gradient on the same batch (diagnostic only; costs a backward)."""
@@ -270,11 +265,11 @@ class ZerothOrderUpdate:
         mu, _ = self.momentum_and_reward_change(iteration)
         with self.pm.adapter("policy"):
             metrics = along_mu(
-                self.params, mu, config.premise_step, lambda: self.run.score_policy("premise", iteration)
+                self.params, mu, config.premise_step, lambda: self.context.score_policy("premise", iteration)
             )
         if config.premise_gradient_batches:
             losses = [
-                (lambda b=b: self._surrogate(self.run.fresh_rollout(("premise", iteration, b))))
+                (lambda b=b: self._surrogate(self.context.fresh_rollout(("premise", iteration, b))))
                 for b in range(config.premise_gradient_batches)
             ]
             self.pm.use("policy")
@@ -290,7 +285,7 @@ class ZerothOrderUpdate:
             return {}
         start = load_file(
             str(
-                self.run.iteration_checkpoint(iteration - 1)
+                self.context.iteration_checkpoint(iteration - 1)
                 / "adapters"
                 / "policy"
                 / "adapter_model.safetensors"
@@ -306,7 +301,7 @@ class ZerothOrderUpdate:
         reference = math.sqrt(sum(x * x for x in self.reference_norms.values()))
         relative = change / reference if reference > 0 else 0.0
         if relative < STALLED_BELOW:
-            self.run.warn(
+            self.context.warn(
                 "policy_stalled",
                 f"the policy moved {relative:.2g} of the reference norm in iteration {iteration}: it has "
                 f"stopped moving; raise {self.name}.lr, or set {self.name}.normalize_g = true"

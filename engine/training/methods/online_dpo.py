@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.training.methods.context import MethodContext
 from engine.training.rollout import Rollout, token_logprobs
 
 
@@ -48,18 +49,15 @@ class OnlineDPOUpdate:
     """One DPO step per rollout on the reward model's choice between two sampled answers."""
 
     name = "online_dpo"
-    zeroth_order = False
 
-    def __init__(self, run: Any):
-        self.pm, self.counters = run.pm, run.counters
-        self.config = run.recipe.online_dpo
+    def __init__(self, context: MethodContext):
+        self.pm, self.counters = context.pm, context.counters
+        self.config = context.recipe.online_dpo
         self.params = list(self.pm.adapter_parameters("policy").values())
         self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=0.0)
 
-    def update(
-        self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float
-    ) -> dict[str, float]:
-        lr = self.config.lr * lr_scale
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
+        lr = self.config.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         chosen, rejected = preference_pairs(rollout.scores, rollout.samples_per_prompt)

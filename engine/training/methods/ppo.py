@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.seeds import generator
+from engine.training.methods.context import MethodContext
 from engine.training.models import PreferenceModel
 from engine.training.rollout import Rollout, Sequences, position_ids
 from engine.training.telemetry import Counters
@@ -88,12 +89,11 @@ class PPOUpdate:
     """PPO-clip with a value head and token-level GAE on the shared rollout."""
 
     name = "ppo"
-    zeroth_order = False
 
-    def __init__(self, run: Any):
-        self.pm, self.counters, self.seed = run.pm, run.counters, run.recipe.seed
-        self.config = run.recipe.ppo
-        self.clip_range = run.recipe.policy.clip_range
+    def __init__(self, context: MethodContext):
+        self.pm, self.counters, self.seed = context.pm, context.counters, context.recipe.seed
+        self.config = context.recipe.ppo
+        self.clip_range = context.recipe.policy.clip_range
         # V(s_t): a float32 linear read-out of the policy adapter's last hidden state; zero at the start
         self.value_head = nn.Linear(self.pm.score_head.in_features, 1).to(self.pm.device)
         nn.init.zeros_(self.value_head.weight)
@@ -101,11 +101,9 @@ class PPOUpdate:
         self.params = list(self.pm.adapter_parameters("policy").values()) + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=0.0)
 
-    def update(
-        self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float
-    ) -> dict[str, float]:
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
         c = self.config
-        lr = c.lr * lr_scale
+        lr = c.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         seqs = rollout.sequences

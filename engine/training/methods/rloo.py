@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from engine.training.methods.context import MethodContext
 from engine.training.objectives import clipped_surrogate
 from engine.training.rollout import Rollout, token_logprobs
 
@@ -15,25 +16,24 @@ class RLOOUpdate:
     """loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), back-propagated into the policy adapter."""
 
     name = "rloo"
-    zeroth_order = False
 
-    def __init__(self, run: Any, on_gradient: Callable[[dict[str, torch.Tensor]], None] | None = None):
+    def __init__(
+        self, context: MethodContext, on_gradient: Callable[[dict[str, torch.Tensor]], None] | None = None
+    ):
         """`on_gradient({name: raw gradient})` is called after each backward, before the clip (the
         zeroth-order methods keep these snapshots for their subspace sampler)."""
-        self.pm, self.counters = run.pm, run.counters
+        self.pm, self.counters = context.pm, context.counters
         self.on_gradient = on_gradient
-        self.clip_range = run.recipe.policy.clip_range
-        config = run.recipe.rloo
+        self.clip_range = context.recipe.policy.clip_range
+        config = context.recipe.rloo
         self.lr, self.max_grad_norm = config.lr, config.max_grad_norm
         self.named_params = self.pm.adapter_parameters("policy")
         self.params = list(self.named_params.values())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
 
-    def update(
-        self, rollout: Rollout, *, update_index: int, step_in_iteration: int, lr_scale: float
-    ) -> dict[str, float]:
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * lr_scale
+            group["lr"] = self.lr
         with self.pm.adapter("policy"):
             new_logprobs = token_logprobs(self.pm, rollout.sequences, self.counters)
             loss, stats = clipped_surrogate(
@@ -49,7 +49,7 @@ class RLOOUpdate:
         return {
             "loss/policy": float(loss.detach()),
             "policy/grad_norm": float(grad_norm),
-            "policy/lr": self.lr * lr_scale,
+            "policy/lr": self.lr,
             **stats,
         }
 
