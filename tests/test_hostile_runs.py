@@ -191,7 +191,8 @@ async def test_a_tui_run_that_fails_while_loading_says_so_in_the_header(tmp_path
 
 
 def test_a_control_request_to_a_run_still_starting_creates_nothing(tmp_path):
-    from engine.rundir.writer import RunDirError, send_control
+    from engine.rundir.controls import send_control
+    from engine.rundir.files import RunDirError
 
     starting = tmp_path / "runs" / "starting"  # the TUI shows it while the engine loads the model
     with pytest.raises(RunDirError, match="not a run directory yet"):

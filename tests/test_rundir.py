@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from engine.rundir.controls import send_control
 from engine.rundir.reader import EventTail, apply_rewinds, list_runs, read_events, run_info
-from engine.rundir.writer import RunDirError, RunWriter, latest_checkpoint, send_control
+from engine.rundir.writer import RunDirError, RunWriter, latest_checkpoint
 
 
 def test_reader_tailing_a_live_writer_sees_every_event_once(tmp_path):

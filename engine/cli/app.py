@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -32,16 +31,6 @@ err = Console(stderr=True, highlight=False)
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
-
-
-def default_run_dir(root: Path, name: str, method: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / f"{name}-{method}-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}-{method}-{stamp}-{n}"
-    return path
 
 
 @app.command()

@@ -20,7 +20,7 @@ from rich.text import Text
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.reader import is_run_dir, read_events, run_info
 from engine.rundir.report import evaluations_table, fmt_duration, fmt_value
-from engine.rundir.writer import RunDirError, RunWriter
+from engine.rundir.writer import RunDirError, RunWriter, default_run_dir
 
 if TYPE_CHECKING:
     from engine.training.bookkeeping import RunBook
@@ -154,8 +154,6 @@ def run_training(
                         f"{flag} {folder}: {blocker} is a file, not a folder; choose another directory"
                     )
             if run_dir is None:
-                from engine.cli.app import default_run_dir
-
                 run_dir = default_run_dir(root, recipe.name, recipe.policy.method)
             elif run_dir.exists() and (is_run_dir(run_dir) or any(run_dir.iterdir())):
                 return bad(

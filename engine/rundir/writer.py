@@ -21,7 +21,6 @@ import contextlib
 import errno
 import fcntl
 import json
-import math
 import os
 import shutil
 import threading
@@ -30,67 +29,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-CONTROL_REQUESTS = ("pause", "resume", "stop", "checkpoint")
+from engine.rundir.controls import CONTROL_REQUESTS
+from engine.rundir.files import RunDirError, atomic_write_json, atomic_write_text, clean_metrics, json_default
+
 HEARTBEAT_SECONDS = 2.0
 PRIVATE_BITS = (
     0o022  # no group or other write on anything a writer creates: control/ and checkpoints steer it
 )
 
 
-class RunDirError(RuntimeError):
-    """A problem with a run directory that the user can act on (one sentence)."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file under a temporary name, then rename it over the target."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # a full disk leaves no half-written temporary behind
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Plain floats and ints for JSON; NaN and infinities become None (JSON has no NaN)."""
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if hasattr(value, "item"):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[key] = value
-    return out
-
-
-def send_control(run_dir: Path, request: str) -> Path:
-    """Ask the run's writer to pause, resume, stop or checkpoint; it polls between steps."""
-    if request not in CONTROL_REQUESTS:
-        raise RunDirError(f"unknown control request {request!r}; accepted: {', '.join(CONTROL_REQUESTS)}")
-    run_dir = Path(run_dir)
-    control = run_dir / "control"
-    if not control.is_dir():
-        if not ((run_dir / "status.json").exists() or (run_dir / "events.jsonl").exists()):
-            # creating it would make a run that is still loading find its folder taken
-            raise RunDirError(f"{run_dir} is not a run directory yet (still starting?); nothing was sent")
-        control.mkdir(mode=0o755, exist_ok=True)
-    path = control / request
-    atomic_write_text(path, f"{time.time()}\n")
+def default_run_dir(root: Path, name: str, method: str) -> Path:
+    """A new run's folder under `root`: NAME-METHOD-TIME, with a count when that exists already."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{name}-{method}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{method}-{stamp}-{n}"
     return path
 
 
@@ -202,7 +157,7 @@ class RunWriter:
         if "metrics" in fields:
             fields["metrics"] = clean_metrics(fields["metrics"])
         event.update(fields)
-        line = (json.dumps(event, default=_json_default, allow_nan=False) + "\n").encode()
+        line = (json.dumps(event, default=json_default, allow_nan=False) + "\n").encode()
         try:
             written = 0
             while written < len(line):
@@ -230,7 +185,7 @@ class RunWriter:
 
     def write_samples(self, global_step: int, rows: list[dict]) -> Path:
         path = self.samples_dir / f"samples-{global_step:08d}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
+        atomic_write_text(path, "".join(json.dumps(row, default=json_default) + "\n" for row in rows))
         return path
 
     # -- control -----------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import torch
 from engine import __version__
 from engine.errors import StopRun
 from engine.recipe import dump_recipe
-from engine.rundir.writer import RunDirError, atomic_write_json, atomic_write_text, checkpoint_candidates
+from engine.rundir.files import RunDirError, atomic_write_json, atomic_write_text
+from engine.rundir.writer import checkpoint_candidates
 from engine.training.evaluation import evaluate, watch
 from engine.training.run import CheckpointUnreadable, Run
 from engine.training.stages import (
