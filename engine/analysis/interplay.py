@@ -38,17 +38,25 @@ Use in a training loop:
 from __future__ import annotations
 
 import math
-import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from engine.seeds import MASK_63, digest64
+from engine.analysis.adapter_keys import layer_of, layer_sort_key
+from engine.analysis.projections import gaussian_projection, sketch_coordinates, split_coordinates
+from engine.analysis.statistics import (
+    PairMoments,
+    angle_from_cosine,
+    cosine_from_sums,
+    distance_correlation,
+    dots,
+    flat64,
+    moments,
+)
 
 Vector = Tensor | np.ndarray | Sequence[float]
 
@@ -90,305 +98,6 @@ STEP_METRICS: dict[str, str] = {
     "interplay/step_cos_prev_policy_update": "cos(this step's update, the previous iteration's dP)",
     "interplay/step_cos_prev_reward_update": "cos(this step's update, the previous iteration's dR)",
 }
-
-# A variance this small relative to the mean square is float64 rounding of a constant vector.
-_NEGLIGIBLE_VARIANCE = 1e-24
-
-
-# -- exact primitives ----------------------------------------------------------------------------------------
-
-
-def _flat64(values: Vector, device: torch.device | None = None) -> Tensor:
-    if isinstance(values, Tensor):
-        flat = values.detach().reshape(-1).to(torch.float64)
-    else:
-        flat = torch.as_tensor(np.asarray(values, dtype=np.float64).reshape(-1))
-    return flat if device is None else flat.to(device)
-
-
-def _same_size(first: Tensor, second: Tensor) -> None:
-    if first.numel() != second.numel():
-        raise ValueError(f"the two vectors have different sizes ({first.numel()} and {second.numel()})")
-
-
-def _clamp_unit(value: float) -> float:
-    return value if math.isnan(value) else max(-1.0, min(1.0, value))
-
-
-def cosine_from_sums(dot: float, squared_norm_first: float, squared_norm_second: float) -> float:
-    """cos = <a, b> / (|a| |b|) from the streamed sums; 0.0 when either norm is 0 (never NaN for zero norms)."""
-    if squared_norm_first <= 0.0 or squared_norm_second <= 0.0:
-        return 0.0
-    return _clamp_unit(dot / (math.sqrt(squared_norm_first) * math.sqrt(squared_norm_second)))
-
-
-def angle_from_cosine(cos: float) -> float:
-    """The angle in degrees, in [0, 180], of a cosine (clamped to [-1, 1] against rounding)."""
-    return math.degrees(math.acos(_clamp_unit(cos)))
-
-
-def cosine(first: Vector, second: Vector) -> float:
-    """Cosine of two same-size tensors, accumulated in float64; 0.0 when either norm is 0."""
-    first64 = _flat64(first)
-    second64 = _flat64(second, first64.device)
-    _same_size(first64, second64)
-    return cosine_from_sums(float(first64 @ second64), float(first64 @ first64), float(second64 @ second64))
-
-
-def angle_deg(first: Vector, second: Vector) -> float:
-    """Angle between two tensors in degrees, acos of `cosine`: 90.0 when either norm is 0 (a zero vector is
-    treated as orthogonal to everything), 0 for parallel and 180 for anti-parallel vectors."""
-    return angle_from_cosine(cosine(first, second))
-
-
-def pearson(first: Vector, second: Vector) -> float:
-    """Pearson correlation of the coordinates of two same-size tensors (float64); 0.0 when a variance is 0."""
-    first64 = _flat64(first)
-    second64 = _flat64(second, first64.device)
-    _same_size(first64, second64)
-    return PairMoments.from_rows(_moments(first64, second64).cpu().numpy()[None, :]).pearson
-
-
-def distance_correlation(first: Vector, second: Vector) -> float:
-    """Distance correlation of two 1-D samples (Szekely, Rizzo and Bakirov 2007), the V-statistic, O(n^2).
-
-    dCor is 0 for independent samples (in the limit) and 1 for y = a x + b; unlike Pearson it also sees
-    non-linear dependence. 0.0 when either sample is constant or has fewer than 2 points."""
-    first64 = _flat64(first).cpu().numpy()
-    second64 = _flat64(second).cpu().numpy()
-    if first64.size != second64.size:
-        raise ValueError(f"the two samples have different sizes ({first64.size} and {second64.size})")
-    if first64.size < 2:
-        return 0.0
-
-    def centred_distances(sample: np.ndarray) -> np.ndarray:
-        distances = np.abs(sample[:, None] - sample[None, :])
-        return (
-            distances - distances.mean(axis=0, keepdims=True) - distances.mean(axis=1, keepdims=True)
-        ) + distances.mean()
-
-    first_centred = centred_distances(first64)
-    second_centred = centred_distances(second64)
-    covariance_sq = float((first_centred * second_centred).mean())
-    variance_first_sq = float((first_centred * first_centred).mean())
-    variance_second_sq = float((second_centred * second_centred).mean())
-    if variance_first_sq <= 0.0 or variance_second_sq <= 0.0:
-        return 0.0
-    return math.sqrt(max(covariance_sq, 0.0) / math.sqrt(variance_first_sq * variance_second_sq))
-
-
-# -- streamed sums ---------------------------------------------------------------------------------------
-
-_MOMENT_FIELDS = 9  # count, sum_first, sum_second, m2_first, m2_second, comoment, dot, sq_first, sq_second
-
-
-def _moments(first: Tensor, second: Tensor) -> Tensor:
-    """Per-tensor float64 moments of two flat float64 vectors, in the order of PairMoments' fields."""
-    count = first.numel()
-    if count == 0:
-        return first.new_zeros(_MOMENT_FIELDS)
-    sum_first, sum_second = first.sum(), second.sum()
-    centred_first = first - sum_first / count
-    centred_second = second - sum_second / count
-    return torch.stack(
-        [
-            first.new_tensor(float(count)),
-            sum_first,
-            sum_second,
-            centred_first @ centred_first,
-            centred_second @ centred_second,
-            centred_first @ centred_second,
-            first @ second,
-            first @ first,
-            second @ second,
-        ]
-    )
-
-
-def _dots(first: Tensor, second: Tensor) -> Tensor:
-    """[<a, b>, |a|^2, |b|^2] of two flat float64 vectors."""
-    return torch.stack([first @ second, first @ first, second @ second])
-
-
-@dataclass(frozen=True)
-class PairMoments:
-    """Sums over the coordinates of two vectors, enough for their norms, cosine and Pearson correlation."""
-
-    count: float
-    sum_first: float
-    sum_second: float
-    m2_first: float  # sum of (a - mean a)^2
-    m2_second: float
-    comoment: float  # sum of (a - mean a)(b - mean b)
-    dot: float
-    sq_first: float
-    sq_second: float
-
-    @classmethod
-    def from_rows(cls, rows: np.ndarray) -> PairMoments:
-        """Merge per-tensor rows (Chan, Golub and LeVeque's pairwise update): the moments of the concatenation."""
-        counts = rows[:, 0]
-        total = float(counts.sum())
-        if total == 0.0:
-            return cls(*([0.0] * _MOMENT_FIELDS))
-        safe_counts = np.where(counts > 0, counts, 1.0)
-        mean_first, mean_second = rows[:, 1].sum() / total, rows[:, 2].sum() / total
-        offset_first = rows[:, 1] / safe_counts - mean_first
-        offset_second = rows[:, 2] / safe_counts - mean_second
-        return cls(
-            count=total,
-            sum_first=float(rows[:, 1].sum()),
-            sum_second=float(rows[:, 2].sum()),
-            m2_first=float((rows[:, 3] + counts * offset_first**2).sum()),
-            m2_second=float((rows[:, 4] + counts * offset_second**2).sum()),
-            comoment=float((rows[:, 5] + counts * offset_first * offset_second).sum()),
-            dot=float(rows[:, 6].sum()),
-            sq_first=float(rows[:, 7].sum()),
-            sq_second=float(rows[:, 8].sum()),
-        )
-
-    @property
-    def norm_first(self) -> float:
-        return math.sqrt(self.sq_first)
-
-    @property
-    def norm_second(self) -> float:
-        return math.sqrt(self.sq_second)
-
-    @property
-    def cosine(self) -> float:
-        return cosine_from_sums(self.dot, self.sq_first, self.sq_second)
-
-    @property
-    def pearson(self) -> float:
-        if (
-            self.m2_first <= _NEGLIGIBLE_VARIANCE * self.sq_first
-            or self.m2_second <= _NEGLIGIBLE_VARIANCE * self.sq_second
-        ):
-            return 0.0
-        return _clamp_unit(self.comoment / (math.sqrt(self.m2_first) * math.sqrt(self.m2_second)))
-
-
-# -- pairing the two adapters ------------------------------------------------------------------------------
-
-
-def neutral_key(name: str, adapter: str) -> str | None:
-    """The parameter name without its adapter segment (`...lora_A.policy.weight` -> `...lora_A.weight`, the
-    key peft writes in adapter_model.safetensors), or None when `name` is not a LoRA tensor of `adapter`."""
-    key, found = re.subn(rf"(\.lora_[^.]+)\.{re.escape(adapter)}(?=\.|$)", r"\1", name)
-    return key if found else None
-
-
-def match_adapter_tensors(
-    policy_by_key: Mapping[str, Tensor],
-    reward_by_key: Mapping[str, Tensor],
-    policy_source: str = "the policy adapter",
-    reward_source: str = "the reward adapter",
-) -> list[tuple[str, Tensor, Tensor]]:
-    """Pair two adapters' tensors by key, sorted by key; ValueError naming the first unpaired keys or shapes."""
-    only_policy = sorted(set(policy_by_key) - set(reward_by_key))
-    only_reward = sorted(set(reward_by_key) - set(policy_by_key))
-    common = sorted(set(policy_by_key) & set(reward_by_key))
-    mismatched = [key for key in common if policy_by_key[key].shape != reward_by_key[key].shape]
-    problems = []
-    if only_policy:
-        problems.append(f"{len(only_policy)} only in {policy_source} (e.g. {', '.join(only_policy[:3])})")
-    if only_reward:
-        problems.append(f"{len(only_reward)} only in {reward_source} (e.g. {', '.join(only_reward[:3])})")
-    if mismatched:
-        examples = ", ".join(
-            f"{key}: {tuple(policy_by_key[key].shape)} vs {tuple(reward_by_key[key].shape)}"
-            for key in mismatched[:3]
-        )
-        problems.append(f"{len(mismatched)} paired with different shapes (e.g. {examples})")
-    if problems:
-        raise ValueError(
-            f"The tensors of {policy_source} and {reward_source} do not pair up key by key: "
-            f"{'; '.join(problems)}. Both adapters must target the same modules with the same LoRA rank."
-        )
-    if not common:
-        raise ValueError(f"{policy_source} and {reward_source} have no LoRA tensors to pair.")
-    return [(key, policy_by_key[key], reward_by_key[key]) for key in common]
-
-
-def pair_adapter_tensors(
-    named_tensors: Mapping[str, Tensor], policy: str = "policy", reward: str = "reward"
-) -> list[tuple[str, Tensor, Tensor]]:
-    """Pair the LoRA tensors of two adapters of one peft model by neutral key: (key, policy, reward), sorted.
-
-    Tensors that belong to neither adapter's LoRA (base weights, other adapters, a `modules_to_save` score
-    head) are ignored. ValueError when a LoRA tensor has no counterpart or the shapes differ."""
-    if policy == reward:
-        raise ValueError(f"the policy and reward adapters must have different names (both are {policy!r})")
-    policy_by_key: dict[str, Tensor] = {}
-    reward_by_key: dict[str, Tensor] = {}
-    for name, tensor in named_tensors.items():
-        if (key := neutral_key(name, policy)) is not None:
-            policy_by_key[key] = tensor
-        elif (key := neutral_key(name, reward)) is not None:
-            reward_by_key[key] = tensor
-    if not policy_by_key and not reward_by_key:
-        examples = ", ".join(list(named_tensors)[:3]) or "none"
-        raise ValueError(
-            f"No LoRA tensors of adapters {policy!r} and {reward!r} among {len(named_tensors)} tensors "
-            f"(e.g. {examples}); expected names like ...q_proj.lora_A.{policy}.weight."
-        )
-    return match_adapter_tensors(policy_by_key, reward_by_key, f"adapter {policy!r}", f"adapter {reward!r}")
-
-
-def adapter_views(pairs: Sequence[tuple[str, Tensor, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Split pairs into the {key: policy tensor} and {key: reward tensor} dicts the tracker reads."""
-    return {key: policy for key, policy, _ in pairs}, {key: reward for key, _, reward in pairs}
-
-
-_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-
-def layer_of(key: str) -> str:
-    """The layer a tensor belongs to: "layer.<i>" for a transformer block, "lm_head", "embed" or "other"."""
-    if match := _LAYER_INDEX.search(f".{key}"):
-        return f"layer.{int(match.group(1))}"
-    segments = key.split(".")
-    if "lm_head" in segments or "embed_out" in segments:
-        return "lm_head"
-    if any("embed" in segment or segment in ("wte", "wpe") for segment in segments):
-        return "embed"
-    return "other"
-
-
-def layer_sort_key(layer: str) -> tuple[int, int]:
-    """Order layers as in the network: embed, layer.0, layer.1, ..., lm_head, other."""
-    if layer.startswith("layer."):
-        return (1, int(layer.split(".", 1)[1]))
-    return ({"embed": 0, "lm_head": 2}.get(layer, 3), 0)
-
-
-# -- fixed random projections and sketches -----------------------------------------------------------------
-
-
-def derived_seed(seed: int, purpose: str, key: str = "") -> int:
-    """A 63-bit seed that is a pure function of (seed, purpose, key), stable across runs and machines."""
-    return digest64(f"{seed}/{purpose}/{key}") & MASK_63
-
-
-def gaussian_projection(key: str, numel: int, dims: int, seed: int) -> Tensor:
-    """The fixed (numel, dims) float64 N(0, 1/dims) projection of one tensor, regenerated on the CPU from
-    (seed, key) so no D x dims matrix is stored and every device gets the same one; E|x G|^2 = |x|^2."""
-    generator = torch.Generator(device="cpu").manual_seed(derived_seed(seed, "trajectory", key))
-    return torch.randn(numel, dims, generator=generator, dtype=torch.float64) / math.sqrt(dims)
-
-
-def sketch_coordinates(total: int, sketch_size: int, seed: int) -> np.ndarray:
-    """A fixed random subset of min(sketch_size, total) coordinates of the concatenated adapter (keys in
-    sorted order), as sorted indices; chosen once from the seed."""
-    rng = np.random.Generator(np.random.PCG64(derived_seed(seed, "sketch")))
-    return np.sort(rng.choice(total, size=min(sketch_size, total), replace=False))
-
-
-def _split_coordinates(coordinates: np.ndarray, numels: Sequence[int]) -> list[Tensor]:
-    offsets = np.cumsum([0, *numels])
-    owners = np.searchsorted(offsets, coordinates, side="right") - 1
-    return [torch.as_tensor(coordinates[owners == index] - offsets[index]) for index in range(len(numels))]
 
 
 # -- the live tracker --------------------------------------------------------------------------------------
@@ -541,8 +250,8 @@ class InterplayTracker:
         reward_xy = torch.zeros(2, dtype=torch.float64)
         for key in self.keys:
             projection = gaussian_projection(key, policy[key].numel(), 2, self.seed)
-            policy_xy += _flat64(policy[key].detach().cpu()) @ projection
-            reward_xy += _flat64(reward[key].detach().cpu()) @ projection
+            policy_xy += flat64(policy[key].detach().cpu()) @ projection
+            reward_xy += flat64(reward[key].detach().cpu()) @ projection
         return policy_xy.numpy(), reward_xy.numpy()
 
     def _trajectory_metrics(
@@ -562,9 +271,7 @@ class InterplayTracker:
     def _build_sketch(self) -> None:
         layer_sizes = [int(tensor.numel()) for tensor in self.start_policy]
         coordinates = sketch_coordinates(sum(layer_sizes), self.sketch_size, self.seed)
-        self._sketch = [
-            indices.to(self._device()) for indices in _split_coordinates(coordinates, layer_sizes)
-        ]
+        self._sketch = [indices.to(self._device()) for indices in split_coordinates(coordinates, layer_sizes)]
 
     def _require_started(self) -> None:
         if not self.started:
@@ -651,14 +358,14 @@ class InterplayTracker:
             reward_update = current_reward - self.start_reward[layer]
             for part in _slices(policy_update.numel()):
                 policy64, reward64 = policy_update[part].double(), reward_update[part].double()
-                parts = [_moments(policy64, reward64)]
+                parts = [moments(policy64, reward64)]
                 if has_previous:
                     previous_policy64 = self.previous_policy_update[layer][part].double()
                     previous_reward64 = self.previous_reward_update[layer][part].double()
                     parts += [
-                        _dots(policy64, previous_policy64),
-                        _dots(reward64, previous_reward64),
-                        _moments(policy64 - previous_policy64, reward64 - previous_reward64),
+                        dots(policy64, previous_policy64),
+                        dots(reward64, previous_reward64),
+                        moments(policy64 - previous_policy64, reward64 - previous_reward64),
                     ]
                 rows.append(torch.cat(parts))
                 row_layers.append(layer)

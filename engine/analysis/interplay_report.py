@@ -26,7 +26,9 @@ from rich.table import Table
 from rich.text import Text
 from torch import Tensor
 
-from engine.analysis.interplay import InterplayTracker, derived_seed, layer_sort_key, match_adapter_tensors
+from engine.analysis.adapter_keys import layer_sort_key, match_adapter_tensors
+from engine.analysis.interplay import InterplayTracker
+from engine.analysis.projections import derived_seed
 
 _ITERATION_CHECKPOINT = re.compile(r"iter-(\d+)")
 ADAPTER_FILE = "adapter_model.safetensors"

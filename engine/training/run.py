@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from engine.analysis.interplay import InterplayTracker, adapter_views, pair_adapter_tensors
+from engine.analysis.adapter_keys import adapter_views, pair_adapter_tensors
+from engine.analysis.interplay import InterplayTracker
 from engine.data.preference_data import DataError
 from engine.data.tasks import make_task
 from engine.recipe import Recipe
