@@ -3,14 +3,13 @@ table): the same interface as the built-in tasks, without a gold scorer."""
 
 from __future__ import annotations
 
+from engine.data.examples import Example, PreferencePair
 from engine.data.preference_data import (
     DataError,
     DropReport,
-    PreferenceRow,
     PreferenceSource,
     load_preferences,
 )
-from engine.data.tasks import Example, PreferencePair
 
 
 class DatasetTask:
@@ -44,7 +43,7 @@ class DatasetTask:
         held = min(self.eval_count, max(1, len(prompts) // 5))
         self.eval_set = prompts[-held:]
         held_set = set(self.eval_set)
-        self.train_rows: list[PreferenceRow] = [row for row in self.rows if row.prompt not in held_set]
+        self.train_rows: list[PreferencePair] = [row for row in self.rows if row.prompt not in held_set]
         self.train_set = list(dict.fromkeys(row.prompt for row in self.train_rows))
 
     # -- the task interface ------------------------------------------------------------------------------
@@ -61,12 +60,12 @@ class DatasetTask:
 
     def preference_pairs(self, count: int) -> list[PreferencePair]:
         rows = [row for row in self.train_rows if row.rejected]
-        return [PreferencePair(r.prompt, r.chosen, r.rejected, r.score) for r in rows[:count]]
+        return rows[:count]
 
     def held_out_pairs(self, count: int) -> list[PreferencePair]:
         held = set(self.eval_set)
         rows = [row for row in self.rows if row.prompt in held and row.rejected]
-        return [PreferencePair(r.prompt, r.chosen, r.rejected, r.score) for r in rows[:count]]
+        return rows[:count]
 
     def corpus(self) -> list[str]:
         return [text for row in self.rows for text in (row.prompt, row.chosen, row.rejected) if text]

@@ -11,7 +11,9 @@ repeated, no end of sequence, degenerate length), so it does not saturate within
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+
+from engine.data.dataset_task import DatasetTask
+from engine.data.examples import Example, PreferencePair
 
 SUBJECTS = (
     "soup",
@@ -75,20 +77,6 @@ RESPONSE_TEMPLATES = (
     ("my {s} was {a} and {f} {b} .", 2),
     ("the {s} was {a} , {b} and {c} .", 1),
 )
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    response: str
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
-    score: float | None = None
 
 
 def subject_of(prompt: str) -> str | None:
@@ -215,7 +203,5 @@ TASKS = {"builtin:sentiment": SentimentTask}
 def make_task(recipe):
     """The recipe's task: a built-in one, or a preference dataset (`task.name = "dataset"`, `[data]`)."""
     if recipe.task.name == "dataset":
-        from engine.data.dataset_task import DatasetTask
-
         return DatasetTask(recipe.data.source(), recipe.task.eval_prompts, recipe.seed)
     return TASKS[recipe.task.name](recipe.seed)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from engine.data.tasks import PreferencePair
+from engine.data.examples import PreferencePair
 from engine.recipe import Recipe
 from engine.training.models import PreferenceModel
 from engine.training.objectives import bradley_terry_loss

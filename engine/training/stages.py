@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.data.tasks import PreferencePair
+from engine.data.examples import PreferencePair
 from engine.seeds import generator, seeded
 from engine.training.judges import GoldJudge
 from engine.training.objectives import sft_loss
