@@ -29,9 +29,9 @@ from torch import Tensor
 from engine.analysis.adapter_keys import layer_sort_key, match_adapter_tensors
 from engine.analysis.interplay import InterplayTracker
 from engine.analysis.projections import derived_seed
+from engine.rundir.writer import adapter_file
 
 _ITERATION_CHECKPOINT = re.compile(r"iter-(\d+)")
-ADAPTER_FILE = "adapter_model.safetensors"
 
 # Per-iteration fields, each the tracker's global metric of the same meaning.
 _PER_ITERATION_FIELDS = {
@@ -137,12 +137,11 @@ def _load_adapter(path: Path) -> dict[str, Tensor]:
 
 def _load_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The paired policy and reward tensors of one checkpoint; the `reward` checkpoint's policy is sft."""
-    adapters = folder / "adapters"
-    policy_path = adapters / "policy" / ADAPTER_FILE
+    policy_path = adapter_file(folder, "policy")
     if not policy_path.is_file() and folder.name == "reward":
-        policy_path = adapters / "sft" / ADAPTER_FILE
+        policy_path = adapter_file(folder, "sft")
     policy = _load_adapter(policy_path)
-    reward_path = adapters / "reward" / ADAPTER_FILE
+    reward_path = adapter_file(folder, "reward")
     reward = _load_adapter(reward_path)
     match_adapter_tensors(policy, reward, str(policy_path), str(reward_path))
     return policy, reward

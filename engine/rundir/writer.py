@@ -38,6 +38,11 @@ PRIVATE_BITS = (
 )
 
 
+def adapter_file(checkpoint: Path, adapter: str) -> Path:
+    """Where a checkpoint keeps one adapter's tensors, in plain peft layout (sft, policy or reward)."""
+    return checkpoint / "adapters" / adapter / "adapter_model.safetensors"
+
+
 def default_run_dir(root: Path, name: str, method: str) -> Path:
     """A new run's folder under `root`: NAME-METHOD-TIME, with a count when that exists already."""
     stamp = time.strftime("%Y%m%d-%H%M%S")

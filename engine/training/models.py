@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.rundir.writer import adapter_file
+
 ADAPTERS = ("sft", "policy", "reward")
 BUILTIN_SIZES = {
     # name: hidden, layers, heads, mlp
@@ -315,10 +317,7 @@ def read_adapters(folder: Path, device: torch.device | str = "cpu") -> dict[str,
     """The adapter and score-head tensors of a checkpoint folder, read but not applied (safetensors only)."""
     from safetensors.torch import load_file
 
-    weights = {
-        name: load_file(str(folder / "adapters" / name / "adapter_model.safetensors"), device=str(device))
-        for name in ADAPTERS
-    }
+    weights = {name: load_file(str(adapter_file(folder, name)), device=str(device)) for name in ADAPTERS}
     weights["score_head"] = load_file(str(folder / "score_head.safetensors"), device=str(device))
     return weights
 

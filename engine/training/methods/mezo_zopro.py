@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.errors import TrainingFailed
+from engine.rundir.writer import adapter_file
 from engine.training.methods.context import MethodContext
 from engine.training.methods.rloo import RLOOUpdate
 from engine.training.objectives import clipped_surrogate
@@ -283,14 +284,7 @@ class ZerothOrderUpdate:
         """The policy's change over this iteration relative to the reference norm; warns when it stalls."""
         if self.reference_norms is None or self.uses_first_order(iteration):
             return {}
-        start = load_file(
-            str(
-                self.context.iteration_checkpoint(iteration - 1)
-                / "adapters"
-                / "policy"
-                / "adapter_model.safetensors"
-            )
-        )
+        start = load_file(str(adapter_file(self.context.iteration_checkpoint(iteration - 1), "policy")))
         to_param = self._checkpoint_keys(start)
         change = math.sqrt(
             sum(
@@ -337,8 +331,8 @@ class ZerothOrderUpdate:
 
 
 def _difference(end: Path, start: Path, adapter: str) -> dict[str, torch.Tensor]:
-    after = load_file(str(end / "adapters" / adapter / "adapter_model.safetensors"))
-    before = load_file(str(start / "adapters" / adapter / "adapter_model.safetensors"))
+    after = load_file(str(adapter_file(end, adapter)))
+    before = load_file(str(adapter_file(start, adapter)))
     return {k: (after[k].float() - before[k].float()) for k in after}
 
 
