@@ -13,9 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
 from engine.recipe import RecipeError, load_recipe
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 app = typer.Typer(
     name="zopro",

@@ -12,11 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 from engine.recipe import RecipeError, load_recipe, split_variant, variant_label
 from engine.rundir.reader import read_events, run_info
 from engine.rundir.report import fmt_duration, fmt_value, fmt_with_se
 
-EXIT_BAD_INPUT = 2
 COMPARISON_JSON = "comparison.json"  # the table's rows, standard errors included, beside the runs
 
 
@@ -114,7 +114,7 @@ def run_comparison(
     err: Console,
 ) -> int:
     """Validate every sibling recipe first (bad input creates nothing), then run them in turn."""
-    from engine.cli.runner import EXIT_OK, run_training
+    from engine.cli.runner import run_training
 
     variants = {entry: split_variant(entry) for entry in methods}
     settings = {

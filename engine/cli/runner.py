@@ -17,6 +17,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from engine.cli.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_HANGUP,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+)
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.reader import is_run_dir, read_events, run_info
 from engine.rundir.report import evaluations_table, fmt_duration, fmt_value
@@ -25,8 +33,6 @@ from engine.rundir.writer import RunDirError, RunWriter, default_run_dir
 if TYPE_CHECKING:
     from engine.training.bookkeeping import RunBook
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-EXIT_HANGUP = 129
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
