@@ -1,7 +1,7 @@
 """Runaway detection: given the latest held-out evaluation and the ones before it, the warnings to raise.
 
 One job, no side effects: the pipeline calls `check` after each held-out evaluation (every method, first-
-and zeroth-order) and turns what it returns into `warning` events (`Pipeline.warn`). Two signs that a
+and zeroth-order) and turns what it returns into `warning` events (`RunBook.warn`). Two signs that a
 policy ran away from its reference in the last iteration:
 
 - `kl_jump`: the held-out KL to the reference grew by more than `kl_jump_factor` and reached at least
