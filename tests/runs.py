@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from engine.reader import read_events, run_info
+from engine.rundir.reader import read_events, run_info
 from tests.conftest import zopro, zopro_popen
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from engine.compare import COMPARISON_JSON, comparison_row, comparison_table
-from engine.rundir import RunWriter
+from engine.cli.compare import COMPARISON_JSON, comparison_row, comparison_table
+from engine.rundir.writer import RunWriter
 from tests.conftest import FAST_RECIPE, zopro
 
 

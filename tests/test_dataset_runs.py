@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.judges import parse_verdict
-from engine.reader import read_events
+from engine.rundir.reader import read_events
+from engine.training.judges import parse_verdict
 from tests.conftest import REPO, zopro
 
 FIXTURES = REPO / "tests" / "fixtures" / "datasets"

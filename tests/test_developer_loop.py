@@ -10,7 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from engine.reader import run_info
+from engine.rundir.reader import run_info
 from tests.conftest import REPO, zopro
 
 
@@ -38,7 +38,7 @@ def test_declared_python_and_transformers_match_what_the_code_uses():
     assert '"-P"' not in launch or low >= (3, 11), "python -P needs Python 3.11"
     transformers = next(d for d in project["dependencies"] if d.startswith("transformers"))
     floor = tuple(int(x) for x in re.search(r">=\s*(\d+)\.(\d+)", transformers).groups())
-    rollout = (REPO / "engine" / "rollout.py").read_text()
+    rollout = (REPO / "engine" / "training" / "rollout.py").read_text()
     assert "past_key_values=" not in rollout and ".past_key_values" not in rollout, (
         "the deprecated KV-cache keyword is still used"
     )

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.reader import EventTail, read_events, run_info
-from engine.rundir import RunDirError, RunWriter
+from engine.rundir.reader import EventTail, read_events, run_info
+from engine.rundir.writer import RunDirError, RunWriter
 from tests.conftest import REPO, zopro, zopro_popen
 from tests.runs import global_step, wait_for
 

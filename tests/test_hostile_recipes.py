@@ -10,9 +10,9 @@ import tomllib
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
+from engine.cli.app import app
+from engine.data.tasks import make_task
 from engine.recipe import Recipe, dump_recipe, load_recipe
-from engine.tasks import make_task
 from tests.conftest import REPO
 
 TINY = str(REPO / "recipes" / "tiny.toml")

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.reader import EventTail, list_runs, read_events
-from engine.series import sample_events
+from engine.cli.app import app
+from engine.rundir.reader import EventTail, list_runs, read_events
 from tests.conftest import FAST_RECIPE, REPO
 from zopro_tui.app import ZoproApp
 from zopro_tui.launch import launch, plan_run
 from zopro_tui.reading import RunReader
 from zopro_tui.screens.dashboard import DashboardScreen
 from zopro_tui.screens.runs import RunsScreen
+from zopro_tui.series import sample_events
 
 FIXTURE = REPO / "tests" / "fixtures" / "run_tiny" / "fast-seed0"
 
@@ -191,7 +191,8 @@ async def test_a_tui_run_that_fails_while_loading_says_so_in_the_header(tmp_path
 
 
 def test_a_control_request_to_a_run_still_starting_creates_nothing(tmp_path):
-    from engine.rundir import RunDirError, send_control
+    from engine.rundir.controls import send_control
+    from engine.rundir.files import RunDirError
 
     starting = tmp_path / "runs" / "starting"  # the TUI shows it while the engine loads the model
     with pytest.raises(RunDirError, match="not a run directory yet"):

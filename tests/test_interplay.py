@@ -18,20 +18,17 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine import interplay
-from engine.interplay import (
-    InterplayTracker,
-    adapter_views,
-    angle_deg,
-    cosine,
-    distance_correlation,
-    gaussian_projection,
-    layer_of,
-    pair_adapter_tensors,
-    pearson,
-    sketch_coordinates,
+from engine.analysis import interplay
+from engine.analysis.adapter_keys import adapter_views, layer_of, pair_adapter_tensors
+from engine.analysis.interplay import InterplayTracker
+from engine.analysis.interplay_report import (
+    build_report,
+    procrustes_disparity,
+    render_report,
+    trajectory_projection,
 )
-from engine.interplay_report import build_report, procrustes_disparity, render_report, trajectory_projection
+from engine.analysis.projections import gaussian_projection, sketch_coordinates
+from engine.analysis.statistics import angle_deg, cosine, distance_correlation, pearson
 
 HIDDEN, RANK, VOCAB = 24, 4, 40
 MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.reader import read_events
+from engine.rundir.reader import read_events
 from tests.conftest import FAST_RECIPE, REPO, zopro
 from tests.runs import assert_resume_after_sigterm_is_exact, finished_run
 

@@ -9,8 +9,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from engine.reader import read_events, run_info
-from engine.rundir import send_control
+from engine.rundir.controls import send_control
+from engine.rundir.reader import read_events, run_info
 from tests.conftest import REPO, zopro, zopro_popen
 from tests.runs import assert_resume_after_sigterm_is_exact, global_step, metric_events, wait_for
 
@@ -109,7 +109,7 @@ def test_missing_local_model_is_one_sentence(tmp_path, fast_recipe):
 def test_zopro_run_never_imports_textual(tmp_path, fast_recipe):
     code = (
         "import sys\nsys.modules['textual'] = None  # any import of textual now fails\n"
-        "from engine.cli import main\n"
+        "from engine.cli.app import main\n"
         f"sys.argv = ['zopro', 'run', {str(fast_recipe)!r}, '--run-dir', {str(tmp_path / 'run')!r}]\n"
         "main()\n"
     )

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from engine.methods.online_dpo import dpo_loss, preference_pairs
-from engine.methods.ppo import gae, masked_whiten, token_rewards
-from engine.reader import read_events
+from engine.rundir.reader import read_events
+from engine.training.methods.online_dpo import dpo_loss, preference_pairs
+from engine.training.methods.ppo import gae, masked_whiten, token_rewards
 from tests.conftest import FAST_RECIPE, zopro
 from tests.runs import adapters, assert_resume_after_sigterm_is_exact, finished_run
 

@@ -1,4 +1,4 @@
-"""Tests for engine.preference_data: upstream-format fixtures read through `datasets`, offline."""
+"""Tests for engine.data.preference_data: upstream-format fixtures read through `datasets`, offline."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import pytest  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from engine.preference_data import (  # noqa: E402
+from engine.data.preference_data import (  # noqa: E402
     CNNDM_TEMPLATE,
     PLAIN_PROMPT_TEMPLATE,
     TLDR_TEMPLATE,
     WMT_TEMPLATE,
     DataError,
     DropReport,
-    PreferenceRow,
+    PreferencePair,
     PreferenceSource,
     format_prompt,
     join_prompt_response,
@@ -96,13 +96,13 @@ def report(**counts: int) -> DropReport:
 # Anthropic/hh-rlhf
 
 HH_EXPECTED = [
-    PreferenceRow(
+    PreferencePair(
         prompt="\n\nHuman: What is a good way to keep basil fresh?\n\nAssistant:",
         chosen="Trim the stems and stand the basil in a glass of water on the counter, loosely covered with "
         "a plastic bag. Keep it out of the fridge, because the cold turns the leaves black.",
         rejected="Put it in the freezer.",
     ),
-    PreferenceRow(
+    PreferencePair(
         prompt="\n\nHuman: Can you help me plan a birthday party for my son?"
         "\n\nAssistant: Of course! How old is he turning, and how many guests are you expecting?"
         "\n\nHuman: He's turning seven and about ten kids are coming.\n\nAssistant:",
@@ -110,7 +110,7 @@ HH_EXPECTED = [
         "then cake, then a craft they can take home.",
         rejected="Just rent a bouncy castle.",
     ),
-    PreferenceRow(
+    PreferencePair(
         prompt="\n\nHuman: How do I reverse a list in Python?"
         "\n\nAssistant: Use slicing: my_list[::-1] returns a reversed copy."
         "\n\nHuman: And in place?"
@@ -120,7 +120,7 @@ HH_EXPECTED = [
         "do not need the original order.",
         rejected="Slicing is always faster.",
     ),
-    PreferenceRow(
+    PreferencePair(
         prompt="\n\nHuman: In a chat transcript, what does a line starting with Human: mean?\n\nAssistant:",
         chosen="It marks the words typed by the person, as opposed to the replies of the assistant.",
         rejected="Nothing.",
@@ -208,7 +208,7 @@ def test_summarize_from_feedback_choice_zero_and_one() -> None:
     # malformed: choice 2; identical: the two summaries match; empty_prompt: post ""
     assert drops == report(kept=4, malformed=1, identical=1, empty_prompt=1)
     choice_0, choice_1, cnndm, choice_0_note = rows
-    assert choice_0 == PreferenceRow(
+    assert choice_0 == PreferencePair(
         prompt="SUBREDDIT: r/personalfinance\n\nTITLE: Roommate [24F] works from home and our heating bill "
         f"doubled, how do we split it fairly?\n\nPOST: {ROOMMATE_POST}\n\nTL;DR:",
         chosen="Roommate now works from home and runs the heating all day, doubling our gas bill. "
@@ -226,7 +226,7 @@ def test_summarize_from_feedback_choice_zero_and_one() -> None:
     )
     assert choice_1.rejected == "Boyfriend wants to move."
     assert choice_1.prompt.startswith("SUBREDDIT: r/relationships\n\nTITLE: Boyfriend [29M]")
-    assert cnndm == PreferenceRow(
+    assert cnndm == PreferencePair(
         prompt=f"Article:\n{DOG_ARTICLE}\n\nTL;DR:",
         chosen="Bella the spaniel slipped off a coastal path near Whitby and spent two days on a cliff ledge "
         "before a lifeboat crew lowered a volunteer on a rope to rescue her.",
@@ -291,7 +291,7 @@ def test_wmt20_mlqe_without_rejected_keeps_score_only_rows() -> None:
     rows, drops = load_preferences(PreferenceSource("wmt20_mlqe", str(WMT), wmt_rejected="none"))
     assert drops == report(kept=6)
     assert all(row.rejected == "" for row in rows)
-    assert rows[4] == PreferenceRow(
+    assert rows[4] == PreferencePair(
         prompt=wmt_prompt("Deutsche Bundesbahn (1949–1993)"),
         chosen="Deutsche Bundesbahn (1949–1993)",
         rejected="",
@@ -310,7 +310,7 @@ def test_wmt20_mlqe_other_pair_placeholder_score_and_bad_rows(tmp_path: Path) ->
     rows, drops = load_preferences(PreferenceSource("wmt20_mlqe", str(path)))
     assert drops == report(kept=1, empty_prompt=1, malformed=1)
     assert rows == [
-        PreferenceRow(
+        PreferencePair(
             prompt="Translate the following Romanian text into English.\n\nRomanian: Casa este mare.\nEnglish:",
             chosen="The house is big.",
             rejected="Casa este mare.",
@@ -323,20 +323,20 @@ def test_wmt20_mlqe_other_pair_placeholder_score_and_bad_rows(tmp_path: Path) ->
 # generic preference tables
 
 CSV_EXPECTED = [
-    PreferenceRow(
+    PreferencePair(
         "User: Name three primary colours.\nAssistant:",
         "Red, yellow and blue.",
         "Green, purple and orange.",
         1.0,
     ),
-    PreferenceRow("User: What is 12 times 12?\nAssistant:", "144", "124", 0.5),
-    PreferenceRow(
+    PreferencePair("User: What is 12 times 12?\nAssistant:", "144", "124", 0.5),
+    PreferencePair(
         "User: Write a haiku about rain.\nAssistant:",
         "Soft rain on the roof / the gutter hums a low song / the street shines like glass",
         "Rain is wet.",
         None,
     ),
-    PreferenceRow('User: Give a synonym for "quick", please.\nAssistant:', "Fast, or rapid.", "Slow.", 0.9),
+    PreferencePair('User: Give a synonym for "quick", please.\nAssistant:', "Fast, or rapid.", "Slow.", 0.9),
 ]
 CSV_REPORT = report(kept=4, empty_prompt=1, identical=1, malformed=1)
 
@@ -349,9 +349,9 @@ def test_preference_table_jsonl_with_custom_column_names() -> None:
     rows, drops = load_preferences(PreferenceSource("preference_table", str(JSONL), columns=CUSTOM_COLUMNS))
     assert drops == report(kept=3, identical=1, malformed=1, empty_prompt=1)
     assert rows == [
-        PreferenceRow("User: Which planet is closest to the Sun?\nAssistant:", "Mercury.", "Venus.", 0.9),
-        PreferenceRow("User: Give one word that rhymes with 'light'.\nAssistant:", "Night.", "Lamp.", 0.7),
-        PreferenceRow(
+        PreferencePair("User: Which planet is closest to the Sun?\nAssistant:", "Mercury.", "Venus.", 0.9),
+        PreferencePair("User: Give one word that rhymes with 'light'.\nAssistant:", "Night.", "Lamp.", 0.7),
+        PreferencePair(
             "User: Is a tomato a fruit?\nAssistant:",
             "Botanically yes: it is the ripened ovary of a flower and holds the seeds.",
             "No, it is a vegetable.",
@@ -396,7 +396,7 @@ def test_broken_chat_template_is_a_data_error(chat_tokenizer: PreTrainedTokenize
         load_preferences(PreferenceSource("preference_table", str(CSV)), tokenizer=chat_tokenizer)
 
 
-def pair_length(tok: PreTrainedTokenizerFast, row: PreferenceRow) -> int:
+def pair_length(tok: PreTrainedTokenizerFast, row: PreferencePair) -> int:
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 

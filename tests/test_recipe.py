@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
+from engine.cli.app import app
 from engine.recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_from_dict
 from tests.conftest import REPO, zopro
 

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from engine.reader import EventTail, apply_rewinds, list_runs, read_events, run_info
-from engine.rundir import RunDirError, RunWriter, latest_checkpoint, send_control
+from engine.rundir.controls import send_control
+from engine.rundir.reader import EventTail, apply_rewinds, list_runs, read_events, run_info
+from engine.rundir.writer import RunDirError, RunWriter, latest_checkpoint
 
 
 def test_reader_tailing_a_live_writer_sees_every_event_once(tmp_path):
@@ -82,7 +83,7 @@ def test_second_writer_in_another_process_is_refused(tmp_path):
     run = tmp_path / "run"
     with RunWriter(run):
         code = (
-            "import sys\nfrom engine.rundir import RunWriter, RunDirError\n"
+            "import sys\nfrom engine.rundir.writer import RunWriter, RunDirError\n"
             f"try:\n    RunWriter({str(run)!r}).open()\nexcept RunDirError as e:\n    print(e); sys.exit(3)\n"
         )
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

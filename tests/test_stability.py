@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from engine.kl_control import KLController
-from engine.reader import read_events, run_info
 from engine.recipe import RecipeError, load_recipe
-from engine.rollout import rloo_advantages, whiten
-from engine.watchdog import check
+from engine.rundir.reader import read_events, run_info
+from engine.training.kl_control import KLController
+from engine.training.rollout import rloo_advantages, whiten
+from engine.training.watchdog import check
 from tests.conftest import FAST_RECIPE, REPO, zopro
 from tests.runs import assert_resume_after_sigterm_is_exact
 

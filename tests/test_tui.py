@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from textual.widgets import RichLog
 
-from engine.report import export_metrics
-from engine.rundir import RunWriter
+from engine.rundir.report import export_metrics
+from engine.rundir.writer import RunWriter
 from tests.conftest import FAST_RECIPE, REPO
 from zopro_tui.app import ZoproApp
 from zopro_tui.screens.compare import CompareScreen

@@ -1,12 +1,12 @@
-"""engine.series, what the TUI draws from: rewinds, min/max per column, EMA, shared indices, sampling."""
+"""zopro_tui.series, what the TUI draws from: rewinds, min/max per column, EMA, shared indices, sampling."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from engine.reader import EventTail, read_events
-from engine.rundir import RunWriter
-from engine.series import MetricStore, SeriesParser, ema, minmax_columns, sample_events
+from engine.rundir.reader import EventTail, read_events
+from engine.rundir.writer import RunWriter
+from zopro_tui.series import MetricStore, SeriesParser, ema, minmax_columns, sample_events
 
 
 def store_of(events: list[dict]) -> MetricStore:

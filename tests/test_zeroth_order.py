@@ -1,4 +1,4 @@
-"""Tests of engine.zeroth_order: seed replay, MeZO/ZOPrO directions, the SPSA update and its guards."""
+"""Tests of engine.training.spsa: seed replay, MeZO/ZOPrO directions, the SPSA update and its guards."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from engine.zeroth_order import decay_at, direction_seed, replay_direction, zo_update
-from engine.zo_samplers import IsotropicSampler, ZoproSampler
+from engine.training.spsa import decay_at, direction_seed, replay_direction, zo_update
+from engine.training.zo_samplers import IsotropicSampler, ZoproSampler
 
 SHAPES = {"layer.0.lora_A": (4, 16), "layer.0.lora_B": (16, 4), "layer.1.bias": (16,), "scalar": (1,)}
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from engine.zeroth_order import RunningRMS, direction_seed, replay_direction, zo_update
-from engine.zo_samplers import (
+from engine.training.spsa import RunningRMS, direction_seed, replay_direction, zo_update
+from engine.training.zo_samplers import (
     BlockSampler,
     GradientSnapshots,
     IsotropicSampler,

@@ -20,8 +20,8 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from engine.reader import is_run_dir
 from engine.recipe import RecipeError
+from engine.rundir.reader import is_run_dir
 from zopro_tui.launch import LaunchedRun, RunPlan, launch, plan_run
 from zopro_tui.screens.compare import CompareScreen
 from zopro_tui.screens.dashboard import DashboardScreen
@@ -99,7 +99,7 @@ class ZoproApp(App):
     @work(thread=True, group="export", exit_on_error=False)
     def export_metrics(self, run_dir: Path) -> None:
         """Write the run's metrics as CSV and JSON (what `zopro export` writes) into the export folder."""
-        from engine.report import export_metrics
+        from engine.rundir.report import export_metrics
 
         written = []
         try:

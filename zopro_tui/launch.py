@@ -80,7 +80,7 @@ def parse_overrides(text: str) -> list[str]:
 
 def plan_run(recipe: Path, overrides: list[str], root: Path) -> RunPlan:
     """Validate the recipe with its overrides (RecipeError names what is wrong) and choose the run folder."""
-    from engine.cli import default_run_dir
+    from engine.rundir.writer import default_run_dir
 
     resolved = load_recipe(recipe, overrides)
     root.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Background reading of run directories: what a worker thread reads, and the messages it posts to the UI.
 
 A `RunReader` belongs to one worker thread. It tails one run's events by byte offset (through
-`engine.reader.EventTail`), parses them into `SeriesBatch`es, and reads status, samples and the launch log
+`engine.rundir.reader.EventTail`), parses them into `SeriesBatch`es, and reads status, samples and the launch log
 when they change. The worker posts what it read as messages; the screen's handlers own all UI state.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from textual.message import Message
 
-from engine.reader import EventTail, RunInfo, latest_samples, list_runs, run_info
-from engine.series import SeriesBatch, SeriesParser, sample_events
+from engine.rundir.reader import EventTail, RunInfo, latest_samples, list_runs, run_info
 from zopro_tui.catalogue import wanted_metric
+from zopro_tui.series import SeriesBatch, SeriesParser, sample_events
 
 CHUNK_BYTES = 4 << 20  # read at most this much per poll, so a huge log streams in and the UI stays live
 PREVIEW_ABOVE_BYTES = 24 << 20  # bigger logs first get a strided sample, drawn until the full read ends

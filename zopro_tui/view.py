@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from engine.series import X_AXES, X_AXIS_LABELS
+from zopro_tui.series import X_AXES, X_AXIS_LABELS
 
 SMOOTHING_LEVELS = (0.0, 0.6, 0.9, 0.99)
 MIN_WINDOW_FRACTION = 1e-4

@@ -7,10 +7,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.reader import RunInfo
-from engine.series import MetricStore
+from engine.rundir.reader import RunInfo
 from zopro_tui.catalogue import is_zeroth_order
 from zopro_tui.reading import HardwareReading, SeriesRead
+from zopro_tui.series import MetricStore
 
 LIVE_STATES = ("running", "paused")
 

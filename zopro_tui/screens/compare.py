@@ -15,7 +15,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from engine.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, status_text
+from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, status_text
 from zopro_tui.catalogue import COMPARE_CHARTS
 from zopro_tui.reading import SeriesRead, StatusRead, follow_run
 from zopro_tui.view import CurveView, CurveViewActions

@@ -20,7 +20,8 @@ from textual.screen import Screen
 from textual.widgets import Footer
 from textual.worker import get_current_worker
 
-from engine.rundir import RunDirError, send_control
+from engine.rundir.controls import send_control
+from engine.rundir.files import RunDirError
 from zopro_tui.catalogue import (
     INTERPLAY_CHARTS,
     INTERPLAY_WAITING,

@@ -15,8 +15,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.worker import get_current_worker
 
-from engine.reader import RunInfo
-from engine.report import STATUS_STYLE, fmt_duration, fmt_value, status_text
+from engine.rundir.reader import RunInfo
+from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, status_text
 from zopro_tui.reading import RunsListed, read_runs
 from zopro_tui.screens.modals import NewRunModal
 from zopro_tui.widgets.chart import fmt_number

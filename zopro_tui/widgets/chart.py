@@ -19,7 +19,7 @@ from rich.text import Text
 from textual.strip import Strip
 from textual.widget import Widget
 
-from engine.series import Columns, minmax_columns
+from zopro_tui.series import Columns, minmax_columns
 
 PALETTE = ("#4aa8ff", "#ffb347", "#5fd35f", "#ff6b9a", "#b78cff", "#40e0d0", "#e8e85a", "#ff7f50")
 NO_COLOR_MARKERS = ("⣿", "•", "+", "x", "o", "*", "#", "%")

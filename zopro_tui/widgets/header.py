@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from engine.report import STATUS_STYLE, fmt_duration
-from engine.report import position as run_position
+from engine.rundir.report import STATUS_STYLE, fmt_duration
+from engine.rundir.report import position as run_position
 from zopro_tui.view import CurveView
 from zopro_tui.watched import WatchedRun
 

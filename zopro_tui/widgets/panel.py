@@ -11,8 +11,8 @@ from textual.containers import Grid
 from textual.widget import Widget
 from textual.widgets import Static
 
-from engine.series import MetricStore
 from zopro_tui.catalogue import ChartSpec, TrajectorySpec
+from zopro_tui.series import MetricStore
 from zopro_tui.view import CurveView
 from zopro_tui.watched import WatchedRun
 from zopro_tui.widgets.chart import PALETTE, ChartData, ChartSeries, CurveChart

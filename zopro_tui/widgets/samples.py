@@ -6,7 +6,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import DataTable
 
-from engine.report import fmt_value
+from engine.rundir.report import fmt_value
 from zopro_tui.view import CurveView
 from zopro_tui.watched import WatchedRun
 from zopro_tui.widgets.panel import Panel

@@ -1,0 +1,9 @@
+"""The headless command line `zopro` (app), and what its commands run: training with a live progress
+line (runner), comparisons (compare) and benchmarks (bench)."""
+
+
+def main() -> None:
+    """The `zopro` console script (pyproject: engine.cli:main)."""
+    from engine.cli.app import main as run_app
+
+    run_app()

@@ -1,0 +1,353 @@
+"""`zopro`: the headless command line (run, validate, ls, status, export). Never imports textual."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
+from engine.recipe import RecipeError, load_recipe
+
+app = typer.Typer(
+    name="zopro",
+    help="Preference optimisation of language models, first-order (RLOO) and zeroth-order, from the terminal.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="recipe TOML (default: the embedded recipes/tiny.toml)")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="where to write the run (default: ROOT/NAME-METHOD-TIME)")
+    ] = None,
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value (repeatable)")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="continue the run in this directory from its last checkpoint"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress, only the summary")] = False,
+) -> None:
+    """Train: SFT, reward model, then iterations of policy optimisation and reward refinement."""
+    from engine.cli.runner import run_training
+
+    if resume is not None:
+        if recipe is not None or set_:
+            fail("--resume takes the recipe saved in the run directory; drop the recipe argument and --set")
+        code = run_training(None, [], run_dir=resume, resume=True, quiet=quiet, console=console, err=err)
+    else:
+        path = recipe if recipe is not None else embedded_recipe()
+        if compare_runs_all(path):
+            from engine.cli.compare import run_comparison
+
+            if run_dir is not None:
+                fail(
+                    "--run-dir names one run; a [compare] run_all recipe writes one folder per method under --root"
+                )
+            raise typer.Exit(
+                run_comparison(
+                    path,
+                    compare_methods_of(path),
+                    set_ or [],
+                    root=root,
+                    quiet=quiet,
+                    console=console,
+                    err=err,
+                )
+            )
+        code = run_training(
+            path,
+            set_ or [],
+            run_dir=run_dir or None,
+            root=root,
+            resume=False,
+            quiet=quiet,
+            console=console,
+            err=err,
+        )
+    raise typer.Exit(code)
+
+
+def embedded_recipe() -> Path:
+    """recipes/tiny.toml from the source tree, or the copy shipped inside the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "recipes" / "tiny.toml", here / "recipes" / "tiny.toml"):
+        if candidate.exists():
+            return candidate
+    fail("the embedded recipe recipes/tiny.toml is missing from this installation; pass a recipe file")
+    raise AssertionError
+
+
+@app.command()
+def compare(
+    recipe: Annotated[Path, typer.Argument(help="recipe TOML")],
+    methods: Annotated[
+        str | None,
+        typer.Option("--methods", help="comma-separated (default: the recipe's [compare] methods)"),
+    ] = None,
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Run several methods of one recipe in turn (same seed, same data) and compare them."""
+    from engine.cli.compare import run_comparison
+    from engine.recipe import split_method_list
+
+    chosen = split_method_list(methods) if methods else compare_methods_of(recipe)
+    if len(chosen) < 2:
+        fail(f"{recipe}: name at least two methods with --methods or in [compare] methods")
+    raise typer.Exit(
+        run_comparison(recipe, chosen, set_ or [], root=root, quiet=quiet, console=console, err=err)
+    )
+
+
+def compare_runs_all(recipe: Path) -> bool:
+    import tomllib
+
+    try:
+        raw = tomllib.loads(recipe.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError):
+        return False  # load_recipe reports the problem
+    return isinstance(raw.get("compare"), dict) and raw["compare"].get("run_all") is True
+
+
+def compare_methods_of(recipe: Path) -> list[str]:
+    import tomllib
+
+    try:
+        raw = tomllib.loads(recipe.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError):
+        return []
+    methods = raw.get("compare", {}).get("methods", []) if isinstance(raw.get("compare"), dict) else []
+    return [m for m in methods if isinstance(m, str)]
+
+
+@app.command()
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="recipe files")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")
+    ] = None,
+    show: Annotated[bool, typer.Option("--show", help="print the fully resolved recipe")] = False,
+) -> None:
+    """Check recipes without running anything."""
+    from engine.recipe import dump_recipe
+
+    bad = 0
+    for path in recipes:
+        try:
+            resolved = load_recipe(path, set_ or [])
+        except RecipeError as error:
+            err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
+            bad += 1
+            continue
+        console.print(
+            f"[green]ok[/] {path}: method {resolved.policy.method}, model {resolved.model.base}, "
+            f"{resolved.train.iterations} iterations x {resolved.train.updates_per_iteration} updates"
+        )
+        if show:
+            console.print(dump_recipe(resolved), markup=False)
+    raise typer.Exit(EXIT_BAD_INPUT if bad else EXIT_OK)
+
+
+@app.command("ls")
+def list_runs_command(
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON list instead of a table")] = False,
+) -> None:
+    """The runs under ROOT: name, method, status, iteration, scores."""
+    from engine.rundir.reader import list_runs
+    from engine.rundir.report import runs_table
+
+    runs = list_runs(root)
+    if as_json:
+        print(json.dumps([r.to_json() for r in runs], indent=1, default=str))
+        return
+    if not runs:
+        console.print(f"no runs under {root}/ yet: start one with `zopro run`")
+        return
+    console.print(runs_table(runs))
+    for info in runs:
+        if info.status == "unreadable":
+            err.print(
+                f"[bold red]unreadable:[/] {escape(info.name)}: {escape(info.error or '')}", soft_wrap=True
+            )
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """One run's state, latest metrics and per-iteration evaluations."""
+    from engine.rundir.reader import is_run_dir, read_events, run_info
+    from engine.rundir.report import status_panel
+
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
+    info = run_info(run_dir)
+    if info.status == "unreadable":
+        fail(f"{run_dir} cannot be read: {info.error}")
+    problems: list[str] = []
+    evals = [e for e in read_events(run_dir, problems) if e.get("type") == "eval"]
+    for problem in problems:
+        err.print(f"warning: {run_dir}: {escape(problem)}", soft_wrap=True)
+    if as_json:
+        data = info.to_json()
+        data["evaluations"] = [{"iteration": e.get("iteration"), **e.get("metrics", {})} for e in evals]
+        print(json.dumps(data, indent=1, default=str))
+        return
+    console.print(status_panel(info, evals))
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    format: Annotated[str, typer.Option("--format", "-f", help="csv or json")] = "csv",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")
+    ] = None,
+) -> None:
+    """Write a run's metrics as CSV (one row per metrics event) or JSON."""
+    from engine.rundir.reader import is_run_dir
+    from engine.rundir.report import export_metrics
+
+    if format not in ("csv", "json"):
+        fail(f"--format {format!r} is not accepted; choose csv or json")
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
+    events = run_dir / "events.jsonl"
+    if events.exists() and not events.is_file():
+        fail(f"{events} is not a file; nothing to export")
+    problems: list[str] = []
+    text = export_metrics(run_dir, format, problems)
+    for problem in problems:
+        err.print(f"warning: {run_dir}: {escape(problem)}", soft_wrap=True)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        err.print(f"wrote {output}")
+
+
+@app.command()
+def interplay(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or running)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead")] = False,
+) -> None:
+    """How the policy's and the reward model's updates relate, from the run's iteration checkpoints."""
+    from engine.analysis.interplay_report import build_report, render_report
+
+    if not run_dir.is_dir():
+        fail(f"{run_dir} is not a run directory")
+    try:
+        report = build_report(run_dir)
+    except ValueError as error:
+        fail(str(error))
+    if as_json:
+        print(json.dumps(report, indent=1, default=str))
+        return
+    render_report(report, console, width=min(console.width, 120))
+
+
+bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("methods")
+def bench_methods(
+    model: Annotated[
+        str, typer.Option("--model", help="base model (builtin:NAME, hub id or folder)")
+    ] = "builtin:base10m",
+    methods: Annotated[
+        str, typer.Option("--methods", help="comma-separated")
+    ] = "rloo,ppo,online_dpo,mezo,zopro",
+    prompts: Annotated[int, typer.Option("--prompts", help="prompts per update")] = 16,
+    samples: Annotated[int, typer.Option("--samples", help="answers per prompt")] = 4,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="response length")] = 48,
+    updates: Annotated[int, typer.Option("--updates", help="timed updates per method")] = 5,
+    dtype: Annotated[str, typer.Option("--dtype")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads per worker (0: default)")] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="also write the results to this file")
+    ] = None,
+) -> None:
+    """Peak memory of the policy-update phase, time per update and forward passes per update, per method,
+    each in a fresh process."""
+    from engine.cli.bench import BENCH_METHODS, BenchConfig, bench_table, run_methods
+    from engine.recipe import RecipeError, apply_overrides, recipe_from_dict, split_method_list, split_variant
+
+    chosen = split_method_list(methods)
+    unknown = [m for m in chosen if split_variant(m)[0] not in BENCH_METHODS]
+    if unknown:
+        fail(
+            f"--methods: unknown {', '.join(unknown)}; accepted: {', '.join(BENCH_METHODS)}, each optionally "
+            'with settings of its section ("zopro:sampler=subspace")'
+        )
+    for entry in chosen:
+        method, variant = split_variant(entry)
+        try:
+            recipe_from_dict(apply_overrides({"policy": {"method": method}}, variant), f"--methods {entry}")
+        except RecipeError as error:
+            fail(str(error))
+    if device not in ("auto", "cpu", "cuda") or dtype not in ("float32", "bfloat16", "float16"):
+        fail("--device takes auto, cpu or cuda; --dtype takes float32, bfloat16 or float16")
+    config = BenchConfig(
+        model=model,
+        prompts=prompts,
+        samples_per_prompt=samples,
+        max_new_tokens=new_tokens,
+        updates=updates,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+    )
+    with (
+        err.status(f"benchmarking {', '.join(chosen)} on {model}…")
+        if err.is_terminal
+        else contextlib.nullcontext()
+    ):
+        report = run_methods(chosen, config)
+    err.print(bench_table(report))
+    text = json.dumps(report, indent=1)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    print(text)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

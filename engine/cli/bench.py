@@ -1,0 +1,238 @@
+"""`zopro bench methods`: what zeroth-order buys, measured. For each method, in a fresh process: peak memory
+of the policy-update phase, time per update (median) and forward passes per update, on one rollout size."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+BENCH_METHODS = ("rloo", "ppo", "online_dpo", "mezo", "zopro")
+
+
+@dataclass
+class BenchConfig:
+    model: str = "builtin:base10m"
+    prompts: int = 16
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    updates: int = 5
+    warmup: int = 1
+    lora_rank: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+def worker(method: str, config: BenchConfig) -> dict:
+    """Runs in its own process: load, make one rollout, then time `updates` policy updates on it."""
+    import torch
+
+    from engine.data.tasks import make_task
+    from engine.recipe import apply_overrides, recipe_from_dict, split_variant
+    from engine.training.methods import make_update
+    from engine.training.methods.context import MethodContext
+    from engine.training.models import load_preference_model, quiet_transformers, resolve_base, resolve_device
+    from engine.training.rollout import collect_rollout
+    from engine.training.telemetry import Counters, PhasePeak, rss_mib
+    from engine.training.zo_samplers import (
+        BlockSampler,
+        GradientSnapshots,
+        IsotropicSampler,
+        SubspaceSampler,
+        ZoproSampler,
+        layer_blocks,
+    )
+
+    quiet_transformers()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    label = method
+    method, variant = split_variant(label)
+    recipe = recipe_from_dict(
+        apply_overrides(
+            {
+                "seed": config.seed,
+                "device": config.device,
+                "model": {
+                    "base": config.model,
+                    "lora_rank": config.lora_rank,
+                    "lora_alpha": 2.0 * config.lora_rank,
+                    "max_new_tokens": config.max_new_tokens,
+                    "dtype": config.dtype,
+                },
+                "policy": {"method": method},
+                "train": {
+                    "prompts_per_update": config.prompts,
+                    "samples_per_prompt": config.samples_per_prompt,
+                    "updates_per_iteration": config.updates + config.warmup,
+                },
+            },
+            variant,
+        ),
+        "<bench>",
+    )
+    task = make_task(recipe)
+    device = resolve_device(config.device)
+    base = resolve_base(config.model, task.corpus(), config.seed, "")  # untrained: full-length answers
+    pm = load_preference_model(
+        base,
+        dtype=config.dtype,
+        device=device,
+        lora_rank=config.lora_rank,
+        lora_alpha=2.0 * config.lora_rank,
+        target_modules=recipe.model.target_modules,
+        seed=config.seed,
+    )
+    counters = Counters()
+    counters.enter("bench")
+
+    def unavailable(*args):
+        raise RuntimeError("a benchmark has no run directory, checkpoints or held-out prompts")
+
+    context = MethodContext(  # iteration 1 of a run that has none of a run's services
+        pm=pm,
+        counters=counters,
+        recipe=recipe,
+        current_iteration=lambda: 1,
+        iteration_checkpoint=unavailable,
+        warn=unavailable,
+        score_policy=unavailable,
+        fresh_rollout=unavailable,
+    )
+    update = make_update(method, context)
+    sampler_state_mib = 0.0
+    if method == "zopro":  # iteration 1: informed directions from a synthetic mu, v and basis
+        gen = torch.Generator().manual_seed(config.seed)
+        params = pm.adapter_parameters("policy")
+        mu = {n: (0.01 * torch.randn(p.shape, generator=gen)).to(device) for n, p in params.items()}
+        v = {n: (0.01 * torch.randn(p.shape, generator=gen)).to(device) for n, p in params.items()}
+        if recipe.zopro.sampler == "subspace":
+            snapshots = GradientSnapshots(recipe.zopro.subspace_snapshots)
+            for _ in range(recipe.zopro.subspace_snapshots):
+                snapshots.add(
+                    {n: torch.randn(p.shape, generator=gen).to(device) for n, p in params.items()}, params
+                )
+            basis = snapshots.basis()
+            snapshots.clear()
+            sampler_state_mib = basis.numel() * 4 / 2**20  # held between updates, like Adam's moments
+            shapes = {n: p.shape for n, p in params.items()}
+            update.sampler = SubspaceSampler(basis, shapes, norm=1.0, mu=mu, v=v)
+        elif recipe.zopro.sampler == "zopro":
+            update.sampler = ZoproSampler(mu, v, decay=0.999)
+        elif recipe.zopro.sampler == "block":
+            update.sampler = BlockSampler(layer_blocks(list(params)))
+        else:
+            update.sampler = IsotropicSampler()
+        update.sampler_iteration = 1
+        update.premise = lambda iteration: {}
+    prompts = task.prompts(config.prompts, "bench")
+    rollout_started = time.perf_counter()
+    rollout = collect_rollout(
+        pm,
+        prompts,
+        k=config.samples_per_prompt,
+        kl_coef=0.05,
+        missing_eos_penalty=0.0,
+        max_new_tokens=config.max_new_tokens,
+        max_prompt_tokens=32,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(config.seed),
+        counters=counters,
+    )
+    rollout_s = time.perf_counter() - rollout_started
+    tokens = int(rollout.sequences.attention_mask.sum())
+    baseline_rss = rss_mib()
+    times, peaks, passes = [], [], []
+    for step in range(config.warmup + config.updates):
+        before = counters.forward_passes
+        started = time.perf_counter()
+        with PhasePeak(device) as phase:
+            update.update(rollout, update_index=step, step_in_iteration=step)
+        if step >= config.warmup:
+            times.append(time.perf_counter() - started)
+            peaks.append(phase.growth_mib)
+            passes.append(counters.forward_passes - before)
+    result = {
+        "peak_update_mem_mib": round(max(peaks), 2),
+        "time_per_update_s": round(statistics.median(times), 4),
+        "forward_passes_per_update": statistics.median(passes),
+        "rollout_s": round(rollout_s, 3),
+        "sequences": len(rollout.sequences.responses),
+        "tokens_per_update": tokens,
+        "rss_after_load_mib": round(baseline_rss, 1),
+        "sampler_state_mib": round(sampler_state_mib, 2),
+        "memory_measure": "cuda max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth",
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+    return result
+
+
+def run_methods(methods: list[str], config: BenchConfig) -> dict:
+    """Each method in a fresh subprocess, so peaks do not leak between methods."""
+    results = {}
+    for method in methods:
+        payload = json.dumps({"method": method, "config": config.__dict__})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.run(
+            [sys.executable, "-m", "engine.cli.bench", payload], capture_output=True, text=True, env=env
+        )
+        lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
+        if process.returncode != 0 or not lines:
+            tail = (process.stderr.strip().splitlines() or ["no output"])[-1]
+            results[method] = {"error": tail}
+            continue
+        results[method] = json.loads(lines[-1])
+    return {"methods": results, "config": config.__dict__}
+
+
+def bench_table(report: dict):
+    from rich.table import Table
+
+    table = Table(
+        title=f"policy-update phase, {report['config']['model']}", header_style="bold", title_justify="left"
+    )
+    for column in ("method", "update MiB", "s / update", "fwd / update", "mem x rloo", "time x rloo"):
+        if column == "method":
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, justify="right")
+    reference = report["methods"].get("rloo", {})
+    for method, row in report["methods"].items():
+        if "error" in row:
+            table.add_row(method, "error: " + row["error"][:60], "", "", "", "")
+            continue
+        mem_ratio = (
+            row["peak_update_mem_mib"] / reference["peak_update_mem_mib"]
+            if reference.get("peak_update_mem_mib")
+            else None
+        )
+        time_ratio = (
+            row["time_per_update_s"] / reference["time_per_update_s"]
+            if reference.get("time_per_update_s")
+            else None
+        )
+        table.add_row(
+            method,
+            f"{row['peak_update_mem_mib']:.1f}",
+            f"{row['time_per_update_s']:.3f}",
+            f"{row['forward_passes_per_update']:g}",
+            "-" if mem_ratio is None else f"{mem_ratio:.2f}",
+            "-" if time_ratio is None else f"{time_ratio:.2f}",
+        )
+    return table
+
+
+if __name__ == "__main__":
+    request = json.loads(sys.argv[1])
+    print(json.dumps(worker(request["method"], BenchConfig(**request["config"]))))
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown (torch threads) so the parent's timing is clean

@@ -1,0 +1,307 @@
+"""Running a recipe headless: validate, create the run directory, train with a live rich progress line,
+print the summary, and map the outcome to an exit code (0 ok, 1 failed, 2 bad input, 130/143 interrupted)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from engine.cli.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_HANGUP,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+)
+from engine.recipe import RecipeError, load_recipe
+from engine.rundir.reader import is_run_dir, read_events, run_info
+from engine.rundir.report import evaluations_table, fmt_duration, fmt_value
+from engine.rundir.writer import RunDirError, RunWriter, default_run_dir
+
+if TYPE_CHECKING:
+    from engine.training.bookkeeping import RunBook
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class ProgressView:
+    """The live line: stage, iteration, step, reward-model score, gold, KL, steps/s, ETA."""
+
+    def __init__(self, total_steps: int, iterations: int, method: str, run_dir: Path):
+        self.total_steps, self.iterations, self.method, self.run_dir = (
+            total_steps,
+            iterations,
+            method,
+            run_dir,
+        )
+        self.event: dict = {}
+        self.latest: dict = {}
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self.stage_title = "loading"
+        self.warnings = 0
+        self.last_warning = ""
+
+    def on_event(self, event: dict) -> None:
+        self.event = event
+        self.latest.update(event.get("metrics", {}))
+        if event.get("type") == "stage_start":
+            self.stage_title = event.get("message", event.get("stage", ""))
+        if event.get("type") == "warning":
+            self.warnings += 1
+            self.last_warning = event.get("code", "")
+        if event.get("type") == "resume":  # the resumed run re-emits what came after its checkpoint
+            self.warnings = event.get("warning_count", 0)
+        if self.first_step is None:
+            self.first_step = event.get("global_step", 0)
+            self.started = time.monotonic()
+
+    def rate(self) -> float | None:
+        done = self.event.get("global_step", 0) - (self.first_step or 0)
+        seconds = time.monotonic() - self.started
+        return done / seconds if done > 0 and seconds > 0 else None
+
+    def __rich__(self) -> Table:
+        e, m = self.event, self.latest
+        step = e.get("global_step", 0)
+        rate = self.rate()
+        eta = (self.total_steps - step) / rate if rate else None
+        iteration = e.get("iteration")
+        cells = [
+            (self.method, "bold cyan"),
+            (e.get("stage", "loading"), "bold"),
+            (f"it {'-' if iteration is None else iteration + 1}/{self.iterations}", ""),
+            (f"step {step}/{self.total_steps}", ""),
+            (f"RM {fmt_value(m.get('objective/scores'), 2)}", ""),
+            (f"gold {fmt_value(m.get('eval/gold'), 3)}", "green"),
+            (f"KL {fmt_value(m.get('objective/kl'), 2)}", ""),
+            (f"{rate:.1f} st/s" if rate else "- st/s", "dim"),
+            (f"ETA {fmt_duration(eta)}", ""),
+        ]
+        if self.warnings:
+            plural = "s" if self.warnings > 1 else ""
+            cells.append((f"! {self.warnings} warning{plural} {self.last_warning}".rstrip(), "bold yellow"))
+        grid = Table.grid(padding=(0, 1))
+        for _ in cells:
+            grid.add_column(no_wrap=True, overflow="ellipsis")
+        grid.add_row(*(Text(text, style=style) for text, style in cells))
+        return grid
+
+
+def warning_line(event: dict) -> str:
+    """One line for a `warning` event: where, the code and the message."""
+    iteration = event.get("iteration")
+    where = f"iteration {iteration}" if iteration is not None else event.get("stage", "")
+    return f"warning [{event.get('code', '?')}] {where}: {event.get('message', '')}"
+
+
+def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
+    """Without a terminal (CI, pipes, logs): one line per stage and per evaluation."""
+    kind = event.get("type")
+    if kind == "stage_start":
+        console.print(f"[{fmt_duration(event.get('elapsed'))}] {event.get('message')}", markup=False)
+    elif kind == "eval":
+        m = event.get("metrics", {})
+        console.print(
+            f"[{fmt_duration(event.get('elapsed'))}]   eval: gold {fmt_value(m.get('eval/gold'))}  "
+            f"win vs SFT {fmt_value(m.get('eval/win_rate_vs_sft'))}  reward {fmt_value(m.get('eval/reward'))}  "
+            f"KL {fmt_value(m.get('eval/kl'))}",
+            markup=False,
+        )
+
+
+def run_training(
+    recipe_path: Path | None,
+    overrides: list[str],
+    *,
+    run_dir: Path | None,
+    root: Path = Path("runs"),
+    resume: bool,
+    quiet: bool,
+    console: Console,
+    err: Console,
+) -> int:
+    def bad(message: str) -> int:
+        err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        return EXIT_BAD_INPUT
+
+    try:
+        if resume:
+            assert run_dir is not None
+            if not run_dir.is_dir() or not (run_dir / "recipe.toml").exists():
+                return bad(f"{run_dir} is not a run directory with a recipe.toml; nothing to resume")
+            info = run_info(run_dir)
+            if info.status == "finished":
+                return bad(f"{run_dir} has already finished; start a new run instead")
+            if info.status in ("running", "paused"):
+                return bad(f"{run_dir} is still {info.status} (pid {info.pid}); stop it before resuming")
+            if info.status == "unreadable":
+                return bad(f"{run_dir} cannot be resumed: {info.error}")
+            recipe = load_recipe(run_dir / "recipe.toml")
+        else:
+            assert recipe_path is not None
+            recipe = load_recipe(recipe_path, overrides)
+            for flag, folder in (("--run-dir", run_dir), ("--root", None if run_dir else root)):
+                blocker = _file_in_the_way(folder)
+                if blocker is not None:
+                    return bad(
+                        f"{flag} {folder}: {blocker} is a file, not a folder; choose another directory"
+                    )
+            if run_dir is None:
+                run_dir = default_run_dir(root, recipe.name, recipe.policy.method)
+            elif run_dir.exists() and (is_run_dir(run_dir) or any(run_dir.iterdir())):
+                return bad(
+                    f"--run-dir {run_dir} already holds files; resume it with `zopro run --resume {run_dir}` "
+                    "or choose another directory"
+                )
+    except RecipeError as error:
+        return bad(str(error))
+
+    from engine.training.models import ModelError, quiet_transformers
+
+    quiet_transformers()
+    from engine.errors import StopRun, TrainingFailed
+    from engine.training import loop
+    from engine.training.run import Run
+
+    writer = RunWriter(run_dir)
+    view_holder: list[ProgressView] = []
+
+    def listener(event: dict) -> None:
+        if event.get("type") == "resume" and not quiet:
+            console.print(event.get("message", ""), markup=False)
+        if event.get("type") == "warning":  # one line on stderr, also with --quiet and under the live line
+            err.print(f"[bold yellow]{escape(warning_line(event))}[/]", soft_wrap=True)
+        if view_holder:
+            view_holder[0].on_event(event)
+            if not live_enabled and not quiet:
+                _plain_line(event, view_holder[0], console)
+
+    live_enabled = console.is_terminal and not quiet
+    with console.status("loading the model…", spinner="dots") if live_enabled else contextlib.nullcontext():
+        try:
+            run = Run(recipe, writer, listener=listener)
+        except ModelError as error:
+            return bad(str(error))
+    view = ProgressView(run.total_steps, recipe.train.iterations, recipe.policy.method, run_dir)
+    view_holder.append(view)
+    try:
+        writer.open()
+    except RunDirError as error:
+        return bad(str(error))
+    if not quiet:
+        console.print(
+            f"{'resuming' if resume else 'run'} [bold]{run_dir}[/]  (method {recipe.policy.method}, "
+            f"model {recipe.model.base}, device {run.device})"
+        )
+    code = EXIT_OK
+    try:
+        with (
+            Live(view, console=console, refresh_per_second=4, transient=True)
+            if live_enabled
+            else contextlib.nullcontext()
+        ):
+            if resume:
+                loop.resume(run)
+            else:
+                loop.start(run)
+    except StopRun as stop:
+        code = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGHUP": EXIT_HANGUP}.get(
+            stop.reason, EXIT_OK
+        )
+        if stop.failed:  # a guard (policy.max_kl) stopped it: say so with the exit code too
+            code = EXIT_FAILED
+            err.print(f"[bold red]stopped:[/] {escape(stop.reason)}", soft_wrap=True)
+        else:
+            err.print(
+                f"stopped ({stop.reason}) after a checkpoint; continue with `zopro run --resume {run_dir}`"
+            )
+    except RunDirError as error:  # --resume found no checkpoint it can read; nothing was changed
+        code = bad(str(error))
+    except TrainingFailed as error:
+        code = _record_failure(run.book, writer, str(error), err, run_dir)
+    except Exception as error:  # a bug or an environment problem: keep the traceback in the run directory
+        if _disk_full(error, run_dir):
+            writer.recover_checkpoints()  # a half-written checkpoint goes, and gives its space back
+            code = _record_failure(
+                run.book,
+                writer,
+                f"the disk holding {run_dir} is full (no space left on device); nothing half-written was kept: "
+                f"free some space, then continue with `zopro run --resume {run_dir}`",
+                err,
+                run_dir,
+            )
+        else:
+            code = _record_bug(run.book, writer, error, err, run_dir)
+    finally:
+        writer.close()
+    if run.state.history:
+        console.print(
+            evaluations_table(
+                run.state.history,
+                f"{run_dir.name}: held-out evaluation",
+                warnings=[e for e in read_events(run_dir) if e.get("type") == "warning"],
+            )
+        )
+    if code == EXIT_OK and run.state.stage == "done":
+        console.print(f"finished in {fmt_duration(run.book.clock.elapsed())}: {run_dir}")
+    return code
+
+
+def _file_in_the_way(folder: Path | None) -> Path | None:
+    """The folder itself or its nearest existing parent, when that is not a folder (a run cannot go there)."""
+    if folder is None:
+        return None
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            return None if existing.is_dir() else existing
+    return None
+
+
+def _disk_full(error: BaseException, run_dir: Path) -> bool:
+    """An error from a full disk: ENOSPC itself, or torch's and safetensors' wrappers of it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return True
+        if "No space left on device" in str(seen) or "file write failed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(run_dir).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _record_bug(book: RunBook, writer: RunWriter, error: BaseException, err: Console, run_dir: Path) -> int:
+    first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    try:
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        first += f" (traceback in {run_dir / 'error.log'})"
+    except OSError:
+        pass
+    return _record_failure(book, writer, first, err, run_dir)
+
+
+def _record_failure(book: RunBook, writer: RunWriter, message: str, err: Console, run_dir: Path) -> int:
+    with contextlib.suppress(OSError):  # the disk may be what failed
+        writer.update_status(state="failed", error=message)
+    try:
+        book.emit("error", message=message)
+        book.emit("run_end", status="failed", error=message)
+    except Exception:  # noqa: BLE001 - the writer may be what failed
+        pass
+    err.print(f"[bold red]training failed:[/] {escape(message)}", soft_wrap=True)
+    return EXIT_FAILED

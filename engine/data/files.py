@@ -1,0 +1,116 @@
+"""Reading a preference source's rows through `datasets`: a local file (json, parquet, csv, optionally
+compressed), a local folder, or a hub dataset; every failure a DataError in one sentence."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.data.examples import DataError, PreferenceSource, first_line
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+HUB_DEFAULT_CONFIG: dict[str, str | None] = {
+    "hh_rlhf": None,
+    "summarize_from_feedback": "comparisons",
+    "wmt20_mlqe": "en-de",
+    "preference_table": None,
+}
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_ACCEPTED_FILES = ".jsonl, .json, .parquet, .csv or .tsv (optionally .gz/.bz2/.xz/.zst)"
+
+
+def _builder_for(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return _BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _looks_local(path: str) -> bool:
+    """Whether a path that does not exist was meant as a local file rather than a hub id."""
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
+        return True
+    return _builder_for(Path(path)) is not None
+
+
+def _load_file(file: Path, split: str) -> Dataset:
+    import datasets
+
+    builder = _builder_for(file)
+    if builder is None:
+        raise DataError(f"Cannot read {file}: unsupported file type; accepted files are {_ACCEPTED_FILES}.")
+    if file.stat().st_size == 0:
+        raise DataError(f"{file} is empty.")
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if ".tsv" in [s.lower() for s in file.suffixes] else {}
+    try:
+        return datasets.load_dataset(builder, data_files={split: str(file)}, split=split, **kwargs)
+    except Exception as exc:
+        if "corresponds to no data" in str(exc):
+            raise DataError(f"{file} has no rows.") from exc
+        raise DataError(f"Cannot read {file} as {builder} data ({first_line(exc)}).") from exc
+
+
+def _load_folder(folder: Path, spec: PreferenceSource) -> Dataset:
+    import datasets
+
+    if spec.config:
+        if (folder / spec.config).is_dir():
+            folder = folder / spec.config
+        else:
+            for candidate in sorted(folder.glob(f"{glob.escape(spec.config)}.*")):
+                if candidate.is_file() and _builder_for(candidate) is not None:
+                    return _load_file(candidate, spec.split)
+    try:
+        return datasets.load_dataset(str(folder), data_dir=spec.data_dir, split=spec.split)
+    except Exception as exc:
+        raise DataError(
+            f"Cannot read split {spec.split!r} from folder {folder} ({first_line(exc)}); "
+            f"it should hold {_ACCEPTED_FILES} files named after their split."
+        ) from exc
+
+
+def _load_hub(spec: PreferenceSource) -> Dataset:
+    import datasets
+
+    config = spec.config or HUB_DEFAULT_CONFIG[spec.format]
+    try:
+        try:
+            return datasets.load_dataset(spec.path, config, split=spec.split, data_dir=spec.data_dir)
+        except RuntimeError as exc:
+            if "scripts are no longer supported" not in str(exc):
+                raise
+            # Script-only hub datasets: read the hub's automatic Parquet export instead.
+            return datasets.load_dataset(
+                spec.path, split=spec.split, data_dir=config or "default", revision="refs/convert/parquet"
+            )
+    except Exception as exc:
+        offline = bool(datasets.config.HF_HUB_OFFLINE)
+        hint = (
+            "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), so point to a local file or folder instead"
+            if offline
+            else "check the dataset id, config and split and your network, or point to a local file or folder"
+        )
+        where = f"{spec.path!r}" + (
+            f" (config {config!r}, split {spec.split!r})" if config else f" (split {spec.split!r})"
+        )
+        raise DataError(
+            f"Cannot load {where} from the Hugging Face hub ({first_line(exc)}); {hint}."
+        ) from exc
+
+
+def load_dataset(spec: PreferenceSource) -> Dataset:
+    local = Path(spec.path).expanduser()
+    if local.is_file():
+        return _load_file(local, spec.split)
+    if local.is_dir():
+        return _load_folder(local, spec)
+    if _looks_local(spec.path):
+        raise DataError(
+            f"No such file or folder: {spec.path}; give an existing {_ACCEPTED_FILES} file, a folder of them, "
+            "or a hub id such as 'Anthropic/hh-rlhf'."
+        )
+    return _load_hub(spec)

@@ -1,0 +1,51 @@
+"""Whole-file writes and plain JSON for the run directory: what the writer and the control requests share."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class RunDirError(RuntimeError):
+    """A problem with a run directory that the user can act on (one sentence)."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file under a temporary name, then rename it over the target."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full disk leaves no half-written temporary behind
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=json_default) + "\n")
+
+
+def json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Plain floats and ints for JSON; NaN and infinities become None (JSON has no NaN)."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out

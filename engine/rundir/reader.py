@@ -1,0 +1,333 @@
+"""The run directory, reader side: tail events by byte offset, derive a run's status, list runs.
+
+Any number of readers (the TUI, `zopro ls/status/export`, tests) use this module; none of them talks to
+the training process except through the files described in `engine.rundir.writer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STALE_AFTER_SECONDS = 60.0
+TERMINAL_STATES = ("finished", "failed", "stopped")
+STATES = ("running", "paused", "finished", "failed", "stopped", "created")
+MAX_LINE_BYTES = 4 << 20  # no event comes near this; a longer line is garbage and is skipped, not held
+
+
+def checked_event(value: Any) -> dict | None:
+    """The event if it has the shape readers rely on (metric values kept only when numbers), else None."""
+    if not isinstance(value, dict) or not isinstance(value.get("type", ""), str):
+        return None
+    for key in ("seq", "step", "global_step", "rewind_to_seq"):
+        if key in value and not _is_int(value[key]):
+            return None
+    if value.get("iteration") is not None and not _is_int(value["iteration"]):
+        return None
+    if not isinstance(value.get("stage", ""), (str, type(None))):
+        return None
+    for key in ("time", "elapsed"):
+        if value.get(key) is not None and not _is_number(value[key]):
+            return None
+    if "metrics" in value:
+        if not isinstance(value["metrics"], dict):
+            return None
+        value["metrics"] = {k: v for k, v in value["metrics"].items() if v is None or _is_number(v)}
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_event_line(line: bytes) -> dict | None:
+    """One line of events.jsonl as an event, or None when it is not one (bad JSON, bad UTF-8, wrong shape)."""
+    try:
+        return checked_event(json.loads(line))
+    except (ValueError, RecursionError):
+        return None
+
+
+class EventTail:
+    """Reads new whole lines of an events.jsonl from a byte offset; a truncated last line waits for more.
+
+    `read_new()` returns only the events appended since the previous call, so tailing a multi-GB log
+    costs only the new bytes. Lines that are not events (bad JSON or UTF-8, wrong field types) and lines of
+    MAX_LINE_BYTES or more are skipped and counted in `bad_lines`; `problem` says when the file cannot be read.
+    """
+
+    def __init__(self, path: Path, offset: int = 0, chunk_bytes: int = 8 << 20):
+        self.path = Path(path)
+        self.offset = offset
+        self.chunk_bytes = chunk_bytes
+        self.bad_lines = 0
+        self.problem: str | None = None  # events.jsonl cannot be read at all (a folder, no permission)
+        self._skipping = False  # inside a line longer than MAX_LINE_BYTES: drop bytes up to its end
+
+    def read_new(self, max_bytes: int | None = None) -> list[dict]:
+        return list(self.iter_new(max_bytes))
+
+    def iter_new(self, max_bytes: int | None = None) -> Iterator[dict]:
+        try:
+            handle = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            self.problem = f"{self.path.name} cannot be read ({error.strerror or error})"
+            return
+        with handle:
+            handle.seek(self.offset)
+            budget = max_bytes
+            carry = b""
+            while True:
+                size = self.chunk_bytes if budget is None else min(self.chunk_bytes, budget)
+                if size <= 0:
+                    break
+                chunk = handle.read(size)
+                if not chunk:
+                    break
+                if budget is not None:
+                    budget -= len(chunk)
+                if self._skipping:
+                    newline = chunk.find(b"\n")
+                    self.offset += len(chunk) if newline < 0 else newline + 1
+                    if newline < 0:
+                        continue
+                    self._skipping, chunk = False, chunk[newline + 1 :]
+                data = carry + chunk
+                end = data.rfind(b"\n")
+                if end < 0:
+                    carry = data
+                    if len(carry) >= MAX_LINE_BYTES:  # never a real event: count it and skip to its end
+                        self.bad_lines += 1
+                        self.offset += len(carry)
+                        self._skipping, carry = True, b""
+                    continue
+                carry = data[end + 1 :]
+                for line in data[: end + 1].split(b"\n"):
+                    if not line.strip():
+                        continue
+                    event = parse_event_line(line)
+                    if event is None:
+                        self.bad_lines += 1
+                    else:
+                        yield event
+                self.offset += end + 1
+            # whatever is left in `carry` is an unfinished last line: read it again next time
+
+
+def read_events(run_dir: Path, problems: list[str] | None = None) -> list[dict]:
+    """All events of a run, with rewinds of resumed runs applied (each seq appears once, the latest).
+    What could not be read is skipped, and said in `problems` when a list is given."""
+    tail = EventTail(Path(run_dir) / "events.jsonl")
+    events = apply_rewinds(tail.read_new())
+    if problems is not None:
+        if tail.problem:
+            problems.append(tail.problem)
+        if tail.bad_lines:
+            problems.append(f"skipped {tail.bad_lines} line(s) of events.jsonl that are not events")
+    return events
+
+
+def apply_rewinds(events: list[dict]) -> list[dict]:
+    """Drop events that a later `resume` event rewound (they were re-emitted after the checkpoint)."""
+    out: list[dict] = []
+    for event in events:
+        if event.get("type") == "resume":
+            cut = event.get("rewind_to_seq", 0) or 0
+            while out and out[-1].get("seq", -1) >= cut:
+                out.pop()
+        out.append(event)
+    return out
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_json(path: Path) -> dict:
+    return _read_object(path)[0]
+
+
+def _read_object(path: Path) -> tuple[dict, str | None]:
+    """A JSON object file as a dict, and what is wrong with it when it exists but is not one."""
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}, None
+    except OSError as error:
+        return {}, f"{path.name} cannot be read ({error.strerror or error})"
+    except (ValueError, RecursionError):
+        return {}, f"{path.name} is not valid JSON"
+    if not isinstance(value, dict):
+        return {}, f"{path.name} is not a JSON object"
+    return value, None
+
+
+def _typed(value: Any, kind: type | tuple, default: Any = None) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        return default
+    return value if isinstance(value, kind) else default
+
+
+@dataclass
+class RunInfo:
+    """What `zopro ls`, `zopro status` and the TUI's runs table show about one run."""
+
+    path: Path
+    name: str
+    status: str  # running, paused, finished, failed, stopped, stale, created, unreadable
+    method: str = "?"
+    stage: str = ""
+    iteration: int | None = None
+    iterations: int | None = None
+    step: int = 0
+    global_step: int = 0
+    total_steps: int | None = None
+    started: float | None = None
+    updated: float | None = None
+    heartbeat: float | None = None
+    error: str | None = None
+    latest: dict[str, Any] = field(default_factory=dict)
+    pid: int | None = None
+    warnings: list[dict] = field(default_factory=list)  # the last few: {code, message, iteration, step}
+    warning_count: int = 0
+
+    @property
+    def elapsed(self) -> float | None:
+        if self.started is None:
+            return None
+        end = time.time() if self.status in ("running", "paused") else (self.updated or time.time())
+        return max(0.0, end - self.started)
+
+    @property
+    def eta(self) -> float | None:
+        if self.status != "running" or not self.total_steps or not self.global_step or self.elapsed is None:
+            return None
+        rate = self.global_step / max(self.elapsed, 1e-9)
+        return max(0.0, (self.total_steps - self.global_step) / rate)
+
+    def to_json(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "path"}
+        data["path"] = str(self.path)
+        data["elapsed"] = self.elapsed
+        data["eta"] = self.eta
+        return data
+
+
+def run_info(run_dir: Path, now: float | None = None) -> RunInfo:
+    """Derive a run's status from status.json, the heartbeat and the writer's pid."""
+    run_dir = Path(run_dir)
+    status, problem = _read_object(run_dir / "status.json")
+    meta, _ = _read_object(run_dir / "meta.json")
+    events = run_dir / "events.jsonl"
+    if problem is None and events.exists() and not events.is_file():
+        problem = "events.jsonl is not a file"
+    try:
+        heartbeat = float((run_dir / "heartbeat").read_text().strip())
+    except (ValueError, OSError):
+        heartbeat = None
+    now = time.time() if now is None else now
+    state = status.get("state", "created")
+    if problem is None and state not in STATES:
+        problem = f"status.json has an unknown state {str(state)[:40]!r}"
+    pid = _typed(status.get("pid"), int) or _typed(meta.get("pid"), int)
+    if problem is not None:
+        state = "unreadable"
+    elif state in ("running", "paused"):
+        fresh = heartbeat is not None and now - heartbeat < STALE_AFTER_SECONDS
+        if not (fresh and pid_alive(pid)):
+            state = "stale"
+    number = (int, float)
+    latest = _typed(status.get("latest"), dict, {})
+    return RunInfo(
+        path=run_dir,
+        name=run_dir.name,
+        status=state,
+        method=_typed(status.get("method"), str) or _typed(meta.get("method"), str) or "?",
+        stage=_typed(status.get("stage"), str, ""),
+        iteration=_typed(status.get("iteration"), int),
+        iterations=_typed(status.get("iterations"), int),
+        step=_typed(status.get("step"), int, 0),
+        global_step=_typed(status.get("global_step"), int, 0),
+        total_steps=_typed(status.get("total_steps"), int),
+        started=_typed(status.get("started"), number) or _typed(meta.get("started"), number),
+        updated=_typed(status.get("updated"), number),
+        heartbeat=heartbeat,
+        error=problem or _typed(status.get("error"), str),
+        latest={k: v for k, v in latest.items() if _is_number(v)},
+        pid=pid,
+        warnings=status.get("warnings") or [],
+        warning_count=status.get("warning_count") or len(status.get("warnings") or []),
+    )
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "events.jsonl").exists() or (path / "status.json").exists()
+
+
+def list_runs(root: Path) -> list[RunInfo]:
+    """The runs directly under `root` (newest first)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    try:
+        folders = [p for p in root.iterdir() if p.is_dir() and is_run_dir(p)]
+    except OSError:
+        return []
+    return sorted((_run_info_or_unreadable(p) for p in folders), key=lambda r: r.started or 0.0, reverse=True)
+
+
+def _run_info_or_unreadable(run_dir: Path) -> RunInfo:
+    """One run's info; a run that cannot be read at all is listed as unreadable, never breaking the list."""
+    try:
+        return run_info(run_dir)
+    except Exception as error:  # noqa: BLE001 - one bad run must leave every other run usable
+        return RunInfo(
+            path=run_dir, name=run_dir.name, status="unreadable", error=f"{type(error).__name__}: {error}"
+        )
+
+
+def read_recipe(run_dir: Path) -> dict:
+    try:
+        return tomllib.loads((Path(run_dir) / "recipe.toml").read_text())
+    except (OSError, ValueError, RecursionError):  # missing, not TOML, not UTF-8, too deep
+        return {}
+
+
+def latest_samples(run_dir: Path) -> list[dict]:
+    """The rows of the newest samples file (prompt, response, scores)."""
+    files = sorted((Path(run_dir) / "samples").glob("samples-*.jsonl"))
+    if not files:
+        return []
+    rows = []
+    try:
+        text = files[-1].read_bytes()[:MAX_LINE_BYTES].decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

@@ -1,0 +1,208 @@
+"""Rich renderings and exports shared by the headless commands: runs table, status, summary, CSV/JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from engine.rundir.reader import RunInfo, read_events
+
+STATUS_STYLE = {
+    "running": "green",
+    "paused": "yellow",
+    "finished": "blue",
+    "failed": "red",
+    "stale": "magenta",
+    "stopped": "yellow",
+    "created": "dim",
+    "unreadable": "bold red",
+}
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def fmt_value(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_with_se(value: float | None, se: float | None, digits: int = 3) -> str:
+    """A score with its standard error when there is one: `0.468 ± 0.012`, else as `fmt_value`."""
+    if value is None or se is None or not isinstance(se, (int, float)) or se != se:
+        return fmt_value(value, digits)
+    return f"{fmt_value(value, digits)} ± {se:.{digits}f}"
+
+
+def status_text(info: RunInfo) -> Text:
+    """The run's state, with `!N` in yellow when it raised N warnings (runaway training and the like)."""
+    text = Text(info.status, style=STATUS_STYLE.get(info.status, ""))
+    if info.warning_count:
+        text.append(f" !{info.warning_count}", style="bold yellow")
+    return text
+
+
+def warning_codes(warnings: list[dict], iteration: int | None) -> str:
+    """The distinct codes of the warnings raised in `iteration` (in order), comma-separated."""
+    codes: list[str] = []
+    for warning in warnings:
+        if warning.get("iteration") == iteration and warning.get("code") not in codes:
+            codes.append(warning.get("code", "?"))
+    return ", ".join(codes)
+
+
+def position(info: RunInfo) -> str:
+    """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them, `done` after."""
+    if info.status == "finished" or info.stage == "done":
+        return f"done, {info.iterations} it" if info.iterations else "done"
+    if info.iteration is None:
+        return f"{info.stage or '-'} {info.step}".strip()
+    total = f"/{info.iterations}" if info.iterations else ""
+    return f"it {info.iteration + 1}{total} {info.stage} {info.step}"
+
+
+def runs_table(runs: list[RunInfo]) -> Table:
+    """name, method, status, position, latest scores, and time (elapsed, "+ETA" while running)."""
+    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
+    table.add_column("run", overflow="ellipsis", no_wrap=True, max_width=18)
+    for column, width in (("method", 10), ("status", 8), ("position", 10)):
+        table.add_column(column, no_wrap=True, min_width=width)
+    for column in ("RM", "gold", "win"):
+        table.add_column(column, no_wrap=True, justify="right", min_width=5)
+    table.add_column("time", no_wrap=True)
+    for info in runs:
+        latest = info.latest
+        time_text = fmt_duration(info.elapsed)
+        if info.eta is not None:
+            time_text += f" +{fmt_duration(info.eta)}"
+        table.add_row(
+            info.name,
+            info.method,
+            status_text(info),
+            position(info),
+            fmt_value(latest.get("objective/scores"), 2),
+            fmt_value(latest.get("eval/gold")),
+            fmt_value(latest.get("eval/win_rate_vs_sft")),
+            time_text,
+        )
+    return table
+
+
+def evaluations_table(
+    evals: list[dict], title: str | None = None, warnings: list[dict] | None = None
+) -> Table:
+    """One row per held-out evaluation: the SFT baseline, then each iteration; with `warnings` (events or
+    status entries with code and iteration) a last column names those raised in each iteration."""
+    table = Table(title=title, header_style="bold", title_justify="left")
+    columns = ["", "gold", "win vs SFT", "reward score", "KL", "wall time"]
+    if warnings:
+        columns.append("warnings")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("", "warnings") else "right")
+    previous = 0.0
+    for row in evals:
+        metrics = row.get("metrics", row)
+        label = "SFT" if row.get("iteration") is None else f"iteration {row['iteration']}"
+        elapsed = row.get("elapsed", metrics.get("time/elapsed_s"))
+        wall = None if elapsed is None else elapsed - previous
+        previous = elapsed or previous
+        cells = [
+            label,
+            fmt_value(metrics.get("eval/gold")),
+            fmt_value(metrics.get("eval/win_rate_vs_sft")),
+            fmt_value(metrics.get("eval/reward")),
+            fmt_value(metrics.get("eval/kl")),
+            fmt_duration(wall),
+        ]
+        if warnings:
+            codes = warning_codes(warnings, row.get("iteration")) if row.get("iteration") is not None else ""
+            cells.append(Text(codes, style="bold yellow"))
+        table.add_row(*cells)
+    return table
+
+
+def status_panel(info: RunInfo, evals: list[dict]) -> Group:
+    head = Text.assemble(
+        (info.name, "bold"),
+        "  ",
+        (info.status, STATUS_STYLE.get(info.status, "")),
+        f"  {info.method}  ",
+        position(info),
+        f"  elapsed {fmt_duration(info.elapsed)}",
+        f"  ETA {fmt_duration(info.eta)}",
+    )
+    parts: list = [head]
+    if info.error:
+        parts.append(Text(f"error: {info.error}", style="red"))
+    if info.warning_count:
+        shown = info.warnings[-5:]
+        parts.append(
+            Text(
+                f"{info.warning_count} warning{'s' if info.warning_count > 1 else ''}"
+                + (f" (the last {len(shown)}):" if info.warning_count > len(shown) else ":"),
+                style="bold yellow",
+            )
+        )
+        for warning in shown:
+            where = f"iteration {warning['iteration']}" if warning.get("iteration") is not None else "-"
+            parts.append(
+                Text(f"  [{warning.get('code', '?')}] {where}: {warning.get('message', '')}", style="yellow")
+            )
+    latest = {
+        k: v
+        for k, v in info.latest.items()
+        if k.split("/")[0] in ("objective", "eval", "loss", "zo", "reward")
+    }
+    if latest:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim")
+        grid.add_column(justify="right")
+        for key in sorted(latest):
+            grid.add_row(key, fmt_value(latest[key], 4))
+        parts.append(grid)
+    if evals:
+        parts.append(evaluations_table(evals, "held-out evaluation", warnings=info.warnings))
+    return Group(*parts)
+
+
+def metric_rows(run_dir: Path, problems: list[str] | None = None) -> list[dict]:
+    rows = []
+    for event in read_events(run_dir, problems):
+        if event.get("type") not in ("metrics", "eval"):
+            continue
+        row = {
+            k: event.get(k)
+            for k in ("seq", "type", "time", "elapsed", "stage", "iteration", "step", "global_step")
+        }
+        row.update(event.get("metrics", {}))
+        rows.append(row)
+    return rows
+
+
+def export_metrics(run_dir: Path, format: str, problems: list[str] | None = None) -> str:
+    rows = metric_rows(run_dir, problems)
+    if format == "json":
+        return json.dumps({"run": Path(run_dir).name, "rows": rows}, indent=None) + "\n"
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

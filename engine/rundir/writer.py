@@ -1,0 +1,304 @@
+"""The run directory, writer side: layout, the single-writer lock, events, status, heartbeat, control, checkpoints.
+
+Layout (the contract every reader relies on; see README "The run directory"):
+
+    runs/<name>/
+      recipe.toml        the fully resolved recipe
+      meta.json          versions, host, device, seed, start time, pid
+      events.jsonl       append-only, one JSON object per line (see `RunWriter.emit`)
+      heartbeat          rewritten every few seconds while the writer is alive (unix time)
+      status.json        the latest state, small, replaced atomically
+      control/           requests from readers: files named pause, resume, stop, checkpoint
+      checkpoints/       one folder per checkpoint, written under a temporary name then renamed;
+                         `latest` names the newest (state.json is written last: a folder without it is partial)
+      samples/           samples-<global_step>.jsonl: prompts, responses and scores
+      lock               held (flock) by the one process that writes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from engine.rundir.controls import CONTROL_REQUESTS
+from engine.rundir.files import RunDirError, atomic_write_json, atomic_write_text, clean_metrics, json_default
+
+HEARTBEAT_SECONDS = 2.0
+PRIVATE_BITS = (
+    0o022  # no group or other write on anything a writer creates: control/ and checkpoints steer it
+)
+
+
+def adapter_file(checkpoint: Path, adapter: str) -> Path:
+    """Where a checkpoint keeps one adapter's tensors, in plain peft layout (sft, policy or reward)."""
+    return checkpoint / "adapters" / adapter / "adapter_model.safetensors"
+
+
+def default_run_dir(root: Path, name: str, method: str) -> Path:
+    """A new run's folder under `root`: NAME-METHOD-TIME, with a count when that exists already."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{name}-{method}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{method}-{stamp}-{n}"
+    return path
+
+
+class RunWriter:
+    """The one process that writes a run directory: holds its lock and owns events, status and checkpoints."""
+
+    def __init__(self, run_dir: Path, *, next_seq: int = 0):
+        self.path = Path(run_dir)
+        self.events_path = self.path / "events.jsonl"
+        self.control_dir = self.path / "control"
+        self.checkpoints_dir = self.path / "checkpoints"
+        self.samples_dir = self.path / "samples"
+        self.seq = next_seq
+        self._lock_handle: Any = None
+        self._events_fd: int | None = None
+        self._events_size = 0
+        self._status: dict[str, Any] = {}
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def open(self) -> RunWriter:
+        """Take the lock and open the files; RunDirError (one sentence) when the folder cannot be written."""
+        try:
+            return self._open()
+        except OSError as error:
+            self.close()
+            where = error.filename or self.path
+            raise RunDirError(
+                f"{where} cannot be written as part of a run directory ({error.strerror or error}); "
+                "fix or remove it, or choose another directory"
+            ) from None
+
+    def _open(self) -> RunWriter:
+        os.umask(os.umask(PRIVATE_BITS) | PRIVATE_BITS)  # also covers what torch and safetensors write
+        self.path.mkdir(parents=True, exist_ok=True)
+        _make_private(self.path)
+        handle = open(self.path / "lock", "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirError(
+                f"{self.path} is already being written by pid {holder}; one writer per run directory "
+                f"(watch it with `zopro status {self.path}`, or stop it first)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_handle = handle
+        for folder in (self.control_dir, self.checkpoints_dir, self.samples_dir):
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
+            folder.mkdir(exist_ok=True)
+            _make_private(folder)
+        self.recover_checkpoints()
+        self._events_fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._events_size = _drop_partial_line(self._events_fd)
+        self.beat()
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="zopro-heartbeat", daemon=True)
+        self._beat_thread.start()
+        return self
+
+    def close(self) -> None:
+        self._beat_stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(timeout=5)
+        if self._events_fd is not None:
+            os.close(self._events_fd)
+            self._events_fd = None
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def __enter__(self) -> RunWriter:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def beat(self) -> None:
+        atomic_write_text(self.path / "heartbeat", f"{time.time():.3f}\n")
+
+    def _beat_loop(self) -> None:
+        while not self._beat_stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):
+                self.beat()
+
+    # -- events and status -------------------------------------------------------------------------------
+    def emit(self, type: str, *, stage: str, iteration: int | None, step: int, **fields: Any) -> dict:
+        """Append one event as one whole line and flush it.
+
+        Every event has `seq` (its identity; a resumed run re-emits from the checkpoint's seq, and a
+        `resume` event with `rewind_to_seq` tells readers to drop what came after), `type`, `time`,
+        `stage`, `iteration` and `step`; metric events carry `metrics: {name: value}`.
+        """
+        event = {
+            "seq": self.seq,
+            "type": type,
+            "time": round(time.time(), 4),
+            "stage": stage,
+            "iteration": iteration,
+            "step": step,
+        }
+        if "metrics" in fields:
+            fields["metrics"] = clean_metrics(fields["metrics"])
+        event.update(fields)
+        line = (json.dumps(event, default=json_default, allow_nan=False) + "\n").encode()
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(self._events_fd, line[written:])
+        except OSError:
+            with contextlib.suppress(OSError):  # a full disk: no half line that the next event would join
+                os.ftruncate(self._events_fd, self._events_size)
+            raise
+        self._events_size += len(line)
+        self.seq += 1
+        return event
+
+    def update_status(self, **fields: Any) -> None:
+        """Merge fields into status.json and replace it atomically."""
+        self._status.update(fields)
+        self._status["updated"] = time.time()
+        self._status["pid"] = os.getpid()
+        atomic_write_json(self.path / "status.json", self._status)
+
+    def load_status(self) -> None:
+        """Carry the previous status over (on resume)."""
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            status = json.loads((self.path / "status.json").read_text())
+            self._status = status if isinstance(status, dict) else {}
+
+    def write_samples(self, global_step: int, rows: list[dict]) -> Path:
+        path = self.samples_dir / f"samples-{global_step:08d}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(row, default=json_default) + "\n" for row in rows))
+        return path
+
+    # -- control -----------------------------------------------------------------------------------------
+    def take_requests(self) -> list[str]:
+        """The pending control requests, oldest first, removed from control/ as they are taken."""
+        found = []
+        for name in CONTROL_REQUESTS:
+            path = self.control_dir / name
+            with contextlib.suppress(FileNotFoundError):
+                found.append((path.stat().st_mtime, name))
+                path.unlink()
+        return [name for _, name in sorted(found)]
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def checkpoint(self, name: str) -> Iterator[Path]:
+        """Yield a temporary folder to fill; on success it is renamed to checkpoints/<name> atomically
+        and `checkpoints/latest` names it. A crash inside leaves only a `.tmp-*` folder, ignored and cleaned."""
+        final = self.checkpoints_dir / name
+        tmp = self.checkpoints_dir / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back at once
+            raise
+        if final.exists():
+            old = self.checkpoints_dir / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        atomic_write_text(self.checkpoints_dir / "latest", name + "\n")
+
+    def recover_checkpoints(self) -> None:
+        """Undo what a crash inside `checkpoint` left: a checkpoint moved aside (`.old-NAME-PID`) whose
+        replacement never arrived goes back to NAME; partial `.tmp-*` folders and stale `.old-*` ones go."""
+        for old in sorted(self.checkpoints_dir.glob(".old-*")):
+            name = old.name[len(".old-") :].rsplit("-", 1)[0]
+            final = self.checkpoints_dir / name
+            if name and not final.exists() and (old / "state.json").is_file():
+                os.replace(old, final)
+        for path in self.checkpoints_dir.glob(".*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _make_private(folder: Path) -> None:
+    """Take group and other write off a folder this writer owns (it may predate the umask, e.g. --run-dir)."""
+    mode = folder.stat().st_mode & 0o7777
+    if mode & PRIVATE_BITS:
+        os.chmod(folder, mode & ~PRIVATE_BITS)
+
+
+def _drop_partial_line(fd: int) -> int:
+    """Cut an unterminated last line (a writer killed mid-line) so the next event starts a line; the size."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    keep = position = size
+    while position > 0:
+        step = min(1 << 20, position)
+        position -= step
+        newline = os.pread(fd, step, position).rfind(b"\n")
+        if newline >= 0:
+            keep = position + newline + 1
+            break
+    else:
+        keep = 0
+    os.ftruncate(fd, keep)
+    return keep
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """The complete checkpoint folders (state.json written), newest first: the one `checkpoints/latest`
+    names, then the others by the event position they saved (unreadable ones last, newest file first)."""
+    folder = Path(run_dir) / "checkpoints"
+    try:
+        complete = [
+            p for p in folder.iterdir() if not p.name.startswith(".") and (p / "state.json").is_file()
+        ]
+    except OSError:
+        return []
+
+    def position(path: Path) -> tuple[int, int, float]:
+        try:
+            seq = json.loads((path / "state.json").read_text()).get("event_seq")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            seq = None
+        mtime = (path / "state.json").stat().st_mtime
+        return (1, seq, mtime) if isinstance(seq, int) and not isinstance(seq, bool) else (0, 0, mtime)
+
+    complete.sort(key=position, reverse=True)
+    try:
+        named = folder / (folder / "latest").read_text().strip()
+    except (OSError, ValueError):
+        named = None
+    if named in complete:
+        complete.remove(named)
+        complete.insert(0, named)
+    return complete
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recent complete checkpoint folder, or None."""
+    candidates = checkpoint_candidates(run_dir)
+    return candidates[0] if candidates else None

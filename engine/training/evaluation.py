@@ -1,0 +1,127 @@
+"""The held-out evaluation that closes every iteration (and gives the SFT baseline), and the watchdog
+that reads it: gold score, win rate against the SFT policy, reward, KL, each with its standard error."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.seeds import generator
+from engine.training.reward_model import reward_weights, score_texts
+from engine.training.rollout import reward_scores, sample, token_logprobs
+from engine.training.watchdog import check as check_runaway
+
+if TYPE_CHECKING:
+    from engine.training.run import Run
+
+
+def win(mine: float, theirs: float, tie: float) -> float:
+    return 1.0 if mine > theirs + tie else 0.0 if mine < theirs - tie else 0.5
+
+
+def mean_and_standard_error(values: list[float], per_prompt: int) -> tuple[float, float]:
+    """The mean of prompt-major values (`per_prompt` answers per prompt) and its standard error over
+    prompts: the answers of one prompt are averaged first, since they are not independent."""
+    means = torch.tensor(values, dtype=torch.float64).view(-1, per_prompt).mean(-1)
+    se = float(means.std(unbiased=True) / math.sqrt(len(means))) if len(means) > 1 else 0.0
+    return float(means.mean()), se
+
+
+@torch.no_grad()
+def evaluate(run: Run, label: str) -> dict[str, float]:
+    """Mean gold score of the policy on held-out prompts and its win rate against the SFT policy, each
+    with its standard error over prompts (`eval/<name>_se`). `eval.samples_per_prompt` answers per
+    prompt; the same eval generator every time, so iterations differ only by the policy."""
+    r, pm, state, counters = run.recipe, run.pm, run.state, run.counters
+    n = r.eval.samples_per_prompt
+    prompts = [p for p in run.eval_prompts for _ in range(n)]  # prompt-major: n answers each
+    kwargs = dict(
+        max_new_tokens=r.model.max_new_tokens,
+        max_prompt_tokens=r.model.max_prompt_tokens,
+        temperature=r.eval.temperature,
+        counters=counters,
+    )
+    if not state.sft_eval_answers:
+        with pm.adapter("sft"):
+            sft = sample(pm, prompts, generator=generator(run.seed, "eval"), **kwargs)
+        state.sft_eval_answers = list(zip(sft.responses, sft.finished.tolist(), strict=True))
+    with pm.adapter("policy"):
+        seqs = sample(pm, prompts, generator=generator(run.seed, "eval"), **kwargs)
+        logprobs = token_logprobs(pm, seqs, counters)
+    with pm.adapter("sft"):
+        ref = token_logprobs(pm, seqs, counters)
+    scores = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+    finished = seqs.finished.tolist()
+    per_answer: dict[str, list[float]] = {
+        "reward": scores.tolist(),
+        "kl": (logprobs - ref).sum(-1).tolist(),
+        "response_length": seqs.response_mask.sum(-1).float().tolist(),
+    }
+    task = run.task
+    if task.has_gold:
+        gold = [task.gold(p, a, f) for p, a, f in zip(prompts, seqs.responses, finished, strict=True)]
+        sft_gold = [task.gold(p, a, f) for p, (a, f) in zip(prompts, state.sft_eval_answers, strict=True)]
+        per_answer["gold"] = gold
+        per_answer["win_rate_vs_sft"] = [win(g, s, 1e-9) for g, s in zip(gold, sft_gold, strict=True)]
+    elif run.reward_initial is not None:  # no gold: the fixed initial reward model judges
+        with reward_weights(pm, run.reward_initial):
+            mine = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+            theirs = score_texts(pm, counters, r, prompts, [a for a, _ in state.sft_eval_answers])
+        per_answer["win_rate_vs_sft"] = [
+            win(a, b, 0.0) for a, b in zip(mine.tolist(), theirs.tolist(), strict=True)
+        ]
+        per_answer["reward_initial"] = mine.tolist()
+    metrics: dict[str, float] = {}
+    for name, values in per_answer.items():
+        mean, se = mean_and_standard_error(values, n)
+        metrics[f"eval/{name}"] = mean
+        if name != "response_length":
+            metrics[f"eval/{name}_se"] = se
+    run.book.metrics(metrics, type="eval")
+    row = {
+        "label": label,
+        "iteration": state.iteration if label != "sft" else None,
+        "elapsed": run.book.clock.elapsed(),
+        **metrics,
+    }
+    state.history.append(row)
+    run.book.write_samples(
+        prompts[:16],
+        seqs.responses[:16],
+        scores[:16].tolist(),
+        [task.gold(p, a) for p, a in zip(prompts[:16], seqs.responses[:16], strict=True)]
+        if task.has_gold
+        else None,
+        kind="eval",
+    )
+    return metrics
+
+
+def watch(run: Run, metrics: dict[str, float]) -> str | None:
+    """After a held-out evaluation: the watchdog's warnings, and the reason to stop (or roll back) when
+    the held-out KL exceeds policy.max_kl."""
+    w, state, book = run.recipe.watchdog, run.state, run.book
+    earlier = state.history[:-1]  # evaluate() appended this evaluation's row last
+    for warning in check_runaway(
+        metrics,
+        earlier,
+        kl_jump_factor=w.kl_jump_factor,
+        kl_jump_min=w.kl_jump_min,
+        gold_drop=w.gold_drop,
+    ):
+        book.warn(warning.code, warning.message, **warning.fields)
+    limit, kl = run.recipe.policy.max_kl, metrics.get("eval/kl")
+    if limit and kl is not None and kl > limit:
+        action = run.recipe.policy.max_kl_action
+        book.warn(
+            "max_kl",
+            f"held-out KL {kl:.2f} exceeds policy.max_kl = {limit:g} after iteration "
+            f"{state.iteration}: {'rolling back to the last checkpoint' if action == 'rollback' else 'stopping'}",
+            kl=kl,
+            max_kl=limit,
+            action=action,
+        )
+        return f"held-out KL {kl:.2f} > policy.max_kl = {limit:g} after iteration {state.iteration}"
+    return None

@@ -1,0 +1,42 @@
+"""Policy update methods: each takes one rollout and changes the policy adapter (method.md sections 2-3)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from engine.training.methods.context import MethodContext
+from engine.training.rollout import Rollout
+
+
+class PolicyUpdate(Protocol):
+    """One way to turn a rollout into a change of the policy adapter."""
+
+    name: str
+
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
+        """Change the policy adapter in place; return the update's metrics."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def make_update(method: str, context: MethodContext) -> PolicyUpdate:
+    """The update step of `method` for this run."""
+    if method == "rloo":
+        from engine.training.methods.rloo import RLOOUpdate
+
+        return RLOOUpdate(context)
+    if method == "ppo":
+        from engine.training.methods.ppo import PPOUpdate
+
+        return PPOUpdate(context)
+    if method == "online_dpo":
+        from engine.training.methods.online_dpo import OnlineDPOUpdate
+
+        return OnlineDPOUpdate(context)
+    if method in ("mezo", "zopro"):
+        from engine.training.methods.mezo_zopro import ZerothOrderUpdate
+
+        return ZerothOrderUpdate(context, method)
+    raise ValueError(f"unknown policy method {method!r}")

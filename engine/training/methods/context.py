@@ -1,0 +1,41 @@
+"""What a policy-update method is handed: the models, the counters, the recipe, where the run stands, and
+the few services of the run it may call. A method never imports the loop; the loop builds this."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.recipe import Recipe
+from engine.training.models import PreferenceModel
+from engine.training.rollout import Rollout
+from engine.training.telemetry import Counters
+
+
+@dataclass
+class MethodContext:
+    """The run as a policy-update method sees it."""
+
+    pm: PreferenceModel
+    counters: Counters
+    recipe: Recipe
+    # where the run stands: the current iteration (the loop position, read at each call)
+    current_iteration: Callable[[], int]
+    # the adapter history: the checkpoint saved at the end of an iteration (-1: after the reward model),
+    # where ZOPrO reads the policy's and the reward model's last changes (mu and v)
+    iteration_checkpoint: Callable[[int], Path]
+    # a `warning` event (code, message, fields), kept in status.json too
+    warn: Callable[..., Any]
+    # a quick probe: mean reward-model score (and gold) of one fresh answer per held-out prompt from the
+    # active adapter, on the generator of (*where)
+    score_policy: Callable[..., dict[str, float]]
+    # a rollout on this iteration's training prompts drawn from `where` (diagnostics)
+    fresh_rollout: Callable[[tuple], Rollout]
+    # set by distributed runs: averages a float across ranks
+    reduce_scalar: Callable[[float], float] | None = None
+
+    @property
+    def iteration(self) -> int:
+        return self.current_iteration()

@@ -1,0 +1,190 @@
+"""`ppo`: PPO-clip with a value head and GAE at token level, the classic RLHF baseline (method.md section 2).
+
+One rollout (shared with every other method, never re-sampled) becomes per-token rewards
+    r_t = -beta * (logp_old_t - logp_ref_t)   (+ the reward model's score at the last response token),
+a value head V reads the policy adapter's last hidden state at each response position, GAE turns
+(r, V) into advantages A_t and returns R_t = A_t + V_t, and `epochs` passes of `minibatches` minimise
+    loss = mean_t max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps))
+         + vf_coef * 0.5 * mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - R_t)^2)
+with ratio_t = exp(logp_t - logp_old_t), over the policy adapter and the value head (AdamW, grad clip).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.seeds import generator
+from engine.training.methods.context import MethodContext
+from engine.training.models import PreferenceModel
+from engine.training.rollout import Rollout, Sequences, position_ids
+from engine.training.telemetry import Counters
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; zero elsewhere."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def token_rewards(
+    scores: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
+    """r_t = -beta * (logp_old_t - logp_ref_t) on every response token, plus the score at the last one."""
+    mask = response_mask.float()
+    rewards = -kl_coef * (old_logprobs - ref_logprobs) * mask
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores * mask[rows, last]
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (Schulman et al. 2016), right padding masked:
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  returns R_t = A_t + V_t.
+    Past the last response token V and A count as 0, whatever the padding holds."""
+    mask = mask.float()
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def logprobs_and_values(
+    pm: PreferenceModel, value_head: nn.Linear, seqs: Sequences, counters: Counters
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward with the active adapter: per-token log-probs of the response tokens and the value of
+    the state before each of them, both (N, R) and zero on padding. The logits are the lm_head of the same
+    last hidden states the value head reads (what the causal LM itself computes)."""
+    mask = seqs.attention_mask
+    hidden = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
+    counters.add(forward_passes=1, tokens=int(mask.sum()))
+    hidden = hidden[:, seqs.prompt_width - 1 : -1, :]  # position t predicts response token t
+    logits = pm.model.get_output_embeddings()(hidden).float()
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, seqs.response_ids[..., None]).squeeze(-1)
+    values = value_head(hidden.float()).squeeze(-1)
+    return logprobs * seqs.response_mask, values * seqs.response_mask
+
+
+class PPOUpdate:
+    """PPO-clip with a value head and token-level GAE on the shared rollout."""
+
+    name = "ppo"
+
+    def __init__(self, context: MethodContext):
+        self.pm, self.counters, self.seed = context.pm, context.counters, context.recipe.seed
+        self.config = context.recipe.ppo
+        self.clip_range = context.recipe.policy.clip_range
+        # V(s_t): a float32 linear read-out of the policy adapter's last hidden state; zero at the start
+        self.value_head = nn.Linear(self.pm.score_head.in_features, 1).to(self.pm.device)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.params = list(self.pm.adapter_parameters("policy").values()) + list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=0.0)
+
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
+        c = self.config
+        lr = c.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        seqs = rollout.sequences
+        mask = seqs.response_mask.float()
+
+        # advantages and returns from the rollout, with the values of the sampling policy
+        with torch.no_grad(), self.pm.adapter("policy"):
+            _, old_values = logprobs_and_values(self.pm, self.value_head, seqs, self.counters)
+        rewards = token_rewards(
+            rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, mask, rollout.kl_coef
+        )  # the rollout's beta: policy.kl_coef, or the adaptive controller's value
+        advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        n = mask.shape[0]
+        size = -(-n // c.minibatches)
+        shuffle = generator(self.seed, "ppo", update_index)  # minibatch order: the same after a resume
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("loss", "policy", "value", "clipfrac", "approxkl", "grad_norm")
+        }
+        for _ in range(c.epochs):
+            order = torch.randperm(n, generator=shuffle).to(mask.device)
+            for start in range(0, n, size):
+                rows = order[start : start + size]
+                m = mask[rows]
+                with self.pm.adapter("policy"):  # active (so trainable) through backward and step
+                    logprobs, values = logprobs_and_values(
+                        self.pm, self.value_head, seqs.select(rows), self.counters
+                    )
+                    # clipped surrogate on token ratios
+                    log_ratio = logprobs - rollout.old_logprobs[rows]
+                    ratio = torch.exp(log_ratio)
+                    pg_unclipped = -advantages[rows] * ratio
+                    pg_clipped = -advantages[rows] * torch.clamp(
+                        ratio, 1.0 - self.clip_range, 1.0 + self.clip_range
+                    )
+                    policy_loss = masked_mean(torch.max(pg_unclipped, pg_clipped), m)
+                    # clipped value loss around the rollout's values
+                    values_clipped = old_values[rows] + torch.clamp(
+                        values - old_values[rows], -c.cliprange_value, c.cliprange_value
+                    )
+                    value_loss = 0.5 * masked_mean(
+                        torch.max((values - returns[rows]) ** 2, (values_clipped - returns[rows]) ** 2), m
+                    )
+                    loss = policy_loss + c.vf_coef * value_loss
+                    loss.backward()
+                    self.counters.add(backward_passes=1)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    stats["loss"].append(float(loss))
+                    stats["policy"].append(float(policy_loss))
+                    stats["value"].append(float(value_loss))
+                    stats["clipfrac"].append(float(masked_mean((pg_clipped > pg_unclipped).float(), m)))
+                    stats["approxkl"].append(float(0.5 * masked_mean(log_ratio**2, m)))
+                    stats["grad_norm"].append(float(grad_norm))
+
+        def mean(name: str) -> float:
+            return sum(stats[name]) / len(stats[name])
+
+        residual_var = masked_mean(
+            (returns - old_values - masked_mean(returns - old_values, mask)) ** 2, mask
+        )
+        returns_var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+        return {
+            "loss/policy": mean("policy"),
+            "loss/value": mean("value"),
+            "loss/total": mean("loss"),
+            "policy/clipfrac": mean("clipfrac"),
+            "policy/approxkl": mean("approxkl"),
+            "policy/grad_norm": mean("grad_norm"),
+            "policy/lr": lr,
+            "value/mean": float(masked_mean(old_values, mask)),
+            "value/explained_variance": float(1.0 - residual_var / returns_var.clamp(min=1e-8)),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,60 @@
+"""`rloo`: first-order policy update with the clipped surrogate on sequence ratios and AdamW."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.training.methods.context import MethodContext
+from engine.training.objectives import clipped_surrogate
+from engine.training.rollout import Rollout, token_logprobs
+
+
+class RLOOUpdate:
+    """loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), back-propagated into the policy adapter."""
+
+    name = "rloo"
+
+    def __init__(
+        self, context: MethodContext, on_gradient: Callable[[dict[str, torch.Tensor]], None] | None = None
+    ):
+        """`on_gradient({name: raw gradient})` is called after each backward, before the clip (the
+        zeroth-order methods keep these snapshots for their subspace sampler)."""
+        self.pm, self.counters = context.pm, context.counters
+        self.on_gradient = on_gradient
+        self.clip_range = context.recipe.policy.clip_range
+        config = context.recipe.rloo
+        self.lr, self.max_grad_norm = config.lr, config.max_grad_norm
+        self.named_params = self.pm.adapter_parameters("policy")
+        self.params = list(self.named_params.values())
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        with self.pm.adapter("policy"):
+            new_logprobs = token_logprobs(self.pm, rollout.sequences, self.counters)
+            loss, stats = clipped_surrogate(
+                new_logprobs, rollout.old_logprobs, rollout.advantages, self.clip_range
+            )
+            loss.backward()
+        self.counters.add(backward_passes=1)
+        if self.on_gradient is not None:
+            self.on_gradient({name: p.grad for name, p in self.named_params.items()})
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss/policy": float(loss.detach()),
+            "policy/grad_norm": float(grad_norm),
+            "policy/lr": self.lr,
+            **stats,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

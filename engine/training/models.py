@@ -1,0 +1,334 @@
+"""Models: the built-in tiny Llama and its tokenizer, loading a base, and the sft/policy/reward LoRA adapters.
+
+All three adapters live on ONE frozen base (a peft model with three named adapters); the reward model
+adds a scalar score head that reads the last hidden state. Trainable adapters stay float32 whatever the
+base dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.rundir.writer import adapter_file
+
+ADAPTERS = ("sft", "policy", "reward")
+BUILTIN_SIZES = {
+    # name: hidden, layers, heads, mlp
+    "nano": (64, 2, 4, 256),
+    "tiny": (128, 2, 4, 512),
+    "small": (256, 4, 8, 1024),
+    "base10m": (256, 8, 8, 1024),
+    "base100m": (768, 12, 12, 3072),
+}
+BUILTIN_VOCAB = 512
+BUILTIN_VERSION = 3  # bump when the build changes, so caches rebuild
+PRETRAIN_STEPS = 300
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be built or loaded; the message is one sentence for the user."""
+
+
+def quiet_transformers() -> None:
+    """transformers 5 prints load reports and progress bars; the CLI and the TUI want none of it."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+    with contextlib.suppress(Exception):
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ZOPRO_CACHE", Path.home() / ".cache" / "zopro"))
+
+
+# --- the built-in tiny model -------------------------------------------------------------------------------
+
+
+def build_builtin(
+    size: str, corpus: list[str], seed: int, cache_dir: Path, pretraining_text: list[str] | None = None
+) -> Path:
+    """Build (once) a small Llama-style causal LM from a config with a byte-level BPE tokenizer trained on
+    the task's text, briefly pre-train it (all weights) on the task's plain text so that, like a real
+    base model, it already speaks the language, and save it with save_pretrained; returns the folder to
+    load with from_pretrained. Deterministic from the seed; built under a temporary name, then renamed."""
+    if size not in BUILTIN_SIZES:
+        raise ModelError(
+            f"unknown built-in model builtin:{size}; available: "
+            + ", ".join(f"builtin:{s}" for s in BUILTIN_SIZES)
+        )
+    text = pretraining_text or []
+    digest = hashlib.sha256("\n".join(corpus + ["--"] + text).encode()).hexdigest()[:12]
+    target = cache_dir / "builtin" / f"{size}-seed{seed}-{digest}-v{BUILTIN_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BUILTIN_VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    hidden, layers, heads, mlp = BUILTIN_SIZES[size]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    if text:
+        pretrain(model, tokenizer, text, seed=seed, steps=PRETRAIN_STEPS)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "zopro-builtin.json").write_text(
+        json.dumps(
+            {
+                "size": size,
+                "seed": seed,
+                "corpus_sha": digest,
+                "pretrain_steps": PRETRAIN_STEPS if text else 0,
+            }
+        )
+    )
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def pretrain(
+    model: nn.Module,
+    tokenizer,
+    text: list[str],
+    *,
+    seed: int,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+) -> float:
+    """Next-token training of all weights on plain lines (each followed by EOS); returns the last loss."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        order = torch.randint(len(text), (batch_size,), generator=gen).tolist()
+        lines = [text[i] + tokenizer.eos_token for i in order]
+        batch = tokenizer(lines, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * (1 - step / steps)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss.detach())
+
+
+# --- loading a base and attaching adapters ------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceModel:
+    """One frozen base with the sft, policy and reward adapters and the reward model's score head."""
+
+    model: nn.Module  # a peft PeftModel
+    tokenizer: object
+    score_head: nn.Linear
+    device: torch.device
+    base_path: str
+
+    def use(self, adapter: str) -> None:
+        """Make `adapter` the active (and the only trainable) adapter."""
+        self.model.set_adapter(adapter)  # PeftModel keeps its own record of the active adapter
+
+    @contextlib.contextmanager
+    def adapter(self, name: str) -> Iterator[None]:
+        previous = self.model.active_adapter
+        self.use(name)
+        try:
+            yield
+        finally:
+            self.use(previous)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The trainable tensors of one adapter, by their full peft names."""
+        marker = f".{name}."
+        return {n: p for n, p in self.model.named_parameters() if marker in n and "lora_" in n}
+
+    def copy_adapter(self, source: str, target: str) -> None:
+        src = self.adapter_parameters(source)
+        dst = self.adapter_parameters(target)
+        with torch.no_grad():
+            for name, param in dst.items():
+                param.copy_(src[name.replace(f".{target}.", f".{source}.")])
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Last hidden states of the base (with the active adapter), without the lm_head."""
+        inner = self.model.base_model.model.model
+        return inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelError("device = 'cuda' but no CUDA device is available; use device = 'auto' or 'cpu'")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_base(
+    base: str, corpus: list[str], seed: int, cache_dir: str, pretraining_text: list[str] | None = None
+) -> str:
+    """A builtin:NAME becomes the folder it was built into; other names are passed to from_pretrained."""
+    if base.startswith("builtin:"):
+        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        return str(build_builtin(base.split(":", 1)[1], corpus, seed, cache, pretraining_text))
+    path = Path(base).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(
+                f"model.base = {base!r} is a folder without config.json; point it at a saved model"
+            )
+        return str(path)
+    if base.startswith((".", "/", "~")) or base.count("/") > 1 or base.endswith("/"):
+        raise ModelError(f"model.base = {base!r}: no such folder (a hub id looks like org/name)")
+    return base  # a hub id: from_pretrained downloads it when there is a network
+
+
+def load_preference_model(
+    base: str,
+    *,
+    dtype: str,
+    device: torch.device,
+    lora_rank: int,
+    lora_alpha: float,
+    target_modules: list[str],
+    seed: int,
+) -> PreferenceModel:
+    """Load the base with from_pretrained and attach sft, policy and reward LoRA adapters (same modules and
+    rank, so their tensors pair up key by key) plus a float32 score head. LoRA init is seeded."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot load model.base = {base!r}: {first[:200]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    base_model.config.use_cache = True
+    modules = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
+    lora = LoraConfig(
+        r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=modules, bias="none"
+    )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # LoRA A matrices are drawn from the global RNG
+            model = get_peft_model(base_model, lora, adapter_name="sft")
+            model.add_adapter("policy", lora)
+            model.add_adapter("reward", lora)
+            head = nn.Linear(base_model.config.hidden_size, 1)
+            nn.init.normal_(head.weight, std=1.0 / (base_model.config.hidden_size + 1))
+            nn.init.zeros_(head.bias)
+    except ValueError as error:
+        raise ModelError(
+            f"model.target_modules = {target_modules!r} does not fit {base!r}: {error}"
+        ) from None
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    model.to(device)
+    head.to(device)
+    pm = PreferenceModel(model=model, tokenizer=tokenizer, score_head=head, device=device, base_path=base)
+    pm.copy_adapter("sft", "policy")  # all start identical; SFT trains sft, policy then copies it
+    pm.use("sft")
+    return pm
+
+
+# --- saving and loading adapters ----------------------------------------------------------------------------
+
+
+def save_adapters(pm: PreferenceModel, folder: Path) -> None:
+    """adapters/<name>/ in plain peft layout (loadable with PeftModel.from_pretrained), plus the score head."""
+    from safetensors.torch import save_file
+
+    pm.model.save_pretrained(
+        folder / "adapters", selected_adapters=list(ADAPTERS), save_embedding_layers=False
+    )
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in pm.score_head.state_dict().items()},
+        str(folder / "score_head.safetensors"),
+    )
+
+
+def read_adapters(folder: Path, device: torch.device | str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter and score-head tensors of a checkpoint folder, read but not applied (safetensors only)."""
+    from safetensors.torch import load_file
+
+    weights = {name: load_file(str(adapter_file(folder, name)), device=str(device)) for name in ADAPTERS}
+    weights["score_head"] = load_file(str(folder / "score_head.safetensors"), device=str(device))
+    return weights
+
+
+def apply_adapters(pm: PreferenceModel, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    for name in ADAPTERS:
+        set_peft_model_state_dict(pm.model, weights[name], adapter_name=name)
+    pm.score_head.load_state_dict(weights["score_head"])
+
+
+def load_adapters(pm: PreferenceModel, folder: Path) -> None:
+    apply_adapters(pm, read_adapters(folder, pm.device))

@@ -1,0 +1,281 @@
+"""The rollout shared by every online method: sample answers, log-probs, reference log-probs, reward
+scores, sequence KL, rlhf reward and RLOO advantages (method.md section 2). Written once, used by all."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from engine.training.models import PreferenceModel
+from engine.training.telemetry import Counters
+
+
+@dataclass
+class Sequences:
+    """Prompts (left padded) followed by responses (right padded); one row per sampled answer."""
+
+    prompts: list[str]
+    responses: list[str]
+    input_ids: torch.Tensor  # (N, P + R)
+    attention_mask: torch.Tensor  # (N, P + R)
+    response_mask: torch.Tensor  # (N, R) 1 for response tokens (EOS included)
+    prompt_width: int
+    finished: torch.Tensor  # (N,) bool: the answer ended with EOS
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_width :]
+
+    def select(self, rows: torch.Tensor) -> Sequences:
+        """The rows `rows` of this batch, in the same layout."""
+        picked = rows.tolist()
+        return dataclasses.replace(
+            self,
+            prompts=[self.prompts[i] for i in picked],
+            responses=[self.responses[i] for i in picked],
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            finished=self.finished[rows],
+        )
+
+
+@dataclass
+class Rollout:
+    """One update's batch with everything the surrogate losses need."""
+
+    sequences: Sequences
+    old_logprobs: torch.Tensor  # (N, R) per-token, sampling policy
+    ref_logprobs: torch.Tensor  # (N, R) per-token, sft adapter
+    scores: torch.Tensor  # (N,) reward model (clipped to [-reward_clip, reward_clip]), missing-EOS penalty
+    kl: torch.Tensor  # (N,) sequence KL estimate sum_t (logp - logp_ref)
+    rlhf_reward: torch.Tensor  # (N,) score - beta * kl
+    advantages: torch.Tensor  # (N,) RLOO: R_j - mean of the other k - 1 (whitened over the batch if asked)
+    samples_per_prompt: int
+    kl_coef: float = 0.0  # the beta of this rollout (fixed, or the adaptive controller's value)
+    raw_scores: torch.Tensor | None = None  # (N,) the reward model's scores before clipping and penalty
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so recomputed log-probs match sampling."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prompts(
+    pm: PreferenceModel, prompts: list[str], max_prompt_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = pm.tokenizer
+    batch = tok(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,
+    )
+    return batch["input_ids"].to(pm.device), batch["attention_mask"].to(pm.device)
+
+
+@torch.no_grad()
+def sample(
+    pm: PreferenceModel,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+    counters: Counters,
+) -> Sequences:
+    """Sample one answer per prompt with the active adapter (KV cache, explicit generator)."""
+    tok = pm.tokenizer
+    input_ids, prompt_mask = encode_prompts(pm, prompts, max_prompt_tokens)
+    mask = prompt_mask
+    n, width = input_ids.shape
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    out = pm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    cache = out.cache  # transformers >= 5.24 names the KV cache `cache` (past_key_values goes in 5.40)
+    logits = out.logits[:, -1, :]
+    finished = torch.zeros(n, dtype=torch.bool, device=pm.device)
+    next_pos = mask.long().sum(-1)
+    new_tokens, new_mask = [], []
+    for _ in range(max_new_tokens):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(pm.device)
+        alive = ~finished
+        token = torch.where(alive, token, torch.full_like(token, pad))
+        new_tokens.append(token)
+        new_mask.append(alive.long())
+        finished = finished | (token == eos)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, alive.long()[:, None]], dim=-1)
+        out = pm.model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            cache=cache,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+        cache = out.cache
+        logits = out.logits[:, -1, :]
+    response_ids = torch.stack(new_tokens, dim=1)
+    response_mask = torch.stack(new_mask, dim=1)
+    counters.add(forward_passes=1, tokens=int(mask.sum()))
+    responses = [
+        _decode(tok, ids, m, eos)
+        for ids, m in zip(response_ids.tolist(), response_mask.tolist(), strict=True)
+    ]
+    full_ids = torch.cat([input_ids, response_ids], dim=1)
+    full_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    return Sequences(
+        prompts=list(prompts),
+        responses=responses,
+        input_ids=full_ids,
+        attention_mask=full_mask,
+        response_mask=response_mask,
+        prompt_width=width,
+        finished=finished,
+    )
+
+
+def _decode(tok, ids: list[int], mask: list[int], eos: int) -> str:
+    kept = [t for t, m in zip(ids, mask, strict=True) if m and t != eos]
+    return tok.decode(kept, skip_special_tokens=True).strip()
+
+
+def token_logprobs(pm: PreferenceModel, seqs: Sequences, counters: Counters) -> torch.Tensor:
+    """Per-token log-probs of the response tokens under the active adapter, (N, R); zero on padding."""
+    mask = seqs.attention_mask
+    out = pm.model(input_ids=seqs.input_ids, attention_mask=mask, position_ids=position_ids(mask))
+    counters.add(forward_passes=1, tokens=int(mask.sum()))
+    logits = out.logits[:, seqs.prompt_width - 1 : -1, :].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, seqs.response_ids[..., None]).squeeze(-1)
+    return logp * seqs.response_mask
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    return mask.shape[1] - 1 - mask.flip(-1).long().argmax(-1)
+
+
+def reward_scores(
+    pm: PreferenceModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, counters: Counters
+) -> torch.Tensor:
+    """Score each sequence with the reward adapter and head, read at the last non-padding token."""
+    with pm.adapter("reward"):
+        hidden = pm.hidden_states(input_ids, attention_mask, position_ids(attention_mask))
+    counters.add(forward_passes=1, tokens=int(attention_mask.sum()))
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return pm.score_head(last.float()).squeeze(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """A_j = R_j - mean of the other k - 1 rewards of the same prompt (rows grouped prompt-major)."""
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the batch (TRL's normalize_advantages); a batch with no spread stays at 0."""
+    centred = values - values.mean()
+    if values.numel() < 2:
+        return centred
+    return centred / (centred.std() + eps)
+
+
+@torch.no_grad()
+def collect_rollout(
+    pm: PreferenceModel,
+    prompts: list[str],
+    *,
+    k: int,
+    kl_coef: float,
+    missing_eos_penalty: float,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+    counters: Counters,
+    reward_clip: float = 0.0,
+    whiten_advantages: bool = False,
+) -> Rollout:
+    """B prompts -> k answers each from the policy, with old and reference log-probs, scores and advantages.
+
+    `reward_clip > 0` clips the reward model's scores to [-reward_clip, reward_clip] before the missing-EOS
+    penalty and the KL term (TRL's reward_clip_range); `whiten_advantages` rescales the RLOO advantages to
+    mean 0 and standard deviation 1 over the batch (TRL's normalize_advantages)."""
+    repeated = [p for p in prompts for _ in range(k)]
+    with pm.adapter("policy"):
+        seqs = sample(
+            pm,
+            repeated,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            temperature=temperature,
+            generator=generator,
+            counters=counters,
+        )
+        old_logprobs = token_logprobs(pm, seqs, counters)
+    with pm.adapter("sft"):
+        ref_logprobs = token_logprobs(pm, seqs, counters)
+    raw_scores = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+    scores = raw_scores.clamp(-reward_clip, reward_clip) if reward_clip > 0 else raw_scores
+    if missing_eos_penalty:
+        scores = scores - missing_eos_penalty * (~seqs.finished).float()
+    kl = (old_logprobs - ref_logprobs).sum(-1)
+    rlhf_reward = scores - kl_coef * kl
+    advantages = rloo_advantages(rlhf_reward, k)
+    if whiten_advantages:
+        advantages = whiten(advantages)
+    return Rollout(
+        sequences=seqs,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        scores=scores,
+        kl=kl,
+        rlhf_reward=rlhf_reward,
+        advantages=advantages,
+        samples_per_prompt=k,
+        kl_coef=kl_coef,
+        raw_scores=raw_scores,
+    )
+
+
+def encode_responses(
+    pm: PreferenceModel,
+    prompts: list[str],
+    responses: list[str],
+    *,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+) -> Sequences:
+    """Given (prompt, response) text pairs -> the same layout that sampling produces (prompt left padded,
+    response right padded, EOS appended), so log-probs and scores treat data and samples alike."""
+    tok = pm.tokenizer
+    input_ids, prompt_mask = encode_prompts(pm, prompts, max_prompt_tokens)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    rows = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        text = response if (not prompt or prompt[-1].isspace()) else " " + response
+        ids = tok(text, add_special_tokens=False)["input_ids"][: max_new_tokens - 1] + [eos]
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    response_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        response_ids[i, : len(ids)] = torch.tensor(ids)
+        response_mask[i, : len(ids)] = 1
+    response_ids, response_mask = response_ids.to(pm.device), response_mask.to(pm.device)
+    return Sequences(
+        prompts=list(prompts),
+        responses=list(responses),
+        input_ids=torch.cat([input_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+        response_mask=response_mask,
+        prompt_width=input_ids.shape[1],
+        finished=torch.ones(len(rows), dtype=torch.bool, device=pm.device),
+    )

@@ -1,0 +1,288 @@
+"""One run's parts: the recipe, the task and its prompts, the model with its adapters, the optimisers, the
+policy-update method, the KL controller, the interplay tracker and the bookkeeping (`RunBook`); what a
+checkpoint holds of them; and the run's shared services (the rollout of one update, a quick score probe).
+The stages are in `engine.training.stages`, the order they run in is `engine.training.loop`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.analysis.adapter_keys import adapter_views, pair_adapter_tensors
+from engine.analysis.interplay import InterplayTracker
+from engine.data.preference_data import DataError
+from engine.data.tasks import make_task
+from engine.recipe import Recipe
+from engine.rundir.writer import RunWriter
+from engine.seeds import generator
+from engine.training.bookkeeping import RunBook, RunState, run_state
+from engine.training.judges import GoldJudge, Judge, LLMJudge, RewardJudge
+from engine.training.kl_control import KLController
+from engine.training.methods import make_update
+from engine.training.methods.context import MethodContext
+from engine.training.models import (
+    ModelError,
+    apply_adapters,
+    load_preference_model,
+    read_adapters,
+    resolve_base,
+    resolve_device,
+    save_adapters,
+)
+from engine.training.rollout import Rollout, collect_rollout, reward_scores, sample
+from engine.training.telemetry import Counters, Stopwatch
+
+
+class CheckpointUnreadable(ValueError):
+    """A checkpoint folder that cannot be loaded (truncated, garbage, or not plain tensors); one phrase."""
+
+
+class Run:
+    """One run: owns the model, the task, the optimisers, the method and the bookkeeping."""
+
+    def __init__(self, recipe: Recipe, writer: RunWriter, *, listener=None):
+        self.recipe = recipe
+        self.book = RunBook(recipe, writer, listener=listener)
+        self.seed = recipe.seed
+        try:
+            self.task = make_task(recipe)
+        except DataError as error:
+            raise ModelError(f"data.path = {recipe.data.path!r}: {error}") from None
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        self.device = self.book.device = resolve_device(recipe.device)
+        base = resolve_base(
+            recipe.model.base,
+            self.task.corpus(),
+            recipe.seed,
+            recipe.model.cache_dir,
+            self.task.pretraining_text(),
+        )
+        m = recipe.model
+        self.pm = load_preference_model(
+            base,
+            dtype=m.dtype,
+            device=self.device,
+            lora_rank=m.lora_rank,
+            lora_alpha=m.lora_alpha,
+            target_modules=m.target_modules,
+            seed=recipe.seed,
+        )
+        self.data_report = None
+        if hasattr(self.task, "bind"):  # a dataset: format prompts for this tokenizer, drop over-long rows
+            try:
+                self.data_report = self.task.bind(self.pm.tokenizer, m.max_prompt_tokens + m.max_new_tokens)
+            except DataError as error:
+                raise ModelError(f"data.path = {recipe.data.path!r}: {error}") from None
+        self.train_prompts = self.task.prompts(recipe.task.train_prompts, "train")
+        self.eval_prompts = self.task.prompts(recipe.task.eval_prompts, "eval")
+        self.sft_optimizer = torch.optim.AdamW(self.pm.adapter_parameters("sft").values(), lr=recipe.sft.lr)
+        self.reward_optimizer = self._reward_optimizer(recipe.reward.lr)
+        self.refine_optimizer = self._reward_optimizer(recipe.refine.lr)
+        self.interplay: InterplayTracker | None = None
+        if recipe.interplay.enabled or recipe.policy.method == "zopro":
+            try:
+                keys = [key for key, _, _ in pair_adapter_tensors(dict(self.pm.model.named_parameters()))]
+            except ValueError as error:
+                raise ModelError(
+                    f"the policy and reward adapters do not pair up key by key, which zopro and "
+                    f"interplay need: {error}"
+                ) from None
+            if recipe.interplay.enabled:
+                self.interplay = InterplayTracker(
+                    keys, sketch_size=recipe.interplay.sketch_size, seed=recipe.seed
+                )
+        self.method_context = MethodContext(
+            pm=self.pm,
+            counters=self.counters,
+            recipe=recipe,
+            current_iteration=lambda: self.state.iteration,
+            iteration_checkpoint=self.book.iteration_checkpoint,
+            warn=self.book.warn,
+            score_policy=self.score_policy,
+            fresh_rollout=self.fresh_rollout,
+        )
+        self.method = make_update(recipe.policy.method, self.method_context)
+        policy = recipe.policy
+        self.kl_controller = KLController(policy.kl_coef, policy.kl_target, policy.kl_horizon)
+        self.reward_before_refine: dict[str, torch.Tensor] | None = None
+        self.reward_initial: dict[str, torch.Tensor] | None = None
+        self.llm_judge: LLMJudge | None = None
+        self.book.fill_checkpoint = self.save_training_state
+
+    def _reward_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        params = list(self.pm.adapter_parameters("reward").values()) + list(self.pm.score_head.parameters())
+        return torch.optim.AdamW(params, lr=lr)
+
+    # -- the bookkeeping's view of the loop position -----------------------------------------------------
+    @property
+    def state(self) -> RunState:
+        return self.book.state
+
+    @property
+    def counters(self) -> Counters:
+        return self.book.counters
+
+    @property
+    def total_steps(self) -> int:
+        r = self.recipe
+        kept = math.ceil(
+            r.refine.keep_fraction
+            * r.train.prompts_per_update
+            * r.train.samples_per_prompt
+            * r.train.updates_per_iteration
+        )
+        refine = r.refine.epochs * math.ceil(kept / r.refine.batch_size)
+        return r.sft.steps + r.reward.steps + r.train.iterations * (r.train.updates_per_iteration + refine)
+
+    # -- shared services of the stages and the methods ---------------------------------------------------
+    def iteration_prompts(self, iteration: int) -> list[str]:
+        """Iteration i trains on its own chunk of the training prompts."""
+        per = max(
+            len(self.train_prompts) // self.recipe.train.iterations, self.recipe.train.prompts_per_update
+        )
+        start = (iteration * per) % len(self.train_prompts)
+        chunk = (self.train_prompts + self.train_prompts)[start : start + per]
+        return chunk
+
+    def adapter_views(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """{key: tensor} of the policy and of the reward adapter, keyed alike (peft's saved names)."""
+        return adapter_views(pair_adapter_tensors(dict(self.pm.model.named_parameters())))
+
+    def rollout(self, prompts: list[str], gen: torch.Generator) -> Rollout:
+        """The shared rollout of one update on `prompts` with this run's settings."""
+        r = self.recipe
+        return collect_rollout(
+            self.pm,
+            prompts,
+            k=r.train.samples_per_prompt,
+            kl_coef=self.kl_controller.value,
+            missing_eos_penalty=r.policy.missing_eos_penalty,
+            reward_clip=r.policy.reward_clip,
+            whiten_advantages=r.policy.whiten_advantages,
+            max_new_tokens=r.model.max_new_tokens,
+            max_prompt_tokens=r.model.max_prompt_tokens,
+            temperature=r.policy.temperature,
+            generator=gen,
+            counters=self.counters,
+        )
+
+    def fresh_rollout(self, where: tuple) -> Rollout:
+        """A rollout on training prompts of this iteration drawn from `where` (diagnostics)."""
+        chunk = self.iteration_prompts(self.state.iteration)
+        order = torch.randperm(len(chunk), generator=generator(self.seed, "prompts", *where))
+        prompts = [chunk[j] for j in order[: self.recipe.train.prompts_per_update].tolist()]
+        return self.rollout(prompts, generator(self.seed, "rollout", *where))
+
+    @torch.no_grad()
+    def score_policy(self, *where: Any) -> dict[str, float]:
+        """Mean reward-model score (and gold) of one fresh answer per held-out prompt from the active
+        adapter, on the generator of `where`: a quick probe (the premise check), not the evaluation."""
+        r = self.recipe
+        prompts = self.eval_prompts[: r.zopro.premise_prompts]
+        seqs = sample(
+            self.pm,
+            prompts,
+            max_new_tokens=r.model.max_new_tokens,
+            max_prompt_tokens=r.model.max_prompt_tokens,
+            temperature=r.eval.temperature,
+            generator=generator(self.seed, *where),
+            counters=self.counters,
+        )
+        scores = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
+        out = {"reward": float(scores.mean())}
+        if self.task.has_gold:
+            finished = seqs.finished.tolist()
+            gold = [
+                self.task.gold(p, a, f) for p, a, f in zip(prompts, seqs.responses, finished, strict=True)
+            ]
+            out["gold"] = sum(gold) / len(gold)
+        return out
+
+    def judge(self) -> Judge:
+        """The recipe's judge (refine.judge); the llm judge is loaded once, on first use."""
+        r = self.recipe
+        if r.refine.judge == "gold":
+            return GoldJudge(self.task)
+        if r.refine.judge == "reward":
+            return RewardJudge(self.pm, self.counters, r.model.max_prompt_tokens, r.model.max_new_tokens)
+        if self.llm_judge is None:
+            self.llm_judge = LLMJudge(
+                r.refine.judge_model, device=self.device, dtype=r.refine.judge_dtype, counters=self.counters
+            )
+        return self.llm_judge
+
+    # -- what a checkpoint holds -------------------------------------------------------------------------
+    def save_training_state(self, folder: Path) -> None:
+        """Adapters (loadable with peft) and the optimisers, the method, the controllers and the reward
+        snapshots; RunBook.checkpoint adds state.json (the loop position)."""
+        save_adapters(self.pm, folder)
+        torch.save(
+            {
+                "sft_optimizer": self.sft_optimizer.state_dict(),
+                "reward_optimizer": self.reward_optimizer.state_dict(),
+                "refine_optimizer": self.refine_optimizer.state_dict(),
+                "method": self.method.state_dict(),
+                "kl_controller": self.kl_controller.state_dict(),
+                "reward_before_refine": self.reward_before_refine,
+                "interplay": self.interplay.state_dict() if self.interplay is not None else None,
+                "reward_initial": self.reward_initial,
+            },
+            folder / "trainer_state.pt",
+        )
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore a checkpoint; CheckpointUnreadable (nothing applied) when a file is truncated or garbage.
+        trainer_state.pt is read with weights_only: tensors and plain values, never code."""
+        try:
+            state = run_state(json.loads((folder / "state.json").read_text()))
+        except (OSError, ValueError, TypeError, RecursionError) as error:
+            raise CheckpointUnreadable(f"state.json: {_first_line(error)}") from None
+        try:
+            adapters = read_adapters(folder, self.device)
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointUnreadable(f"adapters: {_first_line(error)}") from None
+        try:
+            trainer = torch.load(folder / "trainer_state.pt", map_location=self.device, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - truncated zip, a pickle that is not plain data, ...
+            raise CheckpointUnreadable(f"trainer_state.pt: {_first_line(error)}") from None
+        try:
+            apply_adapters(self.pm, adapters)
+            self.sft_optimizer.load_state_dict(trainer["sft_optimizer"])
+            self.reward_optimizer.load_state_dict(trainer["reward_optimizer"])
+            self.refine_optimizer.load_state_dict(trainer["refine_optimizer"])
+            self.method.load_state_dict(trainer["method"])
+            self.kl_controller.load_state_dict(trainer.get("kl_controller"))
+            self.reward_before_refine = trainer["reward_before_refine"]
+            self.reward_initial = trainer.get("reward_initial")
+            if self.interplay is not None and trainer.get("interplay") is not None:
+                self.interplay.load_state_dict(trainer["interplay"])
+            self.counters.load_state_dict(state.counters)
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
+            raise CheckpointUnreadable(f"does not fit this run ({_first_line(error)})") from None
+        self.book.state = state
+        self.book.clock = Stopwatch(state.elapsed)
+
+    def roll_back(self, iteration: int, reason: str) -> None:
+        """Restore the checkpoint written at the end of the previous iteration (the reward model's for
+        iteration 0) and finish the run with that policy; time, compute and warnings are kept."""
+        book = self.book
+        folder = book.iteration_checkpoint(iteration - 1)
+        elapsed, counters = book.clock.elapsed(), self.counters.state_dict()
+        warnings, count, global_step = self.state.warnings, self.state.warning_count, self.state.global_step
+        self.load_checkpoint(folder)
+        book.clock = Stopwatch(elapsed)
+        self.counters.load_state_dict(counters)
+        self.state.warnings, self.state.warning_count, self.state.global_step = warnings, count, global_step
+        self.state.stage, self.state.step = "done", 0
+        book.emit("rollback", checkpoint=folder.name, reason=reason)
+        book.writer.update_status(rolled_back_to=folder.name, stopped_by=reason)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]

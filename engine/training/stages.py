@@ -1,0 +1,253 @@
+"""The stages of method.md section 1, one function each, every one resumable at `run.state.step`:
+supervised fine-tuning, the reward model, policy optimisation, judging and refining the reward model,
+and the end of an iteration. Their order is `engine.training.loop`; their bookkeeping is `run.book`."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.data.examples import PreferencePair
+from engine.seeds import generator, seeded
+from engine.training.judges import GoldJudge
+from engine.training.objectives import sft_loss
+from engine.training.reward_model import (
+    bradley_terry_step,
+    center_reward,
+    keep_close,
+    reward_accuracy,
+    reward_snapshot,
+)
+from engine.training.rollout import encode_responses, position_ids, sample
+from engine.training.telemetry import PhasePeak
+
+if TYPE_CHECKING:
+    from engine.training.run import Run
+
+
+# -- 1. SFT on (prompt, chosen) -------------------------------------------------------------------------
+def supervised_fine_tuning(run: Run) -> None:
+    r, pm, book, state = run.recipe, run.pm, run.book, run.state
+    examples = run.task.sft_examples(r.task.sft_examples)
+    pm.use("sft")
+    while state.step < r.sft.steps:
+        order = torch.randperm(len(examples), generator=generator(run.seed, "sft", state.step))
+        batch = [examples[i] for i in order[: r.sft.batch_size].tolist()]
+        seqs = encode_responses(
+            pm,
+            [e.prompt for e in batch],
+            [e.response for e in batch],
+            max_prompt_tokens=r.model.max_prompt_tokens,
+            max_new_tokens=r.model.max_new_tokens,
+        )
+        mask = seqs.attention_mask
+        logits = pm.model(
+            input_ids=seqs.input_ids, attention_mask=mask, position_ids=position_ids(mask)
+        ).logits
+        labels = seqs.input_ids.clone()  # the loss counts the response tokens only
+        labels[:, : seqs.prompt_width] = -100
+        labels[:, seqs.prompt_width :][seqs.response_mask == 0] = -100
+        loss = sft_loss(logits, labels)
+        loss.backward()
+        run.sft_optimizer.step()
+        run.sft_optimizer.zero_grad(set_to_none=True)
+        run.counters.add(forward_passes=1, backward_passes=1, tokens=int(mask.sum()))
+        book.check_finite(loss.detach(), "sft", "loss/sft")
+        book.advance()
+        if state.step % 10 == 0 or state.step == r.sft.steps:
+            book.metrics({"loss/sft": float(loss.detach())})
+        book.between_steps()
+
+
+# -- 2. the Bradley-Terry reward model on (prompt, chosen, rejected) -------------------------------------
+def train_reward_model(run: Run) -> None:
+    r, book, state = run.recipe, run.book, run.state
+    pairs = run.task.preference_pairs(r.task.preference_pairs)
+    while state.step < r.reward.steps:
+        order = torch.randperm(len(pairs), generator=generator(run.seed, "reward", state.step))
+        batch = [pairs[i] for i in order[: r.reward.batch_size].tolist()]
+        loss, accuracy = bradley_terry_step(
+            run.pm, run.counters, r, batch, run.reward_optimizer, score_targets=True
+        )
+        book.check_finite(loss, "reward", "loss/reward")
+        book.advance()
+        if state.step % 10 == 0 or state.step == r.reward.steps:
+            book.metrics({"loss/reward": loss, "reward/accuracy": accuracy})
+        book.between_steps()
+    center_reward(run.pm, run.counters, r, pairs)
+    held_out = run.task.held_out_pairs(256)
+    run.reward_initial = reward_snapshot(run.pm)  # the fixed judge of win rates when there is no gold
+    book.metrics({"reward/eval_accuracy": reward_accuracy(run.pm, run.counters, r, held_out)})
+
+
+# -- 3a. policy optimisation: one rollout and one update of the chosen method per step -------------------
+def optimise_policy(run: Run) -> None:
+    r, book, state = run.recipe, run.book, run.state
+    i = state.iteration
+    chunk = run.iteration_prompts(i)
+    updates = r.train.updates_per_iteration
+    if run.interplay is not None and not run.interplay.started:
+        run.interplay.start(*run.adapter_views())
+    while state.step < updates:
+        step = state.step
+        started = time.monotonic()
+        order = torch.randperm(len(chunk), generator=generator(run.seed, "prompts", i, step))
+        prompts = [chunk[j] for j in order[: r.train.prompts_per_update].tolist()]
+        rollout = run.rollout(prompts, generator(run.seed, "rollout", i, step))
+        update_started = time.monotonic()
+        with PhasePeak(run.device) as phase:
+            update_metrics = run.method.update(
+                rollout, update_index=state.policy_updates, step_in_iteration=step
+            )
+        if "loss/policy" in update_metrics:
+            book.check_finite(update_metrics["loss/policy"], "policy", "loss/policy")
+        update_metrics["time/policy_update_s"] = time.monotonic() - update_started
+        run.kl_controller.update(float(rollout.kl.mean()))
+        update_metrics["mem/update_peak_mib"] = round(phase.growth_mib, 2)
+        seqs = rollout.sequences
+        finished = seqs.finished.tolist()
+        gold = (
+            [run.task.gold(p, a, f) for p, a, f in zip(seqs.prompts, seqs.responses, finished, strict=True)]
+            if run.task.has_gold
+            else None
+        )
+        scores = rollout.scores.tolist()
+        state.rollouts.extend(
+            {"prompt": p, "response": a, "score": s}
+            for p, a, s in zip(seqs.prompts, seqs.responses, scores, strict=True)
+        )
+        tokens = seqs.response_mask.sum(-1).clamp(min=1)
+        entropy = float((-rollout.old_logprobs.sum(-1) / tokens).mean())
+        state.policy_updates += 1
+        if run.interplay is not None and r.interplay.every_step:
+            with torch.no_grad():
+                update_metrics.update(run.interplay.observe_policy_step(run.adapter_views()[0]))
+        book.advance()
+        book.metrics(
+            {
+                "objective/scores": float(rollout.scores.mean()),
+                "objective/rlhf_reward": float(rollout.rlhf_reward.mean()),
+                "objective/kl": float(rollout.kl.mean()),
+                "policy/kl_coef": rollout.kl_coef,
+                "objective/entropy": entropy,
+                **({"objective/gold": sum(gold) / len(gold)} if gold else {}),
+                "objective/response_length": float(seqs.response_mask.sum(-1).float().mean()),
+                "objective/finished": sum(finished) / len(finished),
+                "policy/update": state.policy_updates,
+                "time/update_s": time.monotonic() - started,
+                **update_metrics,
+            }
+        )
+        if state.policy_updates % r.log.samples_every == 0 or step == updates - 1:
+            book.write_samples(seqs.prompts, seqs.responses, scores, gold)
+        if r.log.checkpoint_every and state.policy_updates % r.log.checkpoint_every == 0:
+            book.checkpoint("resume")
+        book.between_steps()
+
+
+# -- 3b-d. least-confident rollouts, a second answer each, the judge's verdicts ------------------------------
+def judge_pairs(run: Run) -> None:
+    """Keep the least confident fraction of this iteration's unique rollouts (smallest |score|), sample a
+    second answer per kept prompt from the updated policy, and let the judge pick the better one (order
+    randomised against position bias; unparseable verdicts are dropped and counted)."""
+    r, pm, state = run.recipe, run.pm, run.state
+    i = state.iteration
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for row in state.rollouts:
+        key = (row["prompt"], row["response"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    unique.sort(key=lambda row: abs(row["score"]))
+    kept = unique[: max(1, math.ceil(r.refine.keep_fraction * len(unique)))]
+    prompts = [row["prompt"] for row in kept]
+    with torch.no_grad(), pm.adapter("policy"):
+        second = sample(
+            pm,
+            prompts,
+            max_new_tokens=r.model.max_new_tokens,
+            max_prompt_tokens=r.model.max_prompt_tokens,
+            temperature=r.policy.temperature,
+            generator=generator(run.seed, "second", i),
+            counters=run.counters,
+        )
+    judge = run.judge()
+    coin = random.Random(seeded(run.seed, "judge-order", i))
+    flips = [coin.random() < 0.5 for _ in kept]  # order randomised against position bias
+    firsts = [
+        row["response"] if not f else b for row, b, f in zip(kept, second.responses, flips, strict=True)
+    ]
+    seconds = [
+        b if not f else row["response"] for row, b, f in zip(kept, second.responses, flips, strict=True)
+    ]
+    verdicts = judge.compare(prompts, firsts, seconds)
+    pairs = [
+        PreferencePair(prompt, a if verdict == 0 else b, b if verdict == 0 else a)
+        for prompt, a, b, verdict in zip(prompts, firsts, seconds, verdicts, strict=True)
+        if verdict is not None
+    ]
+    state.judged_pairs = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    state.judge_stats = {
+        "rollouts": len(state.rollouts),
+        "unique": len(unique),
+        "kept": len(kept),
+        "judged": len(pairs),
+        "no_verdict": len(kept) - len(pairs),
+    }
+    if judge.name != "gold" and run.task.has_gold:  # how often this judge agrees with the truth
+        truth = GoldJudge(run.task).compare(prompts, firsts, seconds)
+        both = [(v, t) for v, t in zip(verdicts, truth, strict=True) if v is not None and t is not None]
+        if both:
+            state.judge_stats["agreement_with_gold_pct"] = round(
+                100 * sum(v == t for v, t in both) / len(both)
+            )
+    run.reward_before_refine = reward_snapshot(pm)
+
+
+# -- 3e-f. refine the reward model on the judged pairs, then keep it close ---------------------------------
+def refine_reward_model(run: Run) -> None:
+    r, book, state = run.recipe, run.book, run.state
+    i = state.iteration
+    if state.judged_pairs is None:
+        judge_pairs(run)
+        book.emit("judge", **state.judge_stats, judge=r.refine.judge)
+    pairs = [PreferencePair(**pair) for pair in state.judged_pairs]
+    per_epoch = math.ceil(len(pairs) / r.refine.batch_size) if pairs else 0
+    steps = r.refine.epochs * per_epoch
+    while state.step < steps:
+        epoch, k = divmod(state.step, per_epoch)
+        order = torch.randperm(len(pairs), generator=generator(run.seed, "refine", i, epoch)).tolist()
+        batch = [pairs[j] for j in order[k * r.refine.batch_size : (k + 1) * r.refine.batch_size]]
+        loss, accuracy = bradley_terry_step(run.pm, run.counters, r, batch, run.refine_optimizer)
+        book.check_finite(loss, "refine", "loss/reward_refine")
+        book.advance()
+        book.metrics({"loss/reward_refine": loss, "reward/refine_accuracy": accuracy})
+        book.between_steps()
+    if r.refine.keep_close and run.reward_before_refine is not None:
+        keep_close(run.pm, run.reward_before_refine, r.refine.keep_close_alpha)
+
+
+# -- the end of an iteration ----------------------------------------------------------------------------
+@torch.no_grad()
+def iteration_metrics(run: Run) -> None:
+    """The interplay tracker's and the method's numbers over the iteration just ended."""
+    if run.interplay is not None:
+        run.book.metrics(run.interplay.end_iteration(*run.adapter_views()))
+    if hasattr(run.method, "end_iteration"):
+        metrics = run.method.end_iteration(run.state.iteration)
+        if metrics:
+            run.book.metrics(metrics)
+
+
+def next_iteration(run: Run) -> None:
+    """Forget this iteration's rollouts, judged pairs and reward snapshot; count on."""
+    run.state.rollouts = []
+    run.state.judged_pairs = None
+    run.state.judge_stats = {}
+    run.reward_before_refine = None
+    run.state.iteration += 1
