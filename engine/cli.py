@@ -137,6 +137,50 @@ def compare(
     )
 
 
+@app.command()
+def sweep(
+    recipe: Annotated[Path | None, typer.Argument(help="recipe TOML")] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", help="a swept key and its values: KEY=V1,V2,... (repeatable: every combination)"),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key for every point: key.path=value")
+    ] = None,
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    sweep_dir: Annotated[
+        Path | None, typer.Option("--sweep-dir", help="where to write the sweep (default: ROOT/NAME-sweep-TIME)")
+    ] = None,
+    parallel: Annotated[
+        int, typer.Option("--parallel", help="points at a time (one per GPU when there are several)")
+    ] = 1,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="continue the sweep in this directory: skip finished points"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Run a recipe over a grid of settings, one run directory per point, and summarise them side by side."""
+    from engine.sweep import SweepError, create_sweep, load_sweep, run_sweep
+
+    try:
+        if resume is not None:
+            if recipe is not None or grid or set_ or sweep_dir is not None:
+                fail("--resume takes the grid saved in the sweep directory; drop the recipe, --grid and --set")
+            if parallel < 1:
+                fail(f"--parallel {parallel} is not accepted; it must be 1 or more")
+            chosen = load_sweep(resume)
+            raise typer.Exit(
+                run_sweep(chosen, quiet=quiet, console=console, err=err, parallel=parallel if parallel > 1 else None)
+            )
+        if recipe is None:
+            fail("name a recipe: zopro sweep RECIPE --grid KEY=V1,V2 (or --resume DIR)")
+        chosen = create_sweep(recipe, grid or [], set_ or [], root=root, sweep_dir=sweep_dir, parallel=parallel)
+    except SweepError as error:
+        fail(str(error))
+    raise typer.Exit(run_sweep(chosen, quiet=quiet, console=console, err=err))
+
+
 def compare_runs_all(recipe: Path) -> bool:
     import tomllib
 
@@ -195,19 +239,34 @@ def list_runs_command(
     from engine.reader import list_runs
     from engine.report import runs_table
 
+    from engine.alerts import alert_line
+    from engine.sweep import list_sweeps
+
     runs = list_runs(root)
-    if as_json:
-        print(json.dumps([r.to_json() for r in runs], indent=1, default=str))
+    sweeps = list_sweeps(root)
+    if as_json:  # sweeps' runs follow the others, each with "sweep": its folder's name
+        listed = [r.to_json() for r in runs]
+        listed += [{**r.to_json(), "sweep": s.name} for s in sweeps for r in s.runs]
+        print(json.dumps(listed, indent=1, default=str))
         return
-    if not runs:
+    if not runs and not sweeps:
         console.print(f"no runs under {root}/ yet: start one with `zopro run`")
         return
-    console.print(runs_table(runs))
-    for info in runs:
-        if info.status == "unreadable":
-            err.print(
-                f"[bold red]unreadable:[/] {escape(info.name)}: {escape(info.error or '')}", soft_wrap=True
-            )
+    if runs:
+        console.print(runs_table(runs))
+    for group in sweeps:
+        console.print(
+            f"[bold]sweep {escape(group.name)}[/]  {escape(', '.join(group.grid))}  {group.counts()}"
+            + (f"  [bold red]{escape(group.error)}[/]" if group.error else ""),
+            soft_wrap=True,
+        )
+        if group.runs:
+            console.print(runs_table(group.runs))
+    styles = {"failed": "bold red", "stale": "bold magenta", "unreadable": "bold red", "warning": "bold yellow"}
+    for info in [*runs, *(r for s in sweeps for r in s.runs)]:
+        alert = alert_line(info)
+        if alert is not None:
+            err.print(f"[{styles[alert[0]]}]{alert[0]}:[/] {escape(alert[1])}", soft_wrap=True)
 
 
 @app.command()
