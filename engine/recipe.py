@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 FIRST_ORDER_METHODS = ("rloo", "ppo", "online_dpo")
+REPORT_TO = ("tensorboard", "wandb")  # [log] report_to: engine/mirror.py
 ZEROTH_ORDER_METHODS = ("mezo", "zopro")
 METHODS = FIRST_ORDER_METHODS + ZEROTH_ORDER_METHODS
 INT_CEILING = 10**9  # no count, size or step of a run comes near this; larger is a typo
@@ -305,6 +306,9 @@ class LogConfig:
     checkpoint_every: int = spec(
         0, low=0, help="also checkpoint every N policy updates (0: iteration ends only)"
     )
+    report_to: list[str] = spec(
+        factory=list, help="also mirror the metrics to: tensorboard, wandb (offline); see engine/mirror.py"
+    )
 
 
 @dataclass
@@ -498,6 +502,12 @@ def _check_paths(recipe: Recipe, source: str) -> None:
 
 
 def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
+    for target in recipe.log.report_to:
+        if target not in REPORT_TO:
+            raise RecipeError(
+                f"{source}: log.report_to = {target!r} is not accepted; list any of {', '.join(REPORT_TO)}"
+                f"{_suggest(target, list(REPORT_TO))}"
+            )
     _check_paths(recipe, source)
     method = recipe.policy.method
     if method not in METHOD_SECTIONS:
