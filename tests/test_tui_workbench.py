@@ -76,3 +76,39 @@ async def test_each_stage_draws_its_own_curves_while_it_runs_and_the_header_show
             )
     finally:
         writer.close()
+
+
+async def test_a_run_that_fails_or_warns_is_announced_wherever_the_user_is(tmp_path: Path):
+    import json
+
+    from tests.test_tui import live_copy
+    from zopro_tui.screens.help import HelpScreen
+
+    run = live_copy(tmp_path)
+    app = ZoproApp(tmp_path / "runs")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.5)
+        await pilot.press("question_mark")  # the user is reading the help screen
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 5, "the help screen")
+        await pilot.pause(2.5)  # the alert watcher's first look: the baseline, no news
+        assert not app._notifications
+        status = json.loads((run / "status.json").read_text())
+        warning = {"code": "kl_jump", "message": "held-out KL jumped to 14.4 nats", "iteration": 1, "step": 0}
+        status.update(warnings=[warning], warning_count=1, updated=time.time())
+        (run / "status.json").write_text(json.dumps(status))
+        (run / "heartbeat").write_text(f"{time.time()}\n")
+        await wait_for(
+            pilot,
+            lambda: any("held-out KL jumped" in n.message for n in app._notifications),
+            10,
+            "the warning notification",
+        )
+        status.update(state="failed", error="NaN in the policy loss at update 3")
+        (run / "status.json").write_text(json.dumps(status))
+        await wait_for(
+            pilot,
+            lambda: any(n.severity == "error" and "NaN in the policy loss" in n.message for n in app._notifications),
+            10,
+            "the failure notification",
+        )
+        assert isinstance(app.screen, HelpScreen)  # announced without leaving the help screen
