@@ -112,3 +112,57 @@ async def test_a_run_that_fails_or_warns_is_announced_wherever_the_user_is(tmp_p
             "the failure notification",
         )
         assert isinstance(app.screen, HelpScreen)  # announced without leaving the help screen
+
+
+def write_sweep(root: Path, recipe: Path) -> Path:
+    """A 2x2 sweep whose points finished with known final scores (gold rises with lr, win falls with it)."""
+    from engine.sweep import create_sweep
+
+    sweep = create_sweep(recipe, ["seed=0,1", "rloo.lr=0.0001,0.001"], [], root=root, sweep_dir=root / "grid")
+    for index, point in enumerate(sweep.points):
+        lr, seed = point["values"]["rloo.lr"], point["values"]["seed"]
+        gold = 0.2 + (0.3 if lr == 0.001 else 0.0) + 0.01 * seed
+        latest = {"eval/gold": gold, "eval/gold_se": 0.02, "eval/win_rate_vs_sft": 0.9 - gold, "eval/kl": 1.0}
+        with RunWriter(sweep.point_dir(point)) as writer:
+            writer.update_status(state="finished", method="rloo", stage="done", started=time.time() - 30, latest=latest)
+            writer.emit("eval", stage="eval", iteration=0, step=0, global_step=10 + index, elapsed=5.0, metrics=latest)
+    return sweep.path
+
+
+async def test_a_sweep_is_one_group_in_the_runs_list_and_opens_as_one_compare_view(tmp_path: Path, fast_recipe):
+    from textual.widgets import DataTable
+
+    from zopro_tui.screens.compare import CompareScreen
+    from zopro_tui.screens.runs import RunsScreen
+    from zopro_tui.screens.sweep import SweepScreen
+
+    root = tmp_path / "runs"
+    write_sweep(root, fast_recipe)
+    app = ZoproApp(root)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen), 5, "the runs screen")
+        table = app.screen.query_one("#runs", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 5, 10, "the sweep's row and its 4 points")
+        first = table.get_row_at(0)
+        assert "grid" in str(first[0]) and "sweep seed, lr" in str(first[1]) and "4/4 done" in str(first[3])
+        assert "└ 0-seed=0_lr=0.0001" in str(table.get_row_at(1)[0])
+        await pilot.press("enter")  # the cursor is on the sweep's row
+        await wait_for(pilot, lambda: isinstance(app.screen, SweepScreen), 5, "the sweep screen")
+        screen = app.screen
+        points = screen.query_one("#sweep-table", DataTable)
+        await wait_for(pilot, lambda: len(screen.infos) == 4 and points.row_count == 4, 10, "the points")
+        order = [str(points.get_row_at(i)[0]) for i in range(4)]
+        assert order == ["3", "1", "2", "0"], "sorted by final gold, best first"
+        assert "0.510 ± 0.020" in str(points.get_row_at(0))
+        assert screen.chart.data.title == "final gold vs seed"
+        assert [s.label for s in screen.chart.data.series] == ["lr=0.0001", "lr=0.001"]
+        await pilot.press("k")  # plot against the other swept key: lr, on a log axis (a decade apart)
+        assert screen.chart.data.title == "final gold vs log10 rloo.lr"
+        assert list(screen.chart.data.series[0].x) == [-4.0, -3.0]
+        assert list(screen.chart.data.series[0].y) == [0.2, 0.5]
+        await pilot.press("m")  # sort by win rate instead
+        order = [str(points.get_row_at(i)[0]) for i in range(4)]
+        assert order == ["0", "2", "1", "3"]
+        await pilot.press("o")  # every point's curves overlaid
+        await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), 5, "the compare screen")
+        assert len(app.screen.runs) == 4

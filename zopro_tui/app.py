@@ -66,7 +66,12 @@ class ZoproApp(App):
         if self.plan is not None:
             self.start_run(self.plan)
         elif self.attach is not None:
-            self.open_run(self.attach)
+            from engine.sweep import is_sweep_dir
+
+            if is_sweep_dir(self.attach):
+                self.open_sweep(self.attach)
+            else:
+                self.open_run(self.attach)
 
     def _watch_alerts(self) -> None:
         """A run that fails, goes stale or raises a warning: a notification wherever the user is."""
@@ -89,6 +94,11 @@ class ZoproApp(App):
 
     def open_compare(self, run_dirs: list[Path]) -> None:
         self.push_screen(CompareScreen(run_dirs))
+
+    def open_sweep(self, sweep_dir: Path) -> None:
+        from zopro_tui.screens.sweep import SweepScreen
+
+        self.push_screen(SweepScreen(sweep_dir))
 
     def start_run(self, plan: RunPlan | None) -> None:
         """Start a validated recipe detached, then open its dashboard (it fills in as the run starts)."""
@@ -195,6 +205,12 @@ def resolve_target(
     if path.is_dir() and is_run_dir(path):
         if overrides:
             raise ValueError(f"--set applies to a recipe, and {path} is a run directory")
+        return path, None
+    from engine.sweep import is_sweep_dir
+
+    if path.is_dir() and is_sweep_dir(path):
+        if overrides:
+            raise ValueError(f"--set applies to a recipe, and {path} is a sweep directory")
         return path, None
     if path.is_dir():
         raise ValueError(
