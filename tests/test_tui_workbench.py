@@ -166,3 +166,64 @@ async def test_a_sweep_is_one_group_in_the_runs_list_and_opens_as_one_compare_vi
         await pilot.press("o")  # every point's curves overlaid
         await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), 5, "the compare screen")
         assert len(app.screen.runs) == 4
+
+
+async def test_a_queue_built_in_the_tui_runs_in_order_after_the_tui_quits(tmp_path: Path, monkeypatch):
+    import contextlib
+    import os
+    import signal
+
+    from engine.queue import load_items, queue_dir
+    from engine.reader import run_info
+    from tests.conftest import FAST_RECIPE
+    from zopro_tui.screens.queue import QueueScreen
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "fast.toml").write_text(FAST_RECIPE)
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs"
+    try:
+        app = ZoproApp(root)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.3)
+            await pilot.press("Q")
+            await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), 5, "the queue screen")
+            screen = app.screen
+            for seed in (1, 2, 3):
+                await pilot.press("a")
+                await pilot.pause(0.3)
+                await pilot.press("enter")  # the first recipe: ./recipes/fast.toml
+                await pilot.press(*"train.iterations=1", "space", *f"seed={seed}", "enter")
+                await wait_for(pilot, lambda seed=seed: len(screen.items) == seed, 10, f"entry {seed} queued")
+            assert [i.state for i in screen.items][1:] == ["pending", "pending"]
+            await pilot.press("down", "down", "K")  # the third entry goes before the second
+            assert [i.id for i in load_items(root) if i.state == "pending"] == ["0003", "0002"]
+            await wait_for(pilot, lambda: [i.id for i in screen.items][1:] == ["0003", "0002"], 5, "the new order")
+            await pilot.press("down", "d")  # the cursor stays on 0003; below it, 0002: cancel it
+            await pilot.pause(0.3)
+            await pilot.press("y")
+            await wait_for(
+                pilot,
+                lambda: next(i for i in screen.items if i.id == "0002").state == "cancelled",
+                5,
+                "the cancelled entry",
+            )
+        # the TUI is gone; the detached worker goes on
+        def done() -> bool:
+            return all(i.state in ("finished", "failed", "cancelled") for i in load_items(root))
+
+        deadline = time.monotonic() + 400
+        while not done() and time.monotonic() < deadline:
+            time.sleep(1)
+        items = {i.id: i for i in load_items(root)}
+        assert [items[k].state for k in ("0001", "0002", "0003")] == ["finished", "cancelled", "finished"]
+        assert items["0003"].started >= items["0001"].ended  # one after the other, in the new order
+        for key in ("0001", "0003"):
+            assert run_info(Path(items[key].target)).status == "finished"
+        assert not Path(items["0002"].target).exists()
+    finally:
+        from engine.queue import worker_running
+
+        if worker_running(root):  # the lock is held: its pid is our worker, leader of its own session
+            with contextlib.suppress(OSError, ValueError):
+                os.killpg(int((queue_dir(root) / "worker.lock").read_text().strip()), signal.SIGTERM)

@@ -145,6 +145,7 @@ class RunsScreen(Screen):
         Binding("slash", "filter", "Filter"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
         Binding("E", "export_metrics", "Export", show=False),
+        Binding("Q", "queue", "Queue"),
     ]
 
     filter_text: reactive[str] = reactive("", init=False)
@@ -319,6 +320,11 @@ class RunsScreen(Screen):
             )
             return
         self.app.open_compare(marked)
+
+    def action_queue(self) -> None:
+        from zopro_tui.screens.queue import QueueScreen
+
+        self.app.push_screen(QueueScreen(self.root))
 
     def action_filter(self) -> None:
         box = self.query_one("#runs-filter", Input)
