@@ -142,14 +142,17 @@ def sweep(
     recipe: Annotated[Path | None, typer.Argument(help="recipe TOML")] = None,
     grid: Annotated[
         list[str] | None,
-        typer.Option("--grid", help="a swept key and its values: KEY=V1,V2,... (repeatable: every combination)"),
+        typer.Option(
+            "--grid", help="a swept key and its values: KEY=V1,V2,... (repeatable: every combination)"
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a recipe key for every point: key.path=value")
     ] = None,
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
     sweep_dir: Annotated[
-        Path | None, typer.Option("--sweep-dir", help="where to write the sweep (default: ROOT/NAME-sweep-TIME)")
+        Path | None,
+        typer.Option("--sweep-dir", help="where to write the sweep (default: ROOT/NAME-sweep-TIME)"),
     ] = None,
     parallel: Annotated[
         int, typer.Option("--parallel", help="points at a time (one per GPU when there are several)")
@@ -166,16 +169,22 @@ def sweep(
     try:
         if resume is not None:
             if recipe is not None or grid or set_ or sweep_dir is not None:
-                fail("--resume takes the grid saved in the sweep directory; drop the recipe, --grid and --set")
+                fail(
+                    "--resume takes the grid saved in the sweep directory; drop the recipe, --grid and --set"
+                )
             if parallel < 1:
                 fail(f"--parallel {parallel} is not accepted; it must be 1 or more")
             chosen = load_sweep(resume)
             raise typer.Exit(
-                run_sweep(chosen, quiet=quiet, console=console, err=err, parallel=parallel if parallel > 1 else None)
+                run_sweep(
+                    chosen, quiet=quiet, console=console, err=err, parallel=parallel if parallel > 1 else None
+                )
             )
         if recipe is None:
             fail("name a recipe: zopro sweep RECIPE --grid KEY=V1,V2 (or --resume DIR)")
-        chosen = create_sweep(recipe, grid or [], set_ or [], root=root, sweep_dir=sweep_dir, parallel=parallel)
+        chosen = create_sweep(
+            recipe, grid or [], set_ or [], root=root, sweep_dir=sweep_dir, parallel=parallel
+        )
     except SweepError as error:
         fail(str(error))
     raise typer.Exit(run_sweep(chosen, quiet=quiet, console=console, err=err))
@@ -236,10 +245,9 @@ def list_runs_command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON list instead of a table")] = False,
 ) -> None:
     """The runs under ROOT: name, method, status, iteration, scores."""
+    from engine.alerts import alert_line
     from engine.reader import list_runs
     from engine.report import runs_table
-
-    from engine.alerts import alert_line
     from engine.sweep import list_sweeps
 
     runs = list_runs(root)
@@ -262,7 +270,12 @@ def list_runs_command(
         )
         if group.runs:
             console.print(runs_table(group.runs))
-    styles = {"failed": "bold red", "stale": "bold magenta", "unreadable": "bold red", "warning": "bold yellow"}
+    styles = {
+        "failed": "bold red",
+        "stale": "bold magenta",
+        "unreadable": "bold red",
+        "warning": "bold yellow",
+    }
     for info in [*runs, *(r for s in sweeps for r in s.runs)]:
         alert = alert_line(info)
         if alert is not None:
@@ -354,7 +367,9 @@ app.add_typer(queue_app, name="queue")
 @queue_app.command("add")
 def queue_add(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")
+    ] = None,
     grid: Annotated[
         list[str] | None, typer.Option("--grid", help="queue a sweep: KEY=V1,V2,... (repeatable)")
     ] = None,

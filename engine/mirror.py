@@ -65,7 +65,9 @@ class Mirror:
         if not self.targets:
             return
         kind = event.get("type")
-        if kind == "resume":  # the resumed run re-emits from its checkpoint: drop what the mirrors hold after it
+        if (
+            kind == "resume"
+        ):  # the resumed run re-emits from its checkpoint: drop what the mirrors hold after it
             self._open(purge_step=int(event.get("global_step") or 0))
             return
         if kind not in ("metrics", "eval"):

@@ -140,7 +140,9 @@ def add(root: Path, recipe: Path, overrides: list[str], grid: list[str]) -> Queu
     shutil.copyfile(recipe, copy)
     kind = "sweep" if grid else "run"
     target = root / (
-        f"{resolved.name}-sweep-q{item_id}" if grid else f"{resolved.name}-{resolved.policy.method}-q{item_id}"
+        f"{resolved.name}-sweep-q{item_id}"
+        if grid
+        else f"{resolved.name}-{resolved.policy.method}-q{item_id}"
     )
     item = QueueItem(
         id=item_id,

@@ -269,7 +269,9 @@ def create_sweep(
     for existing in (sweep_dir, *sweep_dir.parents):
         if existing.exists():
             if not existing.is_dir():
-                raise SweepError(f"{existing} is a file, not a folder; choose another directory for the sweep")
+                raise SweepError(
+                    f"{existing} is a file, not a folder; choose another directory for the sweep"
+                )
             break
     sweep = Sweep(
         path=sweep_dir,
@@ -381,7 +383,9 @@ def _clear_unstarted(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
-def run_sweep(sweep: Sweep, *, quiet: bool, console: Console, err: Console, parallel: int | None = None) -> int:
+def run_sweep(
+    sweep: Sweep, *, quiet: bool, console: Console, err: Console, parallel: int | None = None
+) -> int:
     """Run every point that has not finished, in grid order; a point that fails does not stop the sweep,
     an interrupt (Ctrl-C, SIGTERM, SIGHUP) does, after that point's checkpoint."""
     parallel = parallel or sweep.parallel
@@ -392,7 +396,8 @@ def run_sweep(sweep: Sweep, *, quiet: bool, console: Console, err: Console, para
             continue
         if state in ("running", "paused"):
             err.print(
-                f"point {point['name']} is still {state} in another process; this sweep skips it", soft_wrap=True
+                f"point {point['name']} is still {state} in another process; this sweep skips it",
+                soft_wrap=True,
             )
             continue
         todo.append(point)
@@ -489,7 +494,9 @@ def _run_parallel(sweep: Sweep, todo: list[dict], parallel: int, console: Consol
                 folder = sweep.point_dir(point)
                 _clear_unstarted(folder)
                 busy = {gpu for _, _, gpu in running.values()}
-                gpu = next((g for g in gpus if g not in busy), gpus[len(running) % len(gpus)] if gpus else None)
+                gpu = next(
+                    (g for g in gpus if g not in busy), gpus[len(running) % len(gpus)] if gpus else None
+                )
                 env = dict(env_base)
                 if gpu is not None and len(gpus) > 1:
                     env["CUDA_VISIBLE_DEVICES"] = gpu

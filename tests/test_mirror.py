@@ -55,12 +55,22 @@ def test_tensorboard_event_file_is_written_and_readable(fast_recipe: Path, tmp_p
     board = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     board.Reload()
     tags = set(board.Tags()["scalars"])
-    for tag in ("train/objective/kl", "train/objective/rlhf_reward", "train/loss/sft", "train/loss/policy_avg",
-                "train/policy/clipfrac_avg", "eval/gold", "eval/win_rate_vs_sft"):
+    for tag in (
+        "train/objective/kl",
+        "train/objective/rlhf_reward",
+        "train/loss/sft",
+        "train/loss/policy_avg",
+        "train/policy/clipfrac_avg",
+        "eval/gold",
+        "eval/win_rate_vs_sft",
+    ):
         assert tag in tags, sorted(tags)
     events = read_events(run)
-    kl = [(e["global_step"], e["metrics"]["objective/kl"]) for e in events
-          if e["type"] == "metrics" and e["metrics"].get("objective/kl") is not None]
+    kl = [
+        (e["global_step"], e["metrics"]["objective/kl"])
+        for e in events
+        if e["type"] == "metrics" and e["metrics"].get("objective/kl") is not None
+    ]
     mirrored = [(s.step, s.value) for s in board.Scalars("train/objective/kl")]
     assert [step for step, _ in mirrored] == [step for step, _ in kl]
     assert [value for _, value in mirrored] == pytest.approx([value for _, value in kl], rel=1e-6)

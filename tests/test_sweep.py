@@ -17,7 +17,7 @@ from tests.conftest import zopro, zopro_popen
 
 
 def test_split_values_keeps_lists_and_strings_whole():
-    assert split_values('0.1,0.2') == ["0.1", "0.2"]
+    assert split_values("0.1,0.2") == ["0.1", "0.2"]
     assert split_values('["q_proj","k_proj"],["v_proj"]') == ['["q_proj","k_proj"]', '["v_proj"]']
     assert split_values('"a,b",c') == ['"a,b"', "c"]
 

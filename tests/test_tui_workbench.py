@@ -30,7 +30,9 @@ def stage(writer: RunWriter, name: str, steps: int, metrics, *, start: int, elap
     return start + steps
 
 
-async def test_each_stage_draws_its_own_curves_while_it_runs_and_the_header_shows_the_timeline(tmp_path: Path):
+async def test_each_stage_draws_its_own_curves_while_it_runs_and_the_header_shows_the_timeline(
+    tmp_path: Path,
+):
     run = tmp_path / "runs" / "live-sft"
     writer = RunWriter(run).open()
     try:
@@ -107,7 +109,9 @@ async def test_a_run_that_fails_or_warns_is_announced_wherever_the_user_is(tmp_p
         (run / "status.json").write_text(json.dumps(status))
         await wait_for(
             pilot,
-            lambda: any(n.severity == "error" and "NaN in the policy loss" in n.message for n in app._notifications),
+            lambda: any(
+                n.severity == "error" and "NaN in the policy loss" in n.message for n in app._notifications
+            ),
             10,
             "the failure notification",
         )
@@ -124,12 +128,18 @@ def write_sweep(root: Path, recipe: Path) -> Path:
         gold = 0.2 + (0.3 if lr == 0.001 else 0.0) + 0.01 * seed
         latest = {"eval/gold": gold, "eval/gold_se": 0.02, "eval/win_rate_vs_sft": 0.9 - gold, "eval/kl": 1.0}
         with RunWriter(sweep.point_dir(point)) as writer:
-            writer.update_status(state="finished", method="rloo", stage="done", started=time.time() - 30, latest=latest)
-            writer.emit("eval", stage="eval", iteration=0, step=0, global_step=10 + index, elapsed=5.0, metrics=latest)
+            writer.update_status(
+                state="finished", method="rloo", stage="done", started=time.time() - 30, latest=latest
+            )
+            writer.emit(
+                "eval", stage="eval", iteration=0, step=0, global_step=10 + index, elapsed=5.0, metrics=latest
+            )
     return sweep.path
 
 
-async def test_a_sweep_is_one_group_in_the_runs_list_and_opens_as_one_compare_view(tmp_path: Path, fast_recipe):
+async def test_a_sweep_is_one_group_in_the_runs_list_and_opens_as_one_compare_view(
+    tmp_path: Path, fast_recipe
+):
     from textual.widgets import DataTable
 
     from zopro_tui.screens.compare import CompareScreen
@@ -198,7 +208,9 @@ async def test_a_queue_built_in_the_tui_runs_in_order_after_the_tui_quits(tmp_pa
             assert [i.state for i in screen.items][1:] == ["pending", "pending"]
             await pilot.press("down", "down", "K")  # the third entry goes before the second
             assert [i.id for i in load_items(root) if i.state == "pending"] == ["0003", "0002"]
-            await wait_for(pilot, lambda: [i.id for i in screen.items][1:] == ["0003", "0002"], 5, "the new order")
+            await wait_for(
+                pilot, lambda: [i.id for i in screen.items][1:] == ["0003", "0002"], 5, "the new order"
+            )
             await pilot.press("down", "d")  # the cursor stays on 0003; below it, 0002: cancel it
             await pilot.pause(0.3)
             await pilot.press("y")
@@ -208,6 +220,7 @@ async def test_a_queue_built_in_the_tui_runs_in_order_after_the_tui_quits(tmp_pa
                 5,
                 "the cancelled entry",
             )
+
         # the TUI is gone; the detached worker goes on
         def done() -> bool:
             return all(i.state in ("finished", "failed", "cancelled") for i in load_items(root))

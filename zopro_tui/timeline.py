@@ -34,7 +34,12 @@ class StageTimeline:
             kind = event.get("type")
             if kind == "stage_start":
                 self.spans.append(
-                    StageSpan(event.get("stage") or "?", event.get("iteration"), event.get("seq", -1), event.get("elapsed"))
+                    StageSpan(
+                        event.get("stage") or "?",
+                        event.get("iteration"),
+                        event.get("seq", -1),
+                        event.get("elapsed"),
+                    )
                 )
             elif kind == "stage_end" and self.spans and self.spans[-1].stage == event.get("stage"):
                 self.spans[-1].wall_s = event.get("wall_s")
@@ -42,7 +47,9 @@ class StageTimeline:
     def current(self) -> StageSpan | None:
         return self.spans[-1] if self.spans else None
 
-    def render(self, iterations: int | None, finished: bool = False, now_elapsed: float | None = None) -> Text:
+    def render(
+        self, iterations: int | None, finished: bool = False, now_elapsed: float | None = None
+    ) -> Text:
         """`sft 0:12 ✓ reward 0:08 ✓ │ it 2/4 policy 0:30 ✓ refine ▸ eval`: done stages with their wall time,
         the running one marked, the rest of the current iteration dim."""
         text = Text(no_wrap=True, overflow="ellipsis")
@@ -63,7 +70,9 @@ class StageTimeline:
                 if now_elapsed is not None and span.started is not None:
                     text.append(f" {fmt_duration(max(0.0, now_elapsed - span.started))}", style="cyan")
             else:
-                text.append(f"{stage} {fmt_duration(span.wall_s)} {done_mark}" if span.wall_s is not None else stage)
+                text.append(
+                    f"{stage} {fmt_duration(span.wall_s)} {done_mark}" if span.wall_s is not None else stage
+                )
 
         first = {span.stage: span for span in self.spans if span.iteration is None}
         for stage in BEFORE_ITERATIONS:

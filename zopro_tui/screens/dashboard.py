@@ -316,7 +316,9 @@ class DashboardScreen(CurveViewActions, Screen):
     def data_range(self) -> tuple[float, float] | None:
         names = [name for spec in REWARD_CHARTS + INTERPLAY_CHARTS + ZO_CHARTS for name, _ in spec.metrics]
         stages = [name for spec in STAGE_CHARTS for name, _ in spec.metrics]  # before the first update
-        return self.run.series.x_range(self.view.axis, names) or self.run.series.x_range(self.view.axis, stages)
+        return self.run.series.x_range(self.view.axis, names) or self.run.series.x_range(
+            self.view.axis, stages
+        )
 
     def redraw(self, force: bool = False) -> None:
         now = time.monotonic()

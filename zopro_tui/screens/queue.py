@@ -20,7 +20,13 @@ from engine.report import fmt_duration
 from zopro_tui.launch import RunPlan
 from zopro_tui.screens.modals import ConfirmModal, NewRunModal
 
-STATE_STYLE = {"pending": "dim", "running": "green", "finished": "blue", "failed": "red", "cancelled": "yellow"}
+STATE_STYLE = {
+    "pending": "dim",
+    "running": "green",
+    "finished": "blue",
+    "failed": "red",
+    "cancelled": "yellow",
+}
 
 
 class QueueRead(Message):
@@ -53,7 +59,13 @@ class QueueScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#queue-table", DataTable)
-        for key, label in (("id", "id"), ("state", "state"), ("what", "what"), ("time", "time"), ("target", "writes to")):
+        for key, label in (
+            ("id", "id"),
+            ("state", "state"),
+            ("what", "what"),
+            ("time", "time"),
+            ("target", "writes to"),
+        ):
             table.add_column(label, key=key)
         self.run_worker(self.read_queue, thread=True, group="queue-reader", exit_on_error=False)
         self.show()
@@ -80,7 +92,9 @@ class QueueScreen(Screen):
     def show(self) -> None:
         pending = sum(1 for item in self.items if item.state == "pending")
         title = Text.assemble(("queue", "bold"), f" in {self.root}/  {pending} pending  ·  worker ")
-        title.append("working" if self.worker_alive else "idle", style="green" if self.worker_alive else "dim")
+        title.append(
+            "working" if self.worker_alive else "idle", style="green" if self.worker_alive else "dim"
+        )
         self.query_one("#queue-title", Static).update(title)
         table = self.query_one("#queue-table", DataTable)
         selected = self.selected_id()
@@ -137,7 +151,8 @@ class QueueScreen(Screen):
                 self.notify(f"could not queue {plan.recipe}: {error}", severity="error")
                 return
             self.notify(
-                f"queued {item.id}: {item.label}" + (f" (worker started, pid {pid})" if pid else ""), timeout=4
+                f"queued {item.id}: {item.label}" + (f" (worker started, pid {pid})" if pid else ""),
+                timeout=4,
             )
             self.refresh_now()
 
@@ -160,7 +175,9 @@ class QueueScreen(Screen):
             return
         item = next((i for i in self.items if i.id == item_id), None)
         if item is None or item.state not in ("pending", "running"):
-            self.notify(f"entry {item_id} is {item.state if item else 'gone'}; nothing to cancel", severity="warning")
+            self.notify(
+                f"entry {item_id} is {item.state if item else 'gone'}; nothing to cancel", severity="warning"
+            )
             return
 
         def confirmed(yes: bool | None) -> None:

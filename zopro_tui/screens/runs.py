@@ -228,7 +228,9 @@ class RunsScreen(Screen):
             keys.append(Path(SWEEP_KEY + str(sweep.path)))
             for info in points:
                 cells = self.row(info)
-                cells[0] = Text.assemble(("● ", "yellow") if info.path in self.marked else "  ", ("└ ", "dim"), info.name)
+                cells[0] = Text.assemble(
+                    ("● ", "yellow") if info.path in self.marked else "  ", ("└ ", "dim"), info.name
+                )
                 table.add_row(*cells, key=str(info.path))
                 keys.append(info.path)
         for index, path in enumerate(keys):

@@ -162,8 +162,14 @@ class SweepScreen(Screen):
         table.add_column("#", key="#")
         for key in self.keys:
             table.add_column(key.rsplit(".", 1)[-1], key=f"key:{key}")
-        for label, key in (("status", "status"), ("gold", "gold"), ("win vs SFT", "win"), ("KL", "kl"),
-                           ("wall", "wall"), ("warnings", "warnings")):
+        for label, key in (
+            ("status", "status"),
+            ("gold", "gold"),
+            ("win vs SFT", "win"),
+            ("KL", "kl"),
+            ("wall", "wall"),
+            ("warnings", "warnings"),
+        ):
             table.add_column(label, key=key)
         with_se = self.size.width >= 100
         for point in self.sorted_points():
@@ -171,7 +177,7 @@ class SweepScreen(Screen):
             info = self.infos.get(point["name"])
             state = self.states.get(point["name"], "pending")
 
-            def score(metric: str) -> Text:
+            def score(metric: str, latest: dict = latest) -> Text:
                 se = latest.get(f"{metric}_se") if with_se else None
                 bold = "bold" if metric == name else ""
                 return Text(fmt_with_se(latest.get(metric), se), justify="right", style=bold)
@@ -182,7 +188,11 @@ class SweepScreen(Screen):
                 Text(state, style=STATUS_STYLE.get(state, "dim")),
                 score("eval/gold"),
                 score("eval/win_rate_vs_sft"),
-                Text(fmt_value(latest.get("eval/kl")), justify="right", style="bold" if name == "eval/kl" else ""),
+                Text(
+                    fmt_value(latest.get("eval/kl")),
+                    justify="right",
+                    style="bold" if name == "eval/kl" else "",
+                ),
                 fmt_duration(info.elapsed if info else None),
                 Text(str(info.warning_count) if info and info.warning_count else "-", style="bold yellow"),
                 key=point["name"],
@@ -207,13 +217,18 @@ class SweepScreen(Screen):
             se = self.latest(point).get(f"{name}_se")
             x = position.get(str(point["values"].get(key)))
             if x is not None:
-                lines.setdefault(rest, []).append((x, float(value), float(se) if se is not None else math.nan))
+                lines.setdefault(rest, []).append(
+                    (x, float(value), float(se) if se is not None else math.nan)
+                )
         series = []
         for index, (rest, points) in enumerate(sorted(lines.items())):
             points.sort()
             x, y, se = (np.array(column, dtype=float) for column in zip(*points, strict=True))
             series.append(ChartSeries(rest, x, y, PALETTE[index % len(PALETTE)], se=se))
-        axis = {"log10": f"log10 {key}", "position": f"{key}: " + ", ".join(f"{i}={v}" for i, v in enumerate(grid_values))}
+        axis = {
+            "log10": f"log10 {key}",
+            "position": f"{key}: " + ", ".join(f"{i}={v}" for i, v in enumerate(grid_values)),
+        }
         title = f"{label} vs {axis.get(how, key)}"
         self.chart.show(
             ChartData(
@@ -243,7 +258,11 @@ class SweepScreen(Screen):
     def action_overlay(self) -> None:
         if self.sweep is None:
             return
-        dirs = [self.sweep.point_dir(p) for p in self.sweep.points if self.states.get(p["name"], "pending") != "pending"]
+        dirs = [
+            self.sweep.point_dir(p)
+            for p in self.sweep.points
+            if self.states.get(p["name"], "pending") != "pending"
+        ]
         if len(dirs) < 2:
             self.notify("fewer than two points have started; nothing to overlay yet", severity="warning")
             return
@@ -261,4 +280,3 @@ class SweepScreen(Screen):
 
     def action_back(self) -> None:
         self.app.pop_screen()
-

@@ -138,7 +138,16 @@ def data_signature(data: ChartData) -> tuple:
         )
         for s in data.series
     )
-    return (data.title, series, data.x_window, data.cursor, data.x_kind, data.waiting, data.xy, data.title_first)
+    return (
+        data.title,
+        series,
+        data.x_window,
+        data.cursor,
+        data.x_kind,
+        data.waiting,
+        data.xy,
+        data.title_first,
+    )
 
 
 class CurveChart(Widget):
@@ -405,7 +414,8 @@ class CurveChart(Widget):
                     legend = Text.assemble((data.title, "bold"), "  ", series_legend)
                     break
             else:
-                if data.title_first:  # the compare screen: the legends are run names, the title says what it is
+                # the compare screen: the legends are run names, the title says what it shows
+                if data.title_first:
                     legend = Text.assemble((data.title, "bold"), "  ", plain)
                 else:
                     legend = with_errors if with_errors.cell_len <= width else plain
