@@ -9,6 +9,7 @@ zopro-tui --readonly runs/mine   no controls (a shared screen)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Iterable
@@ -60,11 +61,32 @@ class ZoproApp(App):
         self.launched: dict[Path, LaunchedRun] = {}
 
     def on_mount(self) -> None:
+        self.run_worker(self._watch_alerts, thread=True, group="alerts", exit_on_error=False)
         self.push_screen(RunsScreen(self.root))
         if self.plan is not None:
             self.start_run(self.plan)
         elif self.attach is not None:
-            self.open_run(self.attach)
+            from engine.rundir.sweep import is_sweep_dir
+
+            if is_sweep_dir(self.attach):
+                self.open_sweep(self.attach)
+            else:
+                self.open_run(self.attach)
+
+    def _watch_alerts(self) -> None:
+        """A run that fails, goes stale or raises a warning: a notification wherever the user is."""
+        from textual.worker import get_current_worker
+
+        from zopro_tui import alerts
+
+        worker = get_current_worker()
+
+        def post(alert) -> None:
+            if not worker.is_cancelled:
+                with contextlib.suppress(RuntimeError):  # the app is closing
+                    self.call_from_thread(alerts.notify, self, alert)
+
+        alerts.watch(self.root, post, lambda: worker.is_cancelled)
 
     # -- what screens ask of the app -----------------------------------------------------------------------
     def open_run(self, run_dir: Path) -> None:
@@ -72,6 +94,11 @@ class ZoproApp(App):
 
     def open_compare(self, run_dirs: list[Path]) -> None:
         self.push_screen(CompareScreen(run_dirs))
+
+    def open_sweep(self, sweep_dir: Path) -> None:
+        from zopro_tui.screens.sweep import SweepScreen
+
+        self.push_screen(SweepScreen(sweep_dir))
 
     def start_run(self, plan: RunPlan | None) -> None:
         """Start a validated recipe detached, then open its dashboard (it fills in as the run starts)."""
@@ -178,6 +205,12 @@ def resolve_target(
     if path.is_dir() and is_run_dir(path):
         if overrides:
             raise ValueError(f"--set applies to a recipe, and {path} is a run directory")
+        return path, None
+    from engine.rundir.sweep import is_sweep_dir
+
+    if path.is_dir() and is_sweep_dir(path):
+        if overrides:
+            raise ValueError(f"--set applies to a recipe, and {path} is a sweep directory")
         return path, None
     if path.is_dir():
         raise ValueError(

@@ -14,6 +14,7 @@ class ChartSpec:
     title: str
     metrics: tuple[tuple[str, str], ...]
     waiting: str
+    stages: tuple[str, ...] = ()  # while one of these stages runs, this chart goes first in its panel
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,29 @@ REWARD_CHARTS = (
         "waiting for objective/kl: the first policy update",
     ),
 )
+
+# The stages before and between the policy updates, each drawn first while it runs (then after the rest).
+STAGE_CHARTS = (
+    ChartSpec(
+        "SFT loss",
+        (("loss/sft", "loss"),),
+        "waiting for loss/sft: the first SFT step",
+        stages=("sft",),
+    ),
+    ChartSpec(
+        "reward model: loss, accuracy",
+        (("loss/reward", "loss"), ("reward/accuracy", "train acc"), ("reward/eval_accuracy", "held-out acc")),
+        "waiting for loss/reward and reward/accuracy: the reward model's first step",
+        stages=("reward",),
+    ),
+    ChartSpec(
+        "reward refinement: loss, accuracy",
+        (("loss/reward_refine", "loss"), ("reward/refine_accuracy", "acc")),
+        "waiting for loss/reward_refine: the first refinement of the reward model",
+        stages=("refine",),
+    ),
+)
+CURVE_CHARTS = REWARD_CHARTS + STAGE_CHARTS
 
 INTERPLAY_CHARTS = (
     ChartSpec(
@@ -148,7 +172,7 @@ COMPARE_CHARTS = (
 
 _CHART_NAMES = {
     name
-    for specs in (REWARD_CHARTS, INTERPLAY_CHARTS, ZO_CHARTS, COMPARE_CHARTS)
+    for specs in (REWARD_CHARTS, STAGE_CHARTS, INTERPLAY_CHARTS, ZO_CHARTS, COMPARE_CHARTS)
     for spec in specs
     for name, _ in spec.metrics
 } | {name for x, y, _ in TRAJECTORY.paths for name in (x, y)}

@@ -29,9 +29,10 @@ CAUGHT_UP_SLACK_BYTES = 1 << 16
 class RunsListed(Message):
     """The runs under the root folder, freshly derived."""
 
-    def __init__(self, runs: list[RunInfo]) -> None:
+    def __init__(self, runs: list[RunInfo], sweeps: list | None = None) -> None:
         super().__init__()
         self.runs = runs
+        self.sweeps = sweeps or []  # engine.rundir.sweep.SweepInfo, shown as groups
 
 
 class SeriesRead(Message):
@@ -194,7 +195,9 @@ class RunReader:
 
 
 def read_runs(root: Path) -> RunsListed:
-    return RunsListed(list_runs(root))
+    from engine.rundir.sweep import list_sweeps
+
+    return RunsListed(list_runs(root), list_sweeps(root))
 
 
 class ProcessSampler:

@@ -11,6 +11,7 @@ from engine.rundir.reader import RunInfo
 from zopro_tui.catalogue import is_zeroth_order
 from zopro_tui.reading import HardwareReading, SeriesRead
 from zopro_tui.series import MetricStore
+from zopro_tui.timeline import StageTimeline
 
 LIVE_STATES = ("running", "paused")
 
@@ -33,6 +34,7 @@ class WatchedRun:
     cpu_history: deque = field(default_factory=lambda: deque(maxlen=120))
     rss_history: deque = field(default_factory=lambda: deque(maxlen=120))
     positions: deque = field(default_factory=lambda: deque(maxlen=30))  # (monotonic time, global step)
+    timeline: StageTimeline = field(default_factory=StageTimeline)  # stage_start/stage_end, for the header
 
     @property
     def name(self) -> str:
@@ -68,6 +70,7 @@ class WatchedRun:
         else:
             for batch in message.batches:
                 self.store.extend(batch)
+                self.timeline.extend(batch)
         self.history_progress = message.progress
         self.caught_up = message.caught_up
         if message.caught_up:

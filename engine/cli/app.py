@@ -125,6 +125,59 @@ def compare(
     )
 
 
+@app.command()
+def sweep(
+    recipe: Annotated[Path | None, typer.Argument(help="recipe TOML")] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid", help="a swept key and its values: KEY=V1,V2,... (repeatable: every combination)"
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key for every point: key.path=value")
+    ] = None,
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    sweep_dir: Annotated[
+        Path | None,
+        typer.Option("--sweep-dir", help="where to write the sweep (default: ROOT/NAME-sweep-TIME)"),
+    ] = None,
+    parallel: Annotated[
+        int, typer.Option("--parallel", help="points at a time (one per GPU when there are several)")
+    ] = 1,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="continue the sweep in this directory: skip finished points"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Run a recipe over a grid of settings, one run directory per point, and summarise them side by side."""
+    from engine.rundir.sweep import SweepError, create_sweep, load_sweep, run_sweep
+
+    try:
+        if resume is not None:
+            if recipe is not None or grid or set_ or sweep_dir is not None:
+                fail(
+                    "--resume takes the grid saved in the sweep directory; drop the recipe, --grid and --set"
+                )
+            if parallel < 1:
+                fail(f"--parallel {parallel} is not accepted; it must be 1 or more")
+            chosen = load_sweep(resume)
+            raise typer.Exit(
+                run_sweep(
+                    chosen, quiet=quiet, console=console, err=err, parallel=parallel if parallel > 1 else None
+                )
+            )
+        if recipe is None:
+            fail("name a recipe: zopro sweep RECIPE --grid KEY=V1,V2 (or --resume DIR)")
+        chosen = create_sweep(
+            recipe, grid or [], set_ or [], root=root, sweep_dir=sweep_dir, parallel=parallel
+        )
+    except SweepError as error:
+        fail(str(error))
+    raise typer.Exit(run_sweep(chosen, quiet=quiet, console=console, err=err))
+
+
 def compare_runs_all(recipe: Path) -> bool:
     import tomllib
 
@@ -180,22 +233,41 @@ def list_runs_command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON list instead of a table")] = False,
 ) -> None:
     """The runs under ROOT: name, method, status, iteration, scores."""
+    from engine.rundir.alerts import alert_line
     from engine.rundir.reader import list_runs
     from engine.rundir.report import runs_table
+    from engine.rundir.sweep import list_sweeps
 
     runs = list_runs(root)
-    if as_json:
-        print(json.dumps([r.to_json() for r in runs], indent=1, default=str))
+    sweeps = list_sweeps(root)
+    if as_json:  # sweeps' runs follow the others, each with "sweep": its folder's name
+        listed = [r.to_json() for r in runs]
+        listed += [{**r.to_json(), "sweep": s.name} for s in sweeps for r in s.runs]
+        print(json.dumps(listed, indent=1, default=str))
         return
-    if not runs:
+    if not runs and not sweeps:
         console.print(f"no runs under {root}/ yet: start one with `zopro run`")
         return
-    console.print(runs_table(runs))
-    for info in runs:
-        if info.status == "unreadable":
-            err.print(
-                f"[bold red]unreadable:[/] {escape(info.name)}: {escape(info.error or '')}", soft_wrap=True
-            )
+    if runs:
+        console.print(runs_table(runs))
+    for group in sweeps:
+        console.print(
+            f"[bold]sweep {escape(group.name)}[/]  {escape(', '.join(group.grid))}  {group.counts()}"
+            + (f"  [bold red]{escape(group.error)}[/]" if group.error else ""),
+            soft_wrap=True,
+        )
+        if group.runs:
+            console.print(runs_table(group.runs))
+    styles = {
+        "failed": "bold red",
+        "stale": "bold magenta",
+        "unreadable": "bold red",
+        "warning": "bold yellow",
+    }
+    for info in [*runs, *(r for s in sweeps for r in s.runs)]:
+        alert = alert_line(info)
+        if alert is not None:
+            err.print(f"[{styles[alert[0]]}]{alert[0]}:[/] {escape(alert[1])}", soft_wrap=True)
 
 
 @app.command()
@@ -272,6 +344,105 @@ def interplay(
         print(json.dumps(report, indent=1, default=str))
         return
     render_report(report, console, width=min(console.width, 120))
+
+
+queue_app = typer.Typer(
+    help="Recipes and sweeps that run one after another on this machine, detached.", no_args_is_help=True
+)
+app.add_typer(queue_app, name="queue")
+
+
+@queue_app.command("add")
+def queue_add(
+    recipe: Annotated[Path, typer.Argument(help="recipe TOML")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")
+    ] = None,
+    grid: Annotated[
+        list[str] | None, typer.Option("--grid", help="queue a sweep: KEY=V1,V2,... (repeatable)")
+    ] = None,
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+) -> None:
+    """Queue a recipe (or, with --grid, a sweep); the queue's worker starts if none runs."""
+    from engine.rundir.queue import QueueError, add, start_worker
+
+    for text in set_ or []:
+        if "=" not in text:
+            fail(f"--set {text!r} has no '='; write key.path=value")
+    try:
+        item = add(root, recipe, set_ or [], grid or [])
+    except QueueError as error:
+        fail(str(error))
+    pid = start_worker(root)
+    console.print(
+        f"queued {item.id}: {escape(item.label)} -> {escape(item.target)}"
+        + (f"  (worker started, pid {pid})" if pid else "  (the worker runs it in turn)"),
+        soft_wrap=True,
+    )
+
+
+@queue_app.command("ls")
+def queue_ls(
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The queue, in order: pending, running, and what ran."""
+    from rich.table import Table
+
+    from engine.rundir.queue import load_items, worker_running
+
+    items = load_items(root)
+    if as_json:
+        print(json.dumps({"worker": worker_running(root), "items": [i.to_json() for i in items]}, indent=1))
+        return
+    if not items:
+        console.print(f"the queue under {root}/ is empty: add with `zopro queue add RECIPE`")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("id", "state", "what", "writes to"):
+        table.add_column(column, no_wrap=column != "what", overflow="ellipsis")
+    for item in items:
+        table.add_row(item.id, item.state, item.label, Path(item.target).name)
+    console.print(table)
+    console.print(f"worker: {'running' if worker_running(root) else 'idle'}")
+
+
+@queue_app.command("cancel")
+def queue_cancel(
+    item_id: Annotated[str, typer.Argument(help="the entry's id (zopro queue ls)")],
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+) -> None:
+    """Drop a pending entry, or stop a running one after a checkpoint."""
+    from engine.rundir.queue import QueueError, cancel
+
+    try:
+        item = cancel(root, item_id)
+    except QueueError as error:
+        fail(str(error))
+    console.print(f"{item.id}: {'cancelled' if item.state == 'cancelled' else 'stopping after a checkpoint'}")
+
+
+@queue_app.command("move")
+def queue_move(
+    item_id: Annotated[str, typer.Argument(help="the entry's id")],
+    where: Annotated[str, typer.Argument(help="up, down, first or last")],
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+) -> None:
+    """Move a pending entry in the queue."""
+    from engine.rundir.queue import QueueError, move
+
+    try:
+        move(root, item_id, where)
+    except QueueError as error:
+        fail(str(error))
+
+
+@queue_app.command("work", hidden=True)
+def queue_work(root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs")) -> None:
+    """Run the queue until nothing is pending (started by `queue add`)."""
+    from engine.rundir.queue import work
+
+    raise typer.Exit(work(root, log=lambda text: print(text, flush=True)))
 
 
 bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)

@@ -168,6 +168,11 @@ def run_training(
                 )
     except RecipeError as error:
         return bad(str(error))
+    from engine.mirror import Mirror, missing_package
+
+    missing = missing_package(recipe.log.report_to)
+    if missing is not None:
+        return bad(f"{recipe_path or run_dir}: {missing}")
 
     from engine.training.models import ModelError, quiet_transformers
 
@@ -178,8 +183,10 @@ def run_training(
 
     writer = RunWriter(run_dir)
     view_holder: list[ProgressView] = []
+    mirror = Mirror(recipe.log.report_to, run_dir, _mirror_config(recipe), err)
 
     def listener(event: dict) -> None:
+        mirror.on_event(event)
         if event.get("type") == "resume" and not quiet:
             console.print(event.get("message", ""), markup=False)
         if event.get("type") == "warning":  # one line on stderr, also with --quiet and under the live line
@@ -246,6 +253,7 @@ def run_training(
         else:
             code = _record_bug(run.book, writer, error, err, run_dir)
     finally:
+        mirror.close()
         writer.close()
     if run.state.history:
         console.print(
@@ -258,6 +266,12 @@ def run_training(
     if code == EXIT_OK and run.state.stage == "done":
         console.print(f"finished in {fmt_duration(run.book.clock.elapsed())}: {run_dir}")
     return code
+
+
+def _mirror_config(recipe) -> dict:
+    from engine.recipe import dump_recipe
+
+    return {"recipe": recipe.to_dict(), "recipe_text": dump_recipe(recipe), "project": "zopro"}
 
 
 def _file_in_the_way(folder: Path | None) -> Path | None:

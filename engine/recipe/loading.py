@@ -19,6 +19,7 @@ from engine.recipe.schema import (
     METHOD_SECTIONS,
     METHODS,
     NAME_PATTERN,
+    REPORT_TO,
     TASK_NAMES,
     Recipe,
     RecipeError,
@@ -163,6 +164,12 @@ def _check_paths(recipe: Recipe, source: str) -> None:
 
 
 def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
+    for target in recipe.log.report_to:
+        if target not in REPORT_TO:
+            raise RecipeError(
+                f"{source}: log.report_to = {target!r} is not accepted; list any of {', '.join(REPORT_TO)}"
+                f"{_suggest(target, list(REPORT_TO))}"
+            )
     _check_paths(recipe, source)
     method = recipe.policy.method
     if method not in METHOD_SECTIONS:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FIRST_ORDER_METHODS = ("rloo", "ppo", "online_dpo")
+REPORT_TO = ("tensorboard", "wandb")  # [log] report_to: engine/mirror.py
 ZEROTH_ORDER_METHODS = ("mezo", "zopro")
 METHODS = FIRST_ORDER_METHODS + ZEROTH_ORDER_METHODS
 INT_CEILING = 10**9  # no count, size or step of a run comes near this; larger is a typo
@@ -299,6 +300,9 @@ class LogConfig:
     samples_every: int = spec(5, low=1, help="write samples/ every N policy updates")
     checkpoint_every: int = spec(
         0, low=0, help="also checkpoint every N policy updates (0: iteration ends only)"
+    )
+    report_to: list[str] = spec(
+        factory=list, help="also mirror the metrics to: tensorboard, wandb (offline); see engine/mirror.py"
     )
 
 

@@ -159,6 +159,7 @@ class CompareScreen(CurveViewActions, Screen):
                     cursor=view.cursor,
                     x_kind=view.axis,
                     waiting=spec.waiting,
+                    title_first=True,
                 )
             )
         self.show_title()

@@ -23,9 +23,11 @@ from textual.worker import get_current_worker
 from engine.rundir.controls import send_control
 from engine.rundir.files import RunDirError
 from zopro_tui.catalogue import (
+    CURVE_CHARTS,
     INTERPLAY_CHARTS,
     INTERPLAY_WAITING,
     REWARD_CHARTS,
+    STAGE_CHARTS,
     TRAJECTORY,
     ZO_CHARTS,
     ZO_WAITING,
@@ -132,7 +134,7 @@ class DashboardScreen(CurveViewActions, Screen):
     def compose(self) -> ComposeResult:
         yield RunHeader(id="run-header")
         with Grid(id="panels"):
-            yield ChartGridPanel("curves", REWARD_CHARTS, id="curves")
+            yield ChartGridPanel("curves", CURVE_CHARTS, id="curves")
             yield ChartGridPanel(
                 "policy-reward interplay",
                 INTERPLAY_CHARTS,
@@ -314,7 +316,10 @@ class DashboardScreen(CurveViewActions, Screen):
     # -- drawing -----------------------------------------------------------------------------------------
     def data_range(self) -> tuple[float, float] | None:
         names = [name for spec in REWARD_CHARTS + INTERPLAY_CHARTS + ZO_CHARTS for name, _ in spec.metrics]
-        return self.run.series.x_range(self.view.axis, names)
+        stages = [name for spec in STAGE_CHARTS for name, _ in spec.metrics]  # before the first update
+        return self.run.series.x_range(self.view.axis, names) or self.run.series.x_range(
+            self.view.axis, stages
+        )
 
     def redraw(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -20,6 +20,12 @@ NOTES = {
     "Controls write requests into the run's control/ folder; the engine acts between steps.",
     "CompareScreen": "Runs overlaid on one x axis: step, wall time, or forward passes (compute), so zeroth-order\n"
     "and first-order runs compare at equal compute. The table reads each run's latest values.",
+    "SweepScreen": "A sweep as one thing: its points sorted by a final metric (m; r reverses), with standard errors\n"
+    "where the evaluation logged them, and that metric against a swept key (k; log10 when the values\n"
+    "span a decade). enter opens a point's dashboard, o overlays every point in the compare screen.",
+    "QueueScreen": "Recipes run one after another by a detached worker (zopro queue work): quitting the TUI or\n"
+    "losing SSH leaves it working. a queues a recipe, K/J reorder pending entries, d cancels\n"
+    "(a running entry stops after a checkpoint).",
 }
 
 

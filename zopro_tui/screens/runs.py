@@ -35,6 +35,28 @@ COLUMNS = (
 )
 
 
+SWEEP_KEY = "sweep:"  # the row key of a sweep's own row: SWEEP_KEY + its folder
+
+
+def sweep_row(sweep) -> list:
+    """A sweep's own row: its name, what it sweeps, its state and how far it is, its best final gold."""
+    from engine.rundir.report import STATUS_STYLE as styles
+
+    golds = [info.latest.get("eval/gold") for info in sweep.runs if info.latest.get("eval/gold") is not None]
+    keys = ", ".join(key.rsplit(".", 1)[-1] for key in sweep.grid)
+    return [
+        Text.assemble(("▾ ", "bold"), (sweep.name, "bold")),
+        Text(f"sweep {keys}", style="cyan", overflow="ellipsis", no_wrap=True),
+        Text(sweep.status, style=styles.get(sweep.status, "")),
+        sweep.counts(),
+        "",
+        Text(f"best {max(golds):.3f}" if golds else "-", justify="right"),
+        "",
+        "",
+        "",
+    ]
+
+
 class RunsTable(DataTable):
     """The runs, one row each; enter opens, j/k move like the arrows."""
 
@@ -123,6 +145,7 @@ class RunsScreen(Screen):
         Binding("slash", "filter", "Filter"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
         Binding("E", "export_metrics", "Export", show=False),
+        Binding("Q", "queue", "Queue"),
     ]
 
     filter_text: reactive[str] = reactive("", init=False)
@@ -131,6 +154,7 @@ class RunsScreen(Screen):
         super().__init__()
         self.root = Path(root)
         self.runs: list[RunInfo] = []
+        self.sweeps: list = []  # engine.rundir.sweep.SweepInfo: a header row, then a row per point that started
         self.marked: set[Path] = set()
 
     def compose(self) -> ComposeResult:
@@ -164,7 +188,9 @@ class RunsScreen(Screen):
     @on(RunsListed)
     def on_runs_listed(self, message: RunsListed) -> None:
         changed = [info.to_json() for info in message.runs] != [info.to_json() for info in self.runs]
-        self.runs = message.runs
+        sweeps = [(s.to_json(), [r.to_json() for r in s.runs]) for s in message.sweeps]
+        changed = changed or sweeps != [(s.to_json(), [r.to_json() for r in s.runs]) for s in self.sweeps]
+        self.runs, self.sweeps = message.runs, message.sweeps
         if changed or not self.query_one(RunsTable).row_count:
             self.show_runs()
 
@@ -193,12 +219,27 @@ class RunsScreen(Screen):
         table.clear()
         for info in visible:
             table.add_row(*self.row(info), key=str(info.path))
-        for index, info in enumerate(visible):
-            if info.path == selected:
+        keys = [info.path for info in visible]
+        for sweep in self.sweeps:  # each sweep as a group: its row, then its points' rows
+            points = [info for info in sweep.runs if run_matches(info, self.filter_text)]
+            if self.filter_text and not points and self.filter_text.lower() not in sweep.name.lower():
+                continue
+            table.add_row(*sweep_row(sweep), key=SWEEP_KEY + str(sweep.path))
+            keys.append(Path(SWEEP_KEY + str(sweep.path)))
+            for info in points:
+                cells = self.row(info)
+                cells[0] = Text.assemble(
+                    ("● ", "yellow") if info.path in self.marked else "  ", ("└ ", "dim"), info.name
+                )
+                table.add_row(*cells, key=str(info.path))
+                keys.append(info.path)
+        for index, path in enumerate(keys):
+            if path == selected:
                 table.move_cursor(row=index, animate=False)
                 break
         empty = self.query_one("#runs-empty", Static)
-        if not self.runs:
+        visible = visible or self.sweeps
+        if not self.runs and not self.sweeps:
             empty.update(
                 Text(f"no runs under {self.root}/ yet: press n to start one from a recipe", style="dim")
             )
@@ -210,7 +251,7 @@ class RunsScreen(Screen):
 
     def show_detail(self) -> None:
         selected = self.selected_path()
-        info = next((info for info in self.runs if info.path == selected), None)
+        info = next((info for info in self.all_runs() if info.path == selected), None)
         detail = self.query_one("#run-detail", Static)
         detail.display = info is not None
         if info is not None:
@@ -245,10 +286,16 @@ class RunsScreen(Screen):
         return Path(key.value) if key.value else None
 
     # -- actions -----------------------------------------------------------------------------------------
+    def all_runs(self) -> list[RunInfo]:
+        return [*self.runs, *(info for sweep in self.sweeps for info in sweep.runs)]
+
     @on(RunsTable.RowSelected)
     def open_run(self, event: DataTable.RowSelected) -> None:
-        if event.row_key.value:
-            self.app.open_run(Path(event.row_key.value))
+        key = event.row_key.value
+        if key and key.startswith(SWEEP_KEY):
+            self.app.open_sweep(Path(key[len(SWEEP_KEY) :]))
+        elif key:
+            self.app.open_run(Path(key))
 
     def action_new_run(self) -> None:
         if self.app.readonly:
@@ -258,19 +305,28 @@ class RunsScreen(Screen):
 
     def action_mark(self) -> None:
         path = self.selected_path()
-        if path is None:
+        if path is None or str(path).startswith(SWEEP_KEY):
             return
         self.marked.symmetric_difference_update({path})
         self.show_runs()
 
     def action_compare(self) -> None:
-        marked = [info.path for info in self.runs if info.path in self.marked]
+        selected = self.selected_path()
+        if selected is not None and str(selected).startswith(SWEEP_KEY) and not self.marked:
+            self.app.open_sweep(Path(str(selected)[len(SWEEP_KEY) :]))  # c on a sweep: the whole sweep
+            return
+        marked = [info.path for info in self.all_runs() if info.path in self.marked]
         if len(marked) < 2:
             self.notify(
                 f"mark two or more runs with space to compare them ({len(marked)} marked)", severity="warning"
             )
             return
         self.app.open_compare(marked)
+
+    def action_queue(self) -> None:
+        from zopro_tui.screens.queue import QueueScreen
+
+        self.app.push_screen(QueueScreen(self.root))
 
     def action_filter(self) -> None:
         box = self.query_one("#runs-filter", Input)
@@ -298,7 +354,7 @@ class RunsScreen(Screen):
 
     def action_export_metrics(self) -> None:
         path = self.selected_path()
-        if path is not None:
+        if path is not None and not str(path).startswith(SWEEP_KEY):
             self.app.export_metrics(path)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:

@@ -54,6 +54,7 @@ class ChartData:
     x_kind: str = "step"  # step, time or compute: how x values are written
     waiting: str = "no data yet"
     xy: bool = False  # a trajectory: y against x, in the order logged, not a function of x
+    title_first: bool = False  # when the legend does not fit, cut the series' part, never the title
 
 
 @dataclass
@@ -137,7 +138,16 @@ def data_signature(data: ChartData) -> tuple:
         )
         for s in data.series
     )
-    return (data.title, series, data.x_window, data.cursor, data.x_kind, data.waiting, data.xy)
+    return (
+        data.title,
+        series,
+        data.x_window,
+        data.cursor,
+        data.x_kind,
+        data.waiting,
+        data.xy,
+        data.title_first,
+    )
 
 
 class CurveChart(Widget):
@@ -404,7 +414,11 @@ class CurveChart(Widget):
                     legend = Text.assemble((data.title, "bold"), "  ", series_legend)
                     break
             else:
-                legend = with_errors if with_errors.cell_len <= width else plain
+                # the compare screen: the legends are run names, the title says what it shows
+                if data.title_first:
+                    legend = Text.assemble((data.title, "bold"), "  ", plain)
+                else:
+                    legend = with_errors if with_errors.cell_len <= width else plain
         legend.truncate(width, overflow="ellipsis")
         return legend
 

@@ -57,6 +57,10 @@ def view_line(run: WatchedRun, view: CurveView) -> Text:
             f"reading history {run.history_progress:.0%} (drawn from a sample until then)  ",
             style="bold yellow",
         )
+    if run.timeline.spans and run.live:  # the stages done, the one running, the rest of this iteration
+        elapsed = info.elapsed if info is not None else None
+        line.append_text(run.timeline.render(info.iterations if info else None, False, elapsed))
+        line.append("  ·  ")
     line.append(view.describe())
     line.append(f"  ·  {len(run.store):,} metric events")
     return line

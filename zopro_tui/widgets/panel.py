@@ -83,6 +83,7 @@ class ChartGridPanel(Panel):
         self.trajectory = trajectory
         self.waiting = waiting
         self.with_data: tuple[bool, ...] = ()  # per chart: has it points to draw
+        self.stage = ""  # the run's current stage: its own charts (ChartSpec.stages) go first
         self.charts = [CurveChart(ChartData(spec.title, waiting=spec.waiting)) for spec in specs]
         if trajectory is not None:
             self.charts.append(CurveChart(ChartData(trajectory.title, waiting=trajectory.waiting, xy=True)))
@@ -100,7 +101,8 @@ class ChartGridPanel(Panel):
 
     def fit_charts(self) -> None:
         width, height = self.content_size.width, self.content_size.height
-        count = len(self.charts)
+        order = self.chart_order()
+        count = max(1, len(order))
         columns_that_fit = max(1, min(count, width // MIN_CHART_WIDTH))
         rows_that_fit = max(1, height // MIN_CHART_HEIGHT)
         visible = max(1, min(count, rows_that_fit * columns_that_fit))
@@ -109,10 +111,25 @@ class ChartGridPanel(Panel):
         grid = self.query_one(Grid)
         grid.styles.grid_size_columns = columns
         grid.styles.grid_size_rows = rows
-        with_data = self.with_data or (False,) * count
-        first = sorted(range(count), key=lambda index: (not with_data[index], index))[:visible]
+        first = set(order[:visible])
         for index, chart in enumerate(self.charts):
             chart.display = index in first
+
+    def chart_order(self) -> list[int]:
+        """The charts to show, most wanted first: those of the stage running now (SFT loss during SFT), the
+        others with data, those still waiting. A stage's own charts (ChartSpec.stages) only while it runs,
+        when nothing else has data yet, or when the panel is zoomed (z)."""
+        count = len(self.charts)
+        with_data = self.with_data or (False,) * count
+        stage_of = [spec.stages for spec in self.specs] + [()] * (count - len(self.specs))
+        now = [i for i in range(count) if with_data[i] and self.stage and self.stage in stage_of[i]]
+        main = [i for i in range(count) if with_data[i] and not stage_of[i]]
+        earlier = [i for i in range(count) if with_data[i] and stage_of[i] and i not in now]
+        waiting = [i for i in range(count) if not with_data[i] and not stage_of[i]]
+        zoomed = self.is_mounted and getattr(self.screen, "zoomed", None) == self.id
+        if zoomed or not main:
+            return now + main + earlier + waiting
+        return now + main + waiting
 
     def show_run(self, run: WatchedRun, view: CurveView, data_range: tuple[float, float] | None) -> None:
         store = run.series
@@ -125,7 +142,8 @@ class ChartGridPanel(Panel):
                 ChartData(
                     spec.title,
                     series,
-                    x_window=window,
+                    # a stage's own chart (SFT, reward model) spans its stage, not the policy's steps
+                    x_window=None if spec.stages and view.window is None else window,
                     cursor=view.cursor,
                     x_kind=view.axis,
                     waiting=spec.waiting,
@@ -141,8 +159,9 @@ class ChartGridPanel(Panel):
             self.charts[-1].show(
                 ChartData(self.trajectory.title, paths, waiting=self.trajectory.waiting, xy=True)
             )
-        if tuple(with_data) != self.with_data:
-            self.with_data = tuple(with_data)
+        stage = run.info.stage if run.info is not None and run.live else ""
+        if tuple(with_data) != self.with_data or stage != self.stage:
+            self.with_data, self.stage = tuple(with_data), stage
             self.fit_charts()
         waiting = bool(self.waiting) and not any(with_data)
         self.query_one(".panel-waiting", Static).display = waiting

@@ -1,0 +1,622 @@
+"""Sweeps: one recipe over a grid of settings, one run directory per point, run in turn (or N at a time),
+resumable, summarised side by side.
+
+    ROOT/<name>-sweep-<time>/
+      sweep.json      the grid, the fixed --set overrides and every point (its name and its settings)
+      recipe.toml     a copy of the recipe as given (points run from it, so the sweep resumes without it)
+      <point>/        one run directory per point (`zopro run` writes it)
+      <point>.log     with --parallel: that point's output
+      summary.json    one row per point: its settings, status and final scores (rewritten after each point)
+
+`zopro sweep RECIPE --grid KEY=V1,V2 ...` validates every point before creating anything;
+`zopro sweep --resume DIR` skips finished points and resumes (from its last checkpoint) the interrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from engine.recipe import RecipeError, load_recipe, parse_override
+from engine.rundir.reader import RunInfo, is_run_dir, run_info
+
+SWEEP_JSON = "sweep.json"
+SUMMARY_JSON = "summary.json"
+SWEEP_RECIPE = "recipe.toml"
+MAX_POINTS = 1000
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+SORTABLE = ("final_gold", "win_rate_vs_sft", "reward_score", "kl", "wall_time_s")
+
+
+class SweepError(ValueError):
+    """Bad sweep input (one sentence naming the flag or key, and what is accepted)."""
+
+
+# -- the grid ---------------------------------------------------------------------------------------------
+def split_values(text: str) -> list[str]:
+    """Split V1,V2,... at the commas outside brackets and quotes (a value may be a TOML list or string)."""
+    parts, depth, quote, current = [], 0, "", []
+    for char in text:
+        if quote:
+            current.append(char)
+            if char == quote:
+                quote = ""
+            continue
+        if char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current).strip())
+    return parts
+
+
+@dataclass
+class GridAxis:
+    key: str
+    values: list[Any]  # parsed (TOML, else a bare string)
+    texts: list[str]  # as written: what the points pass to --set
+
+
+def parse_grid(entries: list[str], fixed: list[str] | None = None) -> list[GridAxis]:
+    """`--grid KEY=V1,V2,...` entries; SweepError (one sentence) on a malformed one."""
+    axes: list[GridAxis] = []
+    fixed_keys = {text.split("=", 1)[0].strip() for text in fixed or [] if "=" in text}
+    for entry in entries:
+        if "=" not in entry:
+            raise SweepError(
+                f"--grid {entry!r} has no '='; write KEY=V1,V2,... (for example --grid zopro.lr=0.1,0.2)"
+            )
+        key, raw = entry.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")) or not re.fullmatch(r"[A-Za-z0-9_.]+", key):
+            raise SweepError(
+                f"--grid {entry!r}: {key!r} is not a recipe key; write section.key=V1,V2,... "
+                "(for example --grid zopro.lr=0.1,0.2)"
+            )
+        texts = split_values(raw)
+        if not raw.strip() or any(not text for text in texts):
+            raise SweepError(
+                f"--grid {key}: an empty value in {raw!r}; list values separated by commas, "
+                "for example --grid zopro.lr=0.1,0.2"
+            )
+        values = []
+        for text in texts:
+            try:
+                values.append(parse_override(f"{key}={text}")[1])
+            except RecipeError as error:
+                raise SweepError(f"--grid {key}: {error}") from None
+        seen = [json.dumps(v, sort_keys=True, default=str) for v in values]
+        duplicate = next((texts[i] for i, s in enumerate(seen) if s in seen[:i]), None)
+        if duplicate is not None:
+            raise SweepError(f"--grid {key} lists {duplicate} twice; each value once")
+        if any(axis.key == key for axis in axes):
+            raise SweepError(f"--grid {key} is given twice; give each key once with all its values")
+        if key in fixed_keys:
+            raise SweepError(f"{key} is both in --set and in --grid; keep it in one of them")
+        axes.append(GridAxis(key, values, texts))
+    if not axes:
+        raise SweepError("a sweep needs at least one --grid KEY=V1,V2,...")
+    count = 1
+    for axis in axes:
+        count *= len(axis.values)
+    if count > MAX_POINTS:
+        raise SweepError(f"the grid has {count} points, more than {MAX_POINTS}; split it into smaller sweeps")
+    return axes
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """The last part of each key (`zopro.lr` -> `lr`), the whole key where two would collide."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: (short if last.count(short) == 1 else key) for key, short in zip(keys, last, strict=True)}
+
+
+def _folder_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "-", text).strip("-.") or "x"
+
+
+def grid_points(axes: list[GridAxis]) -> list[dict]:
+    """Every combination, in order (the last key varies fastest): name, settings and --set overrides."""
+    short = _short_keys([axis.key for axis in axes])
+    width = len(str(max(1, _count(axes) - 1)))
+    points = []
+    for index, combo in enumerate(itertools.product(*(range(len(axis.values)) for axis in axes))):
+        values = {axis.key: axis.values[i] for axis, i in zip(axes, combo, strict=True)}
+        label = "_".join(
+            f"{short[axis.key]}={_folder_safe(axis.texts[i])}" for axis, i in zip(axes, combo, strict=True)
+        )
+        points.append(
+            {
+                "name": _folder_safe(f"{index:0{width}d}-{label}")[:120],
+                "values": values,
+                "overrides": [f"{axis.key}={axis.texts[i]}" for axis, i in zip(axes, combo, strict=True)],
+            }
+        )
+    return points
+
+
+def _count(axes: list[GridAxis]) -> int:
+    count = 1
+    for axis in axes:
+        count *= len(axis.values)
+    return count
+
+
+def validate_points(recipe: Path, fixed: list[str], points: list[dict]) -> str:
+    """Load every point's recipe (RecipeError names the point and the key); returns the recipe's name."""
+    name = ""
+    for point in points:
+        try:
+            resolved = load_recipe(recipe, [*fixed, *point["overrides"]])
+        except RecipeError as error:
+            keys = [text.split("=", 1)[0] for text in point["overrides"]]
+            named = [key for key in keys if key in str(error)]
+            where = f"--grid {named[0]}" if named else f"--grid point {', '.join(point['overrides'])}"
+            raise SweepError(f"{where}: {error}") from None
+        name = name or resolved.name
+    return name
+
+
+# -- the sweep directory ---------------------------------------------------------------------------------
+@dataclass
+class Sweep:
+    path: Path
+    grid: dict[str, list[Any]]
+    overrides: list[str]
+    points: list[dict]
+    name: str = ""
+    created: float | None = None
+    parallel: int = 1
+    source: str = ""
+
+    @property
+    def recipe(self) -> Path:
+        return self.path / SWEEP_RECIPE
+
+    def point_dir(self, point: dict) -> Path:
+        return self.path / point["name"]
+
+    def to_json(self) -> dict:
+        return {
+            "kind": "zopro-sweep",
+            "name": self.name,
+            "source": self.source,
+            "created": self.created,
+            "grid": self.grid,
+            "overrides": self.overrides,
+            "parallel": self.parallel,
+            "points": self.points,
+        }
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (Path(path) / SWEEP_JSON).is_file()
+
+
+def load_sweep(path: Path) -> Sweep:
+    """A sweep directory's sweep.json; SweepError when it is not one."""
+    path = Path(path)
+    if not path.is_dir() or not is_sweep_dir(path):
+        raise SweepError(f"{path} is not a sweep directory (no {SWEEP_JSON}); start one with `zopro sweep`")
+    try:
+        data = json.loads((path / SWEEP_JSON).read_text())
+        points = data["points"]
+        assert isinstance(points, list) and all(isinstance(p.get("name"), str) for p in points)
+    except (OSError, ValueError, KeyError, AssertionError, AttributeError, TypeError):
+        raise SweepError(f"{path / SWEEP_JSON} cannot be read as a sweep; it is damaged") from None
+    return Sweep(
+        path=path,
+        grid=data.get("grid") or {},
+        overrides=list(data.get("overrides") or []),
+        points=points,
+        name=data.get("name") or path.name,
+        created=data.get("created"),
+        parallel=int(data.get("parallel") or 1),
+        source=data.get("source") or "",
+    )
+
+
+def create_sweep(
+    recipe: Path, grid: list[str], fixed: list[str], *, root: Path, sweep_dir: Path | None, parallel: int = 1
+) -> Sweep:
+    """Validate everything, then write the sweep directory (nothing is created when anything is wrong)."""
+    if parallel < 1:
+        raise SweepError(f"--parallel {parallel} is not accepted; it must be 1 or more")
+    for text in fixed:
+        if "=" not in text:
+            raise SweepError(f"--set {text!r} has no '='; write key.path=value")
+    axes = parse_grid(grid, fixed)
+    points = grid_points(axes)
+    try:
+        load_recipe(recipe, fixed)  # the recipe itself first: its error is clearer than a point's
+    except RecipeError as error:
+        raise SweepError(str(error)) from None
+    name = validate_points(recipe, fixed, points)
+    if sweep_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        sweep_dir = root / f"{name}-sweep-{stamp}"
+        n = 1
+        while sweep_dir.exists():
+            n += 1
+            sweep_dir = root / f"{name}-sweep-{stamp}-{n}"
+    elif sweep_dir.exists() and (not sweep_dir.is_dir() or any(sweep_dir.iterdir())):
+        raise SweepError(
+            f"--sweep-dir {sweep_dir} already holds files; resume a sweep with `zopro sweep --resume "
+            f"{sweep_dir}` or choose another directory"
+        )
+    for existing in (sweep_dir, *sweep_dir.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise SweepError(
+                    f"{existing} is a file, not a folder; choose another directory for the sweep"
+                )
+            break
+    sweep = Sweep(
+        path=sweep_dir,
+        grid={axis.key: axis.values for axis in axes},
+        overrides=list(fixed),
+        points=points,
+        name=name,
+        created=time.time(),
+        parallel=parallel,
+        source=str(Path(recipe).resolve()),
+    )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(recipe, sweep.recipe)
+    _write_json(sweep_dir / SWEEP_JSON, sweep.to_json())
+    write_summary(sweep)
+    return sweep
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def point_state(sweep: Sweep, point: dict) -> tuple[str, RunInfo | None]:
+    """pending (no run yet), or the run's status (running, finished, failed, stale, ...)."""
+    folder = sweep.point_dir(point)
+    if not folder.is_dir() or not is_run_dir(folder):
+        return "pending", None
+    info = run_info(folder)
+    return info.status, info
+
+
+def summary_rows(sweep: Sweep) -> list[dict]:
+    """One row per point: its settings, status and final scores (with standard errors), in grid order."""
+    from engine.cli.compare import comparison_row
+
+    rows = []
+    for point in sweep.points:
+        state, info = point_state(sweep, point)
+        row: dict[str, Any] = {"point": point["name"], "values": point["values"], "status": state}
+        if info is not None:
+            try:
+                row.update(comparison_row(sweep.point_dir(point), point["name"]))
+            except Exception:  # noqa: BLE001 - one unreadable point must not hide the others
+                pass
+            row["status"] = state
+            row["warning_count"] = info.warning_count
+        row["point"] = point["name"]
+        row["run_dir"] = str(sweep.point_dir(point))
+        rows.append(row)
+    return rows
+
+
+def write_summary(sweep: Sweep) -> list[dict]:
+    rows = summary_rows(sweep)
+    with contextlib.suppress(OSError):
+        _write_json(sweep.path / SUMMARY_JSON, {"sweep": sweep.name, "grid": sweep.grid, "points": rows})
+    return rows
+
+
+def sorted_rows(rows: list[dict], metric: str, descending: bool | None = None) -> list[dict]:
+    """Rows by a final metric (higher first, lower first for KL and time), points without it last."""
+    if descending is None:
+        descending = metric not in ("kl", "wall_time_s")
+    have = [row for row in rows if isinstance(row.get(metric), (int, float))]
+    missing = [row for row in rows if not isinstance(row.get(metric), (int, float))]
+    return sorted(have, key=lambda row: row[metric], reverse=descending) + missing
+
+
+def summary_table(sweep: Sweep, rows: list[dict], sort: str = "final_gold", width: int = 120) -> Table:
+    from engine.cli.compare import _warnings_cell
+    from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se
+
+    table = Table(
+        title=f"sweep {sweep.name}: {len(rows)} points, sorted by {sort}",
+        header_style="bold",
+        title_justify="left",
+    )
+    short = _short_keys(list(sweep.grid))
+    table.add_column("#", justify="right", no_wrap=True)
+    for key in sweep.grid:
+        table.add_column(short[key], justify="right", no_wrap=True)
+    for column in ("status", "gold", "win vs SFT", "KL", "wall", "warnings"):
+        table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
+    with_se = width >= 110  # narrower, the standard errors go (they are in summary.json)
+    for row in sorted_rows(rows, sort):
+        table.add_row(
+            row["point"].split("-", 1)[0],
+            *(str(row["values"].get(key, "-")) for key in sweep.grid),
+            Text(row["status"], style=STATUS_STYLE.get(row["status"], "dim")),
+            fmt_with_se(row.get("final_gold"), row.get("final_gold_se") if with_se else None),
+            fmt_with_se(row.get("win_rate_vs_sft"), row.get("win_rate_vs_sft_se") if with_se else None),
+            fmt_value(row.get("kl")),
+            fmt_duration(row.get("wall_time_s")),
+            Text(_warnings_cell(row.get("warnings") or []), style="bold yellow"),
+        )
+    return table
+
+
+# -- running ---------------------------------------------------------------------------------------------
+def _resumable(folder: Path) -> bool:
+    return (folder / "recipe.toml").exists() and is_run_dir(folder)
+
+
+def _clear_unstarted(folder: Path) -> None:
+    """A point killed before it wrote its recipe (while loading the model): start it again from nothing."""
+    if folder.exists() and not _resumable(folder):
+        shutil.rmtree(folder)
+
+
+def run_sweep(
+    sweep: Sweep, *, quiet: bool, console: Console, err: Console, parallel: int | None = None
+) -> int:
+    """Run every point that has not finished, in grid order; a point that fails does not stop the sweep,
+    an interrupt (Ctrl-C, SIGTERM, SIGHUP) does, after that point's checkpoint."""
+    parallel = parallel or sweep.parallel
+    todo = []
+    for point in sweep.points:
+        state, _ = point_state(sweep, point)
+        if state == "finished":
+            continue
+        if state in ("running", "paused"):
+            err.print(
+                f"point {point['name']} is still {state} in another process; this sweep skips it",
+                soft_wrap=True,
+            )
+            continue
+        todo.append(point)
+    done = len(sweep.points) - len(todo)
+    console.print(
+        f"sweep [bold]{escape(str(sweep.path))}[/]: {len(sweep.points)} points"
+        + (f", {done} already done" if done else "")
+        + (f", {parallel} at a time" if parallel > 1 and len(todo) > 1 else ""),
+        soft_wrap=True,
+    )
+    if parallel > 1 and len(todo) > 1:
+        code = _run_parallel(sweep, todo, parallel, console, err)
+    else:
+        code = _run_sequential(sweep, todo, quiet, console, err)
+    rows = write_summary(sweep)
+    console.print(summary_table(sweep, rows, width=console.width))
+    console.print(f"summary in {sweep.path / SUMMARY_JSON}", soft_wrap=True)
+    return code
+
+
+def _run_sequential(sweep: Sweep, todo: list[dict], quiet: bool, console: Console, err: Console) -> int:
+    from engine.cli.runner import EXIT_FAILED, EXIT_OK, run_training
+
+    worst = EXIT_OK
+    for point in todo:
+        folder = sweep.point_dir(point)
+        _clear_unstarted(folder)
+        resume = _resumable(folder)
+        console.print(
+            f"[bold]{escape(point['name'])}[/] {'(resuming) ' if resume else ''}-> {escape(str(folder))}",
+            soft_wrap=True,
+        )
+        if resume:
+            code = run_training(None, [], run_dir=folder, resume=True, quiet=quiet, console=console, err=err)
+        else:
+            code = run_training(
+                sweep.recipe,
+                [*sweep.overrides, *point["overrides"]],
+                run_dir=folder,
+                resume=False,
+                quiet=quiet,
+                console=console,
+                err=err,
+            )
+        write_summary(sweep)
+        if code in (129, 130, 143):
+            err.print(f"the sweep stops here; continue it with `zopro sweep --resume {sweep.path}`")
+            return code
+        if code != EXIT_OK:
+            err.print(f"point {point['name']} ended with exit code {code}; the sweep goes on", soft_wrap=True)
+            worst = EXIT_FAILED
+    return worst
+
+
+def gpu_slots() -> list[str]:
+    """The GPUs to spread parallel points over: CUDA_VISIBLE_DEVICES if set, else those nvidia-smi lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def point_command(sweep: Sweep, point: dict) -> list[str]:
+    folder = sweep.point_dir(point)
+    base = [sys.executable, "-P", "-m", "engine.cli", "run"]
+    if _resumable(folder):
+        return [*base, "--resume", str(folder), "--quiet"]
+    command = [*base, str(sweep.recipe), "--run-dir", str(folder), "--quiet"]
+    for override in [*sweep.overrides, *point["overrides"]]:
+        command += ["--set", override]
+    return command
+
+
+def _run_parallel(sweep: Sweep, todo: list[dict], parallel: int, console: Console, err: Console) -> int:
+    """N points at a time, each a `zopro run` process with its output in <point>.log, one GPU each when
+    there are several (round robin over CUDA_VISIBLE_DEVICES or nvidia-smi's list)."""
+    gpus = gpu_slots()
+    pending = list(todo)
+    running: dict[str, tuple[subprocess.Popen, dict, str | None]] = {}
+    worst = EXIT_OK
+    env_base = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    source_root = str(Path(__file__).resolve().parent.parent)
+    env_base["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env_base.get("PYTHONPATH", "")) if p)
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                point = pending.pop(0)
+                folder = sweep.point_dir(point)
+                _clear_unstarted(folder)
+                busy = {gpu for _, _, gpu in running.values()}
+                gpu = next(
+                    (g for g in gpus if g not in busy), gpus[len(running) % len(gpus)] if gpus else None
+                )
+                env = dict(env_base)
+                if gpu is not None and len(gpus) > 1:
+                    env["CUDA_VISIBLE_DEVICES"] = gpu
+                log = open(sweep.path / f"{point['name']}.log", "ab")
+                with log:
+                    process = subprocess.Popen(
+                        point_command(sweep, point),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                running[point["name"]] = (process, point, gpu)
+                where = f" on GPU {gpu}" if gpu is not None and len(gpus) > 1 else ""
+                console.print(f"started {escape(point['name'])}{where} (pid {process.pid})", soft_wrap=True)
+            time.sleep(0.5)
+            for name, (process, _point, _gpu) in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[name]
+                write_summary(sweep)
+                if code == EXIT_OK:
+                    console.print(f"{escape(name)} finished", soft_wrap=True)
+                else:
+                    err.print(f"point {name} ended with exit code {code}", soft_wrap=True)
+                    worst = EXIT_FAILED
+    except KeyboardInterrupt:
+        for process, _, _ in running.values():
+            with contextlib.suppress(OSError):
+                process.send_signal(2)
+        for process, _, _ in running.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=60)
+        err.print(f"interrupted; continue with `zopro sweep --resume {sweep.path}`")
+        return 130
+    return worst
+
+
+# -- listing ---------------------------------------------------------------------------------------------
+@dataclass
+class SweepInfo:
+    """A sweep as `zopro ls` and the TUI list it: its folder, grid and each point's state."""
+
+    path: Path
+    name: str
+    grid: dict[str, list[Any]]
+    points: list[dict]
+    runs: list[RunInfo] = field(default_factory=list)  # the points that have a run directory
+    states: dict[str, str] = field(default_factory=dict)  # point name -> pending or the run's status
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        states = list(self.states.values())
+        if self.error:
+            return "unreadable"
+        if any(s in ("running", "paused") for s in states):
+            return "running"
+        if states and all(s == "finished" for s in states):
+            return "finished"
+        if any(s in ("failed", "stale", "stopped") for s in states):
+            return "failed" if "failed" in states else "stopped"
+        return "pending" if states and all(s == "pending" for s in states) else "stopped"
+
+    def counts(self) -> str:
+        finished = sum(1 for s in self.states.values() if s == "finished")
+        text = f"{finished}/{len(self.points)} done"
+        for state in ("running", "failed", "stale"):
+            n = sum(1 for s in self.states.values() if s == state)
+            if n:
+                text += f", {n} {state}"
+        return text
+
+    def to_json(self) -> dict:
+        return {
+            "kind": "sweep",
+            "path": str(self.path),
+            "name": self.name,
+            "status": self.status,
+            "grid": self.grid,
+            "points": [{**p, "status": self.states.get(p["name"], "pending")} for p in self.points],
+            "error": self.error,
+        }
+
+
+def sweep_info(path: Path) -> SweepInfo:
+    try:
+        sweep = load_sweep(path)
+    except SweepError as error:
+        return SweepInfo(path=Path(path), name=Path(path).name, grid={}, points=[], error=str(error))
+    info = SweepInfo(path=sweep.path, name=sweep.path.name, grid=sweep.grid, points=sweep.points)
+    for point in sweep.points:
+        state, run = point_state(sweep, point)
+        info.states[point["name"]] = state
+        if run is not None:
+            info.runs.append(run)
+    return info
+
+
+def list_sweeps(root: Path) -> list[SweepInfo]:
+    """The sweeps directly under `root`, newest first."""
+    root = Path(root)
+    try:
+        folders = [p for p in root.iterdir() if p.is_dir() and is_sweep_dir(p)]
+    except OSError:
+        return []
+    infos = [sweep_info(p) for p in folders]
+    return sorted(infos, key=lambda s: _mtime(s.path / SWEEP_JSON), reverse=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def read_sweep_recipe(sweep: Sweep) -> dict:
+    try:
+        return tomllib.loads(sweep.recipe.read_text())
+    except (OSError, ValueError):
+        return {}

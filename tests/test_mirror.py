@@ -1,0 +1,76 @@
+"""`[log] report_to`: metrics mirrored to TensorBoard (readable by tensorboard's own reader) with TRL's names;
+bad targets and missing packages refused before anything is created."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from engine.mirror import trl_name
+from engine.rundir.reader import read_events
+from tests.conftest import zopro
+
+
+def test_trl_names():
+    assert trl_name("objective/kl") == "train/objective/kl"
+    assert trl_name("policy/clipfrac") == "train/policy/clipfrac_avg"
+    assert trl_name("loss/policy") == "train/loss/policy_avg"
+    assert trl_name("policy/lr") == "train/lr"
+    assert trl_name("eval/gold", "eval") == "eval/gold"
+    assert trl_name("zo/g") == "train/zo/g"
+
+
+def test_an_unknown_target_is_refused_with_one_sentence(fast_recipe: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    result = zopro("run", str(fast_recipe), "--run-dir", str(run), "--set", 'log.report_to=["tensorbord"]')
+    assert result.returncode == 2
+    assert "log.report_to = 'tensorbord' is not accepted; list any of tensorboard, wandb" in result.stderr
+    assert "did you mean 'tensorboard'" in result.stderr
+    assert not run.exists()
+
+
+def test_a_missing_package_is_named_before_anything_is_created(fast_recipe: Path, tmp_path: Path):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    run = tmp_path / "run"
+    result = zopro("run", str(fast_recipe), "--run-dir", str(run), "--set", 'log.report_to=["wandb"]')
+    assert result.returncode == 2
+    assert "the wandb package is not installed" in " ".join(result.stderr.split())
+    assert not run.exists()
+
+
+def test_tensorboard_event_file_is_written_and_readable(fast_recipe: Path, tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    result = zopro(
+        "run", str(fast_recipe), "--run-dir", str(run), "--quiet", "--set", 'log.report_to=["tensorboard"]'
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert files, "no TensorBoard event file"
+    board = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    for tag in (
+        "train/objective/kl",
+        "train/objective/rlhf_reward",
+        "train/loss/sft",
+        "train/loss/policy_avg",
+        "train/policy/clipfrac_avg",
+        "eval/gold",
+        "eval/win_rate_vs_sft",
+    ):
+        assert tag in tags, sorted(tags)
+    events = read_events(run)
+    kl = [
+        (e["global_step"], e["metrics"]["objective/kl"])
+        for e in events
+        if e["type"] == "metrics" and e["metrics"].get("objective/kl") is not None
+    ]
+    mirrored = [(s.step, s.value) for s in board.Scalars("train/objective/kl")]
+    assert [step for step, _ in mirrored] == [step for step, _ in kl]
+    assert [value for _, value in mirrored] == pytest.approx([value for _, value in kl], rel=1e-6)

@@ -1,0 +1,46 @@
+"""App-wide alerts: a run under the root folder (or in a sweep there) that fails, goes stale or raises a
+warning gets a notification wherever the user is in the TUI (the dashboard of that very run already says so
+itself). A background worker lists the runs and posts; the app notifies."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine.rundir.alerts import Alert, AlertTracker
+from engine.rundir.reader import list_runs
+
+POLL_SECONDS = 2.0
+
+
+def all_runs(root: Path):
+    from engine.rundir.sweep import list_sweeps
+
+    runs = list_runs(root)
+    for sweep in list_sweeps(root):
+        runs.extend(sweep.runs)
+    return runs
+
+
+def watch(root: Path, post, cancelled, poll_seconds: float = POLL_SECONDS) -> None:
+    """The body of a worker thread: post each new Alert until cancelled."""
+    tracker = AlertTracker()
+    while not cancelled():
+        try:
+            alerts = tracker.update(all_runs(root))
+        except Exception:  # noqa: BLE001 - alerts are a convenience; the runs list says the rest
+            alerts = []
+        for alert in alerts:
+            post(alert)
+        deadline = time.monotonic() + poll_seconds
+        while not cancelled() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def notify(app, alert: Alert) -> None:
+    """Notify unless the screen on top is that run's own dashboard (it tells its own)."""
+    screen = app.screen
+    watched = getattr(getattr(screen, "run", None), "path", None)
+    if watched is not None and Path(watched) == Path(alert.path):
+        return
+    app.notify(alert.message, title=alert.title, severity=alert.severity, timeout=10)
