@@ -53,3 +53,10 @@ def test_a_diverged_policy_names_the_learning_rate_to_lower(tmp_path, fast_recip
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     info = run_info(run)
     assert info.status == "failed" and "rloo.lr" in info.error
+
+
+def test_plain_zopro_run_finds_the_embedded_recipe():
+    """The README's first command is a bare `zopro run`: it must find recipes/tiny.toml."""
+    from engine.cli.app import embedded_recipe
+
+    assert embedded_recipe() == REPO / "recipes" / "tiny.toml"

@@ -92,8 +92,8 @@ def run(
 
 def embedded_recipe() -> Path:
     """recipes/tiny.toml from the source tree, or the copy shipped inside the package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "recipes" / "tiny.toml", here / "recipes" / "tiny.toml"):
+    package = Path(__file__).resolve().parents[1]  # engine/
+    for candidate in (package.parent / "recipes" / "tiny.toml", package / "recipes" / "tiny.toml"):
         if candidate.exists():
             return candidate
     fail("the embedded recipe recipes/tiny.toml is missing from this installation; pass a recipe file")
