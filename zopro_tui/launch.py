@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.recipe import RecipeError, load_recipe
+from engine.rundir.files import spawn_detached
 from zopro_tui.reading import launch_log_path
 
 
@@ -105,14 +106,5 @@ def launch(plan: RunPlan) -> LaunchedRun:
     for override in plan.overrides:
         command += ["--set", override]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-            close_fds=True,
-        )
+    process = spawn_detached(command, log_path, env)
     return LaunchedRun(run_dir=plan.run_dir, process=process, log_path=log_path)

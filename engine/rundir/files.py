@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +50,18 @@ def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             value = None
         out[key] = value
     return out
+
+
+def spawn_detached(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start `command` in its own session (it outlives the terminal, the TUI and an SSH drop), with no
+    input and its output appended to `log_path`."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            env=env,
+        )

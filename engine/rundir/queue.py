@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.recipe import RecipeError, load_recipe
+from engine.rundir.files import spawn_detached
 
 QUEUE_DIR = ".queue"
 STATES = ("pending", "running", "finished", "failed", "cancelled")
@@ -233,17 +234,8 @@ def start_worker(root: Path) -> int | None:
     source_root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
-    with open(folder / "worker.log", "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "engine.cli", "queue", "work", "--root", str(Path(root).resolve())],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            env=env,
-        )
-    return process.pid
+    command = [sys.executable, "-P", "-m", "engine.cli", "queue", "work", "--root", str(Path(root).resolve())]
+    return spawn_detached(command, folder / "worker.log", env).pid
 
 
 def item_command(item: QueueItem) -> list[str]:

@@ -35,6 +35,7 @@ from rich.text import Text
 
 from engine.recipe import RecipeError, load_recipe, parse_override
 from engine.rundir.reader import RunInfo, is_run_dir, run_info
+from engine.rundir.writer import stamped_folder
 
 SWEEP_JSON = "sweep.json"
 SUMMARY_JSON = "summary.json"
@@ -255,12 +256,7 @@ def create_sweep(
         raise SweepError(str(error)) from None
     name = validate_points(recipe, fixed, points)
     if sweep_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        sweep_dir = root / f"{name}-sweep-{stamp}"
-        n = 1
-        while sweep_dir.exists():
-            n += 1
-            sweep_dir = root / f"{name}-sweep-{stamp}-{n}"
+        sweep_dir = stamped_folder(root, f"{name}-sweep")
     elif sweep_dir.exists() and (not sweep_dir.is_dir() or any(sweep_dir.iterdir())):
         raise SweepError(
             f"--sweep-dir {sweep_dir} already holds files; resume a sweep with `zopro sweep --resume "

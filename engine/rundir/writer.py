@@ -45,12 +45,17 @@ def adapter_file(checkpoint: Path, adapter: str) -> Path:
 
 def default_run_dir(root: Path, name: str, method: str) -> Path:
     """A new run's folder under `root`: NAME-METHOD-TIME, with a count when that exists already."""
+    return stamped_folder(root, f"{name}-{method}")
+
+
+def stamped_folder(root: Path, prefix: str) -> Path:
+    """root/PREFIX-TIME that does not exist yet (PREFIX-TIME-2, -3, ... when it does)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / f"{name}-{method}-{stamp}"
+    path = root / f"{prefix}-{stamp}"
     n = 1
     while path.exists():
         n += 1
-        path = root / f"{name}-{method}-{stamp}-{n}"
+        path = root / f"{prefix}-{stamp}-{n}"
     return path
 
 
