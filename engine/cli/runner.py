@@ -27,7 +27,7 @@ from engine.cli.exit_codes import (
 )
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.reader import is_run_dir, read_events, run_info
-from engine.rundir.report import evaluations_table, fmt_duration, fmt_value
+from engine.rundir.report import evaluations_table, fmt_duration, fmt_value, fmt_with_se
 from engine.rundir.writer import RunDirError, RunWriter, default_run_dir
 
 if TYPE_CHECKING:
@@ -115,8 +115,9 @@ def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
     elif kind == "eval":
         m = event.get("metrics", {})
         console.print(
-            f"[{fmt_duration(event.get('elapsed'))}]   eval: gold {fmt_value(m.get('eval/gold'))}  "
-            f"win vs SFT {fmt_value(m.get('eval/win_rate_vs_sft'))}  reward {fmt_value(m.get('eval/reward'))}  "
+            f"[{fmt_duration(event.get('elapsed'))}]   eval: gold {fmt_with_se(m.get('eval/gold'), m.get('eval/gold_se'))}  "
+            f"win vs SFT {fmt_with_se(m.get('eval/win_rate_vs_sft'), m.get('eval/win_rate_vs_sft_se'))}  "
+            f"reward {fmt_value(m.get('eval/reward'))}  "
             f"KL {fmt_value(m.get('eval/kl'))}",
             markup=False,
         )

@@ -123,8 +123,8 @@ def evaluations_table(
         previous = elapsed or previous
         cells = [
             label,
-            fmt_value(metrics.get("eval/gold")),
-            fmt_value(metrics.get("eval/win_rate_vs_sft")),
+            fmt_with_se(metrics.get("eval/gold"), metrics.get("eval/gold_se")),
+            fmt_with_se(metrics.get("eval/win_rate_vs_sft"), metrics.get("eval/win_rate_vs_sft_se")),
             fmt_value(metrics.get("eval/reward")),
             fmt_value(metrics.get("eval/kl")),
             fmt_duration(wall),
