@@ -199,3 +199,15 @@ def test_zeroth_order_iterations_raise_gold(tmp_path):
     assert gold[3] - gold[1] > 1.5 * evals[3]["eval/gold_se"], (gold, evals[3]["eval/gold_se"])
     policy = [e["metrics"] for e in read_events(run) if e["type"] == "metrics" and e["stage"] == "policy"]
     assert all(m["zo/first_order"] == 0.0 for m in policy[10:])  # the gain is zeroth-order's
+
+
+def test_subspace_refresh_runs_a_first_order_iteration_and_renews_the_basis(tmp_path):
+    text = SUBSPACE_RECIPE.replace("iterations = 2", "iterations = 3").replace(
+        'sampler = "subspace"', 'sampler = "subspace"\nsubspace_refresh_every = 2\npremise_check = false'
+    )
+    _, run = finished_run(tmp_path, "refresh", text)
+    policy = [e for e in read_events(run) if e["type"] == "metrics" and e["stage"] == "policy"]
+    first_order = {e["iteration"]: e["metrics"]["zo/first_order"] for e in policy}
+    assert first_order == {0: 1.0, 1: 0.0, 2: 1.0}  # iteration 2 renews the basis first-order
+    renewed = [e["metrics"]["zo/basis_snapshots"] for e in policy if e["iteration"] == 2]
+    assert renewed == [1.0, 2.0, 3.0, 4.0]  # the old snapshots were let go, the new ones collected
