@@ -42,11 +42,12 @@ def fmt_value(value: float | None, digits: int = 3) -> str:
     return str(value)
 
 
-def fmt_with_se(value: float | None, se: float | None, digits: int = 3) -> str:
-    """A score with its standard error when there is one: `0.468 ± 0.012`, else as `fmt_value`."""
+def fmt_with_se(value: float | None, se: float | None, digits: int = 3, compact: bool = False) -> str:
+    """A score with its standard error when there is one: `0.468 ± 0.012` (compact: `0.468±0.012`), else
+    as `fmt_value`."""
     if value is None or se is None or not isinstance(se, (int, float)) or se != se:
         return fmt_value(value, digits)
-    return f"{fmt_value(value, digits)} ± {se:.{digits}f}"
+    return f"{fmt_value(value, digits)}{'±' if compact else ' ± '}{se:.{digits}f}"
 
 
 def status_text(info: RunInfo) -> Text:
@@ -109,22 +110,29 @@ def evaluations_table(
     """One row per held-out evaluation: the SFT baseline, then each iteration; with `warnings` (events or
     status entries with code and iteration) a last column names those raised in each iteration."""
     table = Table(title=title, header_style="bold", title_justify="left")
-    columns = ["", "gold", "win vs SFT", "reward score", "KL", "wall time"]
+    columns = ["", "gold", "win vs SFT", "reward", "KL", "wall"]
     if warnings:
         columns.append("warnings")
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("", "warnings") else "right")
+    for column in columns:  # a score with its standard error stays on one line; warnings may wrap
+        table.add_column(
+            column,
+            justify="left" if column in ("", "warnings") else "right",
+            no_wrap=column != "warnings",
+            min_width=5 if column == "" else None,
+        )
     previous = 0.0
     for row in evals:
         metrics = row.get("metrics", row)
-        label = "SFT" if row.get("iteration") is None else f"iteration {row['iteration']}"
+        label = "SFT" if row.get("iteration") is None else f"it {row['iteration']}"
         elapsed = row.get("elapsed", metrics.get("time/elapsed_s"))
         wall = None if elapsed is None else elapsed - previous
         previous = elapsed or previous
         cells = [
             label,
-            fmt_with_se(metrics.get("eval/gold"), metrics.get("eval/gold_se")),
-            fmt_with_se(metrics.get("eval/win_rate_vs_sft"), metrics.get("eval/win_rate_vs_sft_se")),
+            fmt_with_se(metrics.get("eval/gold"), metrics.get("eval/gold_se"), compact=True),
+            fmt_with_se(
+                metrics.get("eval/win_rate_vs_sft"), metrics.get("eval/win_rate_vs_sft_se"), compact=True
+            ),
             fmt_value(metrics.get("eval/reward")),
             fmt_value(metrics.get("eval/kl")),
             fmt_duration(wall),
