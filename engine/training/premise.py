@@ -34,16 +34,18 @@ def along_mu(
     `premise/<name>_minus|0|plus`, plus `premise/<name>_gain` (plus minus 0)."""
     saved = {name: param.detach().clone() for name, param in params.items()}
     metrics: dict[str, float] = {}
+    scored: set[str] = set()
     try:
         for label, sign in (("minus", -1.0), ("0", 0.0), ("plus", 1.0)):
             for name, param in params.items():
                 param.copy_(saved[name]).add_(mu[name].to(param.device), alpha=sign * step)
             for key, value in evaluate().items():
                 metrics[f"premise/{key}_{label}"] = value
+                scored.add(key)
     finally:
         for name, param in params.items():
             param.copy_(saved[name])
-    for key in {k.split("/")[1].rsplit("_", 1)[0] for k in metrics}:
+    for key in sorted(scored):
         metrics[f"premise/{key}_gain"] = metrics[f"premise/{key}_plus"] - metrics[f"premise/{key}_0"]
     return metrics
 

@@ -63,6 +63,7 @@ class ZerothOrderUpdate:
         self.sampler_iteration: int | None = None
         self.reference_norms: dict[str, float] | None = None  # |mu_k| of the first informed iteration
         self.basis: torch.Tensor | None = None  # the subspace's orthonormal basis, once built
+        self.momentum: dict[str, torch.Tensor] | None = None  # mu of the current informed iteration
         self.consecutive_skips = 0
         self.stuck = {"g_at_clip": 0, "g_zero": 0}
 
@@ -83,6 +84,13 @@ class ZerothOrderUpdate:
         every = self.config.subspace_refresh_every if self.config.sampler == "subspace" else 0
         return bool(every) and iteration % every == 0
 
+    @property
+    def reference_norm(self) -> float | None:
+        """|mu| of the first informed iteration over all tensors: the fixed length of z."""
+        if self.reference_norms is None:
+            return None
+        return math.sqrt(sum(x * x for x in self.reference_norms.values()))
+
     def sampler_for(self, iteration: int) -> DirectionSampler:
         if self.sampler_iteration == iteration:
             return self.sampler
@@ -92,8 +100,9 @@ class ZerothOrderUpdate:
             mu, v = self.momentum_and_reward_change(iteration)
             if self.reference_norms is None:  # the first informed iteration fixes the scale
                 self.reference_norms = {n: float(torch.linalg.vector_norm(t)) for n, t in mu.items()}
+        self.momentum = mu  # this iteration's mu, read once from the checkpoints (the premise check uses it)
         fixed = self.reference_norms is not None and self.config.z_norm == "reference"
-        norm = math.sqrt(sum(x * x for x in self.reference_norms.values())) if self.reference_norms else None
+        norm = self.reference_norm
         if kind == "block":
             sampler: DirectionSampler = BlockSampler(layer_blocks(list(self.params)), norm if fixed else None)
         elif kind == "zopro" and mu is not None:
@@ -263,7 +272,7 @@ class ZerothOrderUpdate:
         config = self.config
         if not (self.informed and config.premise_check and iteration > 0):
             return {}
-        mu, _ = self.momentum_and_reward_change(iteration)
+        mu = self.momentum  # set by sampler_for(iteration), which runs first
         with self.pm.adapter("policy"):
             metrics = along_mu(
                 self.params, mu, config.premise_step, lambda: self.context.score_policy("premise", iteration)
@@ -292,7 +301,7 @@ class ZerothOrderUpdate:
                 for key, name in to_param.items()
             )
         )
-        reference = math.sqrt(sum(x * x for x in self.reference_norms.values()))
+        reference = self.reference_norm
         relative = change / reference if reference > 0 else 0.0
         if relative < STALLED_BELOW:
             self.context.warn(
