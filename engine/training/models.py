@@ -200,18 +200,32 @@ class PreferenceModel:
         return {n: p for n, p in self.model.named_parameters() if marker in n and "lora_" in n}
 
     def copy_adapter(self, source: str, target: str) -> None:
-        src = self.adapter_parameters(source)
-        dst = self.adapter_parameters(target)
-        with torch.no_grad():
-            for name, param in dst.items():
-                param.copy_(src[name.replace(f".{target}.", f".{source}.")])
+        """Make adapter `target` equal to `source` (in place: optimisers keep their parameters)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model, adapter_name=source, save_embedding_layers=False)
+        set_peft_model_state_dict(self.model, state, adapter_name=target)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The base's transformer body (embeddings, layers, final norm) with the adapters injected."""
+        return self.model.get_base_model().get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The base's output layer (a LoRA layer when the adapters target it; the active adapter applies)."""
+        return self.model.get_base_model().get_output_embeddings()
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype of the frozen base (its input embeddings); the adapters are float32 whatever it is."""
+        return self.model.get_base_model().get_input_embeddings().weight.dtype
 
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         """Last hidden states of the base (with the active adapter), without the lm_head."""
-        inner = self.model.base_model.model.model
-        return inner(
+        return self.decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
 

@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from engine.training.models import PreferenceModel
 from engine.training.telemetry import Counters
@@ -78,6 +80,60 @@ def encode_prompts(
     return batch["input_ids"].to(pm.device), batch["attention_mask"].to(pm.device)
 
 
+# float32 logits held at once by the chunked log-probs (one chunk of rows x vocabulary)
+LOGITS_CHUNK_BYTES = 32 * 2**20
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def selective_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    chunk_bytes: int = LOGITS_CHUNK_BYTES,
+) -> torch.Tensor:
+    """log softmax(head(hidden))[target] for each position, float32, shape of `targets`; zero where `mask`
+    is 0. Only the masked-in rows are computed, a chunk of rows at a time, so at most one chunk of float32
+    logits exists at once. Under autograd each chunk is recomputed in the backward (activation
+    checkpointing) instead of being kept, so the backward holds one chunk's logits and their gradient."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    rows = None
+    if mask is not None:
+        rows = mask.reshape(-1).nonzero().squeeze(-1)
+        flat_hidden, flat_targets = flat_hidden.index_select(0, rows), flat_targets.index_select(0, rows)
+    vocab = head.weight.shape[0]
+    step = max(1, chunk_bytes // (4 * vocab))
+    grad = torch.is_grad_enabled()
+    parts = []
+    for start in range(0, flat_hidden.shape[0], step):
+        h, t = flat_hidden[start : start + step], flat_targets[start : start + step]
+        if grad:
+            parts.append(checkpoint(_chunk_logprobs, h, t, head, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(h, t, head))
+    values = torch.cat(parts) if parts else flat_hidden.new_zeros(0, dtype=torch.float32)
+    if rows is not None:
+        values = torch.zeros(targets.numel(), dtype=torch.float32, device=values.device).index_copy(
+            0, rows, values
+        )
+    return values.view(targets.shape)
+
+
+def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """The generator itself when it lives on `device`; else a generator on `device` seeded by one draw
+    from it, so the same generator state gives the same samples and the draws stay on the device."""
+    if generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @torch.no_grad()
 def sample(
     pm: PreferenceModel,
@@ -90,26 +146,71 @@ def sample(
     counters: Counters,
 ) -> Sequences:
     """Sample one answer per prompt with the active adapter (KV cache, explicit generator)."""
+    return sample_with_logprobs(
+        pm,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        temperature=temperature,
+        generator=generator,
+        counters=counters,
+    )[0]
+
+
+@torch.no_grad()
+def sample_with_logprobs(
+    pm: PreferenceModel,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+    counters: Counters,
+    logprobs: bool = False,
+) -> tuple[Sequences, torch.Tensor | None]:
+    """`sample`, and with `logprobs` the per-token log-probs (temperature 1) of the sampled tokens under
+    the sampling adapter, read from the sampler's own logits, (N, R) and zero on padding.
+
+    Everything stays on the device: a DynamicCache, draws from a device generator, the prompt's logits
+    only at its last position; the host learns whether every answer has ended only every few tokens on
+    an accelerator (every token on the CPU, where that costs nothing)."""
+    from transformers import DynamicCache
+
     tok = pm.tokenizer
+    device = pm.device
     input_ids, prompt_mask = encode_prompts(pm, prompts, max_prompt_tokens)
+    gen = device_generator(generator, device)
     mask = prompt_mask
     n, width = input_ids.shape
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    out = pm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
-    cache = out.cache  # transformers >= 5.24 names the KV cache `cache` (past_key_values goes in 5.40)
+    cache = DynamicCache(config=pm.model.config)
+    out = pm.model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids(mask),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     logits = out.logits[:, -1, :]
-    finished = torch.zeros(n, dtype=torch.bool, device=pm.device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
     next_pos = mask.long().sum(-1)
-    new_tokens, new_mask = [], []
-    for _ in range(max_new_tokens):
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(pm.device)
+    check_every = 1 if device.type == "cpu" else 8
+    new_tokens, new_mask, new_logprobs = [], [], []
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        probs = torch.softmax(logits / temperature, dim=-1)
+        token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
         alive = ~finished
+        if logprobs:
+            chosen = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            new_logprobs.append(chosen * alive)
         token = torch.where(alive, token, torch.full_like(token, pad))
         new_tokens.append(token)
         new_mask.append(alive.long())
         finished = finished | (token == eos)
-        if bool(finished.all()):
+        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
             break
         mask = torch.cat([mask, alive.long()[:, None]], dim=-1)
         out = pm.model(
@@ -120,18 +221,19 @@ def sample(
             use_cache=True,
         )
         next_pos = next_pos + 1
-        cache = out.cache
         logits = out.logits[:, -1, :]
     response_ids = torch.stack(new_tokens, dim=1)
     response_mask = torch.stack(new_mask, dim=1)
-    counters.add(forward_passes=1, tokens=int(mask.sum()))
+    used = int(response_mask.any(0).nonzero().max()) + 1  # drop the steps taken after every answer ended
+    response_ids, response_mask = response_ids[:, :used], response_mask[:, :used]
+    counters.add(forward_passes=1, tokens=int(prompt_mask.sum() + response_mask.sum()))
     responses = [
         _decode(tok, ids, m, eos)
         for ids, m in zip(response_ids.tolist(), response_mask.tolist(), strict=True)
     ]
     full_ids = torch.cat([input_ids, response_ids], dim=1)
     full_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    return Sequences(
+    seqs = Sequences(
         prompts=list(prompts),
         responses=responses,
         input_ids=full_ids,
@@ -140,6 +242,7 @@ def sample(
         prompt_width=width,
         finished=finished,
     )
+    return seqs, (torch.stack(new_logprobs, dim=1)[:, :used] if logprobs else None)
 
 
 def _decode(tok, ids: list[int], mask: list[int], eos: int) -> str:
@@ -148,13 +251,14 @@ def _decode(tok, ids: list[int], mask: list[int], eos: int) -> str:
 
 
 def token_logprobs(pm: PreferenceModel, seqs: Sequences, counters: Counters) -> torch.Tensor:
-    """Per-token log-probs of the response tokens under the active adapter, (N, R); zero on padding."""
+    """Per-token log-probs of the response tokens under the active adapter, (N, R); zero on padding.
+    The lm_head is applied to the response positions only, in chunks (`selective_logprobs`): the full
+    float32 logits of the batch never exist, with or without autograd."""
     mask = seqs.attention_mask
-    out = pm.model(input_ids=seqs.input_ids, attention_mask=mask, position_ids=position_ids(mask))
+    hidden = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
     counters.add(forward_passes=1, tokens=int(mask.sum()))
-    logits = out.logits[:, seqs.prompt_width - 1 : -1, :].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, seqs.response_ids[..., None]).squeeze(-1)
-    return logp * seqs.response_mask
+    hidden = hidden[:, seqs.prompt_width - 1 : -1, :]  # position t predicts response token t
+    return selective_logprobs(hidden, pm.lm_head, seqs.response_ids, seqs.response_mask)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -209,8 +313,11 @@ def collect_rollout(
     penalty and the KL term (TRL's reward_clip_range); `whiten_advantages` rescales the RLOO advantages to
     mean 0 and standard deviation 1 over the batch (TRL's normalize_advantages)."""
     repeated = [p for p in prompts for _ in range(k)]
+    # In float32 the sampler's own log-probs equal a recomputation to ~1e-6 and save a forward pass; a
+    # low-precision base recomputes them, as the update will, so the first ratio starts at exactly 1.
+    from_sampler = pm.base_dtype == torch.float32
     with pm.adapter("policy"):
-        seqs = sample(
+        seqs, old_logprobs = sample_with_logprobs(
             pm,
             repeated,
             max_new_tokens=max_new_tokens,
@@ -218,8 +325,10 @@ def collect_rollout(
             temperature=temperature,
             generator=generator,
             counters=counters,
+            logprobs=from_sampler,
         )
-        old_logprobs = token_logprobs(pm, seqs, counters)
+        if old_logprobs is None:
+            old_logprobs = token_logprobs(pm, seqs, counters)
     with pm.adapter("sft"):
         ref_logprobs = token_logprobs(pm, seqs, counters)
     raw_scores = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)

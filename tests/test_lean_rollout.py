@@ -1,0 +1,176 @@
+"""Log-probs without full logits, the on-device sampler and the reference pass (issue 14)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.data.tasks import make_task
+from engine.recipe import recipe_from_dict
+from engine.training.models import build_builtin, load_preference_model, quiet_transformers
+from engine.training.rollout import (
+    collect_rollout,
+    position_ids,
+    sample,
+    sample_with_logprobs,
+    selective_logprobs,
+    token_logprobs,
+)
+from engine.training.telemetry import Counters
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+@pytest.fixture(scope="module")
+def pm(model_cache):
+    quiet_transformers()
+    task = make_task(recipe_from_dict({}))
+    base = build_builtin("nano", task.corpus(), 0, model_cache)
+    model = load_preference_model(
+        str(base),
+        dtype="float32",
+        device=torch.device("cpu"),
+        lora_rank=4,
+        lora_alpha=8.0,
+        target_modules=TARGETS,
+        seed=0,
+    )
+    with torch.no_grad():  # adapters that differ, so each adapter's pass is told apart
+        gen = torch.Generator().manual_seed(1)
+        for name in ("sft", "policy", "reward"):
+            for param in model.adapter_parameters(name).values():
+                param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    model.prompts = task.prompts(6, "test")
+    return model
+
+
+def full_logprobs(pm, seqs):
+    """The reference computation: full float32 logits, log-softmax over the whole vocabulary."""
+    mask = seqs.attention_mask
+    logits = pm.model(input_ids=seqs.input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    logits = logits[:, seqs.prompt_width - 1 : -1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, seqs.response_ids[..., None]).squeeze(-1)
+    return logp * seqs.response_mask
+
+
+def draw(pm, seed=0, **kwargs):
+    return sample(
+        pm,
+        pm.prompts,
+        max_new_tokens=12,
+        max_prompt_tokens=16,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(seed),
+        counters=Counters(),
+        **kwargs,
+    )
+
+
+def test_chunked_logprobs_equal_the_full_log_softmax(pm):
+    with pm.adapter("policy"):
+        seqs = draw(pm)
+        with torch.no_grad():
+            expected = full_logprobs(pm, seqs)
+            got = token_logprobs(pm, seqs, Counters())
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert bool((got[seqs.response_mask == 0] == 0).all())
+
+
+def test_chunked_logprobs_under_autograd_give_the_full_gradient(pm):
+    params = list(pm.adapter_parameters("policy").values())
+    with pm.adapter("policy"):
+        seqs = draw(pm)
+        weights = torch.linspace(-1, 1, seqs.response_mask.numel()).view_as(seqs.response_mask.float())
+        grads = []
+        for compute in (full_logprobs, lambda p, s: token_logprobs(p, s, Counters())):
+            for p in params:
+                p.grad = None
+            values = compute(pm, seqs)
+            (values * weights).sum().backward()
+            grads.append([p.grad.clone() for p in params])
+            for p in params:
+                p.grad = None
+    for full, chunked in zip(*grads, strict=True):
+        torch.testing.assert_close(chunked, full, atol=2e-4, rtol=1e-3)  # summation order differs
+
+
+def test_selective_logprobs_with_tiny_chunks_and_without_mask():
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(3, 5, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(50, (3, 5), generator=gen)
+    full = torch.log_softmax(head(hidden), -1).gather(-1, targets[..., None]).squeeze(-1)
+    chunked = selective_logprobs(hidden, head, targets, chunk_bytes=4 * 50 * 2)  # 2 rows a chunk
+    torch.testing.assert_close(chunked, full)
+    (g_full,) = torch.autograd.grad(full.sum(), hidden)
+    (g_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
+    torch.testing.assert_close(g_chunked, g_full)
+
+
+def test_sampler_is_reproducible_and_its_logprobs_match_a_recomputation(pm):
+    with pm.adapter("policy"):
+        first, logprobs = sample_with_logprobs(
+            pm,
+            pm.prompts,
+            max_new_tokens=12,
+            max_prompt_tokens=16,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(3),
+            counters=Counters(),
+            logprobs=True,
+        )
+        second = draw(pm, seed=3)
+        other = draw(pm, seed=4)
+        with torch.no_grad():
+            recomputed = full_logprobs(pm, first)
+    assert torch.equal(first.input_ids, second.input_ids) and first.responses == second.responses
+    assert not torch.equal(first.input_ids, other.input_ids)
+    torch.testing.assert_close(logprobs, recomputed, atol=1e-5, rtol=1e-5)
+    assert bool(first.response_mask[:, -1].any())  # no trailing all-padding column
+
+
+def test_sampler_matches_a_generator_derived_on_another_device(pm):
+    """A generator that lives elsewhere seeds a device generator with one draw: same state, same samples."""
+    from engine.training.rollout import device_generator
+
+    a = device_generator(torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert a.initial_seed() == 5
+
+
+def test_the_rollout_reference_pass_equals_the_sft_adapter_pass(pm):
+    rollout = collect_rollout(
+        pm,
+        pm.prompts[:3],
+        k=2,
+        kl_coef=0.05,
+        missing_eos_penalty=0.0,
+        max_new_tokens=12,
+        max_prompt_tokens=16,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+        counters=Counters(),
+    )
+    seqs = rollout.sequences
+    with torch.no_grad():
+        with pm.adapter("sft"):
+            ref = full_logprobs(pm, seqs)
+        with pm.adapter("policy"):
+            old = full_logprobs(pm, seqs)
+    torch.testing.assert_close(rollout.ref_logprobs, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rollout.old_logprobs, old, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rollout.kl, (old - ref).sum(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_copy_adapter_keeps_the_parameters_and_copies_values(pm):
+    before = {n: p for n, p in pm.adapter_parameters("policy").items()}
+    saved = {n: p.detach().clone() for n, p in before.items()}
+    pm.copy_adapter("sft", "policy")
+    after = pm.adapter_parameters("policy")
+    sft = pm.adapter_parameters("sft")
+    for name, param in after.items():
+        assert param is before[name]
+        assert torch.equal(param, sft[name.replace(".policy.", ".sft.")])
+    with torch.no_grad():
+        for name, param in after.items():
+            param.copy_(saved[name])
