@@ -114,6 +114,9 @@ def test_bench_methods_writes_the_json_shape(tmp_path):
     assert set(report["methods"]) == {"rloo", "zopro"}
     for row in report["methods"].values():
         assert row["peak_update_mem_mib"] >= 0 and row["time_per_update_s"] > 0
+        assert row["peak_rollout_mem_mib"] >= 0
+        assert row["step_s"] >= row["time_per_update_s"]
+        assert row["sample_tokens_per_s"] > 0 and row["generate_tokens_per_s"] > 0
     assert report["methods"]["rloo"]["forward_passes_per_update"] == 1
     assert report["methods"]["zopro"]["forward_passes_per_update"] == 2  # q = 1: two forward passes
     assert report["config"]["model"] == "builtin:nano"

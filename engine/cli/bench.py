@@ -1,5 +1,7 @@
 """`zopro bench methods`: what zeroth-order buys, measured. For each method, in a fresh process: peak memory
-of the policy-update phase, time per update (median) and forward passes per update, on one rollout size."""
+of the policy-update phase, time per update (median) and forward passes per update, on one rollout size;
+also the rollout's time and peak memory, a full step (rollout + update) and the sampler's tokens/s next to
+transformers' `generate` on the same batch."""
 
 from __future__ import annotations
 
@@ -133,38 +135,55 @@ def worker(method: str, config: BenchConfig) -> dict:
         update.sampler_iteration = 1
         update.premise = lambda iteration: {}
     prompts = task.prompts(config.prompts, "bench")
-    rollout_started = time.perf_counter()
-    rollout = collect_rollout(
-        pm,
-        prompts,
-        k=config.samples_per_prompt,
-        kl_coef=0.05,
-        missing_eos_penalty=0.0,
-        max_new_tokens=config.max_new_tokens,
-        max_prompt_tokens=32,
-        temperature=1.0,
-        generator=torch.Generator().manual_seed(config.seed),
-        counters=counters,
-    )
-    rollout_s = time.perf_counter() - rollout_started
+
+    def synced() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def rollout_once():
+        return collect_rollout(
+            pm,
+            prompts,
+            k=config.samples_per_prompt,
+            kl_coef=0.05,
+            missing_eos_penalty=0.0,
+            max_new_tokens=config.max_new_tokens,
+            max_prompt_tokens=32,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(config.seed),
+            counters=counters,
+        )
+
+    rollout_once()  # warm-up: first-call costs stay out of the timings
+    with PhasePeak(device) as rollout_phase:
+        started = synced()
+        rollout = rollout_once()
+        rollout_s = synced() - started
+    sampling = sampling_speed(pm, prompts, config, synced)
     tokens = int(rollout.sequences.attention_mask.sum())
     baseline_rss = rss_mib()
     times, peaks, passes = [], [], []
     for step in range(config.warmup + config.updates):
         before = counters.forward_passes
-        started = time.perf_counter()
+        started = synced()
         with PhasePeak(device) as phase:
             update.update(rollout, update_index=step, step_in_iteration=step)
         if step >= config.warmup:
-            times.append(time.perf_counter() - started)
+            times.append(synced() - started)
             peaks.append(phase.growth_mib)
             passes.append(counters.forward_passes - before)
+    time_per_update = statistics.median(times)
     result = {
         "peak_update_mem_mib": round(max(peaks), 2),
-        "time_per_update_s": round(statistics.median(times), 4),
+        "time_per_update_s": round(time_per_update, 4),
         "forward_passes_per_update": statistics.median(passes),
         "rollout_s": round(rollout_s, 3),
+        "step_s": round(rollout_s + time_per_update, 4),  # a full step: rollout + update
+        "peak_rollout_mem_mib": round(rollout_phase.growth_mib, 2),
+        **sampling,
         "sequences": len(rollout.sequences.responses),
+        "sequence_width": int(rollout.sequences.input_ids.shape[1]),
         "tokens_per_update": tokens,
         "rss_after_load_mib": round(baseline_rss, 1),
         "sampler_state_mib": round(sampler_state_mib, 2),
@@ -174,6 +193,53 @@ def worker(method: str, config: BenchConfig) -> dict:
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
     return result
+
+
+def sampling_speed(pm, prompts: list[str], config: BenchConfig, synced) -> dict:
+    """Tokens per second of the rollout's sampler and of transformers' `generate` (pure sampling: no
+    top-k/top-p) on the same model, adapter and batch; a token is one row's one decode step."""
+    import torch
+
+    from engine.training.rollout import encode_prompts, sample
+    from engine.training.telemetry import Counters
+
+    repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
+    with pm.adapter("policy"):
+        started = synced()
+        seqs = sample(
+            pm,
+            repeated,
+            max_new_tokens=config.max_new_tokens,
+            max_prompt_tokens=32,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(config.seed + 1),
+            counters=Counters(),
+        )
+        sample_s = synced() - started
+        input_ids, mask = encode_prompts(pm, repeated, 32)
+        torch.manual_seed(config.seed + 1)
+        started = synced()
+        with torch.no_grad():
+            out = pm.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=config.max_new_tokens,
+                pad_token_id=pm.tokenizer.pad_token_id,
+                eos_token_id=pm.tokenizer.eos_token_id,
+            )
+        generate_s = synced() - started
+    sampled = seqs.response_ids.numel()
+    generated = out[:, input_ids.shape[1] :].numel()
+    return {
+        "sample_s": round(sample_s, 4),
+        "sample_tokens_per_s": round(sampled / sample_s, 1),
+        "generate_s": round(generate_s, 4),
+        "generate_tokens_per_s": round(generated / generate_s, 1),
+    }
 
 
 def run_methods(methods: list[str], config: BenchConfig) -> dict:
@@ -200,7 +266,9 @@ def bench_table(report: dict):
     table = Table(
         title=f"policy-update phase, {report['config']['model']}", header_style="bold", title_justify="left"
     )
-    for column in ("method", "update MiB", "s / update", "fwd / update", "mem x rloo", "time x rloo"):
+    columns = ("method", "update MiB", "s / update", "fwd / update", "mem x rloo", "time x rloo")
+    columns += ("rollout MiB", "s / step", "sample tok/s", "generate tok/s")
+    for column in columns:
         if column == "method":
             table.add_column(column, overflow="fold")
         else:
@@ -208,7 +276,7 @@ def bench_table(report: dict):
     reference = report["methods"].get("rloo", {})
     for method, row in report["methods"].items():
         if "error" in row:
-            table.add_row(method, "error: " + row["error"][:60], "", "", "", "")
+            table.add_row(method, "error: " + row["error"][:60], *[""] * (len(columns) - 2))
             continue
         mem_ratio = (
             row["peak_update_mem_mib"] / reference["peak_update_mem_mib"]
@@ -227,6 +295,10 @@ def bench_table(report: dict):
             f"{row['forward_passes_per_update']:g}",
             "-" if mem_ratio is None else f"{mem_ratio:.2f}",
             "-" if time_ratio is None else f"{time_ratio:.2f}",
+            f"{row['peak_rollout_mem_mib']:.1f}",
+            f"{row['step_s']:.3f}",
+            f"{row['sample_tokens_per_s']:.0f}",
+            f"{row['generate_tokens_per_s']:.0f}",
         )
     return table
 
