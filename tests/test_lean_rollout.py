@@ -174,3 +174,29 @@ def test_copy_adapter_keeps_the_parameters_and_copies_values(pm):
     with torch.no_grad():
         for name, param in after.items():
             param.copy_(saved[name])
+
+
+def test_bf16_base_keeps_float32_adapters_and_recomputes_old_logprobs(model_cache):
+    """A bfloat16 base (the paper recipes, on a GPU) with float32 adapters: log-probs come back float32,
+    close to the full computation, and the rollout recomputes the old log-probs as the update will."""
+    task = make_task(recipe_from_dict({}))
+    base = build_builtin("nano", task.corpus(), 0, model_cache)
+    pm16 = load_preference_model(
+        str(base), dtype="bfloat16", device=torch.device("cpu"), lora_rank=4, lora_alpha=8.0,
+        target_modules=TARGETS, seed=0,
+    )
+    assert pm16.base_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in pm16.adapter_parameters("policy").values())
+    counters = Counters()
+    rollout = collect_rollout(
+        pm16, task.prompts(3, "test"), k=2, kl_coef=0.05, missing_eos_penalty=0.0, max_new_tokens=8,
+        max_prompt_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(0), counters=counters,
+    )
+    assert counters.forward_passes == 4  # sample, old (recomputed in bf16), reference, reward
+    seqs = rollout.sequences
+    assert rollout.old_logprobs.dtype == torch.float32
+    with torch.no_grad(), pm16.adapter("policy"):
+        again = token_logprobs(pm16, seqs, Counters())
+        full = full_logprobs(pm16, seqs)
+    assert torch.equal(rollout.old_logprobs, again)
+    torch.testing.assert_close(again, full, atol=0.05, rtol=0.05)

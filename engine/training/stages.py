@@ -14,7 +14,6 @@ import torch
 from engine.data.examples import PreferencePair
 from engine.seeds import generator, seeded
 from engine.training.judges import GoldJudge
-from engine.training.objectives import sft_loss
 from engine.training.reward_model import (
     bradley_terry_step,
     center_reward,
@@ -22,7 +21,7 @@ from engine.training.reward_model import (
     reward_accuracy,
     reward_snapshot,
 )
-from engine.training.rollout import encode_responses, position_ids, sample
+from engine.training.rollout import encode_responses, sample, token_logprobs
 from engine.training.telemetry import PhasePeak
 
 if TYPE_CHECKING:
@@ -44,18 +43,13 @@ def supervised_fine_tuning(run: Run) -> None:
             max_prompt_tokens=r.model.max_prompt_tokens,
             max_new_tokens=r.model.max_new_tokens,
         )
-        mask = seqs.attention_mask
-        logits = pm.model(
-            input_ids=seqs.input_ids, attention_mask=mask, position_ids=position_ids(mask)
-        ).logits
-        labels = seqs.input_ids.clone()  # the loss counts the response tokens only
-        labels[:, : seqs.prompt_width] = -100
-        labels[:, seqs.prompt_width :][seqs.response_mask == 0] = -100
-        loss = sft_loss(logits, labels)
+        # next-token cross-entropy on the response tokens, without the batch's full logits
+        logprobs = token_logprobs(pm, seqs, run.counters)
+        loss = -logprobs.sum() / seqs.response_mask.sum().clamp(min=1)
         loss.backward()
         run.sft_optimizer.step()
         run.sft_optimizer.zero_grad(set_to_none=True)
-        run.counters.add(forward_passes=1, backward_passes=1, tokens=int(mask.sum()))
+        run.counters.add(backward_passes=1)
         book.check_finite(loss.detach(), "sft", "loss/sft")
         book.advance()
         if state.step % 10 == 0 or state.step == r.sft.steps:

@@ -19,7 +19,7 @@ from torch import nn
 from engine.seeds import generator
 from engine.training.methods.context import MethodContext
 from engine.training.models import PreferenceModel
-from engine.training.rollout import Rollout, Sequences, position_ids
+from engine.training.rollout import Rollout, Sequences, position_ids, selective_logprobs
 from engine.training.telemetry import Counters
 
 
@@ -79,10 +79,9 @@ def logprobs_and_values(
     hidden = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
     counters.add(forward_passes=1, tokens=int(mask.sum()))
     hidden = hidden[:, seqs.prompt_width - 1 : -1, :]  # position t predicts response token t
-    logits = pm.model.get_output_embeddings()(hidden).float()
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, seqs.response_ids[..., None]).squeeze(-1)
+    logprobs = selective_logprobs(hidden, pm.lm_head, seqs.response_ids, seqs.response_mask)
     values = value_head(hidden.float()).squeeze(-1)
-    return logprobs * seqs.response_mask, values * seqs.response_mask
+    return logprobs, values * seqs.response_mask
 
 
 class PPOUpdate:
