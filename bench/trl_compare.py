@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS, K, NEW_TOKENS, BETA, CLIP, LR = 16, 4, 48, 0.05, 0.2, 5e-4
+GRADIENT_CHECKPOINTING = os.environ.get("TRL_GRADIENT_CHECKPOINTING", "1") == "1"  # TRL's default: on
 
 
 def peak_rss_mib() -> float:
@@ -74,9 +75,9 @@ def zopro_side(model: str, prompts: list[str], steps: int) -> dict:
         fresh_rollout=unavailable,
     )
     update = make_update("rloo", context)
-    times = []
+    times, cpu = [], []
     for step in range(steps):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         rollout = collect_rollout(
             pm,
             prompts,
@@ -91,7 +92,8 @@ def zopro_side(model: str, prompts: list[str], steps: int) -> dict:
         )
         update.update(rollout, update_index=step, step_in_iteration=step)
         times.append(time.perf_counter() - started)
-    return {"step_times_s": times}
+        cpu.append(time.process_time() - started_cpu)
+    return {"step_times_s": times, "step_cpu_s": cpu}
 
 
 def trl_side(model: str, prompts: list[str], steps: int) -> dict:
@@ -105,13 +107,15 @@ def trl_side(model: str, prompts: list[str], steps: int) -> dict:
     reward = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
     reward.config.pad_token_id = tokenizer.pad_token_id
     times: list[float] = []
+    cpu: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
+            self.started, self.started_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.started)
+            cpu.append(time.process_time() - self.started_cpu)
 
     config = RLOOConfig(
         output_dir="/tmp/trl-compare-out",
@@ -150,7 +154,7 @@ def trl_side(model: str, prompts: list[str], steps: int) -> dict:
         callbacks=[Timer()],
     )
     trainer.train()
-    return {"step_times_s": times}
+    return {"step_times_s": times, "step_cpu_s": cpu}
 
 
 def child(side: str, model: str, prompts_file: str, steps: int, threads: int) -> None:
@@ -215,15 +219,19 @@ def main() -> None:
     for side, results in runs.items():
         ok = [r for r in results if "step_times_s" in r]
         steps = [t for r in ok for t in r["step_times_s"][1:]]
+        cpu = [t for r in ok for t in r["step_cpu_s"][1:]]
         report[side] = {
             "median_step_s": round(statistics.median(steps), 3) if steps else None,
+            "median_step_cpu_s": round(statistics.median(cpu), 3) if cpu else None,
             "steps_s": [[round(t, 3) for t in r["step_times_s"]] for r in ok],
             "peak_rss_mib": max((r["peak_rss_mib"] for r in ok), default=None),
             "versions": ok[0]["versions"] if ok else None,
             "errors": [r["error"] for r in results if "error" in r],
         }
-    if report["zopro"]["median_step_s"] and report["trl"]["median_step_s"]:
-        report["zopro_x_trl"] = round(report["zopro"]["median_step_s"] / report["trl"]["median_step_s"], 3)
+    for key in ("median_step_s", "median_step_cpu_s"):
+        if report["zopro"][key] and report["trl"][key]:
+            report[f"zopro_x_trl_{key[7:]}"] = round(report["zopro"][key] / report["trl"][key], 3)
+    report["trl_gradient_checkpointing"] = GRADIENT_CHECKPOINTING
     print(json.dumps(report, indent=1))
 
 

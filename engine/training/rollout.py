@@ -185,7 +185,8 @@ def sample_with_logprobs(
     n, width = input_ids.shape
     eos, pad = tok.eos_token_id, tok.pad_token_id
     cache = DynamicCache(config=pm.model.config)
-    out = pm.model(
+    lm = pm.model.get_base_model()  # the injected adapters apply; no peft wrapper per decode step
+    out = lm(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=position_ids(mask),
@@ -201,7 +202,9 @@ def sample_with_logprobs(
     for step in range(max_new_tokens):
         logits = logits.float()
         probs = torch.softmax(logits / temperature, dim=-1)
-        token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        # argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i (the exponential race): one
+        # elementwise draw, faster than torch.multinomial and free of host synchronisation
+        token = (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
         alive = ~finished
         if logprobs:
             chosen = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -213,7 +216,7 @@ def sample_with_logprobs(
         if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
             break
         mask = torch.cat([mask, alive.long()[:, None]], dim=-1)
-        out = pm.model(
+        out = lm(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=next_pos[:, None],
