@@ -157,8 +157,8 @@ def test_the_rollout_reference_pass_equals_the_sft_adapter_pass(pm):
             ref = full_logprobs(pm, seqs)
         with pm.adapter("policy"):
             old = full_logprobs(pm, seqs)
-    torch.testing.assert_close(rollout.ref_logprobs, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rollout.old_logprobs, old, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rollout.ref_logprobs, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rollout.old_logprobs, old, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rollout.kl, (old - ref).sum(-1), atol=1e-4, rtol=1e-4)
 
 
@@ -200,3 +200,21 @@ def test_bf16_base_keeps_float32_adapters_and_recomputes_old_logprobs(model_cach
         full = full_logprobs(pm16, seqs)
     assert torch.equal(rollout.old_logprobs, again)
     torch.testing.assert_close(again, full, atol=0.05, rtol=0.05)
+
+
+def test_merged_lora_passes_equal_peft_and_leave_the_weights_alone(pm):
+    """Without autograd the body multiplies by temporary merged weights: the same hidden states as peft's
+    path, the base weights untouched, every adapter (and none) honoured."""
+    seqs = draw(pm)
+    mask = seqs.attention_mask
+    weights = {n: p.detach().clone() for n, p in pm.model.named_parameters()}
+    for name in ("sft", "policy", "reward", None):
+        context = pm.model.disable_adapter() if name is None else pm.adapter(name)
+        with context, torch.no_grad():
+            merged = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
+            with torch.enable_grad():
+                plain = pm.hidden_states(seqs.input_ids, mask, position_ids(mask)).detach()
+        torch.testing.assert_close(merged, plain, atol=2e-4, rtol=1e-3)  # float32 rounding
+    for n, p in pm.model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    assert all("forward" not in vars(m) for m in pm.model.modules())

@@ -224,10 +224,56 @@ class PreferenceModel:
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Last hidden states of the base (with the active adapter), without the lm_head."""
-        return self.decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
+        """Last hidden states of the base (with the active adapter), without the lm_head. Without autograd
+        on a float32 base, each adapted layer multiplies by its merged weight (`merged_lora`)."""
+        with self.merged_lora():
+            return self.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).last_hidden_state
+
+    @contextlib.contextmanager
+    def merged_lora(self) -> Iterator[None]:
+        """Inside, without autograd and on a float32 base, each LoRA layer of the body computes
+        x (W + s B A)^T with a temporary merged weight (one layer's at a time) instead of xW^T + s (xA^T)B^T:
+        the same function to float32 rounding, at a plain layer's cost once a pass has many more tokens than
+        the rank. The weights themselves are never changed, so nothing drifts; the active adapter (or none,
+        under disable_adapter) is read at each call. Autograd passes and low-precision bases keep peft's
+        path (in bf16 a merged perturbation would round away)."""
+        if torch.is_grad_enabled() or self.base_dtype != torch.float32:
+            yield
+            return
+        from peft.tuners.lora import Linear as LoraLinear
+
+        head = self.lm_head  # the head runs in chunks of rows: merging it per chunk would cost more
+        patched = [m for m in self.decoder.modules() if isinstance(m, LoraLinear) and m is not head]
+        for module in patched:
+            module.forward = _merged_lora_forward.__get__(module)
+        try:
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+
+def _merged_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A peft LoRA Linear's forward with its one active adapter merged into a temporary weight."""
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (
+        self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or self.fan_in_fan_out
+        or self.use_dora.get(name, False)
+        or args
+        or kwargs
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    weight = torch.addmm(
+        base.weight, self.lora_B[name].weight, self.lora_A[name].weight, alpha=self.scaling[name]
+    )
+    return nn.functional.linear(x, weight, base.bias)
 
 
 def resolve_device(requested: str) -> torch.device:
