@@ -47,9 +47,9 @@ def test_zopro_runs_first_order_then_zeroth_order_with_diagnostics(zopro_run):
     assert second[0]["zo/cos_z_mu"] > 0.9  # d = 0.999: the first probe runs along the last policy step
     assert abs(second[0]["zo/cos_z_v"]) < 0.2  # and (nearly) orthogonal to the reward model's last step
     assert any("zo/cos_true_grad" in m for m in second)
-    # two forward passes per direction on top of the rollout's four (and one more for the true gradient)
+    # two forward passes per direction on top of the rollout's three (and one more for the true gradient)
     for before, after in zip(second, second[1:], strict=False):
-        expected = 4 + 2 * 2 + (1 if "zo/cos_true_grad" in after else 0)
+        expected = 3 + 2 * 2 + (1 if "zo/cos_true_grad" in after else 0)
         assert after["compute/forward_passes"] - before["compute/forward_passes"] == expected
 
 

@@ -145,9 +145,10 @@ def test_ppo_run_reports_its_metrics_and_counts_its_passes(ppo_run):
         assert 0.0 <= m["policy/clipfrac"] <= 1.0
     assert steps[0]["value/mean"] == 0.0  # the value head starts at zero
     assert any(m["value/mean"] != 0.0 for m in steps[1:])  # and learns
-    # per update: the rollout's 4 forwards, 1 for the old values, then 2 epochs x 2 minibatches
+    # per update: the rollout's 3 forwards (the sampler gives the old log-probs), 1 for the old values,
+    # then 2 epochs x 2 minibatches
     for before, after in consecutive(steps):
-        assert after["compute/forward_passes"] - before["compute/forward_passes"] == 4 + 1 + 4
+        assert after["compute/forward_passes"] - before["compute/forward_passes"] == 3 + 1 + 4
         assert after["compute/backward_passes"] - before["compute/backward_passes"] == 4
     policy = adapters(run, "iter-0001")
     assert any(
@@ -180,10 +181,10 @@ def test_online_dpo_run_reports_its_metrics(tmp_path):
         if m["dpo/pairs"]:
             for key in ("loss/policy", "dpo/reward_margin", "dpo/accuracy", "policy/grad_norm", "policy/lr"):
                 assert math.isfinite(m[key]), key
-    # per update with pairs: the rollout's 4 forwards and one on the pairs
+    # per update with pairs: the rollout's 3 forwards (the sampler gives the old log-probs) and one on the pairs
     for before, after in consecutive(steps):
         if after["dpo/pairs"]:
-            assert after["compute/forward_passes"] - before["compute/forward_passes"] == 5
+            assert after["compute/forward_passes"] - before["compute/forward_passes"] == 4
 
 
 # A run big enough to learn in under a minute on two cores (nano model; a reward model that ranks ~90 % of
