@@ -126,8 +126,9 @@ def test_sampler_is_reproducible_and_its_logprobs_match_a_recomputation(pm):
             recomputed = full_logprobs(pm, first)
     assert torch.equal(first.input_ids, second.input_ids) and first.responses == second.responses
     assert not torch.equal(first.input_ids, other.input_ids)
-    torch.testing.assert_close(logprobs, recomputed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logprobs, recomputed, atol=1e-4, rtol=1e-4)  # merged weights: rounding
     assert bool(first.response_mask[:, -1].any())  # no trailing all-padding column
+    assert not any({"forward", "zopro_merged_weight"} & set(vars(m)) for m in pm.model.modules())
 
 
 def test_sampler_matches_a_generator_derived_on_another_device(pm):
@@ -182,15 +183,28 @@ def test_bf16_base_keeps_float32_adapters_and_recomputes_old_logprobs(model_cach
     task = make_task(recipe_from_dict({}))
     base = build_builtin("nano", task.corpus(), 0, model_cache)
     pm16 = load_preference_model(
-        str(base), dtype="bfloat16", device=torch.device("cpu"), lora_rank=4, lora_alpha=8.0,
-        target_modules=TARGETS, seed=0,
+        str(base),
+        dtype="bfloat16",
+        device=torch.device("cpu"),
+        lora_rank=4,
+        lora_alpha=8.0,
+        target_modules=TARGETS,
+        seed=0,
     )
     assert pm16.base_dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in pm16.adapter_parameters("policy").values())
     counters = Counters()
     rollout = collect_rollout(
-        pm16, task.prompts(3, "test"), k=2, kl_coef=0.05, missing_eos_penalty=0.0, max_new_tokens=8,
-        max_prompt_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(0), counters=counters,
+        pm16,
+        task.prompts(3, "test"),
+        k=2,
+        kl_coef=0.05,
+        missing_eos_penalty=0.0,
+        max_new_tokens=8,
+        max_prompt_tokens=16,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+        counters=counters,
     )
     assert counters.forward_passes == 4  # sample, old (recomputed in bf16), reference, reward
     seqs = rollout.sequences

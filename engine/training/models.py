@@ -232,13 +232,17 @@ class PreferenceModel:
             ).last_hidden_state
 
     @contextlib.contextmanager
-    def merged_lora(self) -> Iterator[None]:
+    def merged_lora(self, keep: bool = False) -> Iterator[None]:
         """Inside, without autograd and on a float32 base, each LoRA layer of the body computes
         x (W + s B A)^T with a temporary merged weight (one layer's at a time) instead of xW^T + s (xA^T)B^T:
         the same function to float32 rounding, at a plain layer's cost once a pass has many more tokens than
         the rank. The weights themselves are never changed, so nothing drifts; the active adapter (or none,
         under disable_adapter) is read at each call. Autograd passes and low-precision bases keep peft's
-        path (in bf16 a merged perturbation would round away)."""
+        path (in bf16 a merged perturbation would round away).
+
+        `keep` (for decoding, one token a call, with the adapters fixed inside): each merged weight, the
+        lm_head's included, is made once and kept until the end, when all of them fit in
+        MERGED_KEEP_BYTES; otherwise peft's path stays (merging per decode step would cost more)."""
         if torch.is_grad_enabled() or self.base_dtype != torch.float32:
             yield
             return
@@ -246,13 +250,23 @@ class PreferenceModel:
 
         head = self.lm_head  # the head runs in chunks of rows: merging it per chunk would cost more
         patched = [m for m in self.decoder.modules() if isinstance(m, LoraLinear) and m is not head]
+        if keep:
+            patched += [head] if isinstance(head, LoraLinear) else []
+            if sum(m.get_base_layer().weight.numel() * 4 for m in patched) > MERGED_KEEP_BYTES:
+                yield
+                return
         for module in patched:
             module.forward = _merged_lora_forward.__get__(module)
+            module.zopro_keep_merged = keep
         try:
             yield
         finally:
             for module in patched:
-                del module.forward
+                del module.forward, module.zopro_keep_merged
+                vars(module).pop("zopro_merged_weight", None)
+
+
+MERGED_KEEP_BYTES = 512 * 2**20
 
 
 def _merged_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -270,9 +284,13 @@ def _merged_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     ):
         return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
-    weight = torch.addmm(
-        base.weight, self.lora_B[name].weight, self.lora_A[name].weight, alpha=self.scaling[name]
-    )
+    weight = vars(self).get("zopro_merged_weight")
+    if weight is None:
+        weight = torch.addmm(
+            base.weight, self.lora_B[name].weight, self.lora_A[name].weight, alpha=self.scaling[name]
+        )
+        if self.zopro_keep_merged:
+            vars(self)["zopro_merged_weight"] = weight
     return nn.functional.linear(x, weight, base.bias)
 
 

@@ -177,54 +177,54 @@ def sample_with_logprobs(
     an accelerator (every token on the CPU, where that costs nothing)."""
     from transformers import DynamicCache
 
-    tok = pm.tokenizer
-    device = pm.device
+    tok, device = pm.tokenizer, pm.device
     input_ids, prompt_mask = encode_prompts(pm, prompts, max_prompt_tokens)
     gen = device_generator(generator, device)
-    mask = prompt_mask
-    n, width = input_ids.shape
-    eos, pad = tok.eos_token_id, tok.pad_token_id
     cache = DynamicCache(config=pm.model.config)
     lm = pm.model.get_base_model()  # the injected adapters apply; no peft wrapper per decode step
-    out = lm(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids(mask),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    logits = out.logits[:, -1, :]
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    next_pos = mask.long().sum(-1)
-    check_every = 1 if device.type == "cpu" else 8
-    new_tokens, new_mask, new_logprobs = [], [], []
-    for step in range(max_new_tokens):
-        logits = logits.float()
-        probs = torch.softmax(logits / temperature, dim=-1)
-        # argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i (the exponential race): one
-        # elementwise draw, faster than torch.multinomial and free of host synchronisation
-        token = (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
-        alive = ~finished
-        if logprobs:
-            chosen = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            new_logprobs.append(chosen * alive)
-        token = torch.where(alive, token, torch.full_like(token, pad))
-        new_tokens.append(token)
-        new_mask.append(alive.long())
-        finished = finished | (token == eos)
-        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
-            break
-        mask = torch.cat([mask, alive.long()[:, None]], dim=-1)
+    with pm.merged_lora(keep=True):  # a float32 base decodes with merged weights, made once
+        mask = prompt_mask
+        n, width = input_ids.shape
+        eos, pad = tok.eos_token_id, tok.pad_token_id
         out = lm(
-            input_ids=token[:, None],
+            input_ids=input_ids,
             attention_mask=mask,
-            position_ids=next_pos[:, None],
+            position_ids=position_ids(mask),
             cache=cache,
             use_cache=True,
+            logits_to_keep=1,
         )
-        next_pos = next_pos + 1
         logits = out.logits[:, -1, :]
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        next_pos = mask.long().sum(-1)
+        check_every = 1 if device.type == "cpu" else 8
+        new_tokens, new_mask, new_logprobs = [], [], []
+        for step in range(max_new_tokens):
+            logits = logits.float()
+            probs = torch.softmax(logits / temperature, dim=-1)
+            # argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i (the exponential race): one
+            # elementwise draw, faster than torch.multinomial and free of host synchronisation
+            token = (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
+            alive = ~finished
+            if logprobs:
+                chosen = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+                new_logprobs.append(chosen * alive)
+            token = torch.where(alive, token, torch.full_like(token, pad))
+            new_tokens.append(token)
+            new_mask.append(alive.long())
+            finished = finished | (token == eos)
+            if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
+                break
+            mask = torch.cat([mask, alive.long()[:, None]], dim=-1)
+            out = lm(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=next_pos[:, None],
+                cache=cache,
+                use_cache=True,
+            )
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1, :]
     response_ids = torch.stack(new_tokens, dim=1)
     response_mask = torch.stack(new_mask, dim=1)
     used = int(response_mask.any(0).nonzero().max()) + 1  # drop the steps taken after every answer ended
