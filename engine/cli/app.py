@@ -49,9 +49,20 @@ def run(
         typer.Option("--resume", help="continue the run in this directory from its last checkpoint"),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress, only the summary")] = False,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            "--nproc-per-node",
+            min=1,
+            help="train on N processes of this machine (N GPUs, or N CPU processes): starts torchrun for you",
+        ),
+    ] = 1,
 ) -> None:
     """Train: SFT, reward model, then iterations of policy optimisation and reward refinement."""
     from engine.cli.runner import run_training
+
+    if nproc_per_node > 1:
+        start_torchrun(nproc_per_node)
 
     if resume is not None:
         if recipe is not None or set_:
@@ -88,6 +99,25 @@ def run(
             err=err,
         )
     raise typer.Exit(code)
+
+
+def start_torchrun(nproc: int) -> None:
+    """Replace this process by `torchrun --standalone --nproc-per-node N` running the same command
+    without the option (one machine; several machines: run torchrun yourself, README)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        fail("--nproc-per-node is for starting a run; under torchrun already, drop it")
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command += ["-m", "engine.cli", *args]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
 
 
 def embedded_recipe() -> Path:

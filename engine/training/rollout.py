@@ -56,6 +56,8 @@ class Rollout:
     samples_per_prompt: int
     kl_coef: float = 0.0  # the beta of this rollout (fixed, or the adaptive controller's value)
     raw_scores: torch.Tensor | None = None  # (N,) the reward model's scores before clipping and penalty
+    first_row: int = 0  # where these rows start in the whole batch (a rank's share; 0 with one process)
+    total_rows: int | None = None  # rows in the whole batch over all ranks (None: these N)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -88,22 +90,40 @@ def sample(
     temperature: float,
     generator: torch.Generator,
     counters: Counters,
+    rows: slice | None = None,
 ) -> Sequences:
-    """Sample one answer per prompt with the active adapter (KV cache, explicit generator)."""
+    """Sample one answer per prompt with the active adapter (KV cache, explicit generator).
+
+    `rows`: sample only these rows of the batch (this rank's share), padded to the whole batch's width and
+    on the noise the whole batch would draw, so that an answer does not depend on the number of ranks.
+    Each token is the exponential race argmax(p / E) with E = -log U, U ~ uniform from `generator`: a
+    draw from p, as multinomial sampling is, on noise that can be sliced by row."""
     tok = pm.tokenizer
     input_ids, prompt_mask = encode_prompts(pm, prompts, max_prompt_tokens)
+    total = input_ids.shape[0]
+    if rows is not None:
+        prompts = prompts[rows]
+        input_ids, prompt_mask = input_ids[rows], prompt_mask[rows]
+    else:
+        rows = slice(0, total)
     mask = prompt_mask
     n, width = input_ids.shape
     eos, pad = tok.eos_token_id, tok.pad_token_id
+    if n == 0:  # a rank whose share of a small batch is empty
+        empty = input_ids.new_zeros((0, 0))
+        return Sequences([], [], input_ids, prompt_mask, empty, width, torch.zeros(0, dtype=torch.bool))
     out = pm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
     cache = out.cache  # transformers >= 5.24 names the KV cache `cache` (past_key_values goes in 5.40)
     logits = out.logits[:, -1, :]
     finished = torch.zeros(n, dtype=torch.bool, device=pm.device)
     next_pos = mask.long().sum(-1)
     new_tokens, new_mask = [], []
+    broken = torch.zeros((), dtype=torch.bool, device=pm.device)
     for _ in range(max_new_tokens):
         probs = torch.softmax(logits.float() / temperature, dim=-1)
-        token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(pm.device)
+        broken = broken | ~torch.isfinite(probs).all()
+        noise = torch.rand((total, probs.shape[-1]), generator=generator)[rows].to(pm.device)
+        token = (probs / -torch.log(noise)).argmax(-1)
         alive = ~finished
         token = torch.where(alive, token, torch.full_like(token, pad))
         new_tokens.append(token)
@@ -122,6 +142,8 @@ def sample(
         next_pos = next_pos + 1
         cache = out.cache
         logits = out.logits[:, -1, :]
+    if bool(broken):  # the loop's NaN/inf check, read once (the message the run's guard recognises)
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
     response_ids = torch.stack(new_tokens, dim=1)
     response_mask = torch.stack(new_mask, dim=1)
     counters.add(forward_passes=1, tokens=int(mask.sum()))
@@ -202,13 +224,16 @@ def collect_rollout(
     counters: Counters,
     reward_clip: float = 0.0,
     whiten_advantages: bool = False,
+    prompt_rows: slice | None = None,
 ) -> Rollout:
     """B prompts -> k answers each from the policy, with old and reference log-probs, scores and advantages.
 
     `reward_clip > 0` clips the reward model's scores to [-reward_clip, reward_clip] before the missing-EOS
     penalty and the KL term (TRL's reward_clip_range); `whiten_advantages` rescales the RLOO advantages to
-    mean 0 and standard deviation 1 over the batch (TRL's normalize_advantages)."""
+    mean 0 and standard deviation 1 over the batch (TRL's normalize_advantages). `prompt_rows`: only these
+    prompts' answers (a rank's share; the k answers of a prompt stay together for the RLOO baseline)."""
     repeated = [p for p in prompts for _ in range(k)]
+    rows = slice(prompt_rows.start * k, prompt_rows.stop * k) if prompt_rows is not None else None
     with pm.adapter("policy"):
         seqs = sample(
             pm,
@@ -218,6 +243,7 @@ def collect_rollout(
             temperature=temperature,
             generator=generator,
             counters=counters,
+            rows=rows,
         )
         old_logprobs = token_logprobs(pm, seqs, counters)
     with pm.adapter("sft"):
@@ -242,6 +268,8 @@ def collect_rollout(
         samples_per_prompt=k,
         kl_coef=kl_coef,
         raw_scores=raw_scores,
+        first_row=rows.start if rows is not None else 0,
+        total_rows=len(repeated),
     )
 
 

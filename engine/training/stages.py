@@ -34,9 +34,10 @@ def supervised_fine_tuning(run: Run) -> None:
     r, pm, book, state = run.recipe, run.pm, run.book, run.state
     examples = run.task.sft_examples(r.task.sft_examples)
     pm.use("sft")
+    params = list(pm.adapter_parameters("sft").values())
     while state.step < r.sft.steps:
         order = torch.randperm(len(examples), generator=generator(run.seed, "sft", state.step))
-        batch = [examples[i] for i in order[: r.sft.batch_size].tolist()]
+        batch = [examples[i] for i in order[: r.sft.batch_size].tolist()][run.dist.shard(r.sft.batch_size)]
         seqs = encode_responses(
             pm,
             [e.prompt for e in batch],
@@ -53,6 +54,7 @@ def supervised_fine_tuning(run: Run) -> None:
         labels[:, seqs.prompt_width :][seqs.response_mask == 0] = -100
         loss = sft_loss(logits, labels)
         loss.backward()
+        run.dist.sync_gradients(params, float((labels[:, 1:] != -100).sum()))  # the mean over tokens
         run.sft_optimizer.step()
         run.sft_optimizer.zero_grad(set_to_none=True)
         run.counters.add(forward_passes=1, backward_passes=1, tokens=int(mask.sum()))
@@ -69,9 +71,9 @@ def train_reward_model(run: Run) -> None:
     pairs = run.task.preference_pairs(r.task.preference_pairs)
     while state.step < r.reward.steps:
         order = torch.randperm(len(pairs), generator=generator(run.seed, "reward", state.step))
-        batch = [pairs[i] for i in order[: r.reward.batch_size].tolist()]
+        batch = [pairs[i] for i in order[: r.reward.batch_size].tolist()][run.dist.shard(r.reward.batch_size)]
         loss, accuracy = bradley_terry_step(
-            run.pm, run.counters, r, batch, run.reward_optimizer, score_targets=True
+            run.pm, run.counters, r, batch, run.reward_optimizer, score_targets=True, dist=run.dist
         )
         book.check_finite(loss, "reward", "loss/reward")
         book.advance()
@@ -97,8 +99,8 @@ def optimise_policy(run: Run) -> None:
         started = time.monotonic()
         order = torch.randperm(len(chunk), generator=generator(run.seed, "prompts", i, step))
         prompts = [chunk[j] for j in order[: r.train.prompts_per_update].tolist()]
-        rollout = run.rollout(prompts, generator(run.seed, "rollout", i, step))
-        update_started = time.monotonic()
+        rollout = run.rollout(prompts, generator(run.seed, "rollout", i, step))  # this rank's share
+        update_started, sent = time.monotonic(), run.dist.sent_bytes()
         with PhasePeak(run.device) as phase:
             update_metrics = run.method.update(
                 rollout, update_index=state.policy_updates, step_in_iteration=step
@@ -106,7 +108,10 @@ def optimise_policy(run: Run) -> None:
         if "loss/policy" in update_metrics:
             book.check_finite(update_metrics["loss/policy"], "policy", "loss/policy")
         update_metrics["time/policy_update_s"] = time.monotonic() - update_started
-        run.kl_controller.update(float(rollout.kl.mean()))
+        if run.dist.enabled:  # what the update itself sent: a gradient bucket, or q scalars
+            update_metrics["dist/update_bytes"] = run.dist.sent_bytes() - sent
+        kl_sum, rows = run.dist.sum_floats([rollout.kl.sum(), rollout.kl.numel()], "the mean KL")
+        run.kl_controller.update(kl_sum / rows)  # the same controller on every rank
         update_metrics["mem/update_peak_mib"] = round(phase.growth_mib, 2)
         seqs = rollout.sequences
         finished = seqs.finished.tolist()
@@ -116,10 +121,11 @@ def optimise_policy(run: Run) -> None:
             else None
         )
         scores = rollout.scores.tolist()
-        state.rollouts.extend(
-            {"prompt": p, "response": a, "score": s}
-            for p, a, s in zip(seqs.prompts, seqs.responses, scores, strict=True)
+        answers = run.dist.gather(  # every rank's answers, in the order of the whole batch
+            list(zip(seqs.prompts, seqs.responses, scores, gold or [None] * len(scores), strict=True)),
+            "gathering the rollout",
         )
+        state.rollouts.extend({"prompt": p, "response": a, "score": s} for p, a, s, _ in answers)
         tokens = seqs.response_mask.sum(-1).clamp(min=1)
         entropy = float((-rollout.old_logprobs.sum(-1) / tokens).mean())
         state.policy_updates += 1
@@ -143,7 +149,8 @@ def optimise_policy(run: Run) -> None:
             }
         )
         if state.policy_updates % r.log.samples_every == 0 or step == updates - 1:
-            book.write_samples(seqs.prompts, seqs.responses, scores, gold)
+            p_, a_, s_, g_ = (list(column) for column in zip(*answers, strict=True))
+            book.write_samples(p_, a_, s_, g_ if gold is not None else None)
         if r.log.checkpoint_every and state.policy_updates % r.log.checkpoint_every == 0:
             book.checkpoint("resume")
         book.between_steps()
@@ -166,6 +173,7 @@ def judge_pairs(run: Run) -> None:
     unique.sort(key=lambda row: abs(row["score"]))
     kept = unique[: max(1, math.ceil(r.refine.keep_fraction * len(unique)))]
     prompts = [row["prompt"] for row in kept]
+    dist, mine = run.dist, run.dist.shard(len(prompts))  # each rank answers and judges its share
     with torch.no_grad(), pm.adapter("policy"):
         second = sample(
             pm,
@@ -175,17 +183,21 @@ def judge_pairs(run: Run) -> None:
             temperature=r.policy.temperature,
             generator=generator(run.seed, "second", i),
             counters=run.counters,
+            rows=mine if dist.enabled else None,
         )
+    seconds_answers = dist.gather(second.responses, "gathering the second answers")
     judge = run.judge()
     coin = random.Random(seeded(run.seed, "judge-order", i))
     flips = [coin.random() < 0.5 for _ in kept]  # order randomised against position bias
-    firsts = [
-        row["response"] if not f else b for row, b, f in zip(kept, second.responses, flips, strict=True)
-    ]
+    firsts = [row["response"] if not f else b for row, b, f in zip(kept, seconds_answers, flips, strict=True)]
     seconds = [
-        b if not f else row["response"] for row, b, f in zip(kept, second.responses, flips, strict=True)
+        b if not f else row["response"] for row, b, f in zip(kept, seconds_answers, flips, strict=True)
     ]
-    verdicts = judge.compare(prompts, firsts, seconds)
+
+    def judged(by) -> list:
+        return dist.gather(by.compare(prompts[mine], firsts[mine], seconds[mine]), "gathering verdicts")
+
+    verdicts = judged(judge)
     pairs = [
         PreferencePair(prompt, a if verdict == 0 else b, b if verdict == 0 else a)
         for prompt, a, b, verdict in zip(prompts, firsts, seconds, verdicts, strict=True)
@@ -200,7 +212,7 @@ def judge_pairs(run: Run) -> None:
         "no_verdict": len(kept) - len(pairs),
     }
     if judge.name != "gold" and run.task.has_gold:  # how often this judge agrees with the truth
-        truth = GoldJudge(run.task).compare(prompts, firsts, seconds)
+        truth = judged(GoldJudge(run.task))
         both = [(v, t) for v, t in zip(verdicts, truth, strict=True) if v is not None and t is not None]
         if both:
             state.judge_stats["agreement_with_gold_pct"] = round(
@@ -223,10 +235,14 @@ def refine_reward_model(run: Run) -> None:
         epoch, k = divmod(state.step, per_epoch)
         order = torch.randperm(len(pairs), generator=generator(run.seed, "refine", i, epoch)).tolist()
         batch = [pairs[j] for j in order[k * r.refine.batch_size : (k + 1) * r.refine.batch_size]]
-        loss, accuracy = bradley_terry_step(run.pm, run.counters, r, batch, run.refine_optimizer)
-        book.check_finite(loss, "refine", "loss/reward_refine")
+        batch = batch[run.dist.shard(len(batch))]
+        loss, accuracy = bradley_terry_step(
+            run.pm, run.counters, r, batch, run.refine_optimizer, dist=run.dist
+        )
+        if batch:  # with several ranks a small last batch may leave a rank without pairs
+            book.check_finite(loss, "refine", "loss/reward_refine")
         book.advance()
-        book.metrics({"loss/reward_refine": loss, "reward/refine_accuracy": accuracy})
+        book.metrics({"loss/reward_refine": loss, "reward/refine_accuracy": accuracy} if batch else {})
         book.between_steps()
     if r.refine.keep_close and run.reward_before_refine is not None:
         keep_close(run.pm, run.reward_before_refine, r.refine.keep_close_alpha)

@@ -4,11 +4,12 @@ the few services of the run it may call. A method never imports the loop; the lo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.recipe import Recipe
+from engine.training.distributed import Distributed
 from engine.training.models import PreferenceModel
 from engine.training.rollout import Rollout
 from engine.training.telemetry import Counters
@@ -33,8 +34,8 @@ class MethodContext:
     score_policy: Callable[..., dict[str, float]]
     # a rollout on this iteration's training prompts drawn from `where` (diagnostics)
     fresh_rollout: Callable[[tuple], Rollout]
-    # set by distributed runs: averages a float across ranks
-    reduce_scalar: Callable[[float], float] | None = None
+    # this rank among the run's ranks: gradients (first order) and g (zeroth order) are averaged over them
+    dist: Distributed = field(default_factory=Distributed)
 
     @property
     def iteration(self) -> int:

@@ -196,7 +196,7 @@ class ZerothOrderUpdate:
             weight_decay=config.weight_decay,
             directions=config.directions,
             g_clip=config.g_clip or None,
-            reduce_g=self.context.reduce_scalar,
+            reduce_g=self.context.dist.mean_scalar if self.context.dist.enabled else None,
             normalizer=self.normalizer,
         )
         metrics = {
@@ -264,7 +264,7 @@ class ZerothOrderUpdate:
         names = list(self.params)
         grads = torch.autograd.grad(loss, [self.params[n] for n in names])
         self.counters.add(backward_passes=1)
-        return {n: g.detach() for n, g in zip(names, grads, strict=True)}
+        return self.context.dist.mean_tensors({n: g.detach() for n, g in zip(names, grads, strict=True)})
 
     # -- the premise check and the end of an iteration ---------------------------------------------------
     def premise(self, iteration: int) -> dict[str, float]:
@@ -283,7 +283,7 @@ class ZerothOrderUpdate:
                 for b in range(config.premise_gradient_batches)
             ]
             self.pm.use("policy")
-            gradient = mean_gradient(self.params, losses)
+            gradient = self.context.dist.mean_tensors(mean_gradient(self.params, losses))
             self.counters.add(backward_passes=len(losses))
             basis = self.sampler.basis if isinstance(self.sampler, SubspaceSampler) else None
             metrics.update(gradient_alignment(gradient, mu, basis))
