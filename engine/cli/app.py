@@ -541,6 +541,40 @@ def bench_methods(
     print(text)
 
 
+@bench_app.command("distributed")
+def bench_distributed(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="recipe TOML (default: the embedded recipes/tiny.toml)")
+    ] = None,
+    methods: Annotated[str, typer.Option("--methods", help="comma-separated")] = "rloo,zopro",
+    nproc: Annotated[int, typer.Option("--nproc-per-node", min=2, help="the ranks to compare with one")] = 2,
+    updates: Annotated[int, typer.Option("--updates", min=1, help="policy updates per iteration")] = 4,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe key (repeatable)")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="also write the results to this file")
+    ] = None,
+) -> None:
+    """Bytes communicated and time per policy update with 1 and N ranks (torchrun; gloo on CPU),
+    for a first-order and a zeroth-order method: real short runs, read back from their events."""
+    from engine.cli.bench_distributed import run_distributed_bench
+
+    path = recipe if recipe is not None else embedded_recipe()
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        for method in chosen:
+            load_recipe(path, [f"policy.method={method}", *(set_ or [])])
+    except RecipeError as error:
+        fail(str(error))
+    with err.status("benchmarking ranks…") if err.is_terminal else contextlib.nullcontext():
+        report = run_distributed_bench(path, chosen, [1, nproc], updates, set_ or [])
+    text = json.dumps(report, indent=1)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    print(text)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -48,7 +48,7 @@ class Distributed:
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, backend: str | None = None):
         self.rank, self.world_size, self.local_rank, self.backend = rank, world_size, local_rank, backend
-        self.bytes = {"gradients": 0, "scalars": 0, "objects": 0}  # payload this rank sent, by kind
+        self.bytes = {"gradients": 0, "scalars": 0, "diagnostics": 0, "objects": 0}  # payload sent, by kind
 
     @classmethod
     def from_environment(cls, device: str = "auto") -> Distributed:
@@ -192,12 +192,12 @@ class Distributed:
         return total
 
     def mean_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The mean over ranks of same-shaped tensors (diagnostic gradients)."""
+        """The mean over ranks of same-shaped tensors (diagnostic gradients: counted apart from training's)."""
         if not self.enabled:
             return tensors
         names = sorted(tensors)
         flat = torch.cat([tensors[n].detach().double().reshape(-1) for n in names]).to(self._comm_device)
-        self._all_reduce(flat, "a diagnostic all-reduce", "gradients")
+        self._all_reduce(flat, "a diagnostic all-reduce", "diagnostics")
         flat /= self.world_size
         out, offset = {}, 0
         for n in names:
