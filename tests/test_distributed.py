@@ -261,8 +261,17 @@ def test_a_killed_rank_ends_the_run_with_a_clear_error(tmp_path):
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
-    done = torchrun(
-        "run", str(recipe(tmp_path)), "--run-dir", "odd", "--set", "train.prompts_per_update=3", cwd=tmp_path
+    """Through `zopro run --nproc-per-node 2`, which starts torchrun itself."""
+    done = zopro(
+        "run",
+        str(recipe(tmp_path)),
+        "--run-dir",
+        "odd",
+        "--nproc-per-node",
+        "2",
+        "--set",
+        "train.prompts_per_update=3",
+        cwd=tmp_path,
     )
     assert done.returncode != 0
     assert "train.prompts_per_update = 3 cannot be split evenly over 2 ranks" in done.stderr + done.stdout

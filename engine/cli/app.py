@@ -117,6 +117,7 @@ def start_torchrun(nproc: int) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command += ["-m", "engine.cli", *args]
     sys.stdout.flush()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its banner
     os.execv(sys.executable, command)
 
 

@@ -230,7 +230,8 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
     if not quiet:
         console.print(
             f"{'resuming' if resume else 'run'} [bold]{run_dir}[/]  (method {recipe.policy.method}, "
-            f"model {recipe.model.base}, device {run.device})"
+            f"model {recipe.model.base}, device {run.device}"
+            + (f", {dist.world_size} ranks, {dist.backend})" if dist is not None else ")")
         )
     code = EXIT_OK
     try:
