@@ -214,6 +214,13 @@ class GrowingArray:
         self.size = 0
         self.derived: dict = {}  # caches computed from this array (x per axis of an index array)
 
+    @classmethod
+    def wrap(cls, values: np.ndarray) -> GrowingArray:
+        """A growing array around `values` as they are (no copy; the first append reallocates)."""
+        column = cls(values.dtype, 0)
+        column._data, column.size = values, len(values)
+        return column
+
     def copy(self) -> GrowingArray:
         twin = GrowingArray(self._data.dtype, max(256, self.size))
         twin.extend(self.view)

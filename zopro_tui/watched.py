@@ -69,8 +69,11 @@ class WatchedRun:
                 preview.extend(batch)
             self.preview = preview
         else:
+            if message.store is not None:  # a big log's whole history (its events ride in the batches)
+                self.store, self.timeline = message.store, StageTimeline()
             for batch in message.batches:
-                self.store.extend(batch)
+                if message.store is None:
+                    self.store.extend(batch)
                 self.timeline.extend(batch)
         self.history_progress = message.progress
         self.caught_up = message.caught_up

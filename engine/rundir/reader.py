@@ -39,6 +39,7 @@ class EventTail:
         self.bad_lines = 0
         self.problem: str | None = None  # events.jsonl cannot be read at all (a folder, no permission)
         self._skipping = False  # inside a line longer than MAX_LINE_BYTES: drop bytes up to its end
+        self.at_end = False  # the last read went to the end of the file (not stopped by max_bytes)
 
     def read_new(self, max_bytes: int | None = None) -> list[dict]:
         return list(self.iter_new(max_bytes))
@@ -60,6 +61,7 @@ class EventTail:
                 if size <= 0:
                     break
                 chunk = handle.read(size)
+                self.at_end = len(chunk) < size  # the last read reached the end of the file
                 if not chunk:
                     break
                 if budget is not None:
