@@ -30,7 +30,16 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "stage_end": ("wall_s", "peak_rss_mib", "counters", "cuda_peak_mib"),
     "metrics": ("metrics",),
     "eval": ("metrics",),
-    "judge": ("judge", "rollouts", "unique", "kept", "judged", "no_verdict", "agreement_with_gold_pct"),
+    "judge": (
+        "judge",
+        "rollouts",
+        "unique",
+        "kept",
+        "judged",
+        "no_verdict",
+        "agreement_with_gold",  # the fraction of judged pairs where the judge agrees with gold (schema 1)
+        "agreement_with_gold_pct",
+    ),
     "samples": ("count", "kind"),
     "checkpoint": ("name",),
     "paused": (),
