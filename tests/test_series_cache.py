@@ -140,3 +140,63 @@ def test_a_corrupt_cache_is_ignored_and_rebuilt(tmp_path):
         hit, store, _ = read(run)  # rebuilt by the read above
         assert hit
         assert_same(store, expected)
+
+
+def write_big_run(run: Path, start: int, count: int) -> None:
+    """A finished run whose log is over the cache threshold: metric events padded with unwanted metrics."""
+    import json
+
+    run.mkdir(parents=True, exist_ok=True)
+    padding = ", ".join(f'"pad/m{i}": {i}.123456' for i in range(60))
+    with open(run / "events.jsonl", "a") as out:
+        for step in range(start, start + count):
+            out.write(
+                f'{{"seq": {step}, "type": "metrics", "time": 1.7e9, "stage": "policy", "iteration": 0, '
+                f'"step": {step}, "global_step": {step}, "elapsed": {step * 0.1:.1f}, "metrics": '
+                f'{{"objective/scores": {step * 1e-4:.6f}, "objective/kl": 0.5, {padding}}}}}\n'
+            )
+    status = {"state": "finished", "stage": "done", "method": "rloo", "global_step": start + count}
+    (run / "status.json").write_text(json.dumps(status))
+
+
+async def test_the_dashboard_reopens_a_big_run_from_the_cache_and_reads_only_what_the_log_gained(tmp_path):
+    from tests.test_tui import dashboard, wait_for
+    from zopro_tui import series_cache
+    from zopro_tui.app import ZoproApp
+    from zopro_tui.catalogue import wanted_metric
+    from zopro_tui.reading import CACHE_ABOVE_BYTES
+    from zopro_tui.screens.dashboard import DashboardScreen
+
+    run = tmp_path / "runs" / "big"
+    count = 20_000
+    write_big_run(run, 0, count)
+    events = run / "events.jsonl"
+    assert os.path.getsize(events) > CACHE_ABOVE_BYTES
+
+    async def open_dashboard(expected: int) -> MetricStore:
+        app = ZoproApp(tmp_path / "runs", attach=run)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 10, "the dashboard")
+            screen = dashboard(app)
+            await wait_for(
+                pilot, lambda: screen.run.caught_up and len(screen.run.store) == expected, 60, "all"
+            )
+            await wait_for(pilot, lambda: cache_path(events).exists(), 30, "the cache written")
+            return screen.run.store
+
+    cold_store = await open_dashboard(count)
+    assert cold_store.count("objective/scores") == count
+    cached = series_cache.load(events, wanted_metric)  # mark the cached history, to know it is what is shown
+    assert cached is not None and cached.offset == os.path.getsize(events)
+    cached.store.values["objective/scores"].view[0] = 1234.5
+    shot = series_cache.snapshot(
+        cached.store, cached.offset, 0, cached.seen_names, cached.wanted_names, cached.last_compute
+    )
+    series_cache.save(events, shot)
+
+    warm_store = await open_dashboard(count)
+    assert warm_store.series("objective/scores")[1][0] == 1234.5  # drawn from the cache
+    write_big_run(run, count, 500)  # the run went on
+    grown_store = await open_dashboard(count + 500)
+    values = grown_store.series("objective/scores")[1]
+    assert values[0] == 1234.5 and values[-1] == (count + 499) * 1e-4  # the cache, then the new tail

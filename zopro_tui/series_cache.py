@@ -166,7 +166,11 @@ def _restore(data, meta: dict) -> MetricStore:
         store.values[name] = _column(data[values_key], np.float64)
         if len(store.values[name]) != len(store.index[name]):
             raise ValueError("values and indices of different lengths")
-    store.latest = {str(k): float(v) for k, v in meta["latest"].items()}
+    store.latest = {
+        str(k): v
+        for k, v in meta["latest"].items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     store.events = [event for event in meta["events"] if isinstance(event, dict)]
     store.version = 1
     return store
