@@ -200,3 +200,16 @@ async def test_the_dashboard_reopens_a_big_run_from_the_cache_and_reads_only_wha
     grown_store = await open_dashboard(count + 500)
     values = grown_store.series("objective/scores")[1]
     assert values[0] == 1234.5 and values[-1] == (count + 499) * 1e-4  # the cache, then the new tail
+
+
+def test_a_cache_that_cannot_be_written_leaves_reading_as_it_was(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    write_run(run, range(100))
+    expected = cold(run)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("ZOPRO_CACHE", str(blocked))
+    for _ in range(2):
+        hit, store, _ = read(run)
+        assert not hit
+        assert_same(store, expected)
