@@ -213,3 +213,16 @@ def test_a_cache_that_cannot_be_written_leaves_reading_as_it_was(tmp_path, monke
         hit, store, _ = read(run)
         assert not hit
         assert_same(store, expected)
+
+
+def test_a_preview_is_drawn_only_when_much_is_left_to_read_after_the_cache(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, range(200))
+    cold(run)
+    size = os.path.getsize(run / "events.jsonl")
+    write_run(run, range(200, 400), next_seq=1000)  # the log doubled since it was cached
+    for preview_above, expected in ((size // 2, True), (size * 2, False)):
+        reader = RunReader(run, cache_above=0, preview_above=preview_above)
+        assert reader.read_cache()
+        preview = reader.read_preview()
+        assert (preview is not None and preview.preview) == expected

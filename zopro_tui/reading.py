@@ -162,11 +162,12 @@ class RunReader:
         return True
 
     def read_preview(self) -> SeriesRead | None:
-        """A strided sample of a big log, only before the first full read (and without a cache)."""
-        if self.started_reading or self.building is not None:
+        """A strided sample of a big log, only before the first full read (and when more than a big log's
+        worth is left to read after the cache)."""
+        if self.started_reading:
             return None
         self.history_bytes = self.size()
-        if self.history_bytes <= self.preview_above:
+        if self.history_bytes - self.tail.offset <= self.preview_above:
             return None
         events = sample_events(self.events_path, PREVIEW_EVENTS)
         batches = SeriesParser(wanted_metric).parse(events)
