@@ -36,6 +36,8 @@ def test_run_writes_a_complete_run_directory(tmp_path, fast_recipe):
     assert policy and all(
         k in policy[0] for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")
     )
+    agreement = [e["metrics"] for e in events if "judge/agreement_with_gold" in e.get("metrics", {})]
+    assert [m["judge/agreement_with_gold"] for m in agreement] == [1.0, 1.0]  # the gold judge, per iteration
     stage_ends = [e for e in events if e["type"] == "stage_end"]
     assert all("wall_s" in e and "peak_rss_mib" in e for e in stage_ends)
     for name in ("sft", "reward", "iter-0000", "iter-0001"):

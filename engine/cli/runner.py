@@ -27,6 +27,7 @@ from engine.cli.exit_codes import (
     EXIT_TERMINATED,
 )
 from engine.recipe import RecipeError, load_recipe
+from engine.rundir.progress import eta_seconds, steps_per_second
 from engine.rundir.reader import is_run_dir, read_events, run_info
 from engine.rundir.report import evaluations_table, fmt_duration, fmt_value, fmt_with_se
 from engine.rundir.writer import FollowerWriter, RunDirError, RunWriter, default_run_dir
@@ -71,14 +72,13 @@ class ProgressView:
 
     def rate(self) -> float | None:
         done = self.event.get("global_step", 0) - (self.first_step or 0)
-        seconds = time.monotonic() - self.started
-        return done / seconds if done > 0 and seconds > 0 else None
+        return steps_per_second(done, time.monotonic() - self.started)
 
     def __rich__(self) -> Table:
         e, m = self.event, self.latest
         step = e.get("global_step", 0)
         rate = self.rate()
-        eta = (self.total_steps - step) / rate if rate else None
+        eta = eta_seconds(self.total_steps, step, rate)
         iteration = e.get("iteration")
         cells = [
             (self.method, "bold cyan"),

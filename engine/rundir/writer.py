@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.rundir.controls import CONTROL_REQUESTS
+from engine.rundir.events import stamp as stamp_schema
 from engine.rundir.files import RunDirError, atomic_write_json, atomic_write_text, clean_metrics, json_default
 
 HEARTBEAT_SECONDS = 2.0
@@ -154,7 +155,8 @@ class RunWriter:
 
         Every event has `seq` (its identity; a resumed run re-emits from the checkpoint's seq, and a
         `resume` event with `rewind_to_seq` tells readers to drop what came after), `type`, `time`,
-        `stage`, `iteration` and `step`; metric events carry `metrics: {name: value}`.
+        `stage`, `iteration` and `step`; metric events carry `metrics: {name: value}`. The kinds, their
+        fields and the schema version are in `engine.rundir.events`.
         """
         event = {
             "seq": self.seq,
@@ -167,6 +169,7 @@ class RunWriter:
         if "metrics" in fields:
             fields["metrics"] = clean_metrics(fields["metrics"])
         event.update(fields)
+        stamp_schema(event)  # the schema version on the events that open a run
         line = (json.dumps(event, default=json_default, allow_nan=False) + "\n").encode()
         try:
             written = 0

@@ -211,13 +211,15 @@ def judge_pairs(run: Run) -> None:
         "judged": len(pairs),
         "no_verdict": len(kept) - len(pairs),
     }
-    if judge.name != "gold" and run.task.has_gold:  # how often this judge agrees with the truth
+    if judge.name == "gold" and pairs:  # the gold judge is the truth
+        state.judge_stats["agreement_with_gold"] = 1.0
+    elif run.task.has_gold:  # how often this judge agrees with the truth
         truth = judged(GoldJudge(run.task))
         both = [(v, t) for v, t in zip(verdicts, truth, strict=True) if v is not None and t is not None]
         if both:
-            state.judge_stats["agreement_with_gold_pct"] = round(
-                100 * sum(v == t for v, t in both) / len(both)
-            )
+            agreement = sum(v == t for v, t in both) / len(both)
+            state.judge_stats["agreement_with_gold"] = round(agreement, 4)
+            state.judge_stats["agreement_with_gold_pct"] = round(100 * agreement)
     run.reward_before_refine = reward_snapshot(pm)
 
 
@@ -228,6 +230,8 @@ def refine_reward_model(run: Run) -> None:
     if state.judged_pairs is None:
         judge_pairs(run)
         book.emit("judge", **state.judge_stats, judge=r.refine.judge)
+        if "agreement_with_gold" in state.judge_stats:  # drawn beside the refinement's loss
+            book.metrics({"judge/agreement_with_gold": state.judge_stats["agreement_with_gold"]})
     pairs = [PreferencePair(**pair) for pair in state.judged_pairs]
     per_epoch = math.ceil(len(pairs) / r.refine.batch_size) if pairs else 0
     steps = r.refine.epochs * per_epoch
