@@ -19,6 +19,7 @@ from engine.data.tasks import make_task
 from engine.recipe import Recipe
 from engine.rundir.writer import RunWriter
 from engine.seeds import generator
+from engine.training.adapter_history import AdapterHistory
 from engine.training.bookkeeping import RunBook, RunState, run_state
 from engine.training.judges import GoldJudge, Judge, LLMJudge, RewardJudge
 from engine.training.kl_control import KLController
@@ -96,15 +97,17 @@ class Run:
                 self.interplay = InterplayTracker(
                     keys, sketch_size=recipe.interplay.sketch_size, seed=recipe.seed
                 )
+        # ZOPrO's mu and v: the adapters at the last two iteration boundaries, in memory
+        self.adapter_history = AdapterHistory(keep=2) if recipe.policy.method == "zopro" else None
         self.method_context = MethodContext(
             pm=self.pm,
             counters=self.counters,
             recipe=recipe,
             current_iteration=lambda: self.state.iteration,
-            iteration_checkpoint=self.book.iteration_checkpoint,
             warn=self.book.warn,
             score_policy=self.score_policy,
             fresh_rollout=self.fresh_rollout,
+            adapter_history=self.adapter_history,
         )
         self.method = make_update(recipe.policy.method, self.method_context)
         policy = recipe.policy
@@ -152,6 +155,11 @@ class Run:
     def adapter_views(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """{key: tensor} of the policy and of the reward adapter, keyed alike (peft's saved names)."""
         return adapter_views(pair_adapter_tensors(dict(self.pm.model.named_parameters())))
+
+    def remember_adapters(self, iteration: int) -> None:
+        """The adapters as the end of `iteration` leaves them (-1: the reward model's), for ZOPrO's history."""
+        if self.adapter_history is not None:
+            self.adapter_history.record(iteration, *self.adapter_views())
 
     def rollout(self, prompts: list[str], gen: torch.Generator) -> Rollout:
         """The shared rollout of one update on `prompts` with this run's settings."""
@@ -266,6 +274,14 @@ class Run:
             raise CheckpointUnreadable(f"does not fit this run ({_first_line(error)})") from None
         self.book.state = state
         self.book.clock = Stopwatch(state.elapsed)
+        if self.adapter_history is not None:  # the one place the history is read from files
+            self.adapter_history.clear()
+            if state.stage in ("policy", "refine", "eval"):
+                for boundary in (state.iteration - 2, state.iteration - 1):
+                    if boundary >= -1:
+                        self.adapter_history.read_checkpoint(
+                            boundary, self.book.iteration_checkpoint(boundary)
+                        )
 
     def roll_back(self, iteration: int, reason: str) -> None:
         """Restore the checkpoint written at the end of the previous iteration (the reward model's for

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from engine.recipe import Recipe
+from engine.training.adapter_history import AdapterHistory
 from engine.training.models import PreferenceModel
 from engine.training.rollout import Rollout
 from engine.training.telemetry import Counters
@@ -23,9 +23,6 @@ class MethodContext:
     recipe: Recipe
     # where the run stands: the current iteration (the loop position, read at each call)
     current_iteration: Callable[[], int]
-    # the adapter history: the checkpoint saved at the end of an iteration (-1: after the reward model),
-    # where ZOPrO reads the policy's and the reward model's last changes (mu and v)
-    iteration_checkpoint: Callable[[int], Path]
     # a `warning` event (code, message, fields), kept in status.json too
     warn: Callable[..., Any]
     # a quick probe: mean reward-model score (and gold) of one fresh answer per held-out prompt from the
@@ -35,6 +32,9 @@ class MethodContext:
     fresh_rollout: Callable[[tuple], Rollout]
     # set by distributed runs: averages a float across ranks
     reduce_scalar: Callable[[float], float] | None = None
+    # the adapters at the last two iteration boundaries (-1: after the reward model), kept by the run for
+    # ZOPrO, which reads the policy's and the reward model's last changes (mu and v) from it
+    adapter_history: AdapterHistory | None = None
 
     @property
     def iteration(self) -> int:
