@@ -187,11 +187,12 @@ class Run:
         return self.rollout(prompts, generator(self.seed, "rollout", *where))
 
     @torch.no_grad()
-    def score_policy(self, *where: Any) -> dict[str, float]:
-        """Mean reward-model score (and gold) of one fresh answer per held-out prompt from the active
-        adapter, on the generator of `where`: a quick probe (the premise check), not the evaluation."""
+    def score_policy(self, *where: Any, count: int) -> dict[str, float]:
+        """Mean reward-model score (and gold) of one fresh answer on each of the first `count` held-out
+        prompts from the active adapter, on the generator of `where`: a quick probe (the premise check),
+        not the evaluation."""
         r = self.recipe
-        prompts = self.eval_prompts[: r.zopro.premise_prompts]
+        prompts = self.eval_prompts[:count]
         seqs = sample(
             self.pm,
             prompts,

@@ -25,8 +25,8 @@ class MethodContext:
     current_iteration: Callable[[], int]
     # a `warning` event (code, message, fields), kept in status.json too
     warn: Callable[..., Any]
-    # a quick probe: mean reward-model score (and gold) of one fresh answer per held-out prompt from the
-    # active adapter, on the generator of (*where)
+    # a quick probe: mean reward-model score (and gold) of one fresh answer on each of the first
+    # `count` held-out prompts from the active adapter, on the generator of (*where, count=N)
     score_policy: Callable[..., dict[str, float]]
     # a rollout on this iteration's training prompts drawn from `where` (diagnostics)
     fresh_rollout: Callable[[tuple], Rollout]

@@ -278,7 +278,10 @@ class ZerothOrderUpdate:
         mu = self.momentum  # set by sampler_for(iteration), which runs first
         with self.pm.adapter("policy"):
             metrics = along_mu(
-                self.params, mu, config.premise_step, lambda: self.context.score_policy("premise", iteration)
+                self.params,
+                mu,
+                config.premise_step,
+                lambda: self.context.score_policy("premise", iteration, count=config.premise_prompts),
             )
         if config.premise_gradient_batches:
             losses = [
