@@ -152,7 +152,8 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Run a recipe over a grid of settings, one run directory per point, and summarise them side by side."""
-    from engine.rundir.sweep import SweepError, create_sweep, load_sweep, run_sweep
+    from engine.cli.sweep import run_sweep
+    from engine.rundir.sweep import SweepError, create_sweep, load_sweep
 
     try:
         if resume is not None:
