@@ -6,17 +6,16 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from engine.cli.choices import Device, DType, ExportFormat, one_of
 from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
-from engine.recipe import DEVICES, DTYPES, RecipeError, load_recipe
+from engine.cli.output import console, err, fail
+from engine.recipe import RecipeError, load_recipe
 
 app = typer.Typer(
     name="zopro",
@@ -25,39 +24,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-# -- choices: typer shows them in --help (<csv|json>); `one_of` refuses anything else in one sentence ----------
-class ExportFormat(StrEnum):
-    csv = "csv"
-    json = "json"
-
-
-DType = StrEnum("DType", {name: name for name in DTYPES})
-Device = StrEnum("Device", {name: name for name in DEVICES})
-Choice = TypeVar("Choice", bound=StrEnum)
-
-
-def one_of(choices: type[Choice], option: str) -> Callable[[str], Choice]:
-    """The parser of an option with fixed choices: the chosen member, or `error: --format 'xml' is not
-    accepted; choose csv or json`."""
-
-    def parse(value: str) -> Choice:
-        try:
-            return choices(value)
-        except ValueError:
-            names = [member.value for member in choices]
-            accepted = ", ".join(names[:-1]) + f" or {names[-1]}"
-            fail(f"{option} {value!r} is not accepted; choose {accepted}")
-
-    return parse
 
 
 @app.command()
