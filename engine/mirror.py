@@ -19,8 +19,6 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from engine.recipe.schema import REPORT_TO  # noqa: E402,F401 (one list, in the schema)
-
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 TRL_NAMES = {  # ours -> TRL's (RLOOTrainer, PPOTrainer, OnlineDPOTrainer)
     "policy/clipfrac": "policy/clipfrac_avg",

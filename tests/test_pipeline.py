@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from engine.rundir.controls import send_control
 from engine.rundir.reader import read_events, run_info
+from engine.rundir.writer import adapter_file
 from tests.conftest import REPO, zopro, zopro_popen
 from tests.runs import assert_resume_after_sigterm_is_exact, global_step, metric_events, wait_for
 
@@ -56,7 +57,7 @@ def test_checkpointed_adapters_load_with_plain_peft(tmp_path, fast_recipe):
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base), run / "checkpoints" / "iter-0001" / "adapters" / "policy"
     )
-    saved = load_file(run / "checkpoints" / "iter-0001" / "adapters" / "policy" / "adapter_model.safetensors")
+    saved = load_file(adapter_file(run / "checkpoints" / "iter-0001", "policy"))
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert len(loaded) == len(saved)
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from engine.cli.choices import Device, DType, ExportFormat, one_of
 from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
+from engine.cli.output import console, err, fail
 from engine.recipe import RecipeError, load_recipe
 
 app = typer.Typer(
@@ -23,13 +24,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -183,7 +177,8 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Run a recipe over a grid of settings, one run directory per point, and summarise them side by side."""
-    from engine.rundir.sweep import SweepError, create_sweep, load_sweep, run_sweep
+    from engine.cli.sweep import run_sweep
+    from engine.rundir.sweep import SweepError, create_sweep, load_sweep
 
     try:
         if resume is not None:
@@ -330,7 +325,10 @@ def status(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    format: Annotated[str, typer.Option("--format", "-f", help="csv or json")] = "csv",
+    format: Annotated[
+        ExportFormat,
+        typer.Option("--format", "-f", parser=one_of(ExportFormat, "--format"), help="what to write"),
+    ] = ExportFormat.csv,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")
     ] = None,
@@ -339,15 +337,13 @@ def export(
     from engine.rundir.reader import is_run_dir
     from engine.rundir.report import export_metrics
 
-    if format not in ("csv", "json"):
-        fail(f"--format {format!r} is not accepted; choose csv or json")
     if not run_dir.is_dir() or not is_run_dir(run_dir):
         fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
     events = run_dir / "events.jsonl"
     if events.exists() and not events.is_file():
         fail(f"{events} is not a file; nothing to export")
     problems: list[str] = []
-    text = export_metrics(run_dir, format, problems)
+    text = export_metrics(run_dir, format.value, problems)
     for problem in problems:
         err.print(f"warning: {run_dir}: {escape(problem)}", soft_wrap=True)
     if output is None:
@@ -492,8 +488,10 @@ def bench_methods(
     samples: Annotated[int, typer.Option("--samples", help="answers per prompt")] = 4,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="response length")] = 48,
     updates: Annotated[int, typer.Option("--updates", help="timed updates per method")] = 5,
-    dtype: Annotated[str, typer.Option("--dtype")] = "float32",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
+    dtype: Annotated[DType, typer.Option("--dtype", parser=one_of(DType, "--dtype"))] = DType.float32,
+    device: Annotated[
+        Device, typer.Option("--device", parser=one_of(Device, "--device"), help="where the workers run")
+    ] = Device.auto,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads per worker (0: default)")] = 0,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="also write the results to this file")
@@ -517,16 +515,14 @@ def bench_methods(
             recipe_from_dict(apply_overrides({"policy": {"method": method}}, variant), f"--methods {entry}")
         except RecipeError as error:
             fail(str(error))
-    if device not in ("auto", "cpu", "cuda") or dtype not in ("float32", "bfloat16", "float16"):
-        fail("--device takes auto, cpu or cuda; --dtype takes float32, bfloat16 or float16")
     config = BenchConfig(
         model=model,
         prompts=prompts,
         samples_per_prompt=samples,
         max_new_tokens=new_tokens,
         updates=updates,
-        dtype=dtype,
-        device=device,
+        dtype=dtype.value,
+        device=device.value,
         threads=threads,
     )
     with (

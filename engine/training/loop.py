@@ -43,6 +43,7 @@ def train(run: Run) -> None:
         if book.begin("reward"):
             train_reward_model(run)
             evaluate(run, label="sft")
+            run.remember_adapters(-1)  # where iteration 0 starts (ZOPrO's adapter history)
             book.end_stage(checkpoint="reward")
         # 3. iterations i = 0 .. N-1, each on its own chunk of the training prompts
         while not book.done:
@@ -62,6 +63,7 @@ def train(run: Run) -> None:
                 if runaway and run.recipe.policy.max_kl_action == "rollback":
                     run.roll_back(i, runaway)  # the previous iteration's checkpoint ends the run
                     break
+                run.remember_adapters(i)
                 next_iteration(run)
                 book.end_stage(checkpoint=f"iter-{i:04d}")
                 if runaway:

@@ -19,6 +19,7 @@ from engine.data.tasks import make_task
 from engine.recipe import Recipe
 from engine.rundir.writer import RunWriter
 from engine.seeds import generator
+from engine.training.adapter_history import AdapterHistory
 from engine.training.bookkeeping import RunBook, RunState, run_state
 from engine.training.distributed import Distributed
 from engine.training.judges import GoldJudge, Judge, LLMJudge, RewardJudge
@@ -103,15 +104,17 @@ class Run:
                 self.interplay = InterplayTracker(
                     keys, sketch_size=recipe.interplay.sketch_size, seed=recipe.seed
                 )
+        # ZOPrO's mu and v: the adapters at the last two iteration boundaries, in memory
+        self.adapter_history = AdapterHistory(keep=2) if recipe.policy.method == "zopro" else None
         self.method_context = MethodContext(
             pm=self.pm,
             counters=self.counters,
             recipe=recipe,
             current_iteration=lambda: self.state.iteration,
-            iteration_checkpoint=self.book.iteration_checkpoint,
             warn=self.book.warn,
             score_policy=self.score_policy,
             fresh_rollout=self.fresh_rollout,
+            adapter_history=self.adapter_history,
             dist=self.dist,
         )
         self.method = make_update(recipe.policy.method, self.method_context)
@@ -179,6 +182,11 @@ class Run:
         """{key: tensor} of the policy and of the reward adapter, keyed alike (peft's saved names)."""
         return adapter_views(pair_adapter_tensors(dict(self.pm.model.named_parameters())))
 
+    def remember_adapters(self, iteration: int) -> None:
+        """The adapters as the end of `iteration` leaves them (-1: the reward model's), for ZOPrO's history."""
+        if self.adapter_history is not None:
+            self.adapter_history.record(iteration, *self.adapter_views())
+
     def rollout(self, prompts: list[str], gen: torch.Generator) -> Rollout:
         """The shared rollout of one update on `prompts` with this run's settings (this rank's share of
         the prompts when there are several; advantages whitened over the whole batch)."""
@@ -214,11 +222,12 @@ class Run:
         return self.rollout(prompts, generator(self.seed, "rollout", *where))
 
     @torch.no_grad()
-    def score_policy(self, *where: Any) -> dict[str, float]:
-        """Mean reward-model score (and gold) of one fresh answer per held-out prompt from the active
-        adapter, on the generator of `where`: a quick probe (the premise check), not the evaluation."""
+    def score_policy(self, *where: Any, count: int) -> dict[str, float]:
+        """Mean reward-model score (and gold) of one fresh answer on each of the first `count` held-out
+        prompts from the active adapter, on the generator of `where`: a quick probe (the premise check),
+        not the evaluation."""
         r = self.recipe
-        prompts = self.eval_prompts[: r.zopro.premise_prompts]
+        prompts = self.eval_prompts[:count]
         seqs = sample(
             self.pm,
             prompts,
@@ -301,6 +310,14 @@ class Run:
             raise CheckpointUnreadable(f"does not fit this run ({_first_line(error)})") from None
         self.book.state = state
         self.book.clock = Stopwatch(state.elapsed)
+        if self.adapter_history is not None:  # the one place the history is read from files
+            self.adapter_history.clear()
+            if state.stage in ("policy", "refine", "eval"):
+                for boundary in (state.iteration - 2, state.iteration - 1):
+                    if boundary >= -1:
+                        self.adapter_history.read_checkpoint(
+                            boundary, self.book.iteration_checkpoint(boundary)
+                        )
 
     def roll_back(self, iteration: int, reason: str) -> None:
         """Restore the checkpoint written at the end of the previous iteration (the reward model's for
