@@ -255,7 +255,7 @@ def test_a_killed_rank_ends_the_run_with_a_clear_error(tmp_path):
         launcher.kill()
     assert launcher.returncode != 0
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] in ("failed", "stopped"), status
+    assert status["state"] in ("failed", "stopped"), (status, output[-3000:])
     if status["state"] == "failed":
         assert "lost the other ranks" in status["error"], status["error"]
 
