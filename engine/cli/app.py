@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -12,8 +11,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from engine.cli.choices import Device, DType, ExportFormat, one_of
+from engine.cli.choices import ExportFormat, one_of
 from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
+from engine.cli.launch import embedded_recipe, start_torchrun
 from engine.cli.output import console, err, fail
 from engine.recipe import RecipeError, load_recipe
 
@@ -93,36 +93,6 @@ def run(
             err=err,
         )
     raise typer.Exit(code)
-
-
-def start_torchrun(nproc: int) -> None:
-    """Replace this process by `torchrun --standalone --nproc-per-node N` running the same command
-    without the option (one machine; several machines: run torchrun yourself, README)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        fail("--nproc-per-node is for starting a run; under torchrun already, drop it")
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc-per-node":
-            skip = True
-        elif not arg.startswith("--nproc-per-node="):
-            args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command += ["-m", "engine.cli", *args]
-    sys.stdout.flush()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its banner
-    os.execv(sys.executable, command)
-
-
-def embedded_recipe() -> Path:
-    """recipes/tiny.toml from the source tree, or the copy shipped inside the package."""
-    package = Path(__file__).resolve().parents[1]  # engine/
-    for candidate in (package.parent / "recipes" / "tiny.toml", package / "recipes" / "tiny.toml"):
-        if candidate.exists():
-            return candidate
-    fail("the embedded recipe recipes/tiny.toml is missing from this installation; pass a recipe file")
-    raise AssertionError
 
 
 @app.command()
@@ -472,104 +442,9 @@ def queue_work(root: Annotated[Path, typer.Option("--root", help="folder of runs
     raise typer.Exit(work(root, log=lambda text: print(text, flush=True)))
 
 
-bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
+from engine.cli.bench_app import bench_app  # noqa: E402 - registered after the commands above
+
 app.add_typer(bench_app, name="bench")
-
-
-@bench_app.command("methods")
-def bench_methods(
-    model: Annotated[
-        str, typer.Option("--model", help="base model (builtin:NAME, hub id or folder)")
-    ] = "builtin:base10m",
-    methods: Annotated[
-        str, typer.Option("--methods", help="comma-separated")
-    ] = "rloo,ppo,online_dpo,mezo,zopro",
-    prompts: Annotated[int, typer.Option("--prompts", help="prompts per update")] = 16,
-    samples: Annotated[int, typer.Option("--samples", help="answers per prompt")] = 4,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="response length")] = 48,
-    updates: Annotated[int, typer.Option("--updates", help="timed updates per method")] = 5,
-    dtype: Annotated[DType, typer.Option("--dtype", parser=one_of(DType, "--dtype"))] = DType.float32,
-    device: Annotated[
-        Device, typer.Option("--device", parser=one_of(Device, "--device"), help="where the workers run")
-    ] = Device.auto,
-    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads per worker (0: default)")] = 0,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="also write the results to this file")
-    ] = None,
-) -> None:
-    """Peak memory of the policy-update phase, time per update and forward passes per update, per method,
-    each in a fresh process."""
-    from engine.cli.bench import BENCH_METHODS, BenchConfig, bench_table, run_methods
-    from engine.recipe import RecipeError, apply_overrides, recipe_from_dict, split_method_list, split_variant
-
-    chosen = split_method_list(methods)
-    unknown = [m for m in chosen if split_variant(m)[0] not in BENCH_METHODS]
-    if unknown:
-        fail(
-            f"--methods: unknown {', '.join(unknown)}; accepted: {', '.join(BENCH_METHODS)}, each optionally "
-            'with settings of its section ("zopro:sampler=subspace")'
-        )
-    for entry in chosen:
-        method, variant = split_variant(entry)
-        try:
-            recipe_from_dict(apply_overrides({"policy": {"method": method}}, variant), f"--methods {entry}")
-        except RecipeError as error:
-            fail(str(error))
-    config = BenchConfig(
-        model=model,
-        prompts=prompts,
-        samples_per_prompt=samples,
-        max_new_tokens=new_tokens,
-        updates=updates,
-        dtype=dtype.value,
-        device=device.value,
-        threads=threads,
-    )
-    with (
-        err.status(f"benchmarking {', '.join(chosen)} on {model}…")
-        if err.is_terminal
-        else contextlib.nullcontext()
-    ):
-        report = run_methods(chosen, config)
-    err.print(bench_table(report))
-    text = json.dumps(report, indent=1)
-    if json_path is not None:
-        json_path.write_text(text + "\n")
-    print(text)
-
-
-@bench_app.command("distributed")
-def bench_distributed(
-    recipe: Annotated[
-        Path | None, typer.Argument(help="recipe TOML (default: the embedded recipes/tiny.toml)")
-    ] = None,
-    methods: Annotated[str, typer.Option("--methods", help="comma-separated")] = "rloo,zopro",
-    nproc: Annotated[int, typer.Option("--nproc-per-node", min=2, help="the ranks to compare with one")] = 2,
-    updates: Annotated[int, typer.Option("--updates", min=1, help="policy updates per iteration")] = 4,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a recipe key (repeatable)")
-    ] = None,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="also write the results to this file")
-    ] = None,
-) -> None:
-    """Bytes communicated and time per policy update with 1 and N ranks (torchrun; gloo on CPU),
-    for a first-order and a zeroth-order method: real short runs, read back from their events."""
-    from engine.cli.bench_distributed import run_distributed_bench
-
-    path = recipe if recipe is not None else embedded_recipe()
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    try:
-        for method in chosen:
-            load_recipe(path, [f"policy.method={method}", *(set_ or [])])
-    except RecipeError as error:
-        fail(str(error))
-    with err.status("benchmarking ranks…") if err.is_terminal else contextlib.nullcontext():
-        report = run_distributed_bench(path, chosen, [1, nproc], updates, set_ or [])
-    text = json.dumps(report, indent=1)
-    if json_path is not None:
-        json_path.write_text(text + "\n")
-    print(text)
 
 
 def main() -> None:
