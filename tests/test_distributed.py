@@ -55,6 +55,18 @@ def torchrun(*args: str, cwd: Path, timeout: float = 400, **extra: str) -> subpr
     )
 
 
+def launch(cwd: Path, recipe_path: Path, run_dir: Path, **extra: str) -> subprocess.Popen:
+    """A 2-rank run started in the background, its output kept."""
+    return subprocess.Popen(
+        torchrun_command("run", str(recipe_path), "--run-dir", str(run_dir), "-q"),
+        cwd=cwd,
+        env=environment(**extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def recipe(folder: Path, **changes: str) -> Path:
     text = FAST_RECIPE
     for key, value in changes.items():
@@ -182,14 +194,7 @@ def test_two_ranks_stop_together_on_sigterm_to_one_and_resume_exactly(tmp_path):
     whole = torchrun("run", str(path), "--run-dir", "whole", "-q", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     run_dir = tmp_path / "cut"
-    launcher = subprocess.Popen(
-        torchrun_command("run", str(path), "--run-dir", str(run_dir), "-q"),
-        cwd=tmp_path,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launcher = launch(tmp_path, path, run_dir)
     try:
         wait_for(lambda: in_policy_stage(run_dir), 300, "the policy stage")
         rank_process(launcher, 1).send_signal(signal.SIGTERM)
@@ -212,14 +217,7 @@ def test_two_ranks_stop_together_on_sigterm_to_one_and_resume_exactly(tmp_path):
 
 def test_pause_and_stop_reach_both_ranks(tmp_path):
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        torchrun_command("run", str(recipe(tmp_path)), "--run-dir", str(run_dir), "-q"),
-        cwd=tmp_path,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launcher = launch(tmp_path, recipe(tmp_path), run_dir)
     try:
         wait_for(lambda: in_policy_stage(run_dir), 300, "the policy stage")
         send_control(run_dir, "pause")
@@ -239,14 +237,7 @@ def test_pause_and_stop_reach_both_ranks(tmp_path):
 
 def test_a_killed_rank_ends_the_run_with_a_clear_error(tmp_path):
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        torchrun_command("run", str(recipe(tmp_path)), "--run-dir", str(run_dir), "-q"),
-        cwd=tmp_path,
-        env=environment(ZOPRO_DIST_TIMEOUT_S="30"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launcher = launch(tmp_path, recipe(tmp_path), run_dir, ZOPRO_DIST_TIMEOUT_S="30")
     try:
         wait_for(lambda: in_policy_stage(run_dir), 300, "the policy stage")
         rank_process(launcher, 1).kill()
