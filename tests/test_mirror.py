@@ -18,7 +18,8 @@ def test_trl_names():
     assert trl_name("policy/clipfrac") == "train/policy/clipfrac_avg"
     assert trl_name("loss/policy") == "train/loss/policy_avg"
     assert trl_name("policy/lr") == "train/lr"
-    assert trl_name("eval/gold", "eval") == "eval/gold"
+    assert trl_name("eval/gold") == "eval/gold"
+    assert trl_name("compute/forward_passes") == "train/compute/forward_passes"  # also in an eval event
     assert trl_name("zo/g") == "train/zo/g"
 
 
