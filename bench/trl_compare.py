@@ -69,7 +69,6 @@ def zopro_side(model: str, prompts: list[str], steps: int) -> dict:
         counters=counters,
         recipe=recipe,
         current_iteration=lambda: 0,
-        iteration_checkpoint=unavailable,
         warn=unavailable,
         score_policy=unavailable,
         fresh_rollout=unavailable,

@@ -1,17 +1,20 @@
-"""Benchmark (not a test): open the dashboard on a run with one million metric events; time and peak memory.
+"""Benchmark (not a test): open the dashboard on a run with one million metric events, twice; time and peak memory.
 
     python bench/tui_open.py [--events 1000000] [--dir /tmp/zopro-bench-1m] [--size 200x60]
 
 Generates (once, reused after) a run directory shaped like a long zeroth-order run: one `metrics` event per
 update with the metrics the engine logs (objective/*, policy/*, compute/*, time/*, mem/*, zo/*), an `eval`
-and the interplay metrics at the end of every iteration, a `samples` file. Then, in a fresh process, starts
-the app on it (headless, at the given size) and prints JSON:
+and the interplay metrics at the end of every iteration, a `samples` file. Then, each in a fresh process and
+with an empty reader cache ($ZOPRO_CACHE in a new temporary folder), opens the app on it twice (headless, at
+the given size): the first open reads the log and writes the cache, the second reads the cache. Prints JSON,
+per open (`first_open`, `second_open`):
 
 - first_render_s: from the app's start to the first full render of the dashboard (header, every visible
-  panel drawn from data: a strided sample of the log while the full read goes on);
-- exact_s: until every event has been read and drawn (min/max per column over all points);
+  panel drawn from data: a strided sample of the log on the first open, the cached history on the second);
+- exact_s: until every event has been read and drawn (min/max per column over all points): the full history;
 - import_s: importing the app (before the clock above starts);
-- peak_rss_mib_first_render / peak_rss_mib: the process's peak RSS at those two moments.
+- peak_rss_mib_first_render / peak_rss_mib: the process's peak RSS at those two moments;
+- cache_written_s (first open): until the cache file was in place; cache_mib its size.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,17 +180,19 @@ def generate(run_dir: Path, events: int) -> None:
 
 
 MEASURE = r"""
-import asyncio, json, resource, sys, time
+import asyncio, json, os, resource, sys, time
 started_import = time.perf_counter()
 from pathlib import Path
 from zopro_tui.app import ZoproApp
+from zopro_tui.series_cache import cache_path
 from zopro_tui.screens.dashboard import DashboardScreen
 import_s = time.perf_counter() - started_import
 
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-async def main(run_dir, width, height):
+async def main(run_dir, width, height, wait_cache):
+    cache = cache_path(Path(run_dir) / "events.jsonl")
     t0 = time.perf_counter()
     app = ZoproApp(Path(run_dir).parent, attach=Path(run_dir))
     result = {"import_s": round(import_s, 3)}
@@ -212,9 +218,14 @@ async def main(run_dir, width, height):
         result["metric_events_read"] = len(app.screen.run.store)
         series = app.screen.query_one("#curves").charts[0].data.series[0]
         result["max_drawn_rm_score"] = round(float(series.y.max()), 3)
+        while wait_cache and not cache.exists() and time.perf_counter() - t0 < 600:
+            await asyncio.sleep(0.05)
+        if wait_cache:
+            result["cache_written_s"] = round(time.perf_counter() - t0, 3)
+        result["cache_mib"] = round(os.path.getsize(cache) / 2**20, 1) if cache.exists() else None
     print(json.dumps(result))
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "first"))
 """
 
 
@@ -228,23 +239,28 @@ def main() -> None:
     generate(args.dir, args.events)
     generated_s = time.perf_counter() - started
     width, height = (int(v) for v in args.size.split("x"))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(args.dir), str(width), str(height)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=1800,
-    )
-    if done.returncode != 0:
-        sys.exit(done.stderr)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="zopro-bench-cache-") as cache:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "ZOPRO_CACHE": cache}
+        for which in ("first", "second"):
+            done = subprocess.run(
+                [sys.executable, "-c", MEASURE, str(args.dir), str(width), str(height), which],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=REPO,
+                timeout=1800,
+            )
+            if done.returncode != 0:
+                sys.exit(done.stderr)
+            result[f"{which}_open"] = json.loads(done.stdout.strip().splitlines()[-1])
     result.update(
         events=args.events,
         events_file_mib=round((args.dir / "events.jsonl").stat().st_size / 2**20, 1),
         size=args.size,
         generate_s=round(generated_s, 1),
+        load_average=[round(v, 2) for v in os.getloadavg()],
+        cpus=os.cpu_count(),
     )
     print(json.dumps(result))
 

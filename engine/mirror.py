@@ -19,8 +19,6 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from engine.recipe.schema import REPORT_TO  # noqa: E402,F401 (one list, in the schema)
-
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 TRL_NAMES = {  # ours -> TRL's (RLOOTrainer, PPOTrainer, OnlineDPOTrainer)
     "policy/clipfrac": "policy/clipfrac_avg",
@@ -30,9 +28,10 @@ TRL_NAMES = {  # ours -> TRL's (RLOOTrainer, PPOTrainer, OnlineDPOTrainer)
 }
 
 
-def trl_name(name: str, kind: str = "metrics") -> str:
-    """The name a TRL trainer's metric has in TensorBoard / W&B: `train/...`, or `eval/...` as it is."""
-    if kind == "eval" or name.startswith("eval/"):
+def trl_name(name: str) -> str:
+    """The name a TRL trainer's metric has in TensorBoard / W&B: `eval/...` as it is, `train/...` for the
+    rest (also the counters, time and memory that ride along in an evaluation's event)."""
+    if name.startswith("eval/"):
         return name
     return "train/" + TRL_NAMES.get(name, name)
 
@@ -75,7 +74,7 @@ class Mirror:
             return
         step = int(event.get("global_step") or 0)
         scalars = {
-            trl_name(name, kind): float(value)
+            trl_name(name): float(value)
             for name, value in (event.get("metrics") or {}).items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         }
@@ -117,7 +116,10 @@ class Mirror:
                     id=self.run_dir.name.replace("/", "-")[:64],
                     resume="allow",
                     config=self.config.get("recipe", {}),
-                    reinit=True,
+                    # a new W&B run object per run (wandb >= 0.19 names it; older ones take True), and no
+                    # console capture or banner of wandb's own: the run's output stays zopro's
+                    reinit="create_new" if _version(wandb.__version__) >= (0, 19) else True,
+                    settings=wandb.Settings(silent=True, console="off"),
                 )
             except Exception as error:  # noqa: BLE001
                 self._give_up("wandb", error)
@@ -145,3 +147,11 @@ class Mirror:
             except Exception:  # noqa: BLE001
                 pass
             self._wandb = None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)

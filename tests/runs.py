@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from engine.rundir.reader import read_events, run_info
+from engine.rundir.writer import adapter_file
 from tests.conftest import zopro, zopro_popen
 
 
@@ -37,9 +38,7 @@ def metric_events(run: Path) -> list[tuple]:
 def adapters(run: Path, checkpoint: str) -> dict:
     out = {}
     for name in ("sft", "policy", "reward"):
-        for key, value in load_file(
-            run / "checkpoints" / checkpoint / "adapters" / name / "adapter_model.safetensors"
-        ).items():
+        for key, value in load_file(adapter_file(run / "checkpoints" / checkpoint, name)).items():
             out[f"{name}/{key}"] = value
     return out
 

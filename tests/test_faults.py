@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine.rundir.reader import EventTail, read_events, run_info
-from engine.rundir.writer import RunDirError, RunWriter
+from engine.rundir.writer import RunDirError, RunWriter, adapter_file
 from tests.conftest import REPO, zopro, zopro_popen
 from tests.runs import global_step, wait_for
 
@@ -112,7 +112,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(run, damage):
         data = (folder / "trainer_state.pt").read_bytes()
         (folder / "trainer_state.pt").write_bytes(data[: len(data) // 2])
     elif damage == "truncated adapter":
-        path = folder / "adapters" / "policy" / "adapter_model.safetensors"
+        path = adapter_file(folder, "policy")
         path.write_bytes(path.read_bytes()[:100])
     elif damage == "garbage state.json":
         (folder / "state.json").write_bytes(b"\x00\xffnot json{")

@@ -29,6 +29,7 @@ from engine.analysis.interplay_report import (
 )
 from engine.analysis.projections import gaussian_projection, sketch_coordinates
 from engine.analysis.statistics import angle_deg, cosine, distance_correlation, pearson
+from engine.rundir.writer import adapter_file
 
 HIDDEN, RANK, VOCAB = 24, 4, 40
 MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
@@ -420,12 +421,9 @@ def test_procrustes_disparity_equals_scipy() -> None:
 
 def _save_checkpoint(run_dir: Path, name: str, adapters: dict[str, dict[str, Tensor]]) -> None:
     for adapter, tensors in adapters.items():
-        folder = run_dir / "checkpoints" / name / "adapters" / adapter
-        folder.mkdir(parents=True)
-        save_file(
-            {key: tensor.contiguous() for key, tensor in tensors.items()},
-            str(folder / "adapter_model.safetensors"),
-        )
+        path = adapter_file(run_dir / "checkpoints" / name, adapter)
+        path.parent.mkdir(parents=True)
+        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(path))
 
 
 def _synthetic_run_dir(

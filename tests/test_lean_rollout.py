@@ -73,7 +73,7 @@ def test_chunked_logprobs_equal_the_full_log_softmax(pm):
             expected = full_logprobs(pm, seqs)
             got = token_logprobs(pm, seqs, Counters())
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # merged weights: float32 rounding
     assert bool((got[seqs.response_mask == 0] == 0).all())
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from engine.rundir.controls import send_control
 from engine.rundir.reader import read_events, run_info
+from engine.rundir.writer import adapter_file
 from tests.conftest import REPO, zopro, zopro_popen
 from tests.runs import assert_resume_after_sigterm_is_exact, global_step, metric_events, wait_for
 
@@ -36,6 +37,8 @@ def test_run_writes_a_complete_run_directory(tmp_path, fast_recipe):
     assert policy and all(
         k in policy[0] for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")
     )
+    agreement = [e["metrics"] for e in events if "judge/agreement_with_gold" in e.get("metrics", {})]
+    assert [m["judge/agreement_with_gold"] for m in agreement] == [1.0, 1.0]  # the gold judge, per iteration
     stage_ends = [e for e in events if e["type"] == "stage_end"]
     assert all("wall_s" in e and "peak_rss_mib" in e for e in stage_ends)
     for name in ("sft", "reward", "iter-0000", "iter-0001"):
@@ -54,7 +57,7 @@ def test_checkpointed_adapters_load_with_plain_peft(tmp_path, fast_recipe):
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base), run / "checkpoints" / "iter-0001" / "adapters" / "policy"
     )
-    saved = load_file(run / "checkpoints" / "iter-0001" / "adapters" / "policy" / "adapter_model.safetensors")
+    saved = load_file(adapter_file(run / "checkpoints" / "iter-0001", "policy"))
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert len(loaded) == len(saved)
 

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from engine.rundir.controls import send_control
-from engine.rundir.reader import EventTail, apply_rewinds, list_runs, read_events, run_info
+from engine.rundir.events import SCHEMA_VERSION, apply_rewinds, schema_version
+from engine.rundir.reader import EventTail, list_runs, read_events, run_info
 from engine.rundir.writer import RunDirError, RunWriter, latest_checkpoint
 
 
@@ -130,6 +131,27 @@ def test_rewinds_drop_re_emitted_events():
     ]
     assert [e["seq"] for e in apply_rewinds(events)] == [0, 1, 2, 3, 4]
     assert apply_rewinds(events)[3]["type"] == "resume"
+
+
+def test_the_writer_stamps_the_schema_version_and_readers_take_logs_without_it(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run) as writer:
+        writer.emit("run_start", stage="sft", iteration=None, step=0, total_steps=4)
+        writer.emit("metrics", stage="sft", iteration=None, step=1, metrics={"loss/sft": 1.0})
+        writer.emit("resume", stage="sft", iteration=None, step=0, rewind_to_seq=1)
+    new = EventTail(run / "events.jsonl").read_new()
+    assert [schema_version(e) for e in new] == [SCHEMA_VERSION, 0, SCHEMA_VERSION]
+    assert "schema" not in new[1]  # metric events stay as they were: the version rides on the opening events
+    old = tmp_path / "old"  # a log from before the version field: the same layout, read the same way
+    old.mkdir()
+    lines = [{k: v for k, v in e.items() if k != "schema"} for e in new]
+    (old / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    assert [schema_version(e) for e in read_events(old)] == [0, 0]  # the resume undid the metric event
+    assert (
+        [e["type"] for e in read_events(old)]
+        == [e["type"] for e in read_events(run)]
+        == ["run_start", "resume"]
+    )
 
 
 def test_status_is_derived_from_heartbeat_and_pid(tmp_path):

@@ -76,6 +76,21 @@ async def test_each_stage_draws_its_own_curves_while_it_runs_and_the_header_show
                 5,
                 "sft done and reward running in the header",
             )
+
+            writer.emit("stage_end", stage="reward", iteration=None, step=8, global_step=at + 8, wall_s=0.8)
+            judged = {"judge/agreement_with_gold": 0.75}  # logged once the judge has spoken, then refinement
+            stage(
+                writer,
+                "refine",
+                4,
+                lambda s: {"loss/reward_refine": 0.6 - s * 0.01, "reward/refine_accuracy": 0.6, **judged},
+                start=at + 8,
+                elapsed=5.0,
+            )
+            title = "reward refinement: loss, accuracy, judge agreement"
+            await wait_for(pilot, lambda: shows(title), 10, "refinement's curves during refinement")
+            chart = chart_titled(curves, title)
+            assert [s.label for s in chart.data.series] == ["loss", "acc", "judge agrees"]
     finally:
         writer.close()
 

@@ -499,3 +499,48 @@ def test_on_a_bf16_base_the_float32_adapter_moves_and_a_bf16_one_is_refused(one_
     base_weights = {name: param for name, param in model.named_parameters() if "v_proj.base_layer" in name}
     with pytest.raises(TypeError, match="float32"):
         zo_update(base_weights, loss_fn, IsotropicSampler(), run_seed=0, update_index=0, eps=1e-2, lr=0.0)
+
+
+# ---------------------------------------------------------------- the adapter history (mu and v)
+
+
+def test_adapter_history_keeps_two_boundaries_as_copies_and_rebuilds_from_checkpoint_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from engine.errors import TrainingFailed
+    from engine.rundir.writer import adapter_file
+    from engine.training.adapter_history import AdapterHistory
+
+    live = make_params()
+    history = AdapterHistory(keep=2)
+    boundaries = {}
+    for iteration in (-1, 0, 1):
+        with torch.no_grad():
+            for param in live.values():
+                param.add_(0.5)
+        reward = make_tensors(SHAPES, 20 + iteration)
+        history.record(iteration, live, reward)
+        boundaries[iteration] = (snapshot(live), reward)
+    assert sorted(history.boundaries) == [0, 1]  # only the last two are held
+    mu = history.change("policy", since=0, until=1)
+    assert max_abs_diff(mu, {k: torch.full(s, 0.5) for k, s in SHAPES.items()}) < 1e-6  # copies, not views
+    v = history.change("reward", since=0, until=1)
+    assert torch.equal(flat(v), flat(boundaries[1][1]) - flat(boundaries[0][1]))
+    with pytest.raises(TrainingFailed, match="checkpoint reward"):
+        history.at("policy", -1)
+
+    # a resumed run reads the same tensors from the checkpoint files, bit for bit
+    rebuilt = AdapterHistory()
+    for iteration in (0, 1):
+        folder = tmp_path / f"iter-{iteration:04d}"
+        policy, reward = boundaries[iteration]
+        for name, tensors in (("policy", policy), ("reward", reward)):
+            adapter_file(folder, name).parent.mkdir(parents=True)
+            save_file({k: t.contiguous() for k, t in tensors.items()}, str(adapter_file(folder, name)))
+        rebuilt.read_checkpoint(iteration, folder)
+    rebuilt.read_checkpoint(2, tmp_path / "missing")  # unreadable: left out
+    assert sorted(rebuilt.boundaries) == [0, 1]
+    for adapter in ("policy", "reward"):
+        again = rebuilt.change(adapter, since=0, until=1)
+        held = history.change(adapter, since=0, until=1)
+        assert all(torch.equal(again[k], held[k]) for k in held)

@@ -4,11 +4,11 @@ itself). A background worker lists the runs and posts; the app notifies."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from engine.rundir.alerts import Alert, AlertTracker
 from engine.rundir.reader import list_runs
+from zopro_tui.polling import poll
 
 POLL_SECONDS = 2.0
 
@@ -25,16 +25,16 @@ def all_runs(root: Path):
 def watch(root: Path, post, cancelled, poll_seconds: float = POLL_SECONDS) -> None:
     """The body of a worker thread: post each new Alert until cancelled."""
     tracker = AlertTracker()
-    while not cancelled():
+
+    def read_and_post() -> None:
         try:
             alerts = tracker.update(all_runs(root))
         except Exception:  # noqa: BLE001 - alerts are a convenience; the runs list says the rest
             alerts = []
         for alert in alerts:
             post(alert)
-        deadline = time.monotonic() + poll_seconds
-        while not cancelled() and time.monotonic() < deadline:
-            time.sleep(0.1)
+
+    poll(read_and_post, poll_seconds, cancelled)
 
 
 def notify(app, alert: Alert) -> None:

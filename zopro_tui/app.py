@@ -8,14 +8,15 @@ zopro-tui --readonly runs/mine   no controls (a shared screen)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
@@ -220,38 +221,41 @@ def resolve_target(
     raise ValueError(f"{path} does not exist; give a recipe (.toml) or a run directory")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="zopro-tui",
-        description="The zopro workbench: watch, start, control and compare preference-optimisation runs.",
-    )
-    parser.add_argument("target", nargs="?", help="a recipe .toml to start, or a run directory to attach to")
-    parser.add_argument("--root", type=Path, default=Path("runs"), help="folder of runs (default: ./runs)")
-    parser.add_argument(
-        "--readonly", action="store_true", help="no controls and no new runs (a shared screen)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key when starting a recipe (repeatable)",
-    )
-    args = parser.parse_args(argv)
+def workbench(
+    target: Annotated[
+        str | None, typer.Argument(help="a recipe .toml to start, or a run directory to attach to")
+    ] = None,
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    readonly: Annotated[
+        bool, typer.Option("--readonly", help="no controls and no new runs (a shared screen)")
+    ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="override a recipe key when starting a recipe (repeatable)"
+        ),
+    ] = None,
+) -> None:
+    """The zopro workbench: watch, start, control and compare preference-optimisation runs."""
     try:
-        overrides = [override for value in args.overrides for override in parse_overrides_argument(value)]
-        attach, plan = resolve_target(args.target, args.root, overrides)
+        settings = [override for value in overrides or [] for override in parse_overrides_argument(value)]
+        attach, plan = resolve_target(target, root, settings)
     except (ValueError, RecipeError) as error:
         print(f"zopro-tui: {error}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    if plan is not None and args.readonly:
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if plan is not None and readonly:
         print("zopro-tui: --readonly cannot start a recipe; drop one of them", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    app = ZoproApp(args.root, readonly=args.readonly, attach=attach, plan=plan)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    app = ZoproApp(root, readonly=readonly, attach=attach, plan=plan)
     message = app.run()
     if message:
         print(message)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    cli.command()(workbench)
+    cli(args=argv, prog_name="zopro-tui")
 
 
 if __name__ == "__main__":

@@ -68,8 +68,12 @@ STAGE_CHARTS = (
         stages=("reward",),
     ),
     ChartSpec(
-        "reward refinement: loss, accuracy",
-        (("loss/reward_refine", "loss"), ("reward/refine_accuracy", "acc")),
+        "reward refinement: loss, accuracy, judge agreement",
+        (
+            ("loss/reward_refine", "loss"),
+            ("reward/refine_accuracy", "acc"),
+            ("judge/agreement_with_gold", "judge agrees"),
+        ),
         "waiting for loss/reward_refine: the first refinement of the reward model",
         stages=("refine",),
     ),

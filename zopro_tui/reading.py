@@ -3,6 +3,10 @@
 A `RunReader` belongs to one worker thread. It tails one run's events by byte offset (through
 `engine.rundir.reader.EventTail`), parses them into `SeriesBatch`es, and reads status, samples and the launch log
 when they change. The worker posts what it read as messages; the screen's handlers own all UI state.
+
+The history of a big log is built here, in a `MetricStore` that starts from the reader-side cache
+(`zopro_tui.series_cache`) when that still describes the log, and is handed to the screen whole once read to
+the end (a strided preview is drawn meanwhile); the cache is then saved. Later events go as batches.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from pathlib import Path
 from textual.message import Message
 
 from engine.rundir.reader import EventTail, RunInfo, latest_samples, list_runs, run_info
+from zopro_tui import series_cache
 from zopro_tui.catalogue import wanted_metric
-from zopro_tui.series import SeriesBatch, SeriesParser, sample_events
+from zopro_tui.series import MetricStore, SeriesBatch, SeriesParser, sample_events
 
 CHUNK_BYTES = 4 << 20  # read at most this much per poll, so a huge log streams in and the UI stays live
 PREVIEW_ABOVE_BYTES = 24 << 20  # bigger logs first get a strided sample, drawn until the full read ends
 PREVIEW_EVENTS = 3000
+CACHE_ABOVE_BYTES = PREVIEW_ABOVE_BYTES  # bigger logs are cached (smaller ones read in about a second)
 CAUGHT_UP_SLACK_BYTES = 1 << 16
 
 
@@ -36,7 +42,8 @@ class RunsListed(Message):
 
 
 class SeriesRead(Message):
-    """New metric points and events of one run (or, with `preview`, a sample of a big log)."""
+    """New metric points and events of one run (or, with `preview`, a sample of a big log; with `store`, the
+    whole history of a big log, which the receiver now owns; `batches` then carry only its events)."""
 
     def __init__(
         self,
@@ -46,10 +53,11 @@ class SeriesRead(Message):
         preview: bool = False,
         progress: float = 1.0,
         caught_up: bool = True,
+        store: MetricStore | None = None,
     ) -> None:
         super().__init__()
         self.run_dir, self.batches, self.preview = run_dir, batches, preview
-        self.progress, self.caught_up = progress, caught_up
+        self.progress, self.caught_up, self.store = progress, caught_up, store
 
 
 class StatusRead(Message):
@@ -106,7 +114,11 @@ class RunReader:
     """Incremental reader of one run directory; not thread-safe, one per worker."""
 
     def __init__(
-        self, run_dir: Path, chunk_bytes: int = CHUNK_BYTES, preview_above: int = PREVIEW_ABOVE_BYTES
+        self,
+        run_dir: Path,
+        chunk_bytes: int = CHUNK_BYTES,
+        preview_above: int = PREVIEW_ABOVE_BYTES,
+        cache_above: int | None = CACHE_ABOVE_BYTES,
     ):
         self.run_dir = Path(run_dir)
         self.events_path = self.run_dir / "events.jsonl"
@@ -114,6 +126,10 @@ class RunReader:
         self.parser = SeriesParser(wanted_metric)
         self.chunk_bytes = chunk_bytes
         self.preview_above = preview_above
+        self.cache_above = cache_above  # None: no cache
+        self.building: MetricStore | None = None  # a big log's history, until handed to the screen
+        self.cached_offset = 0  # how far the cache read at the start went
+        self.unsaved: series_cache.Snapshot | None = None  # the handed-over history, to cache
         self.started_reading = False
         self.history_bytes = 0  # the size at the first read: progress of the initial catch-up
         self.samples_source = ""
@@ -131,12 +147,27 @@ class RunReader:
         """More than a partly written line is left to read."""
         return self.size() - self.tail.offset > CAUGHT_UP_SLACK_BYTES
 
+    def read_cache(self) -> bool:
+        """Before the first read of a big log: start from the cached history when it still describes the
+        log (the rest is read after it). Whether it did."""
+        if self.started_reading or self.cache_above is None or self.size() <= self.cache_above:
+            return False
+        cached = series_cache.load(self.events_path, wanted_metric)
+        if cached is None:
+            return False
+        self.building, self.cached_offset = cached.store, cached.offset
+        self.tail.offset, self.tail.bad_lines = cached.offset, cached.bad_lines
+        self.parser.seen_names, self.parser.wanted_names = cached.seen_names, cached.wanted_names
+        self.parser.last_compute = cached.last_compute
+        return True
+
     def read_preview(self) -> SeriesRead | None:
-        """A strided sample of a big log, only before the first full read."""
+        """A strided sample of a big log, only before the first full read (and when more than a big log's
+        worth is left to read after the cache)."""
         if self.started_reading:
             return None
         self.history_bytes = self.size()
-        if self.history_bytes <= self.preview_above:
+        if self.history_bytes - self.tail.offset <= self.preview_above:
             return None
         events = sample_events(self.events_path, PREVIEW_EVENTS)
         batches = SeriesParser(wanted_metric).parse(events)
@@ -146,14 +177,50 @@ class RunReader:
         if not self.started_reading:
             self.started_reading = True
             self.history_bytes = max(self.history_bytes, self.size())
+            if (
+                self.building is None
+                and self.cache_above is not None
+                and self.history_bytes > self.cache_above
+            ):
+                self.building = MetricStore()
         before = self.tail.offset
         batches = self.parser.parse(
             self.tail.iter_new(max_bytes=self.chunk_bytes)
         )  # streamed: no list of dicts
+        progress = min(1.0, self.tail.offset / self.history_bytes) if self.history_bytes else 1.0
+        if self.building is not None:
+            for batch in batches:
+                self.building.extend(batch)
+            if self.tail.at_end or self.tail.problem or not self.size():  # read to the end (or cannot read)
+                return self._hand_over()
+            if self.tail.offset == before:
+                return None
+            return SeriesRead(self.run_dir, [], progress=progress, caught_up=False)
         if self.tail.offset == before:
             return None
-        progress = min(1.0, self.tail.offset / self.history_bytes) if self.history_bytes else 1.0
         return SeriesRead(self.run_dir, batches, progress=progress, caught_up=not self.behind)
+
+    def _hand_over(self) -> SeriesRead:
+        """The whole history, read to the end: the screen owns the store from now on. What it adds to the
+        cache is kept aside (views of its columns) for `save_cache`, which runs before any further read."""
+        store, self.building = self.building, None
+        if self.tail.offset > self.cached_offset:
+            parser = self.parser
+            self.unsaved = series_cache.snapshot(
+                store,
+                self.tail.offset,
+                self.tail.bad_lines,
+                set(parser.seen_names),
+                set(parser.wanted_names),
+                parser.last_compute,
+            )
+        return SeriesRead(self.run_dir, [SeriesBatch(events=list(store.events))], store=store)
+
+    def save_cache(self) -> None:
+        """Write the history just handed over to the cache (nothing when it came all from there)."""
+        shot, self.unsaved = self.unsaved, None
+        if shot is not None:
+            series_cache.save(self.events_path, shot)
 
     def read_status(self) -> StatusRead:
         return StatusRead(self.run_dir, run_info(self.run_dir))
@@ -311,6 +378,7 @@ def _follow(run_dir: Path, post, cancelled, *, extras: bool, poll_seconds: float
 
     reader = RunReader(run_dir)
     post(reader.read_status())
+    reader.read_cache()
     preview = reader.read_preview()
     if preview is not None:
         post(preview)
@@ -325,6 +393,7 @@ def _follow(run_dir: Path, post, cancelled, *, extras: bool, poll_seconds: float
         read = reader.read_series()
         if read is not None:
             post(read)
+            reader.save_cache()  # the history just handed over, before anything can rewind it
         now = time.monotonic()
         if now - last_status >= 1.0:
             last_status = now

@@ -27,38 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.rundir.reader import MAX_LINE_BYTES, parse_event_line
+from engine.rundir.events import METRIC_TYPES, SMALL_FIELDS, drop_rewound, parse_event_line, rewind_point
+from engine.rundir.reader import MAX_LINE_BYTES
 
 X_AXES = ("step", "time", "compute")
 X_AXIS_LABELS = {"step": "cycle step", "time": "wall time (s)", "compute": "forward passes"}
-METRIC_EVENT_TYPES = ("metrics", "eval")
 COMPUTE_METRIC = "compute/forward_passes"
-# Non-metric events can be large (the recipe, the history); a reader keeps these fields of them.
-EVENT_FIELDS = (
-    "seq",
-    "type",
-    "time",
-    "elapsed",
-    "stage",
-    "iteration",
-    "step",
-    "global_step",
-    "message",
-    "name",
-    "status",
-    "error",
-    "rewind_to_seq",
-    "checkpoint",
-    "kind",
-    "count",
-    "judge",
-    "kept",
-    "judged",
-    "wall_s",
-    "peak_rss_mib",
-    "code",  # warning events: code and message
-    "reason",
-)
 
 
 def _empty_floats() -> array:
@@ -76,7 +50,7 @@ class SeriesBatch:
     compute: array = field(default_factory=_empty_floats)
     values: dict[str, tuple[array, array]] = field(default_factory=dict)  # name -> (event index, value)
     latest: dict[str, float] = field(default_factory=dict)
-    events: list[dict] = field(default_factory=list)  # the other events, trimmed to EVENT_FIELDS
+    events: list[dict] = field(default_factory=list)  # the other events, trimmed to SMALL_FIELDS
 
     def __len__(self) -> int:
         return len(self.seq)
@@ -102,7 +76,7 @@ class SeriesParser:
         latest: dict = {}
         for event in events:
             kind = event.get("type")
-            if kind == "metrics" or kind == "eval":
+            if kind in METRIC_TYPES:
                 metrics = event.get("metrics") or {}
                 names = metrics.keys()
                 new = names - self.seen_names
@@ -130,16 +104,17 @@ class SeriesParser:
                     column[0].append(index)
                     column[1].append(value)
                 if kind == "eval":  # evaluations also belong in an events pane
-                    trimmed = {k: event[k] for k in EVENT_FIELDS if k in event}
+                    trimmed = {k: event[k] for k in SMALL_FIELDS if k in event}
                     trimmed["metrics"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
                     batch.events.append(trimmed)
             else:
-                if kind == "resume":
+                cut = rewind_point(event)
+                if cut is not None:  # a resumed run: what follows comes after the rewind
                     batch.latest = _numbers(latest)
                     latest = {}
-                    batch = SeriesBatch(rewind_to_seq=int(event.get("rewind_to_seq") or 0))
+                    batch = SeriesBatch(rewind_to_seq=cut)
                     batches.append(batch)
-                batch.events.append({k: event[k] for k in EVENT_FIELDS if k in event})
+                batch.events.append({k: event[k] for k in SMALL_FIELDS if k in event})
         batch.latest = _numbers(latest)
         return [b for b in batches if len(b) or b.events or b.rewind_to_seq is not None]
 
@@ -238,6 +213,13 @@ class GrowingArray:
         self._data = np.empty(capacity, dtype=dtype)
         self.size = 0
         self.derived: dict = {}  # caches computed from this array (x per axis of an index array)
+
+    @classmethod
+    def wrap(cls, values: np.ndarray) -> GrowingArray:
+        """A growing array around `values` as they are (no copy; the first append reallocates)."""
+        column = cls(values.dtype, 0)
+        column._data, column.size = values, len(values)
+        return column
 
     def copy(self) -> GrowingArray:
         twin = GrowingArray(self._data.dtype, max(256, self.size))
@@ -348,8 +330,7 @@ class MetricStore:
                 index.truncate(int(np.searchsorted(index.view, keep, side="left")))
                 index.derived.clear()
             self._ema.clear()
-        while self.events and self.events[-1].get("seq", -1) >= seq:
-            self.events.pop()
+        drop_rewound(self.events, seq)
         self.version += 1
 
     def series(self, name: str, axis: str = "step") -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from rich.text import Text
 
+from engine.rundir.events import drop_rewound
 from engine.rundir.report import fmt_duration
 from zopro_tui.series import SeriesBatch
 
@@ -29,7 +30,7 @@ class StageTimeline:
 
     def extend(self, batch: SeriesBatch) -> None:
         if batch.rewind_to_seq is not None:  # a resumed run re-emits what came after its checkpoint
-            self.spans = [span for span in self.spans if span.seq < batch.rewind_to_seq]
+            drop_rewound(self.spans, batch.rewind_to_seq, lambda span: span.seq)
         for event in batch.events:
             kind = event.get("type")
             if kind == "stage_start":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from textual.binding import Binding
+
 from zopro_tui.series import X_AXES, X_AXIS_LABELS
 
 SMOOTHING_LEVELS = (0.0, 0.6, 0.9, 0.99)
@@ -86,6 +88,19 @@ class CurveView:
         if self.window is not None:
             parts.append("zoomed")
         return " · ".join(parts)
+
+
+# The value cursor and the x zoom out: the same keys on every screen with curves (each screen shows its own
+# x axis, smoothing and zoom-in keys in its footer)
+CURSOR_BINDINGS = [
+    Binding("h,left", "move_cursor(-1)", "Cursor left", show=False),
+    Binding("l,right", "move_cursor(1)", "Cursor right", show=False),
+    Binding("H,shift+left", "move_cursor(-10)", "Cursor left x10", show=False),
+    Binding("L,shift+right", "move_cursor(10)", "Cursor right x10", show=False),
+    Binding("G,end", "cursor_to_end", "Cursor to latest", show=False),
+    Binding("minus", "zoom_x(2.0)", "Zoom out", show=False),
+    Binding("0", "reset_x", "Reset zoom", show=False),
+]
 
 
 class CurveViewActions:

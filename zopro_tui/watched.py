@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.rundir.progress import eta_seconds, steps_per_second
 from engine.rundir.reader import RunInfo
 from zopro_tui.catalogue import is_zeroth_order
 from zopro_tui.reading import HardwareReading, SeriesRead
@@ -68,8 +69,11 @@ class WatchedRun:
                 preview.extend(batch)
             self.preview = preview
         else:
+            if message.store is not None:  # a big log's whole history (its events ride in the batches)
+                self.store, self.timeline = message.store, StageTimeline()
             for batch in message.batches:
-                self.store.extend(batch)
+                if message.store is None:
+                    self.store.extend(batch)
                 self.timeline.extend(batch)
         self.history_progress = message.progress
         self.caught_up = message.caught_up
@@ -95,16 +99,15 @@ class WatchedRun:
         """Recent steps per second while running (from the last status polls), else the run's average."""
         if self.live and len(self.positions) >= 2:
             (t0, s0), (t1, s1) = self.positions[0], self.positions[-1]
-            if t1 - t0 >= 2 and s1 > s0:
-                return (s1 - s0) / (t1 - t0)
+            if t1 - t0 >= 2:
+                recent = steps_per_second(s1 - s0, t1 - t0)
+                if recent:
+                    return recent
         info = self.info
-        if info and info.global_step and info.elapsed:
-            return info.global_step / info.elapsed
-        return None
+        return steps_per_second(info.global_step, info.elapsed or 0.0) if info else None
 
     def eta(self) -> float | None:
         info = self.info
-        rate = self.steps_per_second()
-        if not info or info.status != "running" or not info.total_steps or not rate:
+        if not info or info.status != "running":
             return None
-        return max(0.0, (info.total_steps - info.global_step) / rate)
+        return eta_seconds(info.total_steps, info.global_step, self.steps_per_second())

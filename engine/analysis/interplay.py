@@ -47,8 +47,11 @@ import torch
 from torch import Tensor
 
 from engine.analysis.adapter_keys import layer_of, layer_sort_key
+from engine.analysis.interplay_metrics import ITERATION_METRICS, LAYER_METRICS, STEP_METRICS  # noqa: F401
 from engine.analysis.projections import gaussian_projection, sketch_coordinates, split_coordinates
 from engine.analysis.statistics import (
+    DOT_FIELDS,
+    MOMENT_FIELDS,
     PairMoments,
     angle_from_cosine,
     cosine_from_sums,
@@ -59,46 +62,6 @@ from engine.analysis.statistics import (
 )
 
 Vector = Tensor | np.ndarray | Sequence[float]
-
-# What each emitted metric means; per-layer ones appear as interplay/<layer>/<name>, e.g. interplay/layer.0/...
-ITERATION_METRICS: dict[str, str] = {
-    "interplay/policy_update_norm": "|dP|, the L2 norm of the policy adapter's change over the iteration",
-    "interplay/reward_update_norm": "|dR|, the L2 norm of the reward adapter's change over the iteration",
-    "interplay/cos_policy_reward": "cos(dP, dR); 0 when either update is zero",
-    "interplay/angle_policy_reward_deg": "angle between dP and dR in degrees (90 when either is zero)",
-    "interplay/pearson_policy_reward": "Pearson correlation of dP and dR over all coordinates",
-    "interplay/dcor_policy_reward": "distance correlation of dP and dR on a fixed random sketch of coordinates",
-    "interplay/cos_policy_successive": "cos(dP_i, dP_{i-1}); from the second iteration",
-    "interplay/angle_policy_successive_deg": "angle between successive policy updates, degrees",
-    "interplay/cos_reward_successive": "cos(dR_i, dR_{i-1}); from the second iteration",
-    "interplay/angle_reward_successive_deg": "angle between successive reward updates, degrees",
-    "interplay/cos_velocity": "cos(dP_i - dP_{i-1}, dR_i - dR_{i-1}); from the second iteration",
-    "interplay/angle_velocity_deg": "angle between the policy's and the reward's velocity, degrees",
-    "interplay/pearson_velocity": "Pearson correlation of the policy's and the reward's velocity",
-    "interplay/traj_policy_x": "policy displacement since start, fixed random 2-D projection, x",
-    "interplay/traj_policy_y": "policy displacement since start, fixed random 2-D projection, y",
-    "interplay/traj_reward_x": "reward displacement since start, fixed random 2-D projection, x",
-    "interplay/traj_reward_y": "reward displacement since start, fixed random 2-D projection, y",
-    "interplay/policy_steps": "policy steps observed in the iteration (when any were)",
-    "interplay/policy_path_length": "sum of the observed steps' norms (when steps were observed)",
-    "interplay/policy_path_efficiency": "|dP| / path length: 1 for a straight path, near 0 for a random walk",
-}
-LAYER_METRICS: tuple[str, ...] = (
-    "policy_update_norm",
-    "reward_update_norm",
-    "cos_policy_reward",
-    "angle_policy_reward_deg",
-    "pearson_policy_reward",
-    "cos_policy_successive",
-    "cos_reward_successive",
-)
-STEP_METRICS: dict[str, str] = {
-    "interplay/step_policy_update_norm": "norm of this policy step's update",
-    "interplay/step_cos_policy_successive": "cos(this step's update, the previous step's), within an iteration",
-    "interplay/step_cos_prev_policy_update": "cos(this step's update, the previous iteration's dP)",
-    "interplay/step_cos_prev_reward_update": "cos(this step's update, the previous iteration's dR)",
-}
-
 
 # -- the live tracker --------------------------------------------------------------------------------------
 
@@ -113,11 +76,23 @@ class TrajectoryPoint(NamedTuple):
     reward_y: float
 
 
-# Columns of the per-slice table built by end_iteration.
-_UPDATES = slice(0, 9)  # moments of (dP, dR)
-_POLICY_SUCCESSIVE = slice(9, 12)  # dots of (dP_i, dP_{i-1})
-_REWARD_SUCCESSIVE = slice(12, 15)  # dots of (dR_i, dR_{i-1})
-_VELOCITY = slice(15, 24)  # moments of (dP_i - dP_{i-1}, dR_i - dR_{i-1})
+class TableColumns(NamedTuple):
+    """Where each part of a row of end_iteration's per-slice table lies (the parts side by side, in order)."""
+
+    updates: slice  # PairMoments of (dP, dR)
+    policy_successive: slice  # dots of (dP_i, dP_{i-1})
+    reward_successive: slice  # dots of (dR_i, dR_{i-1})
+    velocity: slice  # PairMoments of (dP_i - dP_{i-1}, dR_i - dR_{i-1})
+
+
+def _side_by_side(*widths: int) -> list[slice]:
+    ends = np.cumsum(widths).tolist()
+    return [slice(end - width, end) for width, end in zip(widths, ends, strict=True)]
+
+
+_COLUMNS = TableColumns(
+    *_side_by_side(len(MOMENT_FIELDS), len(DOT_FIELDS), len(DOT_FIELDS), len(MOMENT_FIELDS))
+)
 
 # Float64 work runs on slices of at most this many coordinates, bounding the temporary memory (~64 MB).
 _SLICE = 1 << 20
@@ -381,7 +356,7 @@ class InterplayTracker:
 
         metrics = self._group_metrics(table, has_previous, "interplay/")
         if has_previous:
-            velocity = PairMoments.from_rows(table[:, _VELOCITY])
+            velocity = PairMoments.from_rows(table[:, _COLUMNS.velocity])
             metrics["interplay/cos_velocity"] = velocity.cosine
             metrics["interplay/angle_velocity_deg"] = angle_from_cosine(velocity.cosine)
             metrics["interplay/pearson_velocity"] = velocity.pearson
@@ -412,7 +387,7 @@ class InterplayTracker:
 
     @staticmethod
     def _group_metrics(table: np.ndarray, has_previous: bool, prefix: str) -> dict[str, float]:
-        updates = PairMoments.from_rows(table[:, _UPDATES])
+        updates = PairMoments.from_rows(table[:, _COLUMNS.updates])
         metrics = {
             f"{prefix}policy_update_norm": updates.norm_first,
             f"{prefix}reward_update_norm": updates.norm_second,
@@ -421,9 +396,12 @@ class InterplayTracker:
             f"{prefix}pearson_policy_reward": updates.pearson,
         }
         if has_previous:
-            for adapter, columns in (("policy", _POLICY_SUCCESSIVE), ("reward", _REWARD_SUCCESSIVE)):
-                dot, current_sq, previous_sq = table[:, columns].sum(axis=0)
-                cos = cosine_from_sums(float(dot), float(current_sq), float(previous_sq))
+            for adapter, columns in (
+                ("policy", _COLUMNS.policy_successive),
+                ("reward", _COLUMNS.reward_successive),
+            ):
+                sums = dict(zip(DOT_FIELDS, table[:, columns].sum(axis=0).tolist(), strict=True))
+                cos = cosine_from_sums(sums["dot"], sums["sq_first"], sums["sq_second"])
                 metrics[f"{prefix}cos_{adapter}_successive"] = cos
                 metrics[f"{prefix}angle_{adapter}_successive_deg"] = angle_from_cosine(cos)
         return metrics

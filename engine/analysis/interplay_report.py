@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.spatial
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -61,29 +62,20 @@ _PER_LAYER_FIELDS = (
 
 
 def procrustes_disparity(reference: np.ndarray, target: np.ndarray) -> float:
-    """The disparity of `scipy.spatial.procrustes(reference, target)`: centre both configurations (rows are
-    points), scale each to unit Frobenius norm, rotate/reflect and scale `target` onto `reference` by the
-    orthogonal Procrustes solution (an SVD), and sum the squared residuals. 0 = same shape, at most 1.
-    ValueError when the shapes differ or a configuration has all rows equal (no shape to compare)."""
-    reference = np.array(reference, dtype=np.float64)
-    target = np.array(target, dtype=np.float64)
+    """The disparity of `scipy.spatial.procrustes(reference, target)`: both configurations (rows are points)
+    centred and scaled to unit Frobenius norm, `target` rotated/reflected and scaled onto `reference`, the
+    squared residuals summed. 0 = same shape, at most 1. ValueError (one sentence) when the shapes differ or
+    a configuration has all rows equal (no shape to compare)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
     if reference.ndim != 2 or reference.shape != target.shape or reference.size == 0:
         raise ValueError(
             f"Procrustes needs two non-empty matrices of the same shape (got {reference.shape} and {target.shape})"
         )
-    reference -= reference.mean(axis=0)
-    target -= target.mean(axis=0)
-    reference_norm, target_norm = np.linalg.norm(reference), np.linalg.norm(target)
-    if reference_norm == 0.0 or target_norm == 0.0:
-        raise ValueError("Procrustes needs configurations with more than one distinct point")
-    reference /= reference_norm
-    target /= target_norm
-    # Orthogonal Procrustes: the rotation maximising trace(R^T reference^T target) is U V^T of the SVD of
-    # reference^T target; the optimal scale of the normalised target is the sum of the singular values.
-    left, singular_values, right_t = np.linalg.svd(reference.T @ target)
-    rotation = left @ right_t
-    aligned = (target @ rotation.T) * singular_values.sum()
-    return float(((reference - aligned) ** 2).sum())
+    try:
+        return float(scipy.spatial.procrustes(reference, target)[2])
+    except ValueError:  # what is left to refuse: a configuration without two distinct points
+        raise ValueError("Procrustes needs configurations with more than one distinct point") from None
 
 
 def count_sketch(tensor: Tensor, key: str, dims: int, seed: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -101,40 +101,13 @@ def distance_correlation(first: Vector, second: Vector) -> float:
 
 # -- streamed sums ---------------------------------------------------------------------------------------
 
-_MOMENT_FIELDS = 9  # count, sum_first, sum_second, m2_first, m2_second, comoment, dot, sq_first, sq_second
-
-
-def moments(first: Tensor, second: Tensor) -> Tensor:
-    """Per-tensor float64 moments of two flat float64 vectors, in the order of PairMoments' fields."""
-    count = first.numel()
-    if count == 0:
-        return first.new_zeros(_MOMENT_FIELDS)
-    sum_first, sum_second = first.sum(), second.sum()
-    centred_first = first - sum_first / count
-    centred_second = second - sum_second / count
-    return torch.stack(
-        [
-            first.new_tensor(float(count)),
-            sum_first,
-            sum_second,
-            centred_first @ centred_first,
-            centred_second @ centred_second,
-            centred_first @ centred_second,
-            first @ second,
-            first @ first,
-            second @ second,
-        ]
-    )
-
-
-def dots(first: Tensor, second: Tensor) -> Tensor:
-    """[<a, b>, |a|^2, |b|^2] of two flat float64 vectors."""
-    return torch.stack([first @ second, first @ first, second @ second])
-
 
 @dataclass(frozen=True)
 class PairMoments:
-    """Sums over the coordinates of two vectors, enough for their norms, cosine and Pearson correlation."""
+    """Sums over the coordinates of two vectors, enough for their norms, cosine and Pearson correlation.
+
+    Streamed, they travel as rows of a float64 table with one column per field, in the order declared here
+    (`MOMENT_FIELDS`): `moments` writes a row, `from_rows` merges rows by these names."""
 
     count: float
     sum_first: float
@@ -149,24 +122,25 @@ class PairMoments:
     @classmethod
     def from_rows(cls, rows: np.ndarray) -> PairMoments:
         """Merge per-tensor rows (Chan, Golub and LeVeque's pairwise update): the moments of the concatenation."""
-        counts = rows[:, 0]
+        column = {name: rows[:, i] for i, name in enumerate(MOMENT_FIELDS)}
+        counts = column["count"]
         total = float(counts.sum())
         if total == 0.0:
-            return cls(*([0.0] * _MOMENT_FIELDS))
+            return cls(**dict.fromkeys(MOMENT_FIELDS, 0.0))
         safe_counts = np.where(counts > 0, counts, 1.0)
-        mean_first, mean_second = rows[:, 1].sum() / total, rows[:, 2].sum() / total
-        offset_first = rows[:, 1] / safe_counts - mean_first
-        offset_second = rows[:, 2] / safe_counts - mean_second
+        mean_first, mean_second = column["sum_first"].sum() / total, column["sum_second"].sum() / total
+        offset_first = column["sum_first"] / safe_counts - mean_first
+        offset_second = column["sum_second"] / safe_counts - mean_second
         return cls(
             count=total,
-            sum_first=float(rows[:, 1].sum()),
-            sum_second=float(rows[:, 2].sum()),
-            m2_first=float((rows[:, 3] + counts * offset_first**2).sum()),
-            m2_second=float((rows[:, 4] + counts * offset_second**2).sum()),
-            comoment=float((rows[:, 5] + counts * offset_first * offset_second).sum()),
-            dot=float(rows[:, 6].sum()),
-            sq_first=float(rows[:, 7].sum()),
-            sq_second=float(rows[:, 8].sum()),
+            sum_first=float(column["sum_first"].sum()),
+            sum_second=float(column["sum_second"].sum()),
+            m2_first=float((column["m2_first"] + counts * offset_first**2).sum()),
+            m2_second=float((column["m2_second"] + counts * offset_second**2).sum()),
+            comoment=float((column["comoment"] + counts * offset_first * offset_second).sum()),
+            dot=float(column["dot"].sum()),
+            sq_first=float(column["sq_first"].sum()),
+            sq_second=float(column["sq_second"].sum()),
         )
 
     @property
@@ -189,3 +163,36 @@ class PairMoments:
         ):
             return 0.0
         return _clamp_unit(self.comoment / (math.sqrt(self.m2_first) * math.sqrt(self.m2_second)))
+
+
+MOMENT_FIELDS: tuple[str, ...] = tuple(field.name for field in fields(PairMoments))  # the columns of a row
+
+
+def moments(first: Tensor, second: Tensor) -> Tensor:
+    """Per-tensor float64 moments of two flat float64 vectors: one row, a column per PairMoments field."""
+    count = first.numel()
+    if count == 0:
+        return first.new_zeros(len(MOMENT_FIELDS))
+    sum_first, sum_second = first.sum(), second.sum()
+    centred_first = first - sum_first / count
+    centred_second = second - sum_second / count
+    row = {
+        "count": first.new_tensor(float(count)),
+        "sum_first": sum_first,
+        "sum_second": sum_second,
+        "m2_first": centred_first @ centred_first,
+        "m2_second": centred_second @ centred_second,
+        "comoment": centred_first @ centred_second,
+        "dot": first @ second,
+        "sq_first": first @ first,
+        "sq_second": second @ second,
+    }
+    return torch.stack([row[name] for name in MOMENT_FIELDS])
+
+
+DOT_FIELDS: tuple[str, ...] = ("dot", "sq_first", "sq_second")  # the columns of a `dots` row
+
+
+def dots(first: Tensor, second: Tensor) -> Tensor:
+    """<a, b>, |a|^2 and |b|^2 of two flat float64 vectors: one row, the columns DOT_FIELDS."""
+    return torch.stack([first @ second, first @ first, second @ second])

@@ -1,5 +1,6 @@
-"""The headless command line `zopro` (app), and what its commands run: training with a live progress
-line (runner), comparisons (compare) and benchmarks (bench)."""
+"""The headless command line `zopro` (app, with its consoles in output and its option choices in choices),
+and what its commands run: training with a live progress line (runner), comparisons (compare), sweeps
+(sweep) and benchmarks (bench)."""
 
 
 def main() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -10,10 +9,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from engine.cli.choices import ExportFormat, one_of
 from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
+from engine.cli.launch import embedded_recipe, start_torchrun
+from engine.cli.output import console, err, fail
 from engine.recipe import RecipeError, load_recipe
 
 app = typer.Typer(
@@ -23,13 +24,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -49,9 +43,20 @@ def run(
         typer.Option("--resume", help="continue the run in this directory from its last checkpoint"),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress, only the summary")] = False,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            "--nproc-per-node",
+            min=1,
+            help="train on N processes of this machine (N GPUs, or N CPU processes): starts torchrun for you",
+        ),
+    ] = 1,
 ) -> None:
     """Train: SFT, reward model, then iterations of policy optimisation and reward refinement."""
     from engine.cli.runner import run_training
+
+    if nproc_per_node > 1:
+        start_torchrun(nproc_per_node)
 
     if resume is not None:
         if recipe is not None or set_:
@@ -88,16 +93,6 @@ def run(
             err=err,
         )
     raise typer.Exit(code)
-
-
-def embedded_recipe() -> Path:
-    """recipes/tiny.toml from the source tree, or the copy shipped inside the package."""
-    package = Path(__file__).resolve().parents[1]  # engine/
-    for candidate in (package.parent / "recipes" / "tiny.toml", package / "recipes" / "tiny.toml"):
-        if candidate.exists():
-            return candidate
-    fail("the embedded recipe recipes/tiny.toml is missing from this installation; pass a recipe file")
-    raise AssertionError
 
 
 @app.command()
@@ -152,7 +147,8 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Run a recipe over a grid of settings, one run directory per point, and summarise them side by side."""
-    from engine.rundir.sweep import SweepError, create_sweep, load_sweep, run_sweep
+    from engine.cli.sweep import run_sweep
+    from engine.rundir.sweep import SweepError, create_sweep, load_sweep
 
     try:
         if resume is not None:
@@ -299,7 +295,10 @@ def status(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    format: Annotated[str, typer.Option("--format", "-f", help="csv or json")] = "csv",
+    format: Annotated[
+        ExportFormat,
+        typer.Option("--format", "-f", parser=one_of(ExportFormat, "--format"), help="what to write"),
+    ] = ExportFormat.csv,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")
     ] = None,
@@ -308,15 +307,13 @@ def export(
     from engine.rundir.reader import is_run_dir
     from engine.rundir.report import export_metrics
 
-    if format not in ("csv", "json"):
-        fail(f"--format {format!r} is not accepted; choose csv or json")
     if not run_dir.is_dir() or not is_run_dir(run_dir):
         fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
     events = run_dir / "events.jsonl"
     if events.exists() and not events.is_file():
         fail(f"{events} is not a file; nothing to export")
     problems: list[str] = []
-    text = export_metrics(run_dir, format, problems)
+    text = export_metrics(run_dir, format.value, problems)
     for problem in problems:
         err.print(f"warning: {run_dir}: {escape(problem)}", soft_wrap=True)
     if output is None:
@@ -445,70 +442,9 @@ def queue_work(root: Annotated[Path, typer.Option("--root", help="folder of runs
     raise typer.Exit(work(root, log=lambda text: print(text, flush=True)))
 
 
-bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
+from engine.cli.bench_app import bench_app  # noqa: E402 - registered after the commands above
+
 app.add_typer(bench_app, name="bench")
-
-
-@bench_app.command("methods")
-def bench_methods(
-    model: Annotated[
-        str, typer.Option("--model", help="base model (builtin:NAME, hub id or folder)")
-    ] = "builtin:base10m",
-    methods: Annotated[
-        str, typer.Option("--methods", help="comma-separated")
-    ] = "rloo,ppo,online_dpo,mezo,zopro",
-    prompts: Annotated[int, typer.Option("--prompts", help="prompts per update")] = 16,
-    samples: Annotated[int, typer.Option("--samples", help="answers per prompt")] = 4,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="response length")] = 48,
-    updates: Annotated[int, typer.Option("--updates", help="timed updates per method")] = 5,
-    dtype: Annotated[str, typer.Option("--dtype")] = "float32",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
-    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads per worker (0: default)")] = 0,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="also write the results to this file")
-    ] = None,
-) -> None:
-    """Peak memory of the policy-update phase, time per update and forward passes per update, per method,
-    each in a fresh process."""
-    from engine.cli.bench import BENCH_METHODS, BenchConfig, bench_table, run_methods
-    from engine.recipe import RecipeError, apply_overrides, recipe_from_dict, split_method_list, split_variant
-
-    chosen = split_method_list(methods)
-    unknown = [m for m in chosen if split_variant(m)[0] not in BENCH_METHODS]
-    if unknown:
-        fail(
-            f"--methods: unknown {', '.join(unknown)}; accepted: {', '.join(BENCH_METHODS)}, each optionally "
-            'with settings of its section ("zopro:sampler=subspace")'
-        )
-    for entry in chosen:
-        method, variant = split_variant(entry)
-        try:
-            recipe_from_dict(apply_overrides({"policy": {"method": method}}, variant), f"--methods {entry}")
-        except RecipeError as error:
-            fail(str(error))
-    if device not in ("auto", "cpu", "cuda") or dtype not in ("float32", "bfloat16", "float16"):
-        fail("--device takes auto, cpu or cuda; --dtype takes float32, bfloat16 or float16")
-    config = BenchConfig(
-        model=model,
-        prompts=prompts,
-        samples_per_prompt=samples,
-        max_new_tokens=new_tokens,
-        updates=updates,
-        dtype=dtype,
-        device=device,
-        threads=threads,
-    )
-    with (
-        err.status(f"benchmarking {', '.join(chosen)} on {model}…")
-        if err.is_terminal
-        else contextlib.nullcontext()
-    ):
-        report = run_methods(chosen, config)
-    err.print(bench_table(report))
-    text = json.dumps(report, indent=1)
-    if json_path is not None:
-        json_path.write_text(text + "\n")
-    print(text)
 
 
 def main() -> None:

@@ -96,14 +96,13 @@ def worker(method: str, config: BenchConfig) -> dict:
     counters.enter("bench")
 
     def unavailable(*args):
-        raise RuntimeError("a benchmark has no run directory, checkpoints or held-out prompts")
+        raise RuntimeError("a benchmark has no run directory, adapter history or held-out prompts")
 
     context = MethodContext(  # iteration 1 of a run that has none of a run's services
         pm=pm,
         counters=counters,
         recipe=recipe,
         current_iteration=lambda: 1,
-        iteration_checkpoint=unavailable,
         warn=unavailable,
         score_policy=unavailable,
         fresh_rollout=unavailable,

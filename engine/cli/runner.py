@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 import time
 import traceback
@@ -26,9 +27,10 @@ from engine.cli.exit_codes import (
     EXIT_TERMINATED,
 )
 from engine.recipe import RecipeError, load_recipe
+from engine.rundir.progress import eta_seconds, steps_per_second
 from engine.rundir.reader import is_run_dir, read_events, run_info
 from engine.rundir.report import evaluations_table, fmt_duration, fmt_value, fmt_with_se
-from engine.rundir.writer import RunDirError, RunWriter, default_run_dir
+from engine.rundir.writer import FollowerWriter, RunDirError, RunWriter, default_run_dir
 
 if TYPE_CHECKING:
     from engine.training.bookkeeping import RunBook
@@ -70,14 +72,13 @@ class ProgressView:
 
     def rate(self) -> float | None:
         done = self.event.get("global_step", 0) - (self.first_step or 0)
-        seconds = time.monotonic() - self.started
-        return done / seconds if done > 0 and seconds > 0 else None
+        return steps_per_second(done, time.monotonic() - self.started)
 
     def __rich__(self) -> Table:
         e, m = self.event, self.latest
         step = e.get("global_step", 0)
         rate = self.rate()
-        eta = (self.total_steps - step) / rate if rate else None
+        eta = eta_seconds(self.total_steps, step, rate)
         iteration = e.get("iteration")
         cells = [
             (self.method, "bold cyan"),
@@ -169,6 +170,22 @@ def run_training(
                 )
     except RecipeError as error:
         return bad(str(error))
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun started several ranks: rank 0 names the
+        from engine.training.distributed import Distributed  # run directory and is the one that writes it
+
+        dist = Distributed.from_environment(recipe.device)
+        run_dir = Path(dist.broadcast(str(run_dir), "naming the run directory"))
+        if not dist.is_main:
+            quiet, console = True, Console(quiet=True)
+    try:
+        return _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad) -> int:
     from engine.mirror import Mirror, missing_package
 
     missing = missing_package(recipe.log.report_to)
@@ -182,9 +199,10 @@ def run_training(
     from engine.training import loop
     from engine.training.run import Run
 
-    writer = RunWriter(run_dir)
+    follower = dist is not None and not dist.is_main
+    writer = FollowerWriter(run_dir) if follower else RunWriter(run_dir)
     view_holder: list[ProgressView] = []
-    mirror = Mirror(recipe.log.report_to, run_dir, _mirror_config(recipe), err)
+    mirror = Mirror([] if follower else recipe.log.report_to, run_dir, _mirror_config(recipe), err)
 
     def listener(event: dict) -> None:
         mirror.on_event(event)
@@ -200,7 +218,7 @@ def run_training(
     live_enabled = console.is_terminal and not quiet
     with console.status("loading the model…", spinner="dots") if live_enabled else contextlib.nullcontext():
         try:
-            run = Run(recipe, writer, listener=listener)
+            run = Run(recipe, writer, listener=listener, dist=dist)
         except ModelError as error:
             return bad(str(error))
     view = ProgressView(run.total_steps, recipe.train.iterations, recipe.policy.method, run_dir)
@@ -212,7 +230,8 @@ def run_training(
     if not quiet:
         console.print(
             f"{'resuming' if resume else 'run'} [bold]{run_dir}[/]  (method {recipe.policy.method}, "
-            f"model {recipe.model.base}, device {run.device})"
+            f"model {recipe.model.base}, device {run.device}"
+            + (f", {dist.world_size} ranks, {dist.backend})" if dist is not None else ")")
         )
     code = EXIT_OK
     try:
@@ -256,7 +275,7 @@ def run_training(
     finally:
         mirror.close()
         writer.close()
-    if run.state.history:
+    if run.state.history and not follower:
         console.print(
             evaluations_table(
                 run.state.history,

@@ -13,6 +13,8 @@ from engine.recipe.loading import (
     variant_label,
 )
 from engine.recipe.schema import (
+    DEVICES,
+    DTYPES,
     FIRST_ORDER_METHODS,
     INT_CEILING,
     METHOD_SECTIONS,
@@ -44,6 +46,8 @@ from engine.recipe.schema import (
 )
 
 __all__ = [
+    "DEVICES",
+    "DTYPES",
     "DataConfig",
     "EvalConfig",
     "FIRST_ORDER_METHODS",

@@ -14,6 +14,8 @@ from typing import Any
 
 FIRST_ORDER_METHODS = ("rloo", "ppo", "online_dpo")
 REPORT_TO = ("tensorboard", "wandb")  # [log] report_to: engine/mirror.py
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes: torch.float32, ...
+DEVICES = ("auto", "cpu", "cuda")
 ZEROTH_ORDER_METHODS = ("mezo", "zopro")
 METHODS = FIRST_ORDER_METHODS + ZEROTH_ORDER_METHODS
 INT_CEILING = 10**9  # no count, size or step of a run comes near this; larger is a typo
@@ -47,7 +49,7 @@ def spec(
 @dataclass
 class ModelConfig:
     base: str = spec("builtin:tiny", help="builtin:nano|tiny|small|base10m, a hub id, or a local folder")
-    dtype: str = spec("float32", choices=("float32", "bfloat16", "float16"), help="dtype of the frozen base")
+    dtype: str = spec("float32", choices=DTYPES, help="dtype of the frozen base")
     lora_rank: int = spec(8, low=1, high=1024)
     lora_alpha: float = spec(16.0, low=0.0, low_open=True)
     target_modules: list[str] = spec(
@@ -269,7 +271,7 @@ class ZOPrOConfig(ZerothOrderConfig):
 class RefineConfig:
     judge: str = spec("gold", choices=("gold", "reward", "llm"))
     judge_model: str = spec("", help="the llm judge: a local folder or hub id of an instruction model")
-    judge_dtype: str = spec("bfloat16", choices=("float32", "bfloat16", "float16"))
+    judge_dtype: str = spec("bfloat16", choices=DTYPES)
     keep_fraction: float = spec(0.6, low=0.0, low_open=True, high=1.0)
     epochs: int = spec(2, low=0)
     batch_size: int = spec(16, low=1)
@@ -326,7 +328,7 @@ class WatchdogConfig:
 class Recipe:
     name: str = spec("run", help="prefix of the run directory's name")
     seed: int = spec(0, low=0, high=2**63 - 1)
-    device: str = spec("auto", choices=("auto", "cpu", "cuda"))
+    device: str = spec("auto", choices=DEVICES)
     threads: int = spec(0, low=0, high=1024, help="torch CPU threads (0: leave torch's default)")
     model: ModelConfig = spec(factory=ModelConfig)
     task: TaskConfig = spec(factory=TaskConfig)

@@ -181,7 +181,10 @@ def move(root: Path, item_id: str, where: str) -> QueueItem:
 
 
 def cancel(root: Path, item_id: str) -> QueueItem:
-    """A pending entry is dropped; a running one is stopped (it checkpoints first: `--resume` continues)."""
+    """A pending entry is dropped; a running one is stopped (it checkpoints first: `--resume` continues).
+
+    The stop is a SIGTERM, sent once the run can take it cleanly (its status says it runs, under its own
+    pid); before that (the model still loading) the worker sends it as soon as it can."""
     item = find(root, item_id)
     if item.state == "pending":
         item.state = "cancelled"
@@ -190,12 +193,28 @@ def cancel(root: Path, item_id: str) -> QueueItem:
     elif item.state == "running":
         item.cancel = True
         save(root, item)
-        if item.pid:
+        if item.pid and ready_to_stop(item):
             with contextlib.suppress(OSError):
                 os.kill(item.pid, signal.SIGTERM)
     else:
         raise QueueError(f"entry {item.id} is already {item.state}; nothing to cancel")
     return item
+
+
+def ready_to_stop(item: QueueItem) -> bool:
+    """The entry's process stops cleanly on SIGTERM: a sweep always; a run once its status.json says it runs
+    (or is paused) under that pid, which it writes just before taking over the signals."""
+    if item.kind == "sweep":
+        return True
+    try:
+        status = json.loads((Path(item.target) / "status.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(status, dict)
+        and status.get("state") in ("running", "paused")
+        and status.get("pid") == item.pid
+    )
 
 
 # -- the worker ------------------------------------------------------------------------------------------------
@@ -309,10 +328,22 @@ def _run_item(root: Path, item: QueueItem, log) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     source_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
+    if find(root, item.id).state == "cancelled":  # cancelled while it was being picked
+        return
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
     item.state, item.pid, item.started = "running", process.pid, item.started or time.time()
     save(root, item)
-    code = process.wait()
+    stopping = False
+    while True:
+        try:
+            code = process.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if not stopping and find(root, item.id).cancel and ready_to_stop(item):  # a cancel came early
+            stopping = True
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGTERM)
     current = find(root, item.id)  # a reader may have asked to cancel meanwhile
     current.exit_code = code
     current.ended = time.time()

@@ -15,47 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.rundir.events import apply_rewinds, is_number, parse_event_line
+from engine.rundir.progress import eta_seconds
+
 STALE_AFTER_SECONDS = 60.0
 TERMINAL_STATES = ("finished", "failed", "stopped")
 STATES = ("running", "paused", "finished", "failed", "stopped", "created")
 MAX_LINE_BYTES = 4 << 20  # no event comes near this; a longer line is garbage and is skipped, not held
-
-
-def checked_event(value: Any) -> dict | None:
-    """The event if it has the shape readers rely on (metric values kept only when numbers), else None."""
-    if not isinstance(value, dict) or not isinstance(value.get("type", ""), str):
-        return None
-    for key in ("seq", "step", "global_step", "rewind_to_seq"):
-        if key in value and not _is_int(value[key]):
-            return None
-    if value.get("iteration") is not None and not _is_int(value["iteration"]):
-        return None
-    if not isinstance(value.get("stage", ""), (str, type(None))):
-        return None
-    for key in ("time", "elapsed"):
-        if value.get(key) is not None and not _is_number(value[key]):
-            return None
-    if "metrics" in value:
-        if not isinstance(value["metrics"], dict):
-            return None
-        value["metrics"] = {k: v for k, v in value["metrics"].items() if v is None or _is_number(v)}
-    return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def parse_event_line(line: bytes) -> dict | None:
-    """One line of events.jsonl as an event, or None when it is not one (bad JSON, bad UTF-8, wrong shape)."""
-    try:
-        return checked_event(json.loads(line))
-    except (ValueError, RecursionError):
-        return None
 
 
 class EventTail:
@@ -73,6 +39,7 @@ class EventTail:
         self.bad_lines = 0
         self.problem: str | None = None  # events.jsonl cannot be read at all (a folder, no permission)
         self._skipping = False  # inside a line longer than MAX_LINE_BYTES: drop bytes up to its end
+        self.at_end = False  # the last read went to the end of the file (not stopped by max_bytes)
 
     def read_new(self, max_bytes: int | None = None) -> list[dict]:
         return list(self.iter_new(max_bytes))
@@ -94,6 +61,7 @@ class EventTail:
                 if size <= 0:
                     break
                 chunk = handle.read(size)
+                self.at_end = len(chunk) < size  # the last read reached the end of the file
                 if not chunk:
                     break
                 if budget is not None:
@@ -137,18 +105,6 @@ def read_events(run_dir: Path, problems: list[str] | None = None) -> list[dict]:
         if tail.bad_lines:
             problems.append(f"skipped {tail.bad_lines} line(s) of events.jsonl that are not events")
     return events
-
-
-def apply_rewinds(events: list[dict]) -> list[dict]:
-    """Drop events that a later `resume` event rewound (they were re-emitted after the checkpoint)."""
-    out: list[dict] = []
-    for event in events:
-        if event.get("type") == "resume":
-            cut = event.get("rewind_to_seq", 0) or 0
-            while out and out[-1].get("seq", -1) >= cut:
-                out.pop()
-        out.append(event)
-    return out
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -220,10 +176,9 @@ class RunInfo:
 
     @property
     def eta(self) -> float | None:
-        if self.status != "running" or not self.total_steps or not self.global_step or self.elapsed is None:
+        if self.status != "running" or self.elapsed is None:
             return None
-        rate = self.global_step / max(self.elapsed, 1e-9)
-        return max(0.0, (self.total_steps - self.global_step) / rate)
+        return eta_seconds(self.total_steps, self.global_step, self.global_step / max(self.elapsed, 1e-9))
 
     def to_json(self) -> dict:
         data = {k: v for k, v in self.__dict__.items() if k != "path"}
@@ -273,7 +228,7 @@ def run_info(run_dir: Path, now: float | None = None) -> RunInfo:
         updated=_typed(status.get("updated"), number),
         heartbeat=heartbeat,
         error=problem or _typed(status.get("error"), str),
-        latest={k: v for k, v in latest.items() if _is_number(v)},
+        latest={k: v for k, v in latest.items() if is_number(v)},
         pid=pid,
         warnings=status.get("warnings") or [],
         warning_count=status.get("warning_count") or len(status.get("warnings") or []),

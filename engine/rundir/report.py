@@ -1,4 +1,5 @@
-"""Rich renderings and exports shared by the headless commands: runs table, status, summary, CSV/JSON."""
+"""Rich renderings and exports shared by the headless commands: runs table, status, summary, CSV/JSON,
+and the outcome of one run as a row of the compare and sweep tables."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from engine.rundir.reader import RunInfo, read_events
+from engine.rundir.reader import RunInfo, read_events, run_info
 
 STATUS_STYLE = {
     "running": "green",
@@ -214,3 +215,57 @@ def export_metrics(run_dir: Path, format: str, problems: list[str] | None = None
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+# -- one run's outcome: a row of the compare and sweep tables ----------------------------------------------
+def comparison_row(run_dir: Path, label: str | None = None) -> dict:
+    """Final held-out scores (with their standard errors where the run logged them: None otherwise) and the
+    cost of one run: what the compare table and screen show. `label` names the method (or variant)."""
+    events = read_events(run_dir)
+    evals = [e["metrics"] for e in events if e.get("type") == "eval"]
+    metrics = [e for e in events if e.get("type") == "metrics"]
+    policy = [e["metrics"] for e in metrics if e.get("stage") == "policy"]
+    last = evals[-1] if evals else {}
+    update_peaks = [m["mem/update_peak_mib"] for m in policy if m.get("mem/update_peak_mib") is not None]
+    update_times = sorted(
+        m["time/policy_update_s"] for m in policy if m.get("time/policy_update_s") is not None
+    )
+    info = run_info(run_dir)
+    return {
+        "run": run_dir.name,
+        "method": label or info.method,
+        "status": info.status,
+        "sft_gold": evals[0].get("eval/gold") if evals else None,
+        "final_gold": last.get("eval/gold"),
+        "final_gold_se": last.get("eval/gold_se"),
+        "win_rate_vs_sft": last.get("eval/win_rate_vs_sft"),
+        "win_rate_vs_sft_se": last.get("eval/win_rate_vs_sft_se"),
+        "reward_score": last.get("eval/reward"),
+        "reward_score_se": last.get("eval/reward_se"),
+        "kl": last.get("eval/kl"),
+        "kl_se": last.get("eval/kl_se"),
+        "wall_time_s": events[-1].get("elapsed") if events else None,
+        "forward_passes": (metrics[-1]["metrics"].get("compute/forward_passes") if metrics else None),
+        "policy_forward_passes": _policy_forward_passes(events),
+        "peak_update_mem_mib": max(update_peaks) if update_peaks else None,
+        "median_update_s": update_times[len(update_times) // 2] if update_times else None,
+        "warnings": [e.get("code", "?") for e in events if e.get("type") == "warning"],
+    }
+
+
+def _policy_forward_passes(events: list[dict]) -> int | None:
+    """Forward passes spent in the policy stages (the compute axis on which methods differ)."""
+    total = 0
+    found = False
+    for event in events:
+        if event.get("type") == "stage_end" and event.get("stage") == "policy":
+            total += event.get("counters", {}).get("forward_passes", 0)
+            found = True
+    return total if found else None
+
+
+def warnings_cell(codes: list[str]) -> str:
+    """`2: kl_jump, gold_drop` (how many, and which), or `-`."""
+    if not codes:
+        return "-"
+    return f"{len(codes)}: " + ", ".join(dict.fromkeys(codes))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.rundir.controls import CONTROL_REQUESTS
+from engine.rundir.events import stamp as stamp_schema
 from engine.rundir.files import RunDirError, atomic_write_json, atomic_write_text, clean_metrics, json_default
 
 HEARTBEAT_SECONDS = 2.0
@@ -154,7 +155,8 @@ class RunWriter:
 
         Every event has `seq` (its identity; a resumed run re-emits from the checkpoint's seq, and a
         `resume` event with `rewind_to_seq` tells readers to drop what came after), `type`, `time`,
-        `stage`, `iteration` and `step`; metric events carry `metrics: {name: value}`.
+        `stage`, `iteration` and `step`; metric events carry `metrics: {name: value}`. The kinds, their
+        fields and the schema version are in `engine.rundir.events`.
         """
         event = {
             "seq": self.seq,
@@ -167,6 +169,7 @@ class RunWriter:
         if "metrics" in fields:
             fields["metrics"] = clean_metrics(fields["metrics"])
         event.update(fields)
+        stamp_schema(event)  # the schema version on the events that open a run
         line = (json.dumps(event, default=json_default, allow_nan=False) + "\n").encode()
         try:
             written = 0
@@ -307,3 +310,42 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The most recent complete checkpoint folder, or None."""
     candidates = checkpoint_candidates(run_dir)
     return candidates[0] if candidates else None
+
+
+class FollowerWriter(RunWriter):
+    """What a rank other than 0 of a multi-process run holds: the run directory's paths and the event
+    numbering, writing nothing (rank 0 is the one writer; the others read its checkpoints)."""
+
+    def open(self) -> FollowerWriter:
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def emit(self, type: str, *, stage: str, iteration: int | None, step: int, **fields: Any) -> dict:
+        event = {"seq": self.seq, "type": type, "time": round(time.time(), 4), "stage": stage}
+        event.update(iteration=iteration, step=step, **fields)
+        self.seq += 1
+        return event
+
+    def update_status(self, **fields: Any) -> None:
+        self._status.update(fields)
+
+    def load_status(self) -> None:
+        pass
+
+    def write_samples(self, global_step: int, rows: list[dict]) -> Path:
+        return self.samples_dir / f"samples-{global_step:08d}.jsonl"
+
+    def take_requests(self) -> list[str]:
+        return []
+
+    @contextlib.contextmanager
+    def checkpoint(self, name: str) -> Iterator[Path]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"zopro-{name}-") as tmp:
+            yield Path(tmp)
+
+    def recover_checkpoints(self) -> None:
+        pass

@@ -20,6 +20,7 @@ import torch
 from engine.errors import StopRun, TrainingFailed
 from engine.recipe import Recipe
 from engine.rundir.writer import RunWriter
+from engine.training.distributed import Distributed
 from engine.training.telemetry import Counters, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
 
 STATUS_WARNINGS = 20  # status.json keeps the last this many warnings
@@ -47,16 +48,27 @@ class RunState:
     latest: dict[str, float] = field(default_factory=dict)
     warnings: list[dict] = field(default_factory=list)  # the last STATUS_WARNINGS warnings
     warning_count: int = 0
+    world_size: int = 1  # how many ranks trained up to this point
 
 
 class RunBook:
     """Events, status.json, warnings, stage boundaries, checkpoints, control requests and signals of one
-    run. `fill_checkpoint(folder)` (set by the run) writes the training state into a checkpoint folder."""
+    run. `fill_checkpoint(folder)` (set by the run) writes the training state into a checkpoint folder.
+    With several ranks every rank keeps the same book; rank 0's writer writes, the others' write nothing
+    (`FollowerWriter`); metrics are averaged over the ranks, control requests and signals agreed on."""
 
-    def __init__(self, recipe: Recipe, writer: RunWriter, *, listener: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        writer: RunWriter,
+        *,
+        listener: Callable[[dict], None] | None = None,
+        dist: Distributed | None = None,
+    ):
         self.recipe = recipe
         self.writer = writer
         self.listener = listener
+        self.dist = dist if dist is not None else Distributed()
         self.device = torch.device("cpu")  # the run's device, once resolved
         self.state = RunState()
         self.counters = Counters()
@@ -157,15 +169,25 @@ class RunBook:
             elapsed=round(self.clock.elapsed(), 3),
             **fields,
         )
-        if self.listener is not None:
+        if self.listener is not None and self.dist.is_main:
             self.listener(event)
         return event
 
     def metrics(self, values: dict[str, float], type: str = "metrics") -> None:
+        """A metrics event: the values averaged over the ranks, this rank's counters and time, and the
+        memory of every rank (`mem/rank<r>/...` beside rank 0's `mem/...` when there are several)."""
         values = dict(values)
+        memory = memory_metrics(self.device)
+        if self.dist.enabled:
+            every = self.dist.gather([(values, memory)], "averaging metrics")
+            values = self.dist.mean_of([v for v, _ in every])
+            for rank, (_, mem) in enumerate(every):
+                values.update({f"mem/rank{rank}/{k[4:]}": v for k, v in mem.items()})
+            values["dist/world_size"] = self.dist.world_size
+            values.update({f"dist/{kind}_bytes": float(n) for kind, n in self.dist.bytes.items()})
         values.update(self.counters.metrics())
         values["time/elapsed_s"] = round(self.clock.elapsed(), 3)
-        values.update(memory_metrics(self.device))
+        values.update(memory)
         self.state.latest.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
         self.emit(type, metrics=values)
         self.writer.update_status(
@@ -197,6 +219,8 @@ class RunBook:
         gold: list[float] | None,
         kind: str = "train",
     ) -> None:
+        if not self.dist.is_main:
+            return
         rows = []
         for j, (p, a, s) in enumerate(zip(prompts, responses, scores, strict=True)):
             row = {
@@ -238,9 +262,12 @@ class RunBook:
         self.state.elapsed = self.clock.elapsed()
         self.state.event_seq = self.writer.seq + 1  # the checkpoint event itself is kept
         self.state.counters = self.counters.state_dict()
-        with self.writer.checkpoint(name) as folder:
-            self.fill_checkpoint(folder)
-            (folder / "state.json").write_text(json.dumps(asdict(self.state), indent=1))
+        self.state.world_size = self.dist.world_size
+        if self.dist.is_main:  # the ranks hold the same state: rank 0 writes it, the others wait for it
+            with self.writer.checkpoint(name) as folder:
+                self.fill_checkpoint(folder)
+                (folder / "state.json").write_text(json.dumps(asdict(self.state), indent=1))
+        self.dist.barrier()
         self.emit("checkpoint", name=name)
 
     def iteration_checkpoint(self, iteration: int) -> Path:
@@ -250,7 +277,7 @@ class RunBook:
 
     def between_steps(self) -> None:
         """Poll control requests and signals; pause, checkpoint or stop here, where the state is whole."""
-        requests = self.writer.take_requests()
+        requests = self.agreed_requests()
         if "checkpoint" in requests:
             self.checkpoint("resume")
         if "pause" in requests and "resume" not in requests and "stop" not in requests:
@@ -258,7 +285,7 @@ class RunBook:
             self.emit("paused")
             while True:
                 time.sleep(0.2)
-                later = self.writer.take_requests()
+                later = self.agreed_requests()
                 if "checkpoint" in later:
                     self.checkpoint("resume")
                 if "stop" in later or self.signal_received:
@@ -272,6 +299,18 @@ class RunBook:
             reason = self.signal_received or "stop request"
             self.checkpoint("resume")
             raise StopRun(reason)
+
+    def agreed_requests(self) -> list[str]:
+        """The control requests rank 0 took, and a signal any rank received, the same on every rank: all
+        ranks pause, checkpoint and stop at the same step."""
+        requests = self.writer.take_requests()
+        if not self.dist.enabled:
+            return requests
+        every = self.dist.gather([(requests, self.signal_received)], "agreeing on control requests")
+        signals = [signal_name for _, signal_name in every if signal_name]
+        if signals and not self.signal_received:
+            self.signal_received = signals[0]
+        return every[0][0]
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):  # noqa: ARG001

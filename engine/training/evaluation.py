@@ -34,21 +34,27 @@ def evaluate(run: Run, label: str) -> dict[str, float]:
     """Mean gold score of the policy on held-out prompts and its win rate against the SFT policy, each
     with its standard error over prompts (`eval/<name>_se`). `eval.samples_per_prompt` answers per
     prompt; the same eval generator every time, so iterations differ only by the policy."""
-    r, pm, state, counters = run.recipe, run.pm, run.state, run.counters
+    r, pm, state, counters, dist = run.recipe, run.pm, run.state, run.counters, run.dist
     n = r.eval.samples_per_prompt
-    prompts = [p for p in run.eval_prompts for _ in range(n)]  # prompt-major: n answers each
+    everyone = [p for p in run.eval_prompts for _ in range(n)]  # prompt-major: n answers each
+    mine = dist.shard(len(everyone))  # each rank answers its share; the lists are gathered below
+    prompts = everyone[mine]
     kwargs = dict(
         max_new_tokens=r.model.max_new_tokens,
         max_prompt_tokens=r.model.max_prompt_tokens,
         temperature=r.eval.temperature,
         counters=counters,
+        rows=mine if dist.enabled else None,
     )
     if not state.sft_eval_answers:
         with pm.adapter("sft"):
-            sft = sample(pm, prompts, generator=generator(run.seed, "eval"), **kwargs)
-        state.sft_eval_answers = list(zip(sft.responses, sft.finished.tolist(), strict=True))
+            sft = sample(pm, everyone, generator=generator(run.seed, "eval"), **kwargs)
+        state.sft_eval_answers = dist.gather(
+            list(zip(sft.responses, sft.finished.tolist(), strict=True)), "gathering the SFT answers"
+        )
+    sft_answers = state.sft_eval_answers[mine]
     with pm.adapter("policy"):
-        seqs = sample(pm, prompts, generator=generator(run.seed, "eval"), **kwargs)
+        seqs = sample(pm, everyone, generator=generator(run.seed, "eval"), **kwargs)
         logprobs = token_logprobs(pm, seqs, counters)
     with pm.adapter("sft"):
         ref = token_logprobs(pm, seqs, counters)
@@ -62,17 +68,27 @@ def evaluate(run: Run, label: str) -> dict[str, float]:
     task = run.task
     if task.has_gold:
         gold = [task.gold(p, a, f) for p, a, f in zip(prompts, seqs.responses, finished, strict=True)]
-        sft_gold = [task.gold(p, a, f) for p, (a, f) in zip(prompts, state.sft_eval_answers, strict=True)]
+        sft_gold = [task.gold(p, a, f) for p, (a, f) in zip(prompts, sft_answers, strict=True)]
         per_answer["gold"] = gold
         per_answer["win_rate_vs_sft"] = [win(g, s, 1e-9) for g, s in zip(gold, sft_gold, strict=True)]
     elif run.reward_initial is not None:  # no gold: the fixed initial reward model judges
         with reward_weights(pm, run.reward_initial):
             mine = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
-            theirs = score_texts(pm, counters, r, prompts, [a for a, _ in state.sft_eval_answers])
+            theirs = score_texts(pm, counters, r, prompts, [a for a, _ in sft_answers])
         per_answer["win_rate_vs_sft"] = [
             win(a, b, 0.0) for a, b in zip(mine.tolist(), theirs.tolist(), strict=True)
         ]
         per_answer["reward_initial"] = mine.tolist()
+    if dist.enabled:
+        per_answer = {
+            name: dist.gather(values, "gathering the evaluation") for name, values in per_answer.items()
+        }
+        answers = dist.gather(
+            list(zip(seqs.responses, scores.tolist(), strict=True)), "gathering the evaluation"
+        )
+        responses, score_list = [a for a, _ in answers], [s for _, s in answers]
+    else:
+        responses, score_list = seqs.responses, scores.tolist()
     metrics: dict[str, float] = {}
     for name, values in per_answer.items():
         mean, se = mean_and_standard_error(values, n)
@@ -88,10 +104,10 @@ def evaluate(run: Run, label: str) -> dict[str, float]:
     }
     state.history.append(row)
     run.book.write_samples(
-        prompts[:16],
-        seqs.responses[:16],
-        scores[:16].tolist(),
-        [task.gold(p, a) for p, a in zip(prompts[:16], seqs.responses[:16], strict=True)]
+        everyone[:16],
+        responses[:16],
+        score_list[:16],
+        [task.gold(p, a) for p, a in zip(everyone[:16], responses[:16], strict=True)]
         if task.has_gold
         else None,
         kind="eval",

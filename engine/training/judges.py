@@ -94,7 +94,7 @@ class LLMJudge:
 
         from engine.training.models import ModelError
 
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        torch_dtype = getattr(torch, dtype)  # refine.judge_dtype: one of the recipe's DTYPES, torch's names
         if device.type == "cpu" and torch_dtype != torch.float32:
             torch_dtype = torch.float32
         try:

@@ -43,6 +43,7 @@ def train(run: Run) -> None:
         if book.begin("reward"):
             train_reward_model(run)
             evaluate(run, label="sft")
+            run.remember_adapters(-1)  # where iteration 0 starts (ZOPrO's adapter history)
             book.end_stage(checkpoint="reward")
         # 3. iterations i = 0 .. N-1, each on its own chunk of the training prompts
         while not book.done:
@@ -62,6 +63,7 @@ def train(run: Run) -> None:
                 if runaway and run.recipe.policy.max_kl_action == "rollback":
                     run.roll_back(i, runaway)  # the previous iteration's checkpoint ends the run
                     break
+                run.remember_adapters(i)
                 next_iteration(run)
                 book.end_stage(checkpoint=f"iter-{i:04d}")
                 if runaway:
@@ -72,7 +74,6 @@ def start(run: Run) -> None:
     """A new run: write the resolved recipe and meta, then train."""
     book, recipe = run.book, run.recipe
     path = book.writer.path
-    atomic_write_text(path / "recipe.toml", dump_recipe(recipe))
     meta = {
         "zopro": __version__,
         "torch": torch.__version__,
@@ -93,7 +94,11 @@ def start(run: Run) -> None:
         meta.update(transformers=transformers.__version__, peft=peft.__version__)
     if run.device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(run.device)
-    atomic_write_json(path / "meta.json", meta)
+    if run.dist.enabled:
+        meta.update(world_size=run.dist.world_size, backend=run.dist.backend)
+    if run.dist.is_main:  # rank 0 writes the run directory
+        atomic_write_text(path / "recipe.toml", dump_recipe(recipe))
+        atomic_write_json(path / "meta.json", meta)
     book.writer.update_status(
         state="running",
         method=recipe.policy.method,
@@ -107,6 +112,7 @@ def start(run: Run) -> None:
         "run_start",
         recipe=recipe.to_dict(),
         total_steps=run.total_steps,
+        world_size=run.dist.world_size,
         **({"data": report.as_dict()} if report is not None else {}),
     )
     train(run)
@@ -141,17 +147,27 @@ def resume(run: Run) -> None:
         warnings=run.state.warnings,
         warning_count=run.state.warning_count,
     )
+    world, before = run.dist.world_size, run.state.world_size
+    changed = checkpoint is not None and world != before
     book.emit(
         "resume",
         rewind_to_seq=book.writer.seq,
         checkpoint=checkpoint.name if checkpoint is not None else None,
         warning_count=run.state.warning_count,
+        world_size=world,
         **({"skipped": skipped} if skipped else {}),
+        **({"previous_world_size": before} if changed else {}),
         message=(
             f"resuming from checkpoint {checkpoint.name}"
             if checkpoint is not None
             else "no checkpoint yet: starting again from the first SFT step"
         )
-        + (f"; skipped {', '.join(skipped)}" if skipped else ""),
+        + (f"; skipped {', '.join(skipped)}" if skipped else "")
+        + (
+            f"; on {world} rank{'s' if world > 1 else ''} where it ran on {before}: the global batch is "
+            "the same, so updates mean the same, but sampling on other batch shapes is not bit-identical"
+            if changed
+            else ""
+        ),
     )
     train(run)

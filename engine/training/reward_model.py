@@ -11,6 +11,7 @@ import torch
 
 from engine.data.examples import PreferencePair
 from engine.recipe import Recipe
+from engine.training.distributed import Distributed
 from engine.training.models import PreferenceModel
 from engine.training.objectives import bradley_terry_loss
 from engine.training.rollout import encode_responses, reward_scores
@@ -27,10 +28,17 @@ def bradley_terry_step(
     optimizer: torch.optim.Optimizer,
     *,
     score_targets: bool = False,
+    dist: Distributed | None = None,
 ) -> tuple[float, float]:
     """One step on loss = -log sigmoid(r(p, chosen) - r(p, rejected)) (plus, with `score_targets`, the MSE
-    on the pairs' quality scores); returns the loss and the batch accuracy."""
+    on the pairs' quality scores); returns the loss and the batch accuracy. With several ranks `pairs` is
+    this rank's share and the gradients are averaged over every rank's pairs (a rank may have none)."""
     r = recipe
+    if dist is not None and dist.enabled and not pairs:
+        dist.sync_gradients([p for group in optimizer.param_groups for p in group["params"]], 0.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float("nan"), float("nan")
     prompts = [p.prompt for p in pairs]
     targets = [p.score for p in pairs] if score_targets else None
     # the reward adapter stays active (and so trainable) through the backward pass
@@ -53,6 +61,8 @@ def bradley_terry_step(
             loss = loss + weight * torch.nn.functional.mse_loss(scores[:n][keep], wanted)
         loss.backward()
         counters.add(backward_passes=1)
+        if dist is not None:
+            dist.sync_gradients([p for group in optimizer.param_groups for p in group["params"]], n)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return float(loss.detach()), float((scores[:n] > scores[n:]).float().mean())

@@ -58,6 +58,8 @@ class Rollout:
     samples_per_prompt: int
     kl_coef: float = 0.0  # the beta of this rollout (fixed, or the adaptive controller's value)
     raw_scores: torch.Tensor | None = None  # (N,) the reward model's scores before clipping and penalty
+    first_row: int = 0  # where these rows start in the whole batch (a rank's share; 0 with one process)
+    total_rows: int | None = None  # rows in the whole batch over all ranks (None: these N)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -144,8 +146,14 @@ def sample(
     temperature: float,
     generator: torch.Generator,
     counters: Counters,
+    rows: slice | None = None,
 ) -> Sequences:
-    """Sample one answer per prompt with the active adapter (KV cache, explicit generator)."""
+    """Sample one answer per prompt with the active adapter (KV cache, explicit generator).
+
+    `rows`: sample only these rows of the batch (this rank's share), padded to the whole batch's width and
+    on the noise the whole batch would draw, so that an answer does not depend on the number of ranks.
+    Each token is the exponential race argmax(p / E) with E = -log U, U ~ uniform from the generator: a
+    draw from p, as multinomial sampling is, on noise that can be sliced by row."""
     return sample_with_logprobs(
         pm,
         prompts,
@@ -154,6 +162,7 @@ def sample(
         temperature=temperature,
         generator=generator,
         counters=counters,
+        rows=rows,
     )[0]
 
 
@@ -168,17 +177,31 @@ def sample_with_logprobs(
     generator: torch.Generator,
     counters: Counters,
     logprobs: bool = False,
+    rows: slice | None = None,
 ) -> tuple[Sequences, torch.Tensor | None]:
     """`sample`, and with `logprobs` the per-token log-probs (temperature 1) of the sampled tokens under
     the sampling adapter, read from the sampler's own logits, (N, R) and zero on padding.
 
     Everything stays on the device: a DynamicCache, draws from a device generator, the prompt's logits
     only at its last position; the host learns whether every answer has ended only every few tokens on
-    an accelerator (every token on the CPU, where that costs nothing)."""
+    an accelerator (every token on the CPU, where that costs nothing). The uniform noise comes from
+    `device_generator(generator)`: on the CPU the generator itself, so the same draws as before."""
     from transformers import DynamicCache
 
     tok, device = pm.tokenizer, pm.device
     input_ids, prompt_mask = encode_prompts(pm, prompts, max_prompt_tokens)
+    total = input_ids.shape[0]
+    if rows is not None:
+        prompts = prompts[rows]
+        input_ids, prompt_mask = input_ids[rows], prompt_mask[rows]
+    else:
+        rows = slice(0, total)
+    if input_ids.shape[0] == 0:  # a rank whose share of a small batch is empty
+        empty = input_ids.new_zeros((0, 0))
+        seqs = Sequences(
+            [], [], input_ids, prompt_mask, empty, input_ids.shape[1], torch.zeros(0, dtype=torch.bool)
+        )
+        return seqs, (empty.float() if logprobs else None)
     gen = device_generator(generator, device)
     cache = DynamicCache(config=pm.model.config)
     lm = pm.model.get_base_model()  # the injected adapters apply; no peft wrapper per decode step
@@ -199,12 +222,15 @@ def sample_with_logprobs(
         next_pos = mask.long().sum(-1)
         check_every = 1 if device.type == "cpu" else 8
         new_tokens, new_mask, new_logprobs = [], [], []
+        broken = torch.zeros((), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             logits = logits.float()
             probs = torch.softmax(logits / temperature, dim=-1)
-            # argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i (the exponential race): one
-            # elementwise draw, faster than torch.multinomial and free of host synchronisation
-            token = (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
+            broken = broken | ~torch.isfinite(probs).all()
+            # argmax p_i / E_i with E_i = -log U_i ~ Exp(1) draws i with probability p_i (the exponential
+            # race), on the device and without host synchronisation; the whole batch's noise, sliced by row
+            noise = torch.rand((total, probs.shape[-1]), generator=gen, device=device)[rows]
+            token = (probs / -torch.log(noise)).argmax(-1)
             alive = ~finished
             if logprobs:
                 chosen = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -225,6 +251,8 @@ def sample_with_logprobs(
             )
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :]
+    if bool(broken):  # the loop's NaN/inf check, read once (the message the run's guard recognises)
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
     response_ids = torch.stack(new_tokens, dim=1)
     response_mask = torch.stack(new_mask, dim=1)
     used = int(response_mask.any(0).nonzero().max()) + 1  # drop the steps taken after every answer ended
@@ -309,13 +337,16 @@ def collect_rollout(
     counters: Counters,
     reward_clip: float = 0.0,
     whiten_advantages: bool = False,
+    prompt_rows: slice | None = None,
 ) -> Rollout:
     """B prompts -> k answers each from the policy, with old and reference log-probs, scores and advantages.
 
     `reward_clip > 0` clips the reward model's scores to [-reward_clip, reward_clip] before the missing-EOS
     penalty and the KL term (TRL's reward_clip_range); `whiten_advantages` rescales the RLOO advantages to
-    mean 0 and standard deviation 1 over the batch (TRL's normalize_advantages)."""
+    mean 0 and standard deviation 1 over the batch (TRL's normalize_advantages). `prompt_rows`: only these
+    prompts' answers (a rank's share; the k answers of a prompt stay together for the RLOO baseline)."""
     repeated = [p for p in prompts for _ in range(k)]
+    rows = slice(prompt_rows.start * k, prompt_rows.stop * k) if prompt_rows is not None else None
     # In float32 the sampler's own log-probs equal a recomputation to ~1e-6 and save a forward pass; a
     # low-precision base recomputes them, as the update will, so the first ratio starts at exactly 1.
     from_sampler = pm.base_dtype == torch.float32
@@ -329,6 +360,7 @@ def collect_rollout(
             generator=generator,
             counters=counters,
             logprobs=from_sampler,
+            rows=rows,
         )
         if old_logprobs is None:
             old_logprobs = token_logprobs(pm, seqs, counters)
@@ -354,6 +386,8 @@ def collect_rollout(
         samples_per_prompt=k,
         kl_coef=kl_coef,
         raw_scores=raw_scores,
+        first_row=rows.start if rows is not None else 0,
+        total_rows=len(repeated),
     )
 
 

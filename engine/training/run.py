@@ -19,7 +19,9 @@ from engine.data.tasks import make_task
 from engine.recipe import Recipe
 from engine.rundir.writer import RunWriter
 from engine.seeds import generator
+from engine.training.adapter_history import AdapterHistory
 from engine.training.bookkeeping import RunBook, RunState, run_state
+from engine.training.distributed import Distributed
 from engine.training.judges import GoldJudge, Judge, LLMJudge, RewardJudge
 from engine.training.kl_control import KLController
 from engine.training.methods import make_update
@@ -44,24 +46,27 @@ class CheckpointUnreadable(ValueError):
 class Run:
     """One run: owns the model, the task, the optimisers, the method and the bookkeeping."""
 
-    def __init__(self, recipe: Recipe, writer: RunWriter, *, listener=None):
+    def __init__(self, recipe: Recipe, writer: RunWriter, *, listener=None, dist: Distributed | None = None):
         self.recipe = recipe
-        self.book = RunBook(recipe, writer, listener=listener)
+        self.dist = dist if dist is not None else Distributed()
+        self.book = RunBook(recipe, writer, listener=listener, dist=self.dist)
         self.seed = recipe.seed
+        self._check_split(recipe)
         try:
             self.task = make_task(recipe)
         except DataError as error:
             raise ModelError(f"data.path = {recipe.data.path!r}: {error}") from None
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
-        self.device = self.book.device = resolve_device(recipe.device)
-        base = resolve_base(
-            recipe.model.base,
-            self.task.corpus(),
-            recipe.seed,
-            recipe.model.cache_dir,
-            self.task.pretraining_text(),
-        )
+        self.device = self.book.device = self.dist.device(resolve_device(recipe.device))
+        with self.dist.main_first():  # rank 0 builds (or downloads) into the shared cache, the others read it
+            base = resolve_base(
+                recipe.model.base,
+                self.task.corpus(),
+                recipe.seed,
+                recipe.model.cache_dir,
+                self.task.pretraining_text(),
+            )
         m = recipe.model
         self.pm = load_preference_model(
             base,
@@ -78,6 +83,9 @@ class Run:
                 self.data_report = self.task.bind(self.pm.tokenizer, m.max_prompt_tokens + m.max_new_tokens)
             except DataError as error:
                 raise ModelError(f"data.path = {recipe.data.path!r}: {error}") from None
+        self.dist.broadcast_parameters(
+            [p for p in self.pm.model.parameters() if p.requires_grad] + list(self.pm.score_head.parameters())
+        )
         self.train_prompts = self.task.prompts(recipe.task.train_prompts, "train")
         self.eval_prompts = self.task.prompts(recipe.task.eval_prompts, "eval")
         self.sft_optimizer = torch.optim.AdamW(self.pm.adapter_parameters("sft").values(), lr=recipe.sft.lr)
@@ -96,15 +104,18 @@ class Run:
                 self.interplay = InterplayTracker(
                     keys, sketch_size=recipe.interplay.sketch_size, seed=recipe.seed
                 )
+        # ZOPrO's mu and v: the adapters at the last two iteration boundaries, in memory
+        self.adapter_history = AdapterHistory(keep=2) if recipe.policy.method == "zopro" else None
         self.method_context = MethodContext(
             pm=self.pm,
             counters=self.counters,
             recipe=recipe,
             current_iteration=lambda: self.state.iteration,
-            iteration_checkpoint=self.book.iteration_checkpoint,
             warn=self.book.warn,
             score_policy=self.score_policy,
             fresh_rollout=self.fresh_rollout,
+            adapter_history=self.adapter_history,
+            dist=self.dist,
         )
         self.method = make_update(recipe.policy.method, self.method_context)
         policy = recipe.policy
@@ -113,6 +124,24 @@ class Run:
         self.reward_initial: dict[str, torch.Tensor] | None = None
         self.llm_judge: LLMJudge | None = None
         self.book.fill_checkpoint = self.save_training_state
+
+    def _check_split(self, recipe: Recipe) -> None:
+        """The recipe's batches are global: with N ranks each must give every rank a share, and the
+        update's prompts an equal one (the zeroth-order g of a direction is the mean of the ranks')."""
+        world = self.dist.world_size
+        if world == 1:
+            return
+        if recipe.train.prompts_per_update % world:
+            raise ModelError(
+                f"train.prompts_per_update = {recipe.train.prompts_per_update} cannot be split evenly over "
+                f"{world} ranks; use a multiple of {world}, or another --nproc-per-node"
+            )
+        for key, value in (
+            ("sft.batch_size", recipe.sft.batch_size),
+            ("reward.batch_size", recipe.reward.batch_size),
+        ):
+            if value < world:
+                raise ModelError(f"{key} = {value} is smaller than the {world} ranks; use at least {world}")
 
     def _reward_optimizer(self, lr: float) -> torch.optim.Optimizer:
         params = list(self.pm.adapter_parameters("reward").values()) + list(self.pm.score_head.parameters())
@@ -153,23 +182,37 @@ class Run:
         """{key: tensor} of the policy and of the reward adapter, keyed alike (peft's saved names)."""
         return adapter_views(pair_adapter_tensors(dict(self.pm.model.named_parameters())))
 
+    def remember_adapters(self, iteration: int) -> None:
+        """The adapters as the end of `iteration` leaves them (-1: the reward model's), for ZOPrO's history."""
+        if self.adapter_history is not None:
+            self.adapter_history.record(iteration, *self.adapter_views())
+
     def rollout(self, prompts: list[str], gen: torch.Generator) -> Rollout:
-        """The shared rollout of one update on `prompts` with this run's settings."""
-        r = self.recipe
-        return collect_rollout(
+        """The shared rollout of one update on `prompts` with this run's settings (this rank's share of
+        the prompts when there are several; advantages whitened over the whole batch)."""
+        r, dist = self.recipe, self.dist
+        rollout = collect_rollout(
             self.pm,
             prompts,
             k=r.train.samples_per_prompt,
             kl_coef=self.kl_controller.value,
             missing_eos_penalty=r.policy.missing_eos_penalty,
             reward_clip=r.policy.reward_clip,
-            whiten_advantages=r.policy.whiten_advantages,
+            whiten_advantages=r.policy.whiten_advantages and not dist.enabled,
             max_new_tokens=r.model.max_new_tokens,
             max_prompt_tokens=r.model.max_prompt_tokens,
             temperature=r.policy.temperature,
             generator=gen,
             counters=self.counters,
+            prompt_rows=dist.shard(len(prompts)) if dist.enabled else None,
         )
+        if r.policy.whiten_advantages and dist.enabled:
+            a = rollout.advantages.double()
+            total, squares, count = dist.sum_floats([a.sum(), (a**2).sum(), a.numel()], "whitening")
+            mean = total / count
+            std = math.sqrt(max(squares - count * mean**2, 0.0) / max(count - 1, 1))
+            rollout.advantages = ((a - mean) / (std + 1e-8)).to(rollout.advantages.dtype)
+        return rollout
 
     def fresh_rollout(self, where: tuple) -> Rollout:
         """A rollout on training prompts of this iteration drawn from `where` (diagnostics)."""
@@ -179,11 +222,12 @@ class Run:
         return self.rollout(prompts, generator(self.seed, "rollout", *where))
 
     @torch.no_grad()
-    def score_policy(self, *where: Any) -> dict[str, float]:
-        """Mean reward-model score (and gold) of one fresh answer per held-out prompt from the active
-        adapter, on the generator of `where`: a quick probe (the premise check), not the evaluation."""
+    def score_policy(self, *where: Any, count: int) -> dict[str, float]:
+        """Mean reward-model score (and gold) of one fresh answer on each of the first `count` held-out
+        prompts from the active adapter, on the generator of `where`: a quick probe (the premise check),
+        not the evaluation."""
         r = self.recipe
-        prompts = self.eval_prompts[: r.zopro.premise_prompts]
+        prompts = self.eval_prompts[:count]
         seqs = sample(
             self.pm,
             prompts,
@@ -266,6 +310,14 @@ class Run:
             raise CheckpointUnreadable(f"does not fit this run ({_first_line(error)})") from None
         self.book.state = state
         self.book.clock = Stopwatch(state.elapsed)
+        if self.adapter_history is not None:  # the one place the history is read from files
+            self.adapter_history.clear()
+            if state.stage in ("policy", "refine", "eval"):
+                for boundary in (state.iteration - 2, state.iteration - 1):
+                    if boundary >= -1:
+                        self.adapter_history.read_checkpoint(
+                            boundary, self.book.iteration_checkpoint(boundary)
+                        )
 
     def roll_back(self, iteration: int, reason: str) -> None:
         """Restore the checkpoint written at the end of the previous iteration (the reward model's for

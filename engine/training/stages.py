@@ -33,9 +33,10 @@ def supervised_fine_tuning(run: Run) -> None:
     r, pm, book, state = run.recipe, run.pm, run.book, run.state
     examples = run.task.sft_examples(r.task.sft_examples)
     pm.use("sft")
+    params = list(pm.adapter_parameters("sft").values())
     while state.step < r.sft.steps:
         order = torch.randperm(len(examples), generator=generator(run.seed, "sft", state.step))
-        batch = [examples[i] for i in order[: r.sft.batch_size].tolist()]
+        batch = [examples[i] for i in order[: r.sft.batch_size].tolist()][run.dist.shard(r.sft.batch_size)]
         seqs = encode_responses(
             pm,
             [e.prompt for e in batch],
@@ -47,6 +48,7 @@ def supervised_fine_tuning(run: Run) -> None:
         logprobs = token_logprobs(pm, seqs, run.counters)
         loss = -logprobs.sum() / seqs.response_mask.sum().clamp(min=1)
         loss.backward()
+        run.dist.sync_gradients(params, float(seqs.response_mask.sum()))  # the mean over tokens
         run.sft_optimizer.step()
         run.sft_optimizer.zero_grad(set_to_none=True)
         run.counters.add(backward_passes=1)
@@ -63,9 +65,9 @@ def train_reward_model(run: Run) -> None:
     pairs = run.task.preference_pairs(r.task.preference_pairs)
     while state.step < r.reward.steps:
         order = torch.randperm(len(pairs), generator=generator(run.seed, "reward", state.step))
-        batch = [pairs[i] for i in order[: r.reward.batch_size].tolist()]
+        batch = [pairs[i] for i in order[: r.reward.batch_size].tolist()][run.dist.shard(r.reward.batch_size)]
         loss, accuracy = bradley_terry_step(
-            run.pm, run.counters, r, batch, run.reward_optimizer, score_targets=True
+            run.pm, run.counters, r, batch, run.reward_optimizer, score_targets=True, dist=run.dist
         )
         book.check_finite(loss, "reward", "loss/reward")
         book.advance()
@@ -91,8 +93,8 @@ def optimise_policy(run: Run) -> None:
         started = time.monotonic()
         order = torch.randperm(len(chunk), generator=generator(run.seed, "prompts", i, step))
         prompts = [chunk[j] for j in order[: r.train.prompts_per_update].tolist()]
-        rollout = run.rollout(prompts, generator(run.seed, "rollout", i, step))
-        update_started = time.monotonic()
+        rollout = run.rollout(prompts, generator(run.seed, "rollout", i, step))  # this rank's share
+        update_started, sent = time.monotonic(), run.dist.sent_bytes()
         with PhasePeak(run.device) as phase:
             update_metrics = run.method.update(
                 rollout, update_index=state.policy_updates, step_in_iteration=step
@@ -100,7 +102,10 @@ def optimise_policy(run: Run) -> None:
         if "loss/policy" in update_metrics:
             book.check_finite(update_metrics["loss/policy"], "policy", "loss/policy")
         update_metrics["time/policy_update_s"] = time.monotonic() - update_started
-        run.kl_controller.update(float(rollout.kl.mean()))
+        if run.dist.enabled:  # what the update itself sent: a gradient bucket, or q scalars
+            update_metrics["dist/update_bytes"] = run.dist.sent_bytes() - sent
+        kl_sum, rows = run.dist.sum_floats([rollout.kl.sum(), rollout.kl.numel()], "the mean KL")
+        run.kl_controller.update(kl_sum / rows)  # the same controller on every rank
         update_metrics["mem/update_peak_mib"] = round(phase.growth_mib, 2)
         seqs = rollout.sequences
         finished = seqs.finished.tolist()
@@ -110,10 +115,11 @@ def optimise_policy(run: Run) -> None:
             else None
         )
         scores = rollout.scores.tolist()
-        state.rollouts.extend(
-            {"prompt": p, "response": a, "score": s}
-            for p, a, s in zip(seqs.prompts, seqs.responses, scores, strict=True)
+        answers = run.dist.gather(  # every rank's answers, in the order of the whole batch
+            list(zip(seqs.prompts, seqs.responses, scores, gold or [None] * len(scores), strict=True)),
+            "gathering the rollout",
         )
+        state.rollouts.extend({"prompt": p, "response": a, "score": s} for p, a, s, _ in answers)
         tokens = seqs.response_mask.sum(-1).clamp(min=1)
         entropy = float((-rollout.old_logprobs.sum(-1) / tokens).mean())
         state.policy_updates += 1
@@ -137,7 +143,8 @@ def optimise_policy(run: Run) -> None:
             }
         )
         if state.policy_updates % r.log.samples_every == 0 or step == updates - 1:
-            book.write_samples(seqs.prompts, seqs.responses, scores, gold)
+            p_, a_, s_, g_ = (list(column) for column in zip(*answers, strict=True))
+            book.write_samples(p_, a_, s_, g_ if gold is not None else None)
         if r.log.checkpoint_every and state.policy_updates % r.log.checkpoint_every == 0:
             book.checkpoint("resume")
         book.between_steps()
@@ -160,6 +167,7 @@ def judge_pairs(run: Run) -> None:
     unique.sort(key=lambda row: abs(row["score"]))
     kept = unique[: max(1, math.ceil(r.refine.keep_fraction * len(unique)))]
     prompts = [row["prompt"] for row in kept]
+    dist, mine = run.dist, run.dist.shard(len(prompts))  # each rank answers and judges its share
     with torch.no_grad(), pm.adapter("policy"):
         second = sample(
             pm,
@@ -169,17 +177,21 @@ def judge_pairs(run: Run) -> None:
             temperature=r.policy.temperature,
             generator=generator(run.seed, "second", i),
             counters=run.counters,
+            rows=mine if dist.enabled else None,
         )
+    seconds_answers = dist.gather(second.responses, "gathering the second answers")
     judge = run.judge()
     coin = random.Random(seeded(run.seed, "judge-order", i))
     flips = [coin.random() < 0.5 for _ in kept]  # order randomised against position bias
-    firsts = [
-        row["response"] if not f else b for row, b, f in zip(kept, second.responses, flips, strict=True)
-    ]
+    firsts = [row["response"] if not f else b for row, b, f in zip(kept, seconds_answers, flips, strict=True)]
     seconds = [
-        b if not f else row["response"] for row, b, f in zip(kept, second.responses, flips, strict=True)
+        b if not f else row["response"] for row, b, f in zip(kept, seconds_answers, flips, strict=True)
     ]
-    verdicts = judge.compare(prompts, firsts, seconds)
+
+    def judged(by) -> list:
+        return dist.gather(by.compare(prompts[mine], firsts[mine], seconds[mine]), "gathering verdicts")
+
+    verdicts = judged(judge)
     pairs = [
         PreferencePair(prompt, a if verdict == 0 else b, b if verdict == 0 else a)
         for prompt, a, b, verdict in zip(prompts, firsts, seconds, verdicts, strict=True)
@@ -193,13 +205,15 @@ def judge_pairs(run: Run) -> None:
         "judged": len(pairs),
         "no_verdict": len(kept) - len(pairs),
     }
-    if judge.name != "gold" and run.task.has_gold:  # how often this judge agrees with the truth
-        truth = GoldJudge(run.task).compare(prompts, firsts, seconds)
+    if judge.name == "gold" and pairs:  # the gold judge is the truth
+        state.judge_stats["agreement_with_gold"] = 1.0
+    elif run.task.has_gold:  # how often this judge agrees with the truth
+        truth = judged(GoldJudge(run.task))
         both = [(v, t) for v, t in zip(verdicts, truth, strict=True) if v is not None and t is not None]
         if both:
-            state.judge_stats["agreement_with_gold_pct"] = round(
-                100 * sum(v == t for v, t in both) / len(both)
-            )
+            agreement = sum(v == t for v, t in both) / len(both)
+            state.judge_stats["agreement_with_gold"] = round(agreement, 4)
+            state.judge_stats["agreement_with_gold_pct"] = round(100 * agreement)
     run.reward_before_refine = reward_snapshot(pm)
 
 
@@ -210,6 +224,8 @@ def refine_reward_model(run: Run) -> None:
     if state.judged_pairs is None:
         judge_pairs(run)
         book.emit("judge", **state.judge_stats, judge=r.refine.judge)
+        if "agreement_with_gold" in state.judge_stats:  # drawn beside the refinement's loss
+            book.metrics({"judge/agreement_with_gold": state.judge_stats["agreement_with_gold"]})
     pairs = [PreferencePair(**pair) for pair in state.judged_pairs]
     per_epoch = math.ceil(len(pairs) / r.refine.batch_size) if pairs else 0
     steps = r.refine.epochs * per_epoch
@@ -217,10 +233,14 @@ def refine_reward_model(run: Run) -> None:
         epoch, k = divmod(state.step, per_epoch)
         order = torch.randperm(len(pairs), generator=generator(run.seed, "refine", i, epoch)).tolist()
         batch = [pairs[j] for j in order[k * r.refine.batch_size : (k + 1) * r.refine.batch_size]]
-        loss, accuracy = bradley_terry_step(run.pm, run.counters, r, batch, run.refine_optimizer)
-        book.check_finite(loss, "refine", "loss/reward_refine")
+        batch = batch[run.dist.shard(len(batch))]
+        loss, accuracy = bradley_terry_step(
+            run.pm, run.counters, r, batch, run.refine_optimizer, dist=run.dist
+        )
+        if batch:  # with several ranks a small last batch may leave a rank without pairs
+            book.check_finite(loss, "refine", "loss/reward_refine")
         book.advance()
-        book.metrics({"loss/reward_refine": loss, "reward/refine_accuracy": accuracy})
+        book.metrics({"loss/reward_refine": loss, "reward/refine_accuracy": accuracy} if batch else {})
         book.between_steps()
     if r.refine.keep_close and run.reward_before_refine is not None:
         keep_close(run.pm, run.reward_before_refine, r.refine.keep_close_alpha)

@@ -18,10 +18,11 @@ from textual.widgets import DataTable, Footer, Static
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, status_text
 from zopro_tui.catalogue import COMPARE_CHARTS
 from zopro_tui.reading import SeriesRead, StatusRead, follow_run
-from zopro_tui.view import CurveView, CurveViewActions
+from zopro_tui.view import CURSOR_BINDINGS, CurveView, CurveViewActions
 from zopro_tui.watched import WatchedRun
 from zopro_tui.widgets.chart import LABEL_WIDTH, PALETTE, ChartData, CurveChart
 from zopro_tui.widgets.panel import metric_series
+from zopro_tui.widgets.tables import add_columns
 
 REDRAW_SECONDS = 0.25
 TABLE_SE_FROM_WIDTH = 110  # narrower, gold and win drop their standard errors so every column still fits
@@ -51,14 +52,8 @@ class CompareScreen(CurveViewActions, Screen):
         Binding("escape", "back", "Back"),
         Binding("x", "next_axis", "X axis"),
         Binding("e", "smoothing", "Smoothing"),
-        Binding("h,left", "move_cursor(-1)", "Cursor left", show=False),
-        Binding("l,right", "move_cursor(1)", "Cursor right", show=False),
-        Binding("H,shift+left", "move_cursor(-10)", "Cursor left x10", show=False),
-        Binding("L,shift+right", "move_cursor(10)", "Cursor right x10", show=False),
-        Binding("G,end", "cursor_to_end", "Cursor to latest", show=False),
         Binding("plus,equals_sign", "zoom_x(0.5)", "Zoom in"),
-        Binding("minus", "zoom_x(2.0)", "Zoom out", show=False),
-        Binding("0", "reset_x", "Reset zoom", show=False),
+        *CURSOR_BINDINGS,
     ]
 
     view: reactive[CurveView] = reactive(CurveView, init=False)
@@ -81,8 +76,7 @@ class CompareScreen(CurveViewActions, Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#compare-table", DataTable)
-        for key, label in TABLE_COLUMNS:
-            table.add_column(label, key=key)
+        add_columns(table, TABLE_COLUMNS)
         for path in self.runs:
             self.run_worker(
                 lambda path=path: self.read_run(path),

@@ -33,6 +33,7 @@ from zopro_tui.catalogue import (
     ZO_WAITING,
 )
 from zopro_tui.layout import PANELS, panel_order, plan_layout
+from zopro_tui.polling import poll
 from zopro_tui.reading import (
     HardwareRead,
     LogRead,
@@ -43,7 +44,7 @@ from zopro_tui.reading import (
     follow_run,
 )
 from zopro_tui.screens.modals import ConfirmModal
-from zopro_tui.view import CurveView, CurveViewActions
+from zopro_tui.view import CURSOR_BINDINGS, CurveView, CurveViewActions
 from zopro_tui.watched import WatchedRun
 from zopro_tui.widgets.chart import LABEL_WIDTH, CurveChart
 from zopro_tui.widgets.events import EventsPanel
@@ -103,14 +104,8 @@ class DashboardScreen(CurveViewActions, Screen):
         Binding("escape", "back", "Back", show=False),
         Binding("j,down", "focus_panel(1)", "Next panel", show=False),
         Binding("k,up", "focus_panel(-1)", "Previous panel", show=False),
-        Binding("h,left", "move_cursor(-1)", "Cursor left", show=False),
-        Binding("l,right", "move_cursor(1)", "Cursor right", show=False),
-        Binding("H,shift+left", "move_cursor(-10)", "Cursor left x10", show=False),
-        Binding("L,shift+right", "move_cursor(10)", "Cursor right x10", show=False),
-        Binding("G,end", "cursor_to_end", "Cursor to latest", show=False),
         Binding("plus,equals_sign", "zoom_x(0.5)", "Zoom in (x)", show=False),
-        Binding("minus", "zoom_x(2.0)", "Zoom out (x)", show=False),
-        Binding("0", "reset_x", "Reset zoom", show=False),
+        *CURSOR_BINDINGS,
         Binding("E", "export_metrics", "Export metrics CSV/JSON", show=False),
         *[Binding(str(n), f"show_panel({n - 1})", f"Panel {n}", show=False) for n in range(1, 7)],
     ]
@@ -190,12 +185,12 @@ class DashboardScreen(CurveViewActions, Screen):
     def sample_hardware(self) -> None:
         worker = get_current_worker()
         sampler = ProcessSampler()
-        while not worker.is_cancelled:
+
+        def sample() -> None:
             pid, host = self._hardware_target
             self.post_message(HardwareRead(self.run.path, sampler.sample(pid, host)))
-            deadline = time.monotonic() + 2.0
-            while not worker.is_cancelled and time.monotonic() < deadline:
-                time.sleep(0.1)
+
+        poll(sample, 2.0, lambda: worker.is_cancelled)
 
     # -- handlers: they own the state ------------------------------------------------------------------
     @on(SeriesRead)

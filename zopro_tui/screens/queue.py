@@ -27,7 +27,9 @@ from engine.rundir.queue import (
 )
 from engine.rundir.report import fmt_duration
 from zopro_tui.launch import RunPlan
+from zopro_tui.polling import poll
 from zopro_tui.screens.modals import ConfirmModal, NewRunModal
+from zopro_tui.widgets.tables import add_columns
 
 STATE_STYLE = {
     "pending": "dim",
@@ -68,14 +70,10 @@ class QueueScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#queue-table", DataTable)
-        for key, label in (
-            ("id", "id"),
-            ("state", "state"),
-            ("what", "what"),
-            ("time", "time"),
-            ("target", "writes to"),
-        ):
-            table.add_column(label, key=key)
+        add_columns(
+            table,
+            (("id", "id"), ("state", "state"), ("what", "what"), ("time", "time"), ("target", "writes to")),
+        )
         self.run_worker(self.read_queue, thread=True, group="queue-reader", exit_on_error=False)
         self.show()
         table.focus()
@@ -84,11 +82,11 @@ class QueueScreen(Screen):
         from textual.worker import get_current_worker
 
         worker = get_current_worker()
-        while not worker.is_cancelled:
-            self.post_message(QueueRead(load_items(self.root), worker_running(self.root)))
-            deadline = time.monotonic() + 1.0
-            while not worker.is_cancelled and time.monotonic() < deadline:
-                time.sleep(0.1)
+        poll(
+            lambda: self.post_message(QueueRead(load_items(self.root), worker_running(self.root))),
+            1.0,
+            lambda: worker.is_cancelled,
+        )
 
     @on(QueueRead)
     def on_queue_read(self, message: QueueRead) -> None:

@@ -17,10 +17,12 @@ from textual.worker import get_current_worker
 
 from engine.rundir.reader import RunInfo
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, status_text
+from zopro_tui.polling import poll
 from zopro_tui.reading import RunsListed, read_runs
 from zopro_tui.screens.modals import NewRunModal
 from zopro_tui.widgets.chart import fmt_number
 from zopro_tui.widgets.header import run_position
+from zopro_tui.widgets.tables import add_columns
 
 COLUMNS = (
     ("run", "run"),
@@ -170,8 +172,7 @@ class RunsScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(RunsTable)
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
+        add_columns(table, COLUMNS)
         self.query_one("#runs-filter", Input).display = False
         self.show_title()
         table.focus()
@@ -179,11 +180,7 @@ class RunsScreen(Screen):
     @work(thread=True, exclusive=True, group="runs-list", exit_on_error=False)
     def list_runs(self) -> None:
         worker = get_current_worker()
-        while not worker.is_cancelled:
-            self.post_message(read_runs(self.root))
-            deadline = time.monotonic() + 1.0
-            while not worker.is_cancelled and time.monotonic() < deadline:
-                time.sleep(0.05)
+        poll(lambda: self.post_message(read_runs(self.root)), 1.0, lambda: worker.is_cancelled, nap=0.05)
 
     @on(RunsListed)
     def on_runs_listed(self, message: RunsListed) -> None:

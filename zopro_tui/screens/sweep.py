@@ -5,7 +5,6 @@ scores with standard errors) sorted by a chosen final metric, and a plot of that
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,9 @@ from textual.widgets import DataTable, Footer, Static
 from engine.rundir.reader import RunInfo
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se
 from engine.rundir.sweep import Sweep, SweepError, load_sweep, point_state
+from zopro_tui.polling import poll
 from zopro_tui.widgets.chart import PALETTE, ChartData, ChartSeries, CurveChart
+from zopro_tui.widgets.tables import add_columns
 
 # (label, latest metric, higher is better)
 SORT_METRICS = (
@@ -108,11 +109,11 @@ class SweepScreen(Screen):
         from textual.worker import get_current_worker
 
         worker = get_current_worker()
-        while not worker.is_cancelled and self.sweep is not None:
-            self.post_message(read_points(self.sweep))
-            deadline = time.monotonic() + 2.0
-            while not worker.is_cancelled and time.monotonic() < deadline:
-                time.sleep(0.1)
+        poll(
+            lambda: self.post_message(read_points(self.sweep)),
+            2.0,
+            lambda: worker.is_cancelled or self.sweep is None,
+        )
 
     @on(SweepRead)
     def on_sweep_read(self, message: SweepRead) -> None:
@@ -159,18 +160,19 @@ class SweepScreen(Screen):
         assert self.sweep is not None
         table = self.query_one("#sweep-table", DataTable)
         table.clear(columns=True)
-        table.add_column("#", key="#")
-        for key in self.keys:
-            table.add_column(key.rsplit(".", 1)[-1], key=f"key:{key}")
-        for label, key in (
-            ("status", "status"),
-            ("gold", "gold"),
-            ("win vs SFT", "win"),
-            ("KL", "kl"),
-            ("wall", "wall"),
-            ("warnings", "warnings"),
-        ):
-            table.add_column(label, key=key)
+        add_columns(
+            table,
+            [
+                ("#", "#"),
+                *((f"key:{key}", key.rsplit(".", 1)[-1]) for key in self.keys),
+                ("status", "status"),
+                ("gold", "gold"),
+                ("win", "win vs SFT"),
+                ("kl", "KL"),
+                ("wall", "wall"),
+                ("warnings", "warnings"),
+            ],
+        )
         with_se = self.size.width >= 100
         for point in self.sorted_points():
             latest = self.latest(point)

@@ -88,6 +88,17 @@ class HardwarePanel(Panel):
         )
         if latest.get("mem/cuda_peak_mib") is not None:
             grid.add_row("CUDA peak", mib(latest.get("mem/cuda_peak_mib")))
+        world = int(latest.get("dist/world_size") or 1)
+        if world > 1:  # a torchrun run: every rank's own peak (rank 0's process is the one read above)
+            grid.add_row("ranks", f"{world} (data parallel)")
+            for rank in range(world):
+                peak = latest.get(f"mem/rank{rank}/cuda_peak_mib") or latest.get(
+                    f"mem/rank{rank}/peak_rss_mib"
+                )
+                grid.add_row(f"  rank {rank}", f"peak {mib(peak)}")
+            sent = latest.get("dist/update_bytes")
+            if sent is not None:
+                grid.add_row("  sent/update", fmt_number(float(sent), 9) + " B")
         text = self.query_one("#hardware-text", Static)
         rows = grid.row_count
         text.update(grid, layout=rows != self._rows)  # a new layout only when the height changes

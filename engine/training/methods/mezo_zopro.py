@@ -11,14 +11,13 @@ reads as the fraction of |z| moved per update.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
+from engine.analysis.adapter_keys import neutral_key
 from engine.errors import TrainingFailed
-from engine.rundir.writer import adapter_file
+from engine.training.adapter_history import AdapterHistory
 from engine.training.methods.context import MethodContext
 from engine.training.methods.rloo import RLOOUpdate
 from engine.training.objectives import clipped_surrogate
@@ -100,7 +99,7 @@ class ZerothOrderUpdate:
             mu, v = self.momentum_and_reward_change(iteration)
             if self.reference_norms is None:  # the first informed iteration fixes the scale
                 self.reference_norms = {n: float(torch.linalg.vector_norm(t)) for n, t in mu.items()}
-        self.momentum = mu  # this iteration's mu, read once from the checkpoints (the premise check uses it)
+        self.momentum = mu  # this iteration's mu, read once from the history (the premise check uses it)
         fixed = self.reference_norms is not None and self.config.z_norm == "reference"
         norm = self.reference_norm
         if kind == "block":
@@ -125,13 +124,11 @@ class ZerothOrderUpdate:
         self, iteration: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """mu = the policy's whole change over the previous iteration (for iteration 1: policy - sft);
-        v = the reward adapter's change in the previous iteration's refinement. Both read from the
-        checkpoints saved at iteration boundaries, keyed like the policy parameters."""
-        end = self.context.iteration_checkpoint(iteration - 1)
-        start = self.context.iteration_checkpoint(iteration - 2)
-        mu = _difference(end, start, "policy")
-        v = _difference(end, start, "reward")
-        to_param = self._checkpoint_keys(mu)
+        v = the reward adapter's change in the previous iteration's refinement. Both from the run's
+        adapter history (the adapters at the iteration boundaries), keyed like the policy parameters."""
+        mu = self.history.change("policy", since=iteration - 2, until=iteration - 1)
+        v = self.history.change("reward", since=iteration - 2, until=iteration - 1)
+        to_param = self._saved_keys(mu)
         if set(mu) != set(v):
             raise ValueError("policy and reward adapters do not pair up key by key")
         device = self.pm.device
@@ -140,9 +137,15 @@ class ZerothOrderUpdate:
             {to_param[k]: v[k].to(device) for k in to_param},
         )
 
-    def _checkpoint_keys(self, saved: dict[str, torch.Tensor]) -> dict[str, str]:
+    @property
+    def history(self) -> AdapterHistory:
+        if self.context.adapter_history is None:
+            raise RuntimeError(f"{self.name} needs the run's adapter history and the context has none")
+        return self.context.adapter_history
+
+    def _saved_keys(self, saved: dict[str, torch.Tensor]) -> dict[str, str]:
         """{saved adapter key: parameter name} for the policy parameters."""
-        to_param = {name.replace(".policy.", "."): name for name in self.params}
+        to_param = {neutral_key(name, "policy"): name for name in self.params}
         missing = sorted(set(to_param) - set(saved))
         if missing:
             raise ValueError(
@@ -196,7 +199,7 @@ class ZerothOrderUpdate:
             weight_decay=config.weight_decay,
             directions=config.directions,
             g_clip=config.g_clip or None,
-            reduce_g=self.context.reduce_scalar,
+            reduce_g=self.context.dist.mean_scalar if self.context.dist.enabled else None,
             normalizer=self.normalizer,
         )
         metrics = {
@@ -264,7 +267,7 @@ class ZerothOrderUpdate:
         names = list(self.params)
         grads = torch.autograd.grad(loss, [self.params[n] for n in names])
         self.counters.add(backward_passes=1)
-        return {n: g.detach() for n, g in zip(names, grads, strict=True)}
+        return self.context.dist.mean_tensors({n: g.detach() for n, g in zip(names, grads, strict=True)})
 
     # -- the premise check and the end of an iteration ---------------------------------------------------
     def premise(self, iteration: int) -> dict[str, float]:
@@ -275,7 +278,10 @@ class ZerothOrderUpdate:
         mu = self.momentum  # set by sampler_for(iteration), which runs first
         with self.pm.adapter("policy"):
             metrics = along_mu(
-                self.params, mu, config.premise_step, lambda: self.context.score_policy("premise", iteration)
+                self.params,
+                mu,
+                config.premise_step,
+                lambda: self.context.score_policy("premise", iteration, count=config.premise_prompts),
             )
         if config.premise_gradient_batches:
             losses = [
@@ -283,7 +289,7 @@ class ZerothOrderUpdate:
                 for b in range(config.premise_gradient_batches)
             ]
             self.pm.use("policy")
-            gradient = mean_gradient(self.params, losses)
+            gradient = self.context.dist.mean_tensors(mean_gradient(self.params, losses))
             self.counters.add(backward_passes=len(losses))
             basis = self.sampler.basis if isinstance(self.sampler, SubspaceSampler) else None
             metrics.update(gradient_alignment(gradient, mu, basis))
@@ -293,8 +299,8 @@ class ZerothOrderUpdate:
         """The policy's change over this iteration relative to the reference norm; warns when it stalls."""
         if self.reference_norms is None or self.uses_first_order(iteration):
             return {}
-        start = load_file(str(adapter_file(self.context.iteration_checkpoint(iteration - 1), "policy")))
-        to_param = self._checkpoint_keys(start)
+        start = self.history.at("policy", iteration - 1)
+        to_param = self._saved_keys(start)
         change = math.sqrt(
             sum(
                 float(((self.params[name].detach().cpu() - start[key].float()) ** 2).sum())
@@ -336,13 +342,7 @@ class ZerothOrderUpdate:
             self.snapshots.load_state_dict(state["snapshots"], self.pm.device)
         basis = state.get("basis")
         self.basis = basis.to(self.pm.device) if basis is not None else None
-        self.sampler_iteration = None  # rebuilt from the checkpoints on the next update
-
-
-def _difference(end: Path, start: Path, adapter: str) -> dict[str, torch.Tensor]:
-    after = load_file(str(adapter_file(end, adapter)))
-    before = load_file(str(adapter_file(start, adapter)))
-    return {k: (after[k].float() - before[k].float()) for k in after}
+        self.sampler_iteration = None  # rebuilt from the adapter history on the next update
 
 
 def _cosine_with_step(

@@ -51,7 +51,7 @@ class OnlineDPOUpdate:
     name = "online_dpo"
 
     def __init__(self, context: MethodContext):
-        self.pm, self.counters = context.pm, context.counters
+        self.pm, self.counters, self.dist = context.pm, context.counters, context.dist
         self.config = context.recipe.online_dpo
         self.params = list(self.pm.adapter_parameters("policy").values())
         self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=0.0)
@@ -62,8 +62,13 @@ class OnlineDPOUpdate:
             group["lr"] = lr
         chosen, rejected = preference_pairs(rollout.scores, rollout.samples_per_prompt)
         pairs = chosen.shape[0]
-        if pairs == 0:  # every pair tied: nothing to learn from this rollout
-            return {"dpo/pairs": 0.0, "policy/lr": lr}
+        if pairs == 0:  # every pair tied: nothing to learn from this rollout (other ranks may have some)
+            if self.dist.sync_gradients(self.params, 0.0) == 0:
+                return {"dpo/pairs": 0.0, "policy/lr": lr}
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"dpo/pairs": 0.0, "policy/grad_norm": float(grad_norm), "policy/lr": lr}
         rows = torch.cat([chosen, rejected])
         reference = rollout.ref_logprobs[rows].sum(-1)
         with self.pm.adapter("policy"):  # active (so trainable) through backward and step
@@ -73,6 +78,7 @@ class OnlineDPOUpdate:
             )
             loss.backward()
             self.counters.add(backward_passes=1)
+            self.dist.sync_gradients(self.params, float(pairs))  # the mean over every rank's pairs
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

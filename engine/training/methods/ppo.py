@@ -91,6 +91,7 @@ class PPOUpdate:
 
     def __init__(self, context: MethodContext):
         self.pm, self.counters, self.seed = context.pm, context.counters, context.recipe.seed
+        self.dist = context.dist
         self.config = context.recipe.ppo
         self.clip_range = context.recipe.policy.clip_range
         # V(s_t): a float32 linear read-out of the policy adapter's last hidden state; zero at the start
@@ -116,18 +117,25 @@ class PPOUpdate:
         )  # the rollout's beta: policy.kl_coef, or the adaptive controller's value
         advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = self._whiten(advantages, mask)
 
-        n = mask.shape[0]
+        # minibatches of the whole batch (over all ranks); each rank trains on its rows of each one
+        n = rollout.total_rows or mask.shape[0]
+        first, local = rollout.first_row, mask.shape[0]
         size = -(-n // c.minibatches)
         shuffle = generator(self.seed, "ppo", update_index)  # minibatch order: the same after a resume
         stats: dict[str, list[float]] = {
             k: [] for k in ("loss", "policy", "value", "clipfrac", "approxkl", "grad_norm")
         }
         for _ in range(c.epochs):
-            order = torch.randperm(n, generator=shuffle).to(mask.device)
+            order = torch.randperm(n, generator=shuffle)
             for start in range(0, n, size):
                 rows = order[start : start + size]
+                rows = (rows[(rows >= first) & (rows < first + local)] - first).to(mask.device)
+                if len(rows) == 0:  # none of this minibatch is on this rank: it still joins the all-reduce
+                    self.dist.sync_gradients(self.params, 0.0)
+                    self._step(c)
+                    continue
                 m = mask[rows]
                 with self.pm.adapter("policy"):  # active (so trainable) through backward and step
                     logprobs, values = logprobs_and_values(
@@ -151,9 +159,8 @@ class PPOUpdate:
                     loss = policy_loss + c.vf_coef * value_loss
                     loss.backward()
                     self.counters.add(backward_passes=1)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.dist.sync_gradients(self.params, float(m.sum()))  # the mean over tokens
+                    grad_norm = self._step(c)
                 with torch.no_grad():
                     stats["loss"].append(float(loss))
                     stats["policy"].append(float(policy_loss))
@@ -180,6 +187,22 @@ class PPOUpdate:
             "value/mean": float(masked_mean(old_values, mask)),
             "value/explained_variance": float(1.0 - residual_var / returns_var.clamp(min=1e-8)),
         }
+
+    def _step(self, c) -> torch.Tensor:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _whiten(self, values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """masked_whiten over the whole batch: the mean and variance of every rank's masked entries."""
+        if not self.dist.enabled:
+            return masked_whiten(values, mask, eps)
+        v = values.double() * mask
+        total, squares, count = self.dist.sum_floats([v.sum(), (v**2).sum(), mask.sum()], "whitening")
+        mean = total / max(count, 1.0)
+        var = max(squares / max(count, 1.0) - mean**2, 0.0)
+        return ((values - mean) * (var + eps) ** -0.5 * mask).to(values.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict()}

@@ -22,7 +22,7 @@ class RLOOUpdate:
     ):
         """`on_gradient({name: raw gradient})` is called after each backward, before the clip (the
         zeroth-order methods keep these snapshots for their subspace sampler)."""
-        self.pm, self.counters = context.pm, context.counters
+        self.pm, self.counters, self.dist = context.pm, context.counters, context.dist
         self.on_gradient = on_gradient
         self.clip_range = context.recipe.policy.clip_range
         config = context.recipe.rloo
@@ -41,6 +41,7 @@ class RLOOUpdate:
             )
             loss.backward()
         self.counters.add(backward_passes=1)
+        self.dist.sync_gradients(self.params, len(rollout.sequences.prompts))  # the mean over sequences
         if self.on_gradient is not None:
             self.on_gradient({name: p.grad for name, p in self.named_params.items()})
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)

@@ -1,0 +1,14 @@
+"""Setting up the workbench's DataTables: columns declared as (key, label) pairs, added in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from textual.widgets import DataTable
+
+
+def add_columns(table: DataTable, columns: Iterable[tuple[str, str]]) -> DataTable:
+    """Add each (key, label) column, in order; the key is what rows and cell updates name it by."""
+    for key, label in columns:
+        table.add_column(label, key=key)
+    return table
