@@ -1,16 +1,9 @@
-"""Losses: SFT cross-entropy, the Bradley-Terry reward loss and the clipped surrogate on sequence ratios."""
+"""Losses: the Bradley-Terry reward loss and the clipped surrogate on sequence ratios."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on response tokens only (labels = -100 elsewhere)."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
