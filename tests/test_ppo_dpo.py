@@ -11,6 +11,7 @@ import torch
 from engine.rundir.reader import read_events
 from engine.training.methods.online_dpo import dpo_loss, preference_pairs
 from engine.training.methods.ppo import gae, masked_whiten, token_rewards
+from engine.training.rollout import whiten
 from tests.conftest import FAST_RECIPE, zopro
 from tests.runs import adapters, assert_resume_after_sigterm_is_exact, finished_run
 
@@ -56,6 +57,25 @@ def test_whitening_uses_response_tokens_only():
     whitened = masked_whiten(values, mask)
     assert whitened[0, 3] == 0.0
     assert torch.allclose(whitened[0, :3], torch.tensor([-1.0, 0.0, 1.0]) * math.sqrt(1.5), atol=1e-4)
+
+
+def test_whitening_over_ranks_takes_the_moments_of_every_ranks_entries():
+    """Two ranks' halves whitened with the moments summed over both equal the whole batch whitened."""
+    values = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    mask = (torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) > 0.3).float()
+    halves = [(values[:2], mask[:2]), (values[2:], mask[2:])]
+
+    def sums_of(moments):  # what all-reducing each rank's [sum, sum of squares, count] gives
+        return lambda local: [sum(float(m[i]) for m in moments) for i in range(3)]
+
+    masked = [((v.double() * m).sum(), ((v.double() * m) ** 2).sum(), m.sum()) for v, m in halves]
+    whole = masked_whiten(values, mask)
+    split = torch.cat([masked_whiten(v, m, sums=sums_of(masked)) for v, m in halves])
+    assert torch.allclose(split, whole, atol=1e-5)
+    flat = values.reshape(-1)
+    plain = [(h.double().sum(), (h.double() ** 2).sum(), h.numel()) for h in (flat[:12], flat[12:])]
+    split = torch.cat([whiten(h, sums=sums_of(plain)) for h in (flat[:12], flat[12:])])
+    assert torch.allclose(split, whiten(flat), atol=1e-5)
 
 
 # --- DPO ----------------------------------------------------------------------------------------------------

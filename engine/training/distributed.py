@@ -165,30 +165,21 @@ class Distributed:
         params = list(params)
         if not self.enabled:
             return float(weight)
+        grads = [
+            p.grad.detach().float() if p.grad is not None else p.new_zeros(p.shape).float() for p in params
+        ]
         flat = torch.cat(
-            [
-                (
-                    p.grad.detach().float().reshape(-1)
-                    if p.grad is not None
-                    else p.new_zeros(p.numel()).float()
-                )
-                * float(weight)
-                for p in params
-            ]
+            [g.reshape(-1) * float(weight) for g in grads]
             + [torch.tensor([float(weight)], device=params[0].device if params else "cpu")]
         ).to(self._comm_device)
         self._all_reduce(flat, "the gradient all-reduce", "gradients")
         total = float(flat[-1])
-        offset = 0
-        for p in params:
-            n = p.numel()
-            if total > 0:
-                mean = (flat[offset : offset + n] / total).view_as(p).to(p.device, p.dtype)
+        if total > 0:
+            for p, mean in zip(params, _split_like(flat[:-1] / total, params), strict=True):
                 if p.grad is None:
                     p.grad = mean
                 else:
                     p.grad.copy_(mean)
-            offset += n
         return total
 
     def mean_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,13 +189,8 @@ class Distributed:
         names = sorted(tensors)
         flat = torch.cat([tensors[n].detach().double().reshape(-1) for n in names]).to(self._comm_device)
         self._all_reduce(flat, "a diagnostic all-reduce", "diagnostics")
-        flat /= self.world_size
-        out, offset = {}, 0
-        for n in names:
-            t = tensors[n]
-            out[n] = flat[offset : offset + t.numel()].view_as(t).to(t.device, t.dtype)
-            offset += t.numel()
-        return out
+        means = _split_like(flat / self.world_size, [tensors[n] for n in names])
+        return dict(zip(names, means, strict=True))
 
     def gather(self, items: list[Any], what: str = "gathering results") -> list[Any]:
         """Every rank's list, concatenated in rank order, on every rank (picklable items)."""
@@ -252,6 +238,12 @@ class Distributed:
             self._call("the initial parameter broadcast", dist.broadcast, data, src=0)
             if data.data_ptr() != p.data.data_ptr():
                 p.data.copy_(data)
+
+
+def _split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A flat bucket cut back into tensors shaped, typed and placed like `like`."""
+    pieces = torch.split(flat, [t.numel() for t in like])
+    return [piece.view_as(t).to(t.device, t.dtype) for piece, t in zip(pieces, like, strict=True)]
 
 
 def _approx_bytes(value: Any) -> int:

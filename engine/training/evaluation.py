@@ -79,16 +79,12 @@ def evaluate(run: Run, label: str) -> dict[str, float]:
             win(a, b, 0.0) for a, b in zip(mine.tolist(), theirs.tolist(), strict=True)
         ]
         per_answer["reward_initial"] = mine.tolist()
-    if dist.enabled:
-        per_answer = {
-            name: dist.gather(values, "gathering the evaluation") for name, values in per_answer.items()
-        }
-        answers = dist.gather(
-            list(zip(seqs.responses, scores.tolist(), strict=True)), "gathering the evaluation"
-        )
-        responses, score_list = [a for a, _ in answers], [s for _, s in answers]
-    else:
-        responses, score_list = seqs.responses, scores.tolist()
+    responses, score_list = seqs.responses, scores.tolist()
+    if dist.enabled:  # every rank's share, in the order of the whole batch: one gather
+        parts = dist.gather([(per_answer, responses, score_list)], "gathering the evaluation")
+        per_answer = {name: [v for part, _, _ in parts for v in part[name]] for name in per_answer}
+        responses = [a for _, part, _ in parts for a in part]
+        score_list = [s for _, _, part in parts for s in part]
     metrics: dict[str, float] = {}
     for name, values in per_answer.items():
         mean, se = mean_and_standard_error(values, n)

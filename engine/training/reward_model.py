@@ -34,8 +34,9 @@ def bradley_terry_step(
     on the pairs' quality scores); returns the loss and the batch accuracy. With several ranks `pairs` is
     this rank's share and the gradients are averaged over every rank's pairs (a rank may have none)."""
     r = recipe
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if dist is not None and dist.enabled and not pairs:
-        dist.sync_gradients([p for group in optimizer.param_groups for p in group["params"]], 0.0)
+        dist.sync_gradients(params, 0.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float("nan"), float("nan")
@@ -62,7 +63,7 @@ def bradley_terry_step(
         loss.backward()
         counters.add(backward_passes=1)
         if dist is not None:
-            dist.sync_gradients([p for group in optimizer.param_groups for p in group["params"]], n)
+            dist.sync_gradients(params, n)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return float(loss.detach()), float((scores[:n] > scores[n:]).float().mean())

@@ -4,6 +4,8 @@ scores, sequence KL, rlhf reward and RLOO advantages (method.md section 2). Writ
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,9 +88,13 @@ def encode_prompts(
 LOGITS_CHUNK_BYTES = 32 * 2**20
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    logits = head(hidden).float()
+def chosen_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row, without the full log-softmax."""
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    return chosen_logprobs(head(hidden).float(), targets)
 
 
 def selective_logprobs(
@@ -233,8 +239,7 @@ def sample_with_logprobs(
             token = (probs / -torch.log(noise)).argmax(-1)
             alive = ~finished
             if logprobs:
-                chosen = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-                new_logprobs.append(chosen * alive)
+                new_logprobs.append(chosen_logprobs(logits, token) * alive)
             token = torch.where(alive, token, torch.full_like(token, pad))
             new_tokens.append(token)
             new_mask.append(alive.long())
@@ -314,12 +319,22 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baseline).reshape(-1)
 
 
-def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the batch (TRL's normalize_advantages); a batch with no spread stays at 0."""
-    centred = values - values.mean()
-    if values.numel() < 2:
-        return centred
-    return centred / (centred.std() + eps)
+Sums = Callable[[list], list[float]]  # several ranks: the sum over the ranks of each of a list of numbers
+
+
+def whiten(values: torch.Tensor, eps: float = 1e-8, sums: Sums | None = None) -> torch.Tensor:
+    """(x - mean) / std over the batch (TRL's normalize_advantages); a batch with no spread stays at 0.
+    With `sums` the batch is every rank's: the moments are summed over the ranks."""
+    if sums is None:
+        centred = values - values.mean()
+        if values.numel() < 2:
+            return centred
+        return centred / (centred.std() + eps)
+    v = values.double()
+    total, squares, count = sums([v.sum(), (v**2).sum(), v.numel()])
+    mean = total / count
+    std = math.sqrt(max(squares - count * mean**2, 0.0) / max(count - 1, 1))
+    return ((v - mean) / (std + eps)).to(values.dtype)
 
 
 @torch.no_grad()
@@ -338,13 +353,15 @@ def collect_rollout(
     reward_clip: float = 0.0,
     whiten_advantages: bool = False,
     prompt_rows: slice | None = None,
+    sums: Sums | None = None,
 ) -> Rollout:
     """B prompts -> k answers each from the policy, with old and reference log-probs, scores and advantages.
 
     `reward_clip > 0` clips the reward model's scores to [-reward_clip, reward_clip] before the missing-EOS
     penalty and the KL term (TRL's reward_clip_range); `whiten_advantages` rescales the RLOO advantages to
     mean 0 and standard deviation 1 over the batch (TRL's normalize_advantages). `prompt_rows`: only these
-    prompts' answers (a rank's share; the k answers of a prompt stay together for the RLOO baseline)."""
+    prompts' answers (a rank's share; the k answers of a prompt stay together for the RLOO baseline), with
+    `sums` (the sum over ranks) to whiten over every rank's answers."""
     repeated = [p for p in prompts for _ in range(k)]
     rows = slice(prompt_rows.start * k, prompt_rows.stop * k) if prompt_rows is not None else None
     # In float32 the sampler's own log-probs equal a recomputation to ~1e-6 and save a forward pass; a
@@ -374,7 +391,7 @@ def collect_rollout(
     rlhf_reward = scores - kl_coef * kl
     advantages = rloo_advantages(rlhf_reward, k)
     if whiten_advantages:
-        advantages = whiten(advantages)
+        advantages = whiten(advantages, sums=sums)
     return Rollout(
         sequences=seqs,
         old_logprobs=old_logprobs,

@@ -191,28 +191,22 @@ class Run:
         """The shared rollout of one update on `prompts` with this run's settings (this rank's share of
         the prompts when there are several; advantages whitened over the whole batch)."""
         r, dist = self.recipe, self.dist
-        rollout = collect_rollout(
+        return collect_rollout(
             self.pm,
             prompts,
             k=r.train.samples_per_prompt,
             kl_coef=self.kl_controller.value,
             missing_eos_penalty=r.policy.missing_eos_penalty,
             reward_clip=r.policy.reward_clip,
-            whiten_advantages=r.policy.whiten_advantages and not dist.enabled,
+            whiten_advantages=r.policy.whiten_advantages,
             max_new_tokens=r.model.max_new_tokens,
             max_prompt_tokens=r.model.max_prompt_tokens,
             temperature=r.policy.temperature,
             generator=gen,
             counters=self.counters,
             prompt_rows=dist.shard(len(prompts)) if dist.enabled else None,
+            sums=dist.sum_floats if dist.enabled else None,
         )
-        if r.policy.whiten_advantages and dist.enabled:
-            a = rollout.advantages.double()
-            total, squares, count = dist.sum_floats([a.sum(), (a**2).sum(), a.numel()], "whitening")
-            mean = total / count
-            std = math.sqrt(max(squares - count * mean**2, 0.0) / max(count - 1, 1))
-            rollout.advantages = ((a - mean) / (std + 1e-8)).to(rollout.advantages.dtype)
-        return rollout
 
     def fresh_rollout(self, where: tuple) -> Rollout:
         """A rollout on training prompts of this iteration drawn from `where` (diagnostics)."""

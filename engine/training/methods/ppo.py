@@ -19,7 +19,7 @@ from torch import nn
 from engine.seeds import generator
 from engine.training.methods.context import MethodContext
 from engine.training.models import PreferenceModel
-from engine.training.rollout import Rollout, Sequences, position_ids, selective_logprobs
+from engine.training.rollout import Rollout, Sequences, Sums, position_ids, selective_logprobs
 from engine.training.telemetry import Counters
 
 
@@ -27,11 +27,19 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; zero elsewhere."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    return (values - mean) * torch.rsqrt(var + eps) * mask
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, sums: Sums | None = None
+) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; zero elsewhere. With `sums` over every rank's entries."""
+    if sums is None:
+        mean = masked_mean(values, mask)
+        var = masked_mean((values - mean) ** 2, mask)
+        return (values - mean) * torch.rsqrt(var + eps) * mask
+    v = values.double() * mask
+    total, squares, count = sums([v.sum(), (v**2).sum(), mask.sum()])
+    mean = total / max(count, 1.0)
+    var = max(squares / max(count, 1.0) - mean**2, 0.0)
+    return ((values - mean) * (var + eps) ** -0.5 * mask).to(values.dtype)
 
 
 def token_rewards(
@@ -117,7 +125,8 @@ class PPOUpdate:
         )  # the rollout's beta: policy.kl_coef, or the adaptive controller's value
         advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
-            advantages = self._whiten(advantages, mask)
+            sums = self.dist.sum_floats if self.dist.enabled else None
+            advantages = masked_whiten(advantages, mask, sums=sums)
 
         # minibatches of the whole batch (over all ranks); each rank trains on its rows of each one
         n = rollout.total_rows or mask.shape[0]
@@ -193,16 +202,6 @@ class PPOUpdate:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
-
-    def _whiten(self, values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        """masked_whiten over the whole batch: the mean and variance of every rank's masked entries."""
-        if not self.dist.enabled:
-            return masked_whiten(values, mask, eps)
-        v = values.double() * mask
-        total, squares, count = self.dist.sum_floats([v.sum(), (v**2).sum(), mask.sum()], "whitening")
-        mean = total / max(count, 1.0)
-        var = max(squares / max(count, 1.0) - mean**2, 0.0)
-        return ((values - mean) * (var + eps) ** -0.5 * mask).to(values.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict()}
