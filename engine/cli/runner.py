@@ -218,7 +218,7 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
     live_enabled = console.is_terminal and not quiet
     with console.status("loading the model…", spinner="dots") if live_enabled else contextlib.nullcontext():
         try:
-            run = Run(recipe, writer, listener=listener, dist=dist)
+            run = Run(recipe, writer, listener=None if follower else listener, dist=dist)
         except ModelError as error:
             return bad(str(error))
     view = ProgressView(run.total_steps, recipe.train.iterations, recipe.policy.method, run_dir)

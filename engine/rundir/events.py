@@ -24,8 +24,17 @@ REWIND_FIELD = "rewind_to_seq"
 
 # Each kind and the fields it adds to the common ones (what readers may rely on; more may come).
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
-    "run_start": ("recipe", "total_steps", "data", SCHEMA_FIELD),
-    RESUME: (REWIND_FIELD, "checkpoint", "warning_count", "skipped", "message", SCHEMA_FIELD),
+    "run_start": ("recipe", "total_steps", "data", "world_size", SCHEMA_FIELD),
+    RESUME: (
+        REWIND_FIELD,
+        "checkpoint",
+        "warning_count",
+        "skipped",
+        "message",
+        "world_size",  # the ranks now; `previous_world_size` when they were another number
+        "previous_world_size",
+        SCHEMA_FIELD,
+    ),
     "stage_start": ("message",),
     "stage_end": ("wall_s", "peak_rss_mib", "counters", "cuda_peak_mib"),
     "metrics": ("metrics",),

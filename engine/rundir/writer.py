@@ -39,6 +39,11 @@ PRIVATE_BITS = (
 )
 
 
+def iteration_checkpoint_name(iteration: int) -> str:
+    """The checkpoint saved at the end of `iteration` (-1: the start of iteration 0, after the reward model)."""
+    return "reward" if iteration < 0 else f"iter-{iteration:04d}"
+
+
 def adapter_file(checkpoint: Path, adapter: str) -> Path:
     """Where a checkpoint keeps one adapter's tensors, in plain peft layout (sft, policy or reward)."""
     return checkpoint / "adapters" / adapter / "adapter_model.safetensors"
@@ -170,6 +175,11 @@ class RunWriter:
             fields["metrics"] = clean_metrics(fields["metrics"])
         event.update(fields)
         stamp_schema(event)  # the schema version on the events that open a run
+        self._append(event)
+        self.seq += 1
+        return event
+
+    def _append(self, event: dict) -> None:
         line = (json.dumps(event, default=json_default, allow_nan=False) + "\n").encode()
         try:
             written = 0
@@ -180,8 +190,6 @@ class RunWriter:
                 os.ftruncate(self._events_fd, self._events_size)
             raise
         self._events_size += len(line)
-        self.seq += 1
-        return event
 
     def update_status(self, **fields: Any) -> None:
         """Merge fields into status.json and replace it atomically."""
@@ -322,11 +330,8 @@ class FollowerWriter(RunWriter):
     def close(self) -> None:
         pass
 
-    def emit(self, type: str, *, stage: str, iteration: int | None, step: int, **fields: Any) -> dict:
-        event = {"seq": self.seq, "type": type, "time": round(time.time(), 4), "stage": stage}
-        event.update(iteration=iteration, step=step, **fields)
-        self.seq += 1
-        return event
+    def _append(self, event: dict) -> None:
+        pass  # the event is numbered as rank 0 numbers it, and not written
 
     def update_status(self, **fields: Any) -> None:
         self._status.update(fields)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.errors import TrainingFailed
-from engine.rundir.writer import adapter_file
+from engine.rundir.writer import adapter_file, iteration_checkpoint_name
 
 ADAPTERS = ("policy", "reward")
 
@@ -48,7 +48,7 @@ class AdapterHistory:
         """One adapter's tensors at the end of `iteration`; TrainingFailed when that boundary is not held
         (its checkpoint could not be read on resume)."""
         if iteration not in self.boundaries:
-            name = "reward" if iteration < 0 else f"iter-{iteration:04d}"
+            name = iteration_checkpoint_name(iteration)
             raise TrainingFailed(
                 f"zopro needs the adapters of checkpoint {name} (the end of iteration {iteration}), which "
                 "could not be read on resume: restore that checkpoint folder, or start a new run"

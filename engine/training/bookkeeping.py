@@ -19,7 +19,7 @@ import torch
 
 from engine.errors import StopRun, TrainingFailed
 from engine.recipe import Recipe
-from engine.rundir.writer import RunWriter
+from engine.rundir.writer import RunWriter, iteration_checkpoint_name
 from engine.training.distributed import Distributed
 from engine.training.telemetry import Counters, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
 
@@ -169,7 +169,7 @@ class RunBook:
             elapsed=round(self.clock.elapsed(), 3),
             **fields,
         )
-        if self.listener is not None and self.dist.is_main:
+        if self.listener is not None:
             self.listener(event)
         return event
 
@@ -219,8 +219,6 @@ class RunBook:
         gold: list[float] | None,
         kind: str = "train",
     ) -> None:
-        if not self.dist.is_main:
-            return
         rows = []
         for j, (p, a, s) in enumerate(zip(prompts, responses, scores, strict=True)):
             row = {
@@ -272,8 +270,7 @@ class RunBook:
 
     def iteration_checkpoint(self, iteration: int) -> Path:
         """The checkpoint saved at the end of `iteration` (-1: the start of iteration 0, after the reward model)."""
-        name = "reward" if iteration < 0 else f"iter-{iteration:04d}"
-        return self.writer.checkpoints_dir / name
+        return self.writer.checkpoints_dir / iteration_checkpoint_name(iteration)
 
     def between_steps(self) -> None:
         """Poll control requests and signals; pause, checkpoint or stop here, where the state is whole."""

@@ -18,7 +18,7 @@ from engine import __version__
 from engine.errors import StopRun
 from engine.recipe import dump_recipe
 from engine.rundir.files import RunDirError, atomic_write_json, atomic_write_text
-from engine.rundir.writer import checkpoint_candidates
+from engine.rundir.writer import checkpoint_candidates, iteration_checkpoint_name
 from engine.training.evaluation import evaluate, watch
 from engine.training.run import CheckpointUnreadable, Run
 from engine.training.stages import (
@@ -65,9 +65,10 @@ def train(run: Run) -> None:
                     break
                 run.remember_adapters(i)
                 next_iteration(run)
-                book.end_stage(checkpoint=f"iter-{i:04d}")
+                checkpoint = iteration_checkpoint_name(i)
+                book.end_stage(checkpoint=checkpoint)
                 if runaway:
-                    raise StopRun(f"{runaway}; the run stopped after checkpoint iter-{i:04d}", failed=True)
+                    raise StopRun(f"{runaway}; the run stopped after checkpoint {checkpoint}", failed=True)
 
 
 def start(run: Run) -> None:
