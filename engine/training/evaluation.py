@@ -100,7 +100,7 @@ def evaluate(run: Run, label: str) -> dict[str, float]:
     }
     state.history.append(row)
     run.book.write_samples(
-        everyone[:16],
+        run.user_texts(everyone[:16]),
         responses[:16],
         score_list[:16],
         [task.gold(p, a) for p, a in zip(everyone[:16], responses[:16], strict=True)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -89,6 +90,7 @@ class LLMJudge:
         dtype: str,
         counters: Counters,
         max_input_tokens: int = 1024,
+        user_text: Callable[[str], str] | None = None,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,9 +109,12 @@ class LLMJudge:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         self.device, self.counters, self.max_input_tokens = device, counters, max_input_tokens
+        self.user_text = user_text or (lambda prompt: prompt)  # the words of a chat-rendered prompt
 
     def render(self, prompt: str, first: str, second: str) -> str:
-        text = VERDICT_PROMPT.format(prompt=prompt.strip(), first=first.strip(), second=second.strip())
+        text = VERDICT_PROMPT.format(
+            prompt=self.user_text(prompt).strip(), first=first.strip(), second=second.strip()
+        )
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True

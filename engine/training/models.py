@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from engine.rundir.writer import adapter_file
+from engine.training.gguf_base import GGUFError, dequantise, is_gguf_reference
 
 ADAPTERS = ("sft", "policy", "reward")
 BUILTIN_SIZES = {
@@ -303,12 +304,23 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_base(
-    base: str, corpus: list[str], seed: int, cache_dir: str, pretraining_text: list[str] | None = None
+    base: str,
+    corpus: list[str],
+    seed: int,
+    cache_dir: str,
+    pretraining_text: list[str] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> str:
-    """A builtin:NAME becomes the folder it was built into; other names are passed to from_pretrained."""
+    """A builtin:NAME becomes the folder it was built into, a GGUF file (a path or pkg:PACKAGE/FILE.gguf)
+    the folder it was dequantised into; other names are passed to from_pretrained."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if base.startswith("builtin:"):
-        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         return str(build_builtin(base.split(":", 1)[1], corpus, seed, cache, pretraining_text))
+    if is_gguf_reference(base):
+        try:
+            return str(dequantise(base, cache, say))
+        except GGUFError as error:
+            raise ModelError(str(error)) from None
     path = Path(base).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -319,6 +331,12 @@ def resolve_base(
     if base.startswith((".", "/", "~")) or base.count("/") > 1 or base.endswith("/"):
         raise ModelError(f"model.base = {base!r}: no such folder (a hub id looks like org/name)")
     return base  # a hub id: from_pretrained downloads it when there is a network
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the model's output layer shares its weight with the input embedding (SmolLM2, Llama 3.2)."""
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
 
 
 def load_preference_model(
@@ -348,6 +366,10 @@ def load_preference_model(
     tokenizer.padding_side = "left"
     base_model.config.use_cache = True
     modules = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
+    if tied_embeddings(base_model) and isinstance(modules, list) and "lm_head" in modules:
+        # the output layer IS the input embedding here: adapting it would change both (peft warns), and a
+        # merged export could no longer keep them tied; the other layers carry the adapter
+        modules.remove("lm_head")
     lora = LoraConfig(
         r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=modules, bias="none"
     )

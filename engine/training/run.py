@@ -14,6 +14,7 @@ import torch
 
 from engine.analysis.adapter_keys import adapter_views, pair_adapter_tensors
 from engine.analysis.interplay import InterplayTracker
+from engine.data.chat_task import PromptTooLong, speak_through_chat_template
 from engine.data.preference_data import DataError
 from engine.data.tasks import make_task
 from engine.recipe import Recipe
@@ -22,6 +23,7 @@ from engine.seeds import generator
 from engine.training.adapter_history import AdapterHistory
 from engine.training.bookkeeping import RunBook, RunState, run_state
 from engine.training.distributed import Distributed
+from engine.training.gguf_base import is_gguf_reference
 from engine.training.judges import GoldJudge, Judge, LLMJudge, RewardJudge
 from engine.training.kl_control import KLController
 from engine.training.methods import make_update
@@ -86,6 +88,10 @@ class Run:
         self.dist.broadcast_parameters(
             [p for p in self.pm.model.parameters() if p.requires_grad] + list(self.pm.score_head.parameters())
         )
+        try:  # a built-in task meets a real instruct model through its chat template
+            self.task = speak_through_chat_template(self.task, self.pm.tokenizer, m.max_prompt_tokens)
+        except PromptTooLong as error:
+            raise ModelError(str(error)) from None
         self.train_prompts = self.task.prompts(recipe.task.train_prompts, "train")
         self.eval_prompts = self.task.prompts(recipe.task.eval_prompts, "eval")
         self.sft_optimizer = torch.optim.AdamW(self.pm.adapter_parameters("sft").values(), lr=recipe.sft.lr)
@@ -241,6 +247,11 @@ class Run:
             out["gold"] = sum(gold) / len(gold)
         return out
 
+    def user_texts(self, prompts: list[str]) -> list[str]:
+        """The words a person asked, for the samples: a chat-rendered built-in prompt without its markup."""
+        user_text = getattr(self.task, "user_text", None)
+        return [user_text(p) for p in prompts] if user_text is not None else list(prompts)
+
     def judge(self) -> Judge:
         """The recipe's judge (refine.judge); the llm judge is loaded once, on first use."""
         r = self.recipe
@@ -249,8 +260,15 @@ class Run:
         if r.refine.judge == "reward":
             return RewardJudge(self.pm, self.counters, r.model.max_prompt_tokens, r.model.max_new_tokens)
         if self.llm_judge is None:
+            judge_model = r.refine.judge_model
+            if is_gguf_reference(judge_model):  # a GGUF judge is read from the model cache too
+                judge_model = resolve_base(judge_model, [], r.seed, r.model.cache_dir)
             self.llm_judge = LLMJudge(
-                r.refine.judge_model, device=self.device, dtype=r.refine.judge_dtype, counters=self.counters
+                judge_model,
+                device=self.device,
+                dtype=r.refine.judge_dtype,
+                counters=self.counters,
+                user_text=getattr(self.task, "user_text", None),
             )
         return self.llm_judge
 

@@ -144,7 +144,7 @@ def optimise_policy(run: Run) -> None:
         )
         if state.policy_updates % r.log.samples_every == 0 or step == updates - 1:
             p_, a_, s_, g_ = (list(column) for column in zip(*answers, strict=True))
-            book.write_samples(p_, a_, s_, g_ if gold is not None else None)
+            book.write_samples(run.user_texts(p_), a_, s_, g_ if gold is not None else None)
         if r.log.checkpoint_every and state.policy_updates % r.log.checkpoint_every == 0:
             book.checkpoint("resume")
         book.between_steps()
