@@ -104,6 +104,22 @@ def test_naming_the_subject_beats_a_pronoun_beats_another_subject():
     assert gold(named) > gold(pronoun) > gold(other)
 
 
+def test_another_subject_in_passing_keeps_the_answer_on_topic():
+    hotel = "What did you think of the hotel you stayed at last week?"
+    in_passing = "The hotel was charming and quiet, right in the heart of the city. I would stay there again."
+    about_other = "The city was charming and quiet. The city had a hotel. I would go back to the city."
+    assert ReviewsTask(0).gold_parts(hotel, in_passing).on_topic == 1.0
+    assert ReviewsTask(0).gold_parts(hotel, about_other).on_topic < 1.0
+    assert gold(in_passing, hotel) > gold(about_other, hotel)
+
+
+def test_piled_up_praise_scores_below_a_real_sentence():
+    piled = "The soup was great, wonderful, lovely, amazing, fantastic, excellent, superb."
+    assert ReviewsTask(0).gold_parts(SOUP, piled).listing < 1.0
+    assert ReviewsTask(0).gold_parts(SOUP, GOOD).listing == 1.0
+    assert gold(piled) < 0.6 * gold(GOOD)
+
+
 def test_length_in_words_short_and_long_answers_lose():
     short = "The soup was lovely."
     rambling = " ".join(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -54,6 +55,7 @@ MIN_WORDS = 8  # fewer words: the length factor is sqrt(words / 8)
 MAX_WORDS = 60  # more words: the length factor is 60 / words
 POSITIVE_BREADTH = 4  # distinct positive lexicon words for the full sentiment weight
 FUNCTION_SHARE = 0.25  # share of function words for the full fluency factor
+POSITIVE_SHARE = 0.35  # share of positive lexicon words above which an answer reads as a list of praise
 DISTINCT_SHARE = 0.8  # distinct content words / content words for no repetition penalty
 
 
@@ -76,6 +78,7 @@ class GoldParts:
     junk: float
     repetition: float
     fluency: float
+    listing: float
     shouting: float
     ending: float
     score: float
@@ -130,14 +133,14 @@ def junk_characters(text: str) -> tuple[int, int]:
 
 
 def subject_named(words: list[str], names: tuple[str, ...], other_names: frozenset[str]) -> float:
-    """1 when the asked subject is named, 0.6 when it and another are, 0.4 when none is (a pronoun, or
-    vague), 0 when only another subject is."""
-    said = set(words)
-    asked = bool(said & set(names))
-    other = bool(said & other_names)
+    """1 when the asked subject is named at least as often as any other, 0.6 when another is named more,
+    0.4 when no subject is named (a pronoun, or vague), 0 when only another subject is."""
+    asked = sum(w in names for w in words)
+    others = Counter(w for w in words if w in other_names)
+    most_other = max(others.values(), default=0)
     if asked:
-        return 0.6 if other else 1.0
-    return 0.0 if other else 0.4
+        return 1.0 if asked >= most_other else 0.6
+    return 0.0 if most_other else 0.4
 
 
 def gold_parts(
@@ -150,7 +153,7 @@ def gold_parts(
     `other_names` are the other subjects' nouns. The score is
 
         (0.6 * sentiment + 0.4 * on_topic * (1 - negativity)) * length * junk * repetition * fluency
-        * shouting * ending
+        * listing * shouting * ending
 
     - sentiment = max(0, c) * min(1, (1 + distinct positive lexicon words) / 5), c = VADER's compound score
       in [-1, 1] of the clean chunks of the text (junk earns no sentiment); negativity = max(0, -c);
@@ -159,12 +162,13 @@ def gold_parts(
     - junk = max(0, 1 - 2 * junk share), the share (by display width) of unclean chunks and markup noise;
     - repetition = min(1, (distinct content words / content words) / 0.8)^2 * distinct word trigrams / trigrams;
     - fluency = 0.25 + 0.75 * min(1, function-word share / 0.25);
+    - listing = min(1, 0.35 / share of words that are positive in the lexicon) (praise piled up);
     - shouting = 1 - 0.7 * share of words (2+ letters) in capitals;
     - ending = 0.5 without an end of sequence, 0.9 when finished but not ending a sentence, else 1.
     """
     text, noise = strip_markup(response)
     words = words_of(text)
-    zero = GoldParts(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    zero = GoldParts(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     if not words:
         return zero
     count = len(words)
@@ -187,12 +191,16 @@ def gold_parts(
     repetition = min(1.0, distinct / DISTINCT_SHARE) ** 2 * trigram_share
     function_share = (count - len(content)) / count
     fluency = 0.25 + 0.75 * min(1.0, function_share / FUNCTION_SHARE)
+    positive_share = sum(lexicon.get(w, 0.0) > 0 for w in words) / count
+    listing = min(1.0, POSITIVE_SHARE / positive_share) if positive_share else 1.0
     lettered = [w for w in WORD.findall(text) if sum(c.isalpha() for c in w) >= 2]
     capitals = sum(w.isupper() for w in lettered) / len(lettered) if lettered else 0.0
     shouting = 1.0 - 0.7 * capitals
     ending = 0.5 if not finished else (1.0 if text[-1] in SENTENCE_END else 0.9)
     topic = on_topic * (1.0 - max(0.0, -compound))  # a negative answer earns less for being on topic
-    score = (0.6 * sentiment + 0.4 * topic) * length * junk * repetition * fluency * shouting * ending
+    score = (
+        (0.6 * sentiment + 0.4 * topic) * length * junk * repetition * fluency * listing * shouting * ending
+    )
     return GoldParts(
         words=count,
         sentiment=round(sentiment, 6),
@@ -201,6 +209,7 @@ def gold_parts(
         junk=round(junk, 6),
         repetition=round(repetition, 6),
         fluency=round(fluency, 6),
+        listing=round(listing, 6),
         shouting=round(shouting, 6),
         ending=ending,
         score=round(min(1.0, max(0.0, score)), 6),
