@@ -233,3 +233,29 @@ def test_corpus_and_pretraining_text_cover_the_task():
     assert "What did you think of" in corpus
     text = task.pretraining_text()
     assert len(text) == 4000 and all(subject_of(line) for line in text[:50])
+
+
+def test_tiny_model_runs_to_the_end_on_reviews(tmp_path, fast_recipe):
+    """The built-in model (tokenizer trained on the task's corpus) trains on builtin:reviews end to end;
+    the gold the run records is this scorer's, and it evaluates on held-out prompts only."""
+    import json
+
+    from tests.conftest import zopro
+
+    run = tmp_path / "reviews-run"
+    result = zopro(
+        "run", str(fast_recipe), "--run-dir", str(run), "-q",
+        "--set", "task.name=builtin:reviews", "--set", "model.max_prompt_tokens=32",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["type"] == "run_end" and events[-1]["status"] == "finished"
+    samples = [json.loads(line) for f in sorted((run / "samples").glob("*.jsonl")) for line in f.open()]
+    evaluated = [s for s in samples if s["kind"] == "eval"]
+    assert evaluated and {s["prompt"] for s in evaluated} <= set(HELD_OUT_PROMPTS)
+    task = ReviewsTask(0)
+    for sample in evaluated:
+        full = task.gold(sample["prompt"], sample["response"], True)
+        assert sample["gold"] == pytest.approx(full, abs=1e-5) or sample["gold"] == pytest.approx(
+            task.gold(sample["prompt"], sample["response"], False), abs=1e-5
+        ), sample
