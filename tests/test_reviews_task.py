@@ -36,6 +36,23 @@ def test_registered_as_builtin_task_and_accepted_by_recipes():
     assert "builtin:reviews" in TASK_NAMES
 
 
+def test_vader_lexicon_loads_from_the_package_without_the_network(monkeypatch):
+    import socket
+
+    from engine.data import reviews_gold
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the gold scorer tried to open a network connection")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    reviews_gold.analyzer.cache_clear()
+    analyzer = reviews_gold.analyzer()
+    assert analyzer.lexicon["wonderful"] > 0 > analyzer.lexicon["awful"]
+    assert len(analyzer.lexicon) > 7000  # VADER's lexicon, not a word list of ours
+    assert gold(GOOD) > 0.85
+
+
 def test_good_smollm2_style_answer_scores_high():
     assert gold(GOOD) > 0.85
     assert gold(GOOD + "<|im_end|>") == gold(GOOD)  # the end-of-turn token closing an answer costs nothing
@@ -193,7 +210,7 @@ def test_prompts_are_seeded_and_eval_is_held_out_by_construction():
     assert not train & held_out
     assert held_out <= set(HELD_OUT_PROMPTS) and train <= set(TRAINING_PROMPTS)
     assert {subject_of(p) for p in held_out} == set(SUBJECTS)  # every subject is evaluated
-    assert len(TRAINING_PROMPTS) > 300
+    assert len(TRAINING_PROMPTS) > 700 and len(HELD_OUT_PROMPTS) > 150
 
 
 def test_every_prompt_names_exactly_one_subject():

@@ -28,34 +28,40 @@ class Subject:
     phrases: tuple[str, ...]
 
 
-SUBJECTS = (
-    Subject("hotel", ("hotel", "hotels"), ("the hotel you stayed at last week", "your hotel on the trip")),
-    Subject("soup", ("soup", "soups"), ("the soup you had for lunch", "the soup at the new café")),
-    Subject(
-        "film", ("film", "films", "movie", "movies"), ("the film you watched on Friday", "that new film")
-    ),
-    Subject(
-        "book", ("book", "books", "novel"), ("the book you just finished", "the book your friend lent you")
-    ),
-    Subject("concert", ("concert", "concerts", "gig"), ("the concert last night", "the concert in the park")),
-    Subject("museum", ("museum", "museums"), ("the museum you visited", "the museum downtown")),
-    Subject("phone", ("phone", "phones"), ("your new phone", "the phone you bought last month")),
-    Subject("bakery", ("bakery", "bakeries"), ("the bakery on the corner", "the bakery near your office")),
-    Subject("garden", ("garden", "gardens"), ("the botanical garden", "the garden you visited on Sunday")),
-    Subject("train", ("train", "trains"), ("the train ride to the coast", "the night train")),
-    Subject("coffee", ("coffee", "coffees"), ("the coffee this morning", "the coffee at the station")),
-    Subject("beach", ("beach", "beaches"), ("the beach you went to", "the beach near the village")),
-    Subject("restaurant", ("restaurant", "restaurants"), ("the restaurant you tried", "the Thai restaurant")),
-    Subject("game", ("game", "games"), ("the board game you played", "the video game you bought")),
-    Subject("course", ("course", "courses"), ("the cooking course", "the online course you took")),
-    Subject("city", ("city", "cities"), ("the city you visited in May", "the city on your holiday")),
-    Subject("bike", ("bike", "bikes", "bicycle"), ("your new bike", "the bike you rented")),
-    Subject("podcast", ("podcast", "podcasts"), ("the podcast you listen to", "that history podcast")),
-    Subject(
-        "teacher", ("teacher", "teachers"), ("your new piano teacher", "the teacher of your evening lessons")
-    ),
-    Subject("musical", ("musical", "musicals"), ("the musical at the theatre", "the school musical")),
-)
+#: Each subject: the words that name it (the first is its noun), then noun phrases for prompts.
+SUBJECT_TABLE = """\
+hotel hotels: the hotel you stayed at last week; your hotel on the trip; the little hotel in the mountains; the hotel near the airport
+soup soups: the soup you had for lunch; the soup at the new café; the tomato soup your neighbour made; the soup of the day
+film films movie movies: the film you watched on Friday; that new film; the old black-and-white film on TV; the film everyone is talking about
+book books novel: the book you just finished; the book your friend lent you; the book you read on holiday; that mystery book
+concert concerts gig: the concert last night; the concert in the park; the jazz concert; the concert you went to
+museum museums: the museum you visited; the museum downtown; the science museum; the small local museum
+phone phones: your new phone; the phone you bought last month; your old phone; the phone you are using
+bakery bakeries: the bakery on the corner; the bakery near your office; the French bakery; the bakery that just opened
+garden gardens: the botanical garden; the garden you visited on Sunday; your grandmother's garden; the rose garden
+train trains: the train ride to the coast; the night train; the early train to work; the new express train
+coffee coffees: the coffee this morning; the coffee at the station; the coffee your colleague brought; the iced coffee
+beach beaches: the beach you went to; the beach near the village; the sandy beach on the island; the beach last weekend
+restaurant restaurants: the restaurant you tried; the Thai restaurant; the restaurant for your birthday dinner; the Italian restaurant downtown
+game games: the board game you played; the video game you bought; the football game on Saturday; the card game your cousin taught you
+course courses: the cooking course; the online course you took; the first-aid course; the language course
+city cities: the city you visited in spring; the city on your holiday; the old city centre; the city you moved to
+bike bikes bicycle: your new bike; the bike you rented; the electric bike; the bike your brother sold you
+podcast podcasts: the podcast you listen to; that history podcast; the podcast about science; the podcast your sister recommended
+teacher teachers: your new piano teacher; the teacher of your evening lessons; your maths teacher; the yoga teacher
+musical musicals: the musical at the theatre; the school musical; the musical you saw in London; that new musical
+"""
+
+
+def _subjects(table: str) -> tuple[Subject, ...]:
+    subjects = []
+    for line in table.splitlines():
+        names, phrases = line.split(": ")
+        subjects.append(Subject(names.split()[0], tuple(names.split()), tuple(phrases.split("; "))))
+    return tuple(subjects)
+
+
+SUBJECTS = _subjects(SUBJECT_TABLE)
 OTHER_NAMES = {s.noun: frozenset(n for o in SUBJECTS if o is not s for n in o.names) for s in SUBJECTS}
 
 PROMPT_TEMPLATES = (
