@@ -168,6 +168,8 @@ def test_unicode_is_normalised():
 
 def test_junk_share_counts_runs_glued_words_and_emoji_not_normal_punctuation():
     assert junk_characters("The soup, sadly, was cold; still (mostly) fine... I'd go - maybe.")[0] == 0
+    ordinary = 'It cost $4.50 (20% off) at 10:30, e.g. "Mr. Lee\'s" soup—hot—and 4.5/5, U.S. style: great!'
+    assert junk_characters(ordinary)[0] == 0
     assert junk_characters("soup .,,,,,,")[0] == 7
     assert junk_characters("soup -Methadryrex")[0] == len("-Methadryrex")
     assert junk_characters("soup 😀😀")[0] == 4  # wide characters count twice

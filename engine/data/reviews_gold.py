@@ -27,10 +27,10 @@ MARKDOWN = re.compile(
 #: A word: letters or digits, with inner apostrophes ("don't", "chef's").
 WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 #: A whitespace-separated chunk a reader finds clean: optional opening quote or bracket, words joined by
-#: hyphens, slashes or number separators, at most two closing marks (or an ellipsis).
+#: hyphens, dashes, slashes or number separators, at most two closing marks (or an ellipsis).
 _WORD = r"[^\W_]+(?:['’][^\W_]+)*"
 CLEAN_CHUNK = re.compile(
-    rf"[\"'“‘(\[]?[$£€]?{_WORD}(?:[-–/.,:]{_WORD})*%?(?:[.,;:!?\"'”’)\]]{{1,2}}|\.\.\.|…)?"
+    rf"[\"'“‘(\[]?[$£€]?{_WORD}(?:[-–—/.,:]{_WORD})*%?(?:[.,;:!?\"'”’)\]]{{1,2}}|\.\.\.|…)?"
 )
 #: Chunks that stand alone in normal text: a dash, an ampersand, one punctuation mark, an ellipsis.
 STANDALONE = frozenset({"-", "–", "—", "&", ".", ",", ";", ":", "!", "?", "...", "…"})
