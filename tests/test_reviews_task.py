@@ -278,3 +278,15 @@ def test_tiny_model_runs_to_the_end_on_reviews(tmp_path, fast_recipe):
         assert sample["gold"] == pytest.approx(full, abs=1e-5) or sample["gold"] == pytest.approx(
             task.gold(sample["prompt"], sample["response"], False), abs=1e-5
         ), sample
+
+
+def test_the_score_table_in_docs_is_what_the_scorer_gives():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text()
+    rows = re.findall(r"^\| (.*?) \| `(.*)` \| ([0-9.]+) \|$", doc, re.M)
+    assert len(rows) >= 20
+    for name, text, score in rows:
+        answer = text.replace("\\|", "|")
+        assert f"{gold(answer, finished='unfinished' not in name):.3f}" == score, name
