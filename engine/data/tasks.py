@@ -14,6 +14,7 @@ import random
 
 from engine.data.dataset_task import DatasetTask
 from engine.data.examples import Example, PreferencePair
+from engine.data.reviews_task import ReviewsTask
 
 SUBJECTS = (
     "soup",
@@ -197,7 +198,7 @@ class SentimentTask:
         return round((0.6 * sentiment + 0.4 * on_topic) * repetition * length * ending, 6)
 
 
-TASKS = {"builtin:sentiment": SentimentTask}
+TASKS = {"builtin:sentiment": SentimentTask, "builtin:reviews": ReviewsTask}
 
 
 def make_task(recipe):

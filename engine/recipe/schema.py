@@ -72,7 +72,9 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = spec("builtin:sentiment", help="builtin:sentiment, or dataset (read from [data])")
+    name: str = spec(
+        "builtin:sentiment", help="builtin:sentiment, builtin:reviews (real English) or dataset ([data])"
+    )
     train_prompts: int = spec(512, low=1)
     eval_prompts: int = spec(64, low=1)
     sft_examples: int = spec(2048, low=8)
@@ -357,4 +359,4 @@ class Recipe:
 
 
 METHOD_SECTIONS = {"rloo": "rloo", "ppo": "ppo", "online_dpo": "online_dpo", "mezo": "mezo", "zopro": "zopro"}
-TASK_NAMES = ("builtin:sentiment", "dataset")  # method -> its recipe section (issue 3 adds the others)
+TASK_NAMES = ("builtin:sentiment", "builtin:reviews", "dataset")
