@@ -201,3 +201,43 @@ samples_per_prompt = 1
     ]
     assert rows and all("<|im_start|>" not in row["prompt"] and row["prompt"].strip() for row in rows)
     assert all("<|im_end|>" not in row["response"] for row in rows)
+    shown = zopro("status", str(run), "--samples", "2", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("answer  ") == 2 and "<|im_start|>" not in shown.stdout
+
+
+def test_a_bfloat16_base_samples_and_scores(smollm2_folder):
+    """The same cache folder as a bf16 base: adapters stay float32, answers end at <|im_end|>, finite
+    log-probs through the chunked head over the 49,152-token vocabulary."""
+    from engine.data.prompts import format_prompt
+    from engine.training.models import load_preference_model
+    from engine.training.rollout import sample_with_logprobs, token_logprobs
+    from engine.training.telemetry import Counters
+
+    pm = load_preference_model(
+        str(smollm2_folder),
+        dtype="bfloat16",
+        device=torch.device("cpu"),
+        lora_rank=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        seed=0,
+    )
+    assert pm.base_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in pm.model.named_parameters() if "lora_" in n)
+    pm.use("policy")
+    prompts = [format_prompt(pm.tokenizer, "What did you think of the museum?")]
+    seqs, sampled = sample_with_logprobs(
+        pm,
+        prompts,
+        max_new_tokens=8,
+        max_prompt_tokens=64,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+        counters=Counters(),
+        logprobs=True,
+    )
+    with torch.no_grad():
+        recomputed = token_logprobs(pm, seqs, Counters())
+    assert recomputed.shape == sampled.shape and torch.isfinite(recomputed).all()
+    assert float((recomputed - sampled).abs().max()) < 0.1  # bf16 rounding, same tokens

@@ -270,9 +270,13 @@ def list_runs_command(
 def status(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    samples: Annotated[
+        int, typer.Option("--samples", "-s", min=0, help="also show the newest N samples in full")
+    ] = 0,
 ) -> None:
-    """One run's state, latest metrics and per-iteration evaluations."""
-    from engine.rundir.reader import is_run_dir, read_events, run_info
+    """One run's state, latest metrics and per-iteration evaluations (and its newest samples)."""
+    from engine.cli.samples_view import samples_view
+    from engine.rundir.reader import is_run_dir, latest_samples, read_events, run_info
     from engine.rundir.report import status_panel
 
     if not run_dir.is_dir() or not is_run_dir(run_dir):
@@ -284,12 +288,17 @@ def status(
     evals = [e for e in read_events(run_dir, problems) if e.get("type") == "eval"]
     for problem in problems:
         err.print(f"warning: {run_dir}: {escape(problem)}", soft_wrap=True)
+    rows = latest_samples(run_dir) if samples else []
     if as_json:
         data = info.to_json()
         data["evaluations"] = [{"iteration": e.get("iteration"), **e.get("metrics", {})} for e in evals]
+        if samples:
+            data["samples"] = rows[:samples]
         print(json.dumps(data, indent=1, default=str))
         return
     console.print(status_panel(info, evals))
+    if samples:
+        console.print(samples_view(rows, samples))
 
 
 @app.command()

@@ -35,6 +35,7 @@ def worker(method: str, config: BenchConfig) -> dict:
     """Runs in its own process: load, make one rollout, then time `updates` policy updates on it."""
     import torch
 
+    from engine.data.chat_task import speak_through_chat_template
     from engine.data.tasks import make_task
     from engine.recipe import apply_overrides, recipe_from_dict, split_variant
     from engine.training.methods import make_update
@@ -67,6 +68,7 @@ def worker(method: str, config: BenchConfig) -> dict:
                     "lora_rank": config.lora_rank,
                     "lora_alpha": 2.0 * config.lora_rank,
                     "max_new_tokens": config.max_new_tokens,
+                    "max_prompt_tokens": 64,  # room for a real model's chat template
                     "dtype": config.dtype,
                 },
                 "policy": {"method": method},
@@ -92,6 +94,7 @@ def worker(method: str, config: BenchConfig) -> dict:
         target_modules=recipe.model.target_modules,
         seed=config.seed,
     )
+    task = speak_through_chat_template(task, pm.tokenizer, recipe.model.max_prompt_tokens)
     counters = Counters()
     counters.enter("bench")
 
@@ -148,7 +151,7 @@ def worker(method: str, config: BenchConfig) -> dict:
             kl_coef=0.05,
             missing_eos_penalty=0.0,
             max_new_tokens=config.max_new_tokens,
-            max_prompt_tokens=32,
+            max_prompt_tokens=recipe.model.max_prompt_tokens,
             temperature=1.0,
             generator=torch.Generator().manual_seed(config.seed),
             counters=counters,
@@ -209,13 +212,13 @@ def sampling_speed(pm, prompts: list[str], config: BenchConfig, synced) -> dict:
             pm,
             repeated,
             max_new_tokens=config.max_new_tokens,
-            max_prompt_tokens=32,
+            max_prompt_tokens=64,
             temperature=1.0,
             generator=torch.Generator().manual_seed(config.seed + 1),
             counters=Counters(),
         )
         sample_s = synced() - started
-        input_ids, mask = encode_prompts(pm, repeated, 32)
+        input_ids, mask = encode_prompts(pm, repeated, 64)
         torch.manual_seed(config.seed + 1)
         started = synced()
         with torch.no_grad():

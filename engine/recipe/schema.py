@@ -48,7 +48,10 @@ def spec(
 
 @dataclass
 class ModelConfig:
-    base: str = spec("builtin:tiny", help="builtin:nano|tiny|small|base10m, a hub id, or a local folder")
+    base: str = spec(
+        "builtin:tiny",
+        help="builtin:nano|tiny|small|base10m, a hub id, a local folder, or a GGUF file (path or pkg:PACKAGE/FILE.gguf)",
+    )
     dtype: str = spec("float32", choices=DTYPES, help="dtype of the frozen base")
     lora_rank: int = spec(8, low=1, high=1024)
     lora_alpha: float = spec(16.0, low=0.0, low_open=True)
