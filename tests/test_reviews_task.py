@@ -290,3 +290,23 @@ def test_the_score_table_in_docs_is_what_the_scorer_gives():
     for name, text, score in rows:
         answer = text.replace("\\|", "|")
         assert f"{gold(answer, finished='unfinished' not in name):.3f}" == score, name
+
+
+def test_gold_of_a_chat_formatted_prompt_is_the_gold_of_the_plain_prompt():
+    chatml = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        f"<|im_start|>user\n{SOUP}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    for answer in (GOOD, GOOD.replace("soup", "hotel"), "It was fine."):
+        assert gold(answer, chatml) == gold(answer, SOUP)
+
+
+def test_any_text_scores_in_range_without_error():
+    rng = random.Random(0)
+    alphabet = "abcXYZ  .,!?'’-_*#<>|/\\\n\t😀é漢ｓ\u200b\u0301"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        for finished in (True, False):
+            assert 0.0 <= gold(text, finished=finished) <= 1.0
+    long_answer = " ".join([GOOD] * 400)  # 6400 words
+    assert gold(long_answer) < 0.05

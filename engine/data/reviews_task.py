@@ -117,7 +117,7 @@ FOLLOW_UPS = (
     "I would go back.",
     "Not sure I would go again.",
     "It was worth the price.",
-    "Overall it was a {a} experience.",
+    "Overall, the experience was {a}.",
     "I might try it again sometime.",
     "Nothing more to say about it.",
     "My friends felt the same.",
