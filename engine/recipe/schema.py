@@ -139,6 +139,7 @@ class RewardConfig:
     score_mse_weight: float = spec(
         0.0, low=0.0, help="weight of an MSE term on a quality score, when data has one"
     )
+    eval_pairs: int = spec(256, low=1, help="held-out pairs of the reward model's accuracy")
 
 
 @dataclass

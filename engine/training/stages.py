@@ -75,7 +75,7 @@ def train_reward_model(run: Run) -> None:
             book.metrics({"loss/reward": loss, "reward/accuracy": accuracy})
         book.between_steps()
     center_reward(run.pm, run.counters, r, pairs)
-    held_out = run.task.held_out_pairs(256)
+    held_out = run.task.held_out_pairs(r.reward.eval_pairs)
     run.reward_initial = reward_snapshot(run.pm)  # the fixed judge of win rates when there is no gold
     book.metrics({"reward/eval_accuracy": reward_accuracy(run.pm, run.counters, r, held_out)})
 
