@@ -46,3 +46,12 @@ def test_no_samples_says_when_they_come():
     console = Console(width=80, record=True, color_system=None)
     console.print(samples_view([], 3))
     assert "written after the first evaluation" in console.export_text()
+
+
+def test_the_tui_samples_table_keeps_a_multi_line_answer_on_one_readable_line():
+    from zopro_tui.widgets.samples import printable
+
+    answer = "The hotel was lovely.\n\n- clean rooms\n- kind staff\x1b[31m\tand   a café ☕"
+    shown = printable(answer)
+    assert shown == "The hotel was lovely. ⏎ - clean rooms ⏎ - kind staff·[31m and a café ☕"
+    assert len(printable("word " * 200)) == 400
