@@ -244,3 +244,18 @@ def test_a_bfloat16_base_samples_and_scores(smollm2_folder):
     # log-probs of a rollout instead of reading the sampler's): small, not zero
     difference = (recomputed - sampled).abs()
     assert float(difference.mean()) < 0.1 and float(difference.max()) < 0.5
+
+
+def test_a_bad_gguf_reference_is_one_sentence_and_leaves_nothing(tmp_path):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a model\n")
+    for base, expected in (
+        ("pkg:no_such_package_here/x.gguf", "the Python package 'no_such_package_here' is not installed"),
+        (str(tmp_path / "missing.gguf"), "no such GGUF file"),
+        (str(fake), "transformers cannot read this GGUF file"),
+    ):
+        done = zopro("run", "--set", f"model.base={base}", "--run-dir", "r", "-q", cwd=tmp_path)
+        assert done.returncode != 0
+        assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "r").exists()
