@@ -27,3 +27,70 @@ def export_model_command(run_dir: Path, target: Path, checkpoint: str, merge: bo
     )
     for note in result.notes:
         err.print(f"note: {escape(note)}", soft_wrap=True)
+
+
+def generate_command(
+    run_dir: Path,
+    checkpoint: str,
+    compare: str | None,
+    prompt: list[str] | None,
+    prompts_file: Path | None,
+    seed: int | None,
+    temperature: float | None,
+    as_json: bool,
+) -> None:
+    from rich.table import Table
+
+    from engine.export.checkpoints import ExportError
+    from engine.export.generation import generate, read_prompts
+
+    if prompt and prompts_file is not None:
+        fail("give --prompt or --prompts FILE, not both")
+    names = [n.strip() for n in compare.split(",") if n.strip()] if compare else [checkpoint]
+    if not names:
+        fail("--compare takes checkpoint names separated by commas, e.g. sft,iter-0,latest")
+    if temperature is not None and temperature <= 0:
+        fail(f"--temperature {temperature} is not accepted; it must be above 0")
+    try:
+        texts = read_prompts(prompts_file) if prompts_file is not None else (list(prompt) if prompt else None)
+        result = generate(run_dir, names, texts, seed=seed, temperature=temperature)
+    except ExportError as error:
+        fail(str(error))
+    if as_json:
+        print(json.dumps(result.to_json(), indent=1))
+        return
+    table = Table(
+        title=f"{result.run}: seed {result.seed}, temperature {result.temperature:g}, "
+        f"scored by the reward model of {result.reward_checkpoint}",
+        title_justify="left",
+        header_style="bold",
+        show_lines=False,
+    )
+    gold = any(row["gold"] is not None for rows in result.answers.values() for row in rows)
+    table.add_column("checkpoint", no_wrap=True)
+    table.add_column("answer", ratio=1)
+    table.add_column("reward", justify="right", no_wrap=True)
+    if gold:
+        table.add_column("gold", justify="right", no_wrap=True)
+    for i, text in enumerate(result.prompts):
+        table.add_row(
+            f"[bold]{escape(text.strip()[-200:])}[/]", "", "", *([""] if gold else []), end_section=False
+        )
+        for name in result.checkpoints:
+            row = result.answers[name][i]
+            cells = [
+                escape(name),
+                escape(row["response"]) + ("" if row["finished"] else " …"),
+                f"{row['reward']:.3f}",
+            ]
+            if gold:
+                cells.append("-" if row["gold"] is None else f"{row['gold']:.3f}")
+            table.add_row(*cells, end_section=name == result.checkpoints[-1])
+    for name in result.checkpoints:
+        rows = result.answers[name]
+        cells = [f"[dim]mean {escape(name)}[/]", "", f"{sum(r['reward'] for r in rows) / len(rows):.3f}"]
+        if gold:
+            values = [r["gold"] for r in rows if r["gold"] is not None]
+            cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
+        table.add_row(*cells)
+    console.print(table)
