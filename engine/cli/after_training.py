@@ -94,3 +94,52 @@ def generate_command(
             cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
         table.add_row(*cells)
     console.print(table)
+
+
+def plot_command(paths: list[Path], metric: str, x: str, output: Path, preset: str | None) -> None:
+    from engine.export.checkpoints import ExportError
+    from engine.export.figures import X_AXES, check_output, metric_figure, save_figure
+    from engine.export.presets import PRESETS, preset_figure
+    from engine.export.sources import labelled_runs
+
+    if x not in X_AXES:
+        fail(f"--x {x!r} is not one of: {', '.join(X_AXES)}")
+    if preset is not None and preset not in PRESETS:
+        fail(f"--preset {preset!r} is not one of: {', '.join(PRESETS)}")
+    try:
+        check_output(output)
+        runs = labelled_runs(paths)
+        figure = preset_figure(preset, runs) if preset else metric_figure(runs, metric, x)
+        save_figure(figure, output)
+    except ExportError as error:
+        fail(str(error))
+    console.print(
+        f"wrote {escape(str(output))} ({len(runs)} run{'s' if len(runs) > 1 else ''})", soft_wrap=True
+    )
+
+
+def report_command(path: Path, output: Path) -> None:
+    import os
+
+    from engine.export.checkpoints import ExportError
+    from engine.export.report_content import build_document
+    from engine.export.report_render import render_html, render_markdown
+
+    suffix = output.suffix.lower()
+    if suffix not in (".html", ".htm", ".md"):
+        fail(f"-o {output}: write the report as .html or .md (the suffix picks the format)")
+    if not output.parent.is_dir():
+        fail(f"-o {output}: the folder {output.parent} does not exist")
+    try:
+        document = build_document(path)
+    except ExportError as error:
+        fail(str(error))
+    text = render_markdown(document) if suffix == ".md" else render_html(document)
+    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
+    figures = sum(block.kind == "figure" for block in document.blocks)
+    console.print(f"wrote {escape(str(output))}: {document.title}, {figures} figures inline", soft_wrap=True)

@@ -351,31 +351,6 @@ def export(
 
 
 @app.command()
-def generate(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="iter-N, latest or sft")] = "latest",
-    compare: Annotated[
-        str | None, typer.Option("--compare", help="several checkpoints side by side: sft,iter-0,latest")
-    ] = None,
-    prompt: Annotated[
-        list[str] | None, typer.Option("--prompt", help="a prompt (repeatable; default: held-out prompts)")
-    ] = None,
-    prompts_file: Annotated[
-        Path | None, typer.Option("--prompts", help="a file of prompts, one a line (or JSONL with prompt)")
-    ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="default: the run's seed")] = None,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", help="default: the recipe's eval.temperature")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead")] = False,
-) -> None:
-    """Answers from one or several checkpoints to the same prompts on the same seed, with reward and gold."""
-    from engine.cli.after_training import generate_command
-
-    generate_command(run_dir, checkpoint, compare, prompt, prompts_file, seed, temperature, as_json)
-
-
-@app.command()
 def interplay(
     run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or running)")],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead")] = False,
@@ -493,6 +468,11 @@ def queue_work(root: Annotated[Path, typer.Option("--root", help="folder of runs
 
     raise typer.Exit(work(root, log=lambda text: print(text, flush=True)))
 
+
+from engine.cli.after_training_app import generate, plot, report  # noqa: E402 - in their own module
+
+for command in (generate, plot, report):
+    app.command()(command)
 
 from engine.cli.bench_app import bench_app  # noqa: E402 - registered after the commands above
 
