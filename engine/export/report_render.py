@@ -4,6 +4,7 @@ resource) or as Markdown (figures as data-URI images)."""
 from __future__ import annotations
 
 import base64
+import re
 from html import escape
 
 from engine.export.report_document import Document
@@ -15,9 +16,9 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top
   border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 p.lead { color: #555; margin-top: 0; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 13px; }
-th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #eee; text-align: right; vertical-align: top; }
-th { border-bottom: 1px solid #999; } th:first-child, td:first-child { text-align: left; }
-td.text { text-align: left; max-width: 26em; }
+th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #eee; text-align: left; vertical-align: top;
+  max-width: 28em; }
+th { border-bottom: 1px solid #999; } .num { text-align: right; white-space: nowrap; }
 caption { caption-side: top; text-align: left; color: #555; padding-bottom: 0.3em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 13px; }
@@ -27,14 +28,26 @@ details summary { cursor: pointer; color: #0a58ca; }
 """
 
 
+NUMERIC = re.compile(r"[-+]?[\d,]*\.?\d+(e[-+]?\d+)?( ± [-+]?\d*\.?\d+)?( MiB|%)?|\d+:\d\d(:\d\d)?")
+
+
 def data_uri(image: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(image).decode("ascii")
 
 
-def _cell(text: str) -> str:
-    numeric = text.replace("±", "").replace(" ", "").replace(".", "").replace("-", "").replace("e", "")
-    css = "" if numeric.isdigit() or text in ("-", "") else ' class="text"'
-    return f"<td{css}>{escape(text)}</td>"
+def _numeric(text: str) -> bool:
+    """A number, a score with its standard error, a size or a time: right-aligned."""
+    return bool(NUMERIC.fullmatch(text.strip())) or text.strip() in ("-", "")
+
+
+def _column_classes(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """' class="num"' for a column whose every cell is numeric (the first column is a label)."""
+    classes = []
+    for index in range(len(headers)):
+        cells = [row[index] for row in rows if index < len(row)]
+        numeric = index > 0 and all(_numeric(cell) for cell in cells)
+        classes.append(' class="num"' if numeric else "")
+    return classes
 
 
 def render_html(document: Document) -> str:
@@ -52,8 +65,14 @@ def render_html(document: Document) -> str:
             parts.append(f"<p>{escape(block.text)}</p>")
         elif block.kind == "table":
             caption = f"<caption>{escape(block.text)}</caption>" if block.text else ""
-            head = "".join(f"<th>{escape(h)}</th>" for h in block.headers)
-            body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in block.rows)
+            css = _column_classes(block.headers, block.rows)
+            head = "".join(f"<th{c}>{escape(h)}</th>" for h, c in zip(block.headers, css, strict=True))
+            body = "".join(
+                "<tr>"
+                + "".join(f"<td{c}>{escape(cell)}</td>" for cell, c in zip(row, css, strict=False))
+                + "</tr>"
+                for row in block.rows
+            )
             parts.append(f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif block.kind == "figure":
             parts.append(

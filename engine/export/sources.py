@@ -49,7 +49,8 @@ def sweep_runs(path: Path) -> list[LabelledRun]:
         label = ", ".join(
             f"{short.get(k, k)}={value_text(v)}" for k, v in (point.get("values") or {}).items()
         )
-        runs.append(LabelledRun(label or point["name"], folder, run_info(folder).method, sweep.name))
+        group = f"{sweep.name}: {', '.join(sweep.grid)}"  # the legend's title names the swept keys
+        runs.append(LabelledRun(label or point["name"], folder, run_info(folder).method, group))
     return runs
 
 
