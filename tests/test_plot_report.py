@@ -89,7 +89,7 @@ def test_error_bars_are_the_logged_standard_errors(run):
 
 def test_a_sweeps_figure_names_its_swept_key_in_the_legend_one_colour_a_point(sweep, tmp_path):
     figure = metric_figure(labelled_runs([sweep]), "eval/reward", "step")
-    legend = figure.axes[0].get_legend()
+    (legend,) = figure.legends
     assert [text.get_text() for text in legend.get_texts()] == ["kl_coef=0.01", "kl_coef=0.2"]
     assert legend.get_title().get_text() == "fast: policy.kl_coef"
     colours = {container.lines[0].get_color() for container in figure.axes[0].containers}

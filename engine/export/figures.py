@@ -13,6 +13,7 @@ from engine.export.sources import X_AXES, LabelledRun, known_metrics, metric_poi
 from engine.recipe import ZEROTH_ORDER_METHODS
 
 FORMATS = (".png", ".svg", ".pdf")
+DODGE = 0.012  # of the x range, between runs' error bars at the same x
 # Okabe and Ito's colour-blind-safe palette (black last: it reads as 'the baseline')
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 STYLE = {
@@ -74,11 +75,14 @@ def draw_metric(axes, runs: list[LabelledRun], metric: str, x: str, events: dict
     """Each run's curve of `metric` (error bars where it logged standard errors); the curves drawn."""
     palette = colours(runs)
     drawn = 0
-    for run in runs:
+    for index, run in enumerate(runs):
         xs, ys, ses = metric_points(run.path, metric, x, (events or {}).get(run.path))
         if not xs:
             continue
         has_se = any(se is not None for se in ses)
+        if has_se and len(runs) > 1:  # dodge: runs evaluated at the same x keep their error bars apart
+            shift = DODGE * (max(xs) - min(xs) or 1.0) * (index - (len(runs) - 1) / 2)
+            xs = [value + shift for value in xs]
         axes.errorbar(
             xs,
             ys,
@@ -99,10 +103,20 @@ def draw_metric(axes, runs: list[LabelledRun], metric: str, x: str, events: dict
 
 
 def legend(axes, runs: list[LabelledRun]) -> None:
+    """One legend for the figure, below its panels (it never hides a curve), titled by the sweep's keys or
+    'method' in a comparison; none for a single run."""
     groups = {run.group for run in runs}
     title = next(iter(groups)) if len(groups) == 1 and "" not in groups else None
-    if len({run.label for run in runs}) > 1 or title:
-        axes.legend(title=title, title_fontsize=7, loc="best")
+    handles, labels = axes.get_legend_handles_labels()
+    if len(set(labels)) > 1 or (title and labels):
+        axes.figure.legend(
+            handles,
+            labels,
+            title=title,
+            title_fontsize=7,
+            loc="outside lower center",
+            ncols=min(len(labels), 4),
+        )
 
 
 def metric_figure(runs: list[LabelledRun], metric: str, x: str):

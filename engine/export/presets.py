@@ -113,8 +113,10 @@ def interplay_figure(runs: list[LabelledRun], reports: list[tuple[LabelledRun, d
         for axes in (angle, successive):
             axes.set_xticks(ticks)
             axes.set_xlim(min(ticks) - 0.5, max(ticks) + 0.5)
-        successive.legend(loc="best")
-        trajectory.legend(loc="best")
+        handles, labels = (
+            trajectory.get_legend_handles_labels()
+        )  # solid circles policy, dotted squares reward
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
     return figure
 
 

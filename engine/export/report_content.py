@@ -77,7 +77,10 @@ def sweep_section(document: Document, path: Path, runs: list[LabelledRun]) -> No
     document.paragraph(f"grid: {json.dumps(sweep.grid)}; {len(runs)} of {len(sweep.points)} points run")
     warnings_section(document, runs)
     final_table(document, runs, "Final held-out evaluation, per point")
+    iterations_by_run(document, runs)
     curves_section(document, runs)
+    interplay_section(document, runs)
+    answers_by_run(document, runs)
     hardware_section(document, runs[:1])
     document.heading("Recipe")
     document.preformatted(_read(path / SWEEP_RECIPE), "the swept recipe (each point sets the grid's keys)")
@@ -87,6 +90,7 @@ def comparison_section(document: Document, runs: list[LabelledRun]) -> None:
     document.paragraph("The same recipe, seed and data for every method; only the policy update differs.")
     warnings_section(document, runs)
     final_table(document, runs, "Final held-out evaluation, per method")
+    iterations_by_run(document, runs)
     curves_section(document, runs)
     interplay_section(document, runs)
     answers_by_run(document, runs)
@@ -116,6 +120,12 @@ def final_table(document: Document, runs: list[LabelledRun], title: str) -> None
         last = rows[-1] if rows else {"label": "-"}
         table.append([run.label, run.method, run_info(run.path).status, *iteration_row(last)[1:]])
     document.table(["", "method", "status", *ITERATION_COLUMNS[1:]], table, "the last evaluation of each run")
+
+
+def iterations_by_run(document: Document, runs: list[LabelledRun]) -> None:
+    document.heading("Held-out evaluation, per iteration")
+    table = [[run.label, *iteration_row(row)] for run in runs for row in evaluation_rows(run.path)]
+    document.table(["run", *ITERATION_COLUMNS], table, "mean ± standard error over prompts")
 
 
 def curves_section(document: Document, runs: list[LabelledRun]) -> None:

@@ -64,7 +64,7 @@ def comparison_runs(path: Path) -> list[LabelledRun]:
         pass
     folders = [p for p in sorted(path.iterdir()) if p.is_dir() and is_run_dir(p)]
     folders.sort(key=lambda p: order.index(p.name) if p.name in order else len(order))
-    return [LabelledRun(p.name, p, run_info(p).method, path.name) for p in folders]
+    return [LabelledRun(p.name, p, run_info(p).method, "method") for p in folders]
 
 
 def labelled_runs(paths: list[Path]) -> list[LabelledRun]:
