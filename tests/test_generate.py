@@ -109,3 +109,18 @@ async def test_the_samples_panel_opens_two_evaluations_answers_side_by_side(run)
         assert str(table.get_row_at(0)[1]) == logged["it 0"][0]["response"]
         await pilot.press("escape")
         assert isinstance(app.screen, DashboardScreen)
+
+
+def test_a_users_prompt_goes_through_the_chat_template_when_the_tokenizer_has_one(run):
+    from engine.export.generation import task_prompt
+    from engine.export.run_model import load_run_model
+
+    model = load_run_model(run)
+    assert (
+        task_prompt(model, "describe the movie .") == "describe the movie ."
+    )  # the built-in task's own form
+    model.pm.tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    assert task_prompt(model, "describe the movie .") == "<|user|>describe the movie .<|assistant|>"

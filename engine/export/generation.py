@@ -45,12 +45,22 @@ class Generation:
         }
 
 
+HH_PROMPT = "\n\nHuman: {text}\n\nAssistant:"  # an hh-rlhf prompt without a chat template
+
+
 def task_prompt(run_model: RunModel, text: str) -> str:
-    """A user's text as the run's prompts look: through the chat template when the tokenizer has one, the
-    plain user/assistant template for a dataset without one, as it is for a built-in task."""
+    """A user's text as the run's own prompts look: one user message through the chat template when the
+    tokenizer has one; else as the run's data formats its prompts (the plain user/assistant template for a
+    preference table, a Human/Assistant turn for hh-rlhf) and as it is for the built-in task and the
+    datasets whose prompts end in their own cue (TL;DR:, German:), where the user writes that cue."""
     tokenizer = run_model.pm.tokenizer
-    if has_chat_template(tokenizer) or hasattr(run_model.task, "bind"):
+    if has_chat_template(tokenizer):
         return format_prompt(tokenizer, text)
+    data_format = run_model.recipe.data.format if hasattr(run_model.task, "bind") else ""
+    if data_format == "preference_table":
+        return format_prompt(tokenizer, text)
+    if data_format == "hh_rlhf":
+        return HH_PROMPT.format(text=text.strip())
     return text
 
 
