@@ -127,6 +127,8 @@ def metric_figure(runs: list[LabelledRun], metric: str, x: str):
             known = known_metrics(runs)
             main = [m for m in known if m.startswith(("eval/", "objective/", "loss/"))] or known
             more = f" and {len(known) - len(main[:20])} more" if len(known) > len(main[:20]) else ""
+            if not known:
+                raise ExportError(f"no run logged {metric!r}; they have logged no metrics yet")
             raise ExportError(f"no run logged {metric!r}; they logged {', '.join(main[:20])}{more}")
         legend(axes, runs)
     return figure

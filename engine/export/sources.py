@@ -11,7 +11,7 @@ from engine.export.checkpoints import ExportError
 from engine.rundir.reader import is_run_dir, read_events, run_info
 from engine.rundir.sweep import SweepError, is_sweep_dir, load_sweep, short_keys
 
-COMPARISON_JSON = "comparison.json"  # written by `zopro compare` beside its runs (engine.cli.compare)
+COMPARISON_JSON = "comparison.json"  # `zopro compare` writes its table's rows here, beside the runs
 
 
 @dataclass
