@@ -311,11 +311,38 @@ def export(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")
     ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="write the trained model to this new folder instead of the metrics"),
+    ] = None,
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="with --model: iter-N, latest or sft")
+    ] = "latest",
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge", help="with --model: fold the LoRA into the base (a plain transformers model)"
+        ),
+    ] = False,
+    reward: Annotated[
+        bool,
+        typer.Option("--reward", help="with --model: the reward model, as a sequence-classification model"),
+    ] = False,
 ) -> None:
-    """Write a run's metrics as CSV (one row per metrics event) or JSON."""
+    """Write a run's metrics as CSV (one row per metrics event) or JSON; with --model, the trained policy
+    (a peft adapter, or merged with --merge) or the reward model (--reward) with a model card."""
     from engine.rundir.reader import is_run_dir
     from engine.rundir.report import export_metrics
 
+    if model is not None:
+        from engine.cli.after_training import export_model_command
+
+        if output is not None:
+            fail("--model writes a folder; drop --output (or --model to export the metrics)")
+        export_model_command(run_dir, model, checkpoint, merge, reward)
+        return
+    if merge or reward or checkpoint != "latest":
+        fail("--checkpoint, --merge and --reward go with --model DIR (the folder to write the model to)")
     if not run_dir.is_dir() or not is_run_dir(run_dir):
         fail(f"{run_dir} is not a run directory (no status.json or events.jsonl)")
     events = run_dir / "events.jsonl"
@@ -450,6 +477,11 @@ def queue_work(root: Annotated[Path, typer.Option("--root", help="folder of runs
 
     raise typer.Exit(work(root, log=lambda text: print(text, flush=True)))
 
+
+from engine.cli.after_training_app import generate, plot, report  # noqa: E402 - in their own module
+
+for command in (generate, plot, report):
+    app.command()(command)
 
 from engine.cli.bench_app import bench_app  # noqa: E402 - registered after the commands above
 

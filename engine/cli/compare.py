@@ -13,10 +13,11 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_OK
+from engine.export.sources import (
+    COMPARISON_JSON,
+)  # the table's rows, standard errors included, beside the runs
 from engine.recipe import RecipeError, load_recipe, split_variant, variant_label
 from engine.rundir.report import comparison_row, fmt_duration, fmt_value, fmt_with_se, warnings_cell
-
-COMPARISON_JSON = "comparison.json"  # the table's rows, standard errors included, beside the runs
 
 
 def comparison_table(rows: list[dict], title: str = "comparison") -> Table:

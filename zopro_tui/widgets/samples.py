@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.widgets import DataTable
 
 from engine.rundir.report import fmt_value
@@ -25,10 +28,12 @@ class SamplesPanel(Panel):
     """A table of the newest samples file (train rollouts or held-out evaluation)."""
 
     FEEDS = frozenset({"samples"})
+    BINDINGS = [Binding("a", "answers_side_by_side", "Two evaluations' answers side by side")]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None):
         super().__init__("samples", id=id, classes=classes)
         self._shown = ""
+        self._run_dir: Path | None = None
 
     def compose(self) -> ComposeResult:
         table = DataTable(zebra_stripes=True, cursor_type="none", show_cursor=False)
@@ -45,6 +50,7 @@ class SamplesPanel(Panel):
         table.display = False
 
     def show_run(self, run: WatchedRun, view: CurveView, data_range: tuple[float, float] | None) -> None:
+        self._run_dir = run.path
         if run.samples_source == self._shown:
             return
         self._shown = run.samples_source
@@ -64,6 +70,12 @@ class SamplesPanel(Panel):
         step = run.samples_source.removeprefix("samples-").removesuffix(".jsonl").lstrip("0") or "0"
         self.border_title = f"samples ({kind}, step {step})" if run.samples else "samples"
         self.border_subtitle = "" if run.samples else "waiting for the first samples file"
+
+    def action_answers_side_by_side(self) -> None:
+        from zopro_tui.screens.answers import AnswersScreen
+
+        if self._run_dir is not None:
+            self.app.push_screen(AnswersScreen(self._run_dir))
 
     def render(self) -> Text:
         return Text("waiting for samples: written after the first evaluation", style="dim italic")
