@@ -93,7 +93,7 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
         },
         "<trl-compare>",
     )
-    pm = load_preference_model(
+    preference_model = load_preference_model(
         model, dtype="float32", device=torch.device("cpu"), lora_rank=8, lora_alpha=16.0,
         target_modules=TARGETS, seed=0,
     )  # fmt: skip
@@ -104,7 +104,7 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
         raise RuntimeError("a benchmark has no run directory")
 
     context = MethodContext(
-        pm=pm, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
+        pm=preference_model, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
         score_policy=unavailable, fresh_rollout=unavailable,
     )  # fmt: skip
     update = make_update("rloo", context)
@@ -122,7 +122,7 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
     for step in range(shapes.steps):
         started, started_cpu = time.perf_counter(), time.process_time()
         rollout = rollout_module.collect_rollout(
-            pm, prompts, k=shapes.k, kl_coef=BETA, missing_eos_penalty=0.0, max_new_tokens=shapes.new_tokens,
+            preference_model, prompts, k=shapes.k, kl_coef=BETA, missing_eos_penalty=0.0, max_new_tokens=shapes.new_tokens,
             max_prompt_tokens=32, temperature=1.0, generator=torch.Generator().manual_seed(step),
             counters=counters,
         )  # fmt: skip
@@ -139,7 +139,7 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
                 step_phases,
             )
         )
-    checkpointing = bool(getattr(pm.model, "is_gradient_checkpointing", False))
+    checkpointing = bool(getattr(preference_model.model, "is_gradient_checkpointing", False))
     return {"steps": steps, "gradient_checkpointing": checkpointing}
 
 
