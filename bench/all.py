@@ -14,8 +14,8 @@ Pieces (each runs the command it records, in fresh processes):
 - distributed: `zopro bench distributed` (1 and 2 gloo ranks);
 - tui_open: bench/tui_open.py (a one-million-event run, opened twice).
 
-`--quick` runs each piece on tiny shapes (builtin:nano, a few steps) to check the machinery in a test; its
-figures mean nothing. With `--only`, the pieces not run keep their entries from an existing figures.json.
+`--quick --out DIR` runs each piece on tiny shapes (builtin:nano, a few steps) to check the machinery in a
+test; its figures mean nothing (so never into docs/ or the README). With `--only`, the pieces not run keep their entries from an existing figures.json.
 Written to docs/ (the default --out), the figures also replace README.md's regions between
 `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`, so the README quotes what was measured."""
 
@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not pieces:
         print(f"--only {args.only!r}: unknown {', '.join(unknown) or 'nothing'}; accepted: {', '.join(PIECES)}",
               file=sys.stderr)  # fmt: skip
+        return 2
+    if args.quick and args.out.resolve() == (ROOT / "docs").resolve():
+        print("--quick writes figures that mean nothing, so not into docs/: give --out DIR", file=sys.stderr)
         return 2
     figures = generate(pieces, args.quick, args.out)
     failed = [name for name in pieces if errors_in(figures["pieces"][name])]

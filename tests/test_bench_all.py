@@ -53,6 +53,11 @@ def test_an_unknown_piece_is_one_sentence_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert "unknown speed; accepted: demo, learning" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+    docs = REPO / "docs" / "figures.json"
+    before = docs.read_bytes() if docs.exists() else None
+    result = zopro("bench", "all", "--quick", "--only", "trl")  # quick figures never go to docs/
+    assert result.returncode == 2 and "--out DIR" in result.stderr
+    assert (docs.read_bytes() if docs.exists() else None) == before
 
 
 def test_the_readme_regions_take_the_figures_and_only_theirs():

@@ -91,7 +91,7 @@ def bench_all(
     quick: Annotated[
         bool,
         typer.Option(
-            "--quick", help="tiny shapes: checks the machinery in seconds; the figures mean nothing"
+            "--quick", help="tiny shapes: checks the machinery; the figures mean nothing (needs --out)"
         ),
     ] = False,
     out: Annotated[
