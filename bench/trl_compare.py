@@ -1,237 +1,272 @@
 """A full RLOO step (rollout + update) of zopro next to TRL's RLOOTrainer on the same model, LoRA and batch
-(issue 14). TRL lives in its own venv, so each side runs in its own process; the sides alternate.
+(issues 14, 27, 28). Each side runs in its own process, sides alternating; TRL once with its gradient
+checkpointing on (its default) and once with it off, both passed to RLOOConfig and read back from the model.
 
-    PYTHONPATH=. python bench/trl_compare.py --trl-python /work/trl-venv/bin/python [--model builtin:base10m]
-        [--rounds 2] [--steps 4] [--threads 1]
+    PYTHONPATH=. python bench/trl_compare.py [--model builtin:base10m] [--rounds 2] [--steps 4] [--threads 1]
+        [--trl-gradient-checkpointing on,off] [--trl-python PYTHON] [--no-real-run] [--json FILE]
 
-Prints one JSON object: per side the median seconds per step (first step of each run dropped) and peak RSS.
-Same on both sides: the untrained built-in model, LoRA r=8 / alpha 16 on q,k,v,o,gate,up,down (TRL refuses
-LoRA on lm_head), 16 prompts x 4 answers, 48 new tokens, temperature 1, no top-k/top-p, beta 0.05, clip 0.2,
-lr 5e-4, one update per rollout, one CPU thread. What differs: see README (Large vocabularies and TRL)."""
+Prints one JSON object. Per side: seconds per step (median, first step of each process dropped), CPU seconds,
+tokens generated per step (answer tokens up to EOS) and decode positions (rows x decode steps), seconds per
+generated token, per phase (generation, scoring, update) its seconds and peak memory (peak RSS growth over the
+phase and the absolute peak: Linux's resettable high-water mark), and the process's peak RSS (loading
+included). `zopro_run` is a real `zopro run` of the same shapes: its logged `time/update_s` (a full step),
+`time/policy_update_s` (the update) and `mem/update_peak_mib` per step. `work_per_step` says what differs.
+TRL_GRADIENT_CHECKPOINTING=0 or 1 (older invocations) picks one setting instead of both."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPTS, K, NEW_TOKENS, BETA, CLIP, LR = 16, 4, 48, 0.05, 0.2, 5e-4
-GRADIENT_CHECKPOINTING = os.environ.get("TRL_GRADIENT_CHECKPOINTING", "1") == "1"  # TRL's default: on
+sys.path.insert(0, str(ROOT))
+from bench.trl_sides import BETA, CLIP, LR, TARGETS, Shapes  # noqa: E402
+
+WORK_PER_STEP = {
+    "zopro": [
+        "generation: zopro's own sampler (KV cache, merged LoRA weights on a float32 base), old log-probs "
+        "read from the sampler's logits (no second forward)",
+        "scoring: the reference is the SFT adapter on the shared base (one forward); the reward model is the "
+        "reward adapter and score head on the same base (one forward, the same token ids)",
+        "prompts: the same 16 prompts every step, in the same order",
+        "the stubbed side (`zopro`) uses the untrained base with fresh LoRA, like TRL's; `zopro_run` is a "
+        "real run after SFT and reward training, so its answers end earlier (fewer tokens per step)",
+    ],
+    "trl": [
+        "generation: transformers `generate` on the PEFT model with unmerged adapters",
+        "scoring: old log-probs recomputed with a forward of the policy; the reference is the base with "
+        "adapters disabled (a forward); the reward model is a separate AutoModelForSequenceClassification "
+        "(a second copy of the base weights, no LoRA) on re-tokenised text",
+        "prompts: drawn by TRL's shuffled RepeatSampler from the dataset (the same 16 prompts repeated)",
+        "gradient checkpointing as the setting says: on recomputes each layer's activations in the backward",
+    ],
+}
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def summarise(results: list[dict]) -> dict:
+    """One side's processes -> medians over their steps (the first step of each process dropped)."""
+    ok = [r for r in results if "steps" in r]
+    steps = [step for r in ok for step in r["steps"][1:]]
+
+    def median(key: str, digits: int = 3) -> float | None:
+        values = [s[key] for s in steps if s.get(key) is not None]
+        return round(statistics.median(values), digits) if values else None
+
+    phases = {}
+    for name in ("generation", "scoring", "update"):
+        rows = [s["phases"][name] for s in steps if name in s.get("phases", {})]
+        if rows:
+            phases[name] = {
+                "median_s": round(statistics.median(r["s"] for r in rows), 3),
+                "peak_growth_mib": round(max(r["peak_growth_mib"] for r in rows), 1),
+                "peak_mib": round(max(r["peak_mib"] for r in rows), 1),
+            }
+    summary = {
+        "median_step_s": median("s"),
+        "median_step_cpu_s": median("cpu_s"),
+        "tokens_per_step": median("tokens", 1),
+        "decode_positions_per_step": median("decode_positions", 1),
+        "s_per_token_ms": round(1000 * median("s_per_token", 6), 3) if median("s_per_token", 6) else None,
+        "phases": phases,
+        "steps_s": [[round(s["s"], 3) for s in r["steps"]] for r in ok],
+        "peak_rss_mib": max((r["peak_rss_mib"] for r in ok), default=None),
+        "gradient_checkpointing": ok[0].get("gradient_checkpointing") if ok else None,
+        "versions": ok[0].get("versions") if ok else None,
+        "errors": [r["error"] for r in results if "error" in r],
+    }
+    return summary
 
 
-def zopro_side(model: str, prompts: list[str], steps: int) -> dict:
-    import torch
+def run_child(python: str, side: str, model: str, prompts_file: Path, shapes: Shapes, threads: int) -> dict:
+    command = [python, str(ROOT / "bench" / "trl_sides.py"), side, model, str(prompts_file)]
+    command += ["--threads", str(threads), "--shapes", json.dumps(shapes.__dict__)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1][len("RESULT ") :])
 
-    from engine.recipe import recipe_from_dict
-    from engine.training.methods import make_update
-    from engine.training.methods.context import MethodContext
-    from engine.training.models import load_preference_model
-    from engine.training.rollout import collect_rollout
-    from engine.training.telemetry import Counters
 
-    recipe = recipe_from_dict(
-        {
-            "model": {"base": model, "lora_rank": 8, "lora_alpha": 16.0, "target_modules": TARGETS},
-            "policy": {"method": "rloo", "clip_range": CLIP},
-            "rloo": {"lr": LR},
-        },
-        "<trl-compare>",
+def real_run(model: str, shapes: Shapes, threads: int, folder: Path) -> dict:
+    """A real `zopro run` (SFT, reward model, one iteration of `steps` RLOO updates) of the same shapes; its
+    logged step times, read back from events.jsonl."""
+    from engine.rundir.reader import read_events
+
+    recipe = folder / "trl-compare.toml"
+    recipe.write_text(
+        f'name = "trl-compare"\nseed = 0\nthreads = {threads}\n\n[model]\nbase = "{model}"\nlora_rank = 8\n'
+        f"lora_alpha = 16\ntarget_modules = {json.dumps(TARGETS)}\nmax_prompt_tokens = 32\n"
+        f"max_new_tokens = {shapes.new_tokens}\n\n[task]\neval_prompts = 8\n\n[sft]\nsteps = {shapes.sft_steps}"
+        f'\n\n[reward]\nsteps = {shapes.sft_steps}\n\n[policy]\nmethod = "rloo"\nkl_coef = {BETA}\n'
+        f"kl_target = 0.0\nclip_range = {CLIP}\nmissing_eos_penalty = 0.0\n\n[rloo]\nlr = {LR}\n\n[train]\n"
+        f"iterations = 1\nupdates_per_iteration = {shapes.steps}\nprompts_per_update = {shapes.prompts}\n"
+        f"samples_per_prompt = {shapes.k}\n\n[refine]\nepochs = 0\n\n[eval]\nsamples_per_prompt = 1\n"
     )
-    pm = load_preference_model(
-        model,
-        dtype="float32",
-        device=torch.device("cpu"),
-        lora_rank=8,
-        lora_alpha=16.0,
-        target_modules=TARGETS,
-        seed=0,
+    run_dir = folder / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", str(recipe), "--run-dir", str(run_dir), "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
-    counters = Counters()
-    counters.enter("bench")
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    rows = [
+        e["metrics"]
+        for e in read_events(run_dir)
+        if e["type"] == "metrics" and "time/update_s" in e["metrics"]
+    ]
+    steps = rows[1:]  # the first step carries first-call costs, as on the other sides
+    if not steps:
+        return {"error": "no policy steps logged"}
 
-    def unavailable(*args):
-        raise RuntimeError("no run")
+    def median(values: list[float], digits: int = 3) -> float:
+        return round(statistics.median(values), digits)
 
-    context = MethodContext(
-        pm=pm,
-        counters=counters,
-        recipe=recipe,
-        current_iteration=lambda: 0,
-        warn=unavailable,
-        score_policy=unavailable,
-        fresh_rollout=unavailable,
-    )
-    update = make_update("rloo", context)
-    times, cpu = [], []
-    for step in range(steps):
-        started, started_cpu = time.perf_counter(), time.process_time()
-        rollout = collect_rollout(
-            pm,
-            prompts,
-            k=K,
-            kl_coef=BETA,
-            missing_eos_penalty=0.0,
-            max_new_tokens=NEW_TOKENS,
-            max_prompt_tokens=32,
-            temperature=1.0,
-            generator=torch.Generator().manual_seed(step),
-            counters=counters,
-        )
-        update.update(rollout, update_index=step, step_in_iteration=step)
-        times.append(time.perf_counter() - started)
-        cpu.append(time.process_time() - started_cpu)
-    return {"step_times_s": times, "step_cpu_s": cpu}
+    rows_per_step = shapes.prompts * shapes.k
+    tokens = [m["objective/response_length"] * rows_per_step for m in steps]
+    return {
+        "median_step_s": median([m["time/update_s"] for m in steps]),
+        "median_update_s": median([m["time/policy_update_s"] for m in steps]),
+        "median_rollout_s": median([m["time/update_s"] - m["time/policy_update_s"] for m in steps]),
+        "tokens_per_step": median(tokens, 1),
+        "s_per_token_ms": median([1000 * m["time/update_s"] / t for m, t in zip(steps, tokens, strict=True)]),
+        "update_peak_growth_mib": max(m["mem/update_peak_mib"] for m in steps),
+        "steps_s": [round(m["time/update_s"], 3) for m in rows],
+        "note": "rollout_s is time/update_s - time/policy_update_s (sampling, reference and reward passes, "
+        "gold scoring and the step's bookkeeping)",
+    }
 
 
-def trl_side(model: str, prompts: list[str], steps: int) -> dict:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    tokenizer.padding_side = "left"
-    reward = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
-    reward.config.pad_token_id = tokenizer.pad_token_id
-    times: list[float] = []
-    cpu: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started, self.started_cpu = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.started)
-            cpu.append(time.process_time() - self.started_cpu)
-
-    config = RLOOConfig(
-        output_dir="/tmp/trl-compare-out",
-        per_device_train_batch_size=PROMPTS * K,
-        num_generations=K,
-        max_completion_length=NEW_TOKENS,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        beta=BETA,
-        epsilon=CLIP,
-        learning_rate=LR,
-        num_iterations=1,
-        steps_per_generation=1,
-        gradient_accumulation_steps=1,
-        max_steps=steps,
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        disable_dropout=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    trainer = RLOOTrainer(
-        model=model,
-        reward_funcs=reward,
-        args=config,
-        train_dataset=Dataset.from_dict({"prompt": prompts * (steps * K + 4)}),
-        processing_class=tokenizer,
-        reward_processing_classes=tokenizer,
-        peft_config=LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"
-        ),
-        callbacks=[Timer()],
-    )
-    trainer.train()
-    return {"step_times_s": times, "step_cpu_s": cpu}
+def git_commit() -> str | None:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() or None
 
 
-def child(side: str, model: str, prompts_file: str, steps: int, threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    prompts = json.loads(Path(prompts_file).read_text())
-    result = (zopro_side if side == "zopro" else trl_side)(model, prompts, steps)
-    import torch as _t
-
-    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
-    result["versions"] = {"torch": _t.__version__, "transformers": transformers.__version__}
-    if side == "trl":
-        import peft
-        import trl
-
-        result["versions"].update(trl=trl.__version__, peft=peft.__version__)
-    print("RESULT " + json.dumps(result))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--trl-python", default="/work/trl-venv/bin/python")
-    parser.add_argument("--model", default="builtin:base10m")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        side, model, prompts_file = args.child
-        child(side, model, prompts_file, args.steps, args.threads)
-        return
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def compare(
+    model: str,
+    *,
+    rounds: int,
+    shapes: Shapes,
+    threads: int,
+    trl_settings: list[bool],
+    trl_python: str,
+    with_real_run: bool = True,
+) -> dict:
     from engine.data.tasks import make_task
     from engine.recipe import recipe_from_dict
     from engine.training.models import quiet_transformers, resolve_base
 
+    os.environ["HF_HUB_OFFLINE"] = "1"
     quiet_transformers()
     task = make_task(recipe_from_dict({}))
-    model = resolve_base(args.model, task.corpus(), 0, "")  # untrained, as `zopro bench methods` uses it
-    prompts_file = Path("/tmp/trl-compare-prompts.json")
-    prompts_file.write_text(json.dumps(task.prompts(PROMPTS, "bench")))
-    runs: dict[str, list[dict]] = {"zopro": [], "trl": []}
-    for _ in range(args.rounds):
-        for side, python in (("zopro", sys.executable), ("trl", args.trl_python)):
-            command = [python, __file__, "--steps", str(args.steps), "--threads", str(args.threads)]
-            command += ["--child", side, model, str(prompts_file)]
-            env = {**os.environ, "PYTHONPATH": str(ROOT) if side == "zopro" else ""}
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if not lines:
-                runs[side].append({"error": (done.stderr.strip().splitlines() or ["no output"])[-1]})
-                continue
-            runs[side].append(json.loads(lines[-1][len("RESULT ") :]))
-    report = {"model": args.model, "threads": args.threads}
-    for side, results in runs.items():
-        ok = [r for r in results if "step_times_s" in r]
-        steps = [t for r in ok for t in r["step_times_s"][1:]]
-        cpu = [t for r in ok for t in r["step_cpu_s"][1:]]
-        report[side] = {
-            "median_step_s": round(statistics.median(steps), 3) if steps else None,
-            "median_step_cpu_s": round(statistics.median(cpu), 3) if cpu else None,
-            "steps_s": [[round(t, 3) for t in r["step_times_s"]] for r in ok],
-            "peak_rss_mib": max((r["peak_rss_mib"] for r in ok), default=None),
-            "versions": ok[0]["versions"] if ok else None,
-            "errors": [r["error"] for r in results if "error" in r],
+    base = resolve_base(model, task.corpus(), 0, "")  # untrained, as `zopro bench methods` uses it
+    sides = {"zopro": (sys.executable, "zopro")}
+    for on in trl_settings:
+        sides[f"trl_gc_{'on' if on else 'off'}"] = (trl_python, f"trl:{int(on)}")
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    with tempfile.TemporaryDirectory(prefix="trl-compare-") as tmp:
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(task.prompts(shapes.prompts, "bench")))
+        for _ in range(rounds):
+            for name, (python, side) in sides.items():
+                runs[name].append(run_child(python, side, base, prompts_file, shapes, threads))
+        report: dict = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "commit": git_commit(),
+            "model": model,
+            "threads": threads,
+            "rounds": rounds,
+            "shapes": shapes.__dict__,
+            "settings": {
+                "trl_gradient_checkpointing": trl_settings,
+                "zopro_gradient_checkpointing": False,
+            },
+            "sides": {name: summarise(results) for name, results in runs.items()},
         }
-    for key in ("median_step_s", "median_step_cpu_s"):
-        if report["zopro"][key] and report["trl"][key]:
-            report[f"zopro_x_trl_{key[7:]}"] = round(report["zopro"][key] / report["trl"][key], 3)
-    report["trl_gradient_checkpointing"] = GRADIENT_CHECKPOINTING
-    print(json.dumps(report, indent=1))
+        zopro_side = report["sides"]["zopro"]
+        if zopro_side["gradient_checkpointing"] is not None:
+            report["settings"]["zopro_gradient_checkpointing"] = zopro_side["gradient_checkpointing"]
+        if with_real_run:
+            report["sides"]["zopro_run"] = real_run(model, shapes, threads, Path(tmp))
+    report["ratios"] = ratios(report["sides"])
+    report["work_per_step"] = WORK_PER_STEP
+    return report
+
+
+def ratios(sides: dict) -> dict:
+    """zopro / TRL for each TRL setting: step time, CPU time, time per token, update peak, peak RSS."""
+    zopro, out = sides["zopro"], {}
+    for name, trl in sides.items():
+        if not name.startswith("trl"):
+            continue
+        pairs = {
+            "step_s": (zopro["median_step_s"], trl["median_step_s"]),
+            "step_cpu_s": (zopro["median_step_cpu_s"], trl["median_step_cpu_s"]),
+            "s_per_token": (zopro["s_per_token_ms"], trl["s_per_token_ms"]),
+            "update_peak_growth": (
+                zopro["phases"].get("update", {}).get("peak_growth_mib"),
+                trl["phases"].get("update", {}).get("peak_growth_mib"),
+            ),
+            "peak_rss": (zopro["peak_rss_mib"], trl["peak_rss_mib"]),
+        }
+        out[f"zopro_x_{name}"] = {key: round(a / b, 3) if a and b else None for key, (a, b) in pairs.items()}
+    return out
+
+
+def default_trl_python() -> str:
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("trl") else "/work/trl-venv/bin/python"
+
+
+def trl_settings_from(text: str) -> list[bool]:
+    if os.environ.get("TRL_GRADIENT_CHECKPOINTING") in ("0", "1"):
+        return [os.environ["TRL_GRADIENT_CHECKPOINTING"] == "1"]
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words or any(w not in ("on", "off") for w in words):
+        raise SystemExit(f"--trl-gradient-checkpointing {text!r}: accepted: on, off or on,off")
+    return [w == "on" for w in words]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="builtin:base10m")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--sft-steps", type=int, default=100, help="the real run's SFT and reward steps")
+    parser.add_argument("--trl-gradient-checkpointing", default="on,off")
+    parser.add_argument("--trl-python", default=None)
+    parser.add_argument("--no-real-run", action="store_true", help="skip the real `zopro run`")
+    parser.add_argument("--json", type=Path, help="also write the report to this file")
+    args = parser.parse_args()
+    shapes = Shapes(args.prompts, args.samples, args.new_tokens, args.steps, args.sft_steps)
+    report = compare(
+        args.model,
+        rounds=args.rounds,
+        shapes=shapes,
+        threads=args.threads,
+        trl_settings=trl_settings_from(args.trl_gradient_checkpointing),
+        trl_python=args.trl_python or default_trl_python(),
+        with_real_run=not args.no_real_run,
+    )
+    text = json.dumps(report, indent=1)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,23 @@ def test_bench_methods_writes_the_json_shape(tmp_path):
     assert report["methods"]["rloo"]["forward_passes_per_update"] == 1
     assert report["methods"]["zopro"]["forward_passes_per_update"] == 2  # q = 1: two forward passes
     assert report["config"]["model"] == "builtin:nano"
+
+
+def test_the_zeroth_order_update_needs_a_fraction_of_rloos_memory(tmp_path):
+    """The point of zeroth-order methods, measured by `zopro bench methods` (each method in a fresh process,
+    peak RSS growth over the update) on the built-in tiny Llama, 16 prompts x 4 answers x 48 tokens: RLOO keeps
+    the activations for its backward, MeZO and ZOPrO run forward passes without autograd (measured here:
+    rloo 243 MiB, mezo 40, zopro 52)."""
+    out = tmp_path / "bench.json"
+    result = zopro(
+        *("bench", "methods", "--model", "builtin:tiny", "--methods", "rloo,mezo,zopro"),
+        *("--prompts", "16", "--samples", "4", "--new-tokens", "48", "--updates", "2", "--threads", "1"),
+        *("--json", str(out)),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["methods"]
+    rloo = rows["rloo"]["peak_update_mem_mib"]
+    assert rloo > 100, rows  # the activations of a backward over 64 x 48 tokens, well above the noise
+    for method in ("mezo", "zopro"):
+        assert rows[method]["peak_update_mem_mib"] <= 0.3 * rloo, (method, rows[method], rloo)

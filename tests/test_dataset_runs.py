@@ -121,11 +121,34 @@ def test_gold_judge_needs_a_gold_scorer(tmp_path):
     assert result.returncode == 2 and "refine.judge" in result.stderr
 
 
+def a_or_b_judge(base: str, folder: Path) -> Path:
+    """A real causal LM folder that always answers "A" or "B": the built-in base with its lm_head rewritten
+    so that only those two tokens score, with opposite signs along one direction of the hidden state, so the
+    verdict depends on what it reads. (The untrained base alone answers neither: zero verdicts.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    first, second = (tokenizer.encode(letter, add_special_tokens=False) for letter in ("A", "B"))
+    assert len(first) == len(second) == 1
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[first[0]] = direction
+        head[second[0]] = -direction
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_llm_judge_on_the_builtin_task_reports_verdicts_and_agreement(tmp_path, fast_recipe):
-    # the judge is a local causal LM loaded through transformers: here the built-in base of the run itself
+    # the judge is a local causal LM loaded through transformers: the run's own base, made to answer A or B
     first = zopro("run", str(fast_recipe), "--run-dir", str(tmp_path / "first"))
     assert first.returncode == 0, first.stderr
-    judge_model = json.loads((tmp_path / "first" / "meta.json").read_text())["base"]
+    base = json.loads((tmp_path / "first" / "meta.json").read_text())["base"]
+    judge_model = a_or_b_judge(base, tmp_path / "judge")
     recipe = tmp_path / "llm.toml"
     text = fast_recipe.read_text().replace(
         "[refine]\n", f'[refine]\njudge = "llm"\njudge_model = "{judge_model}"\n'
@@ -133,10 +156,19 @@ def test_llm_judge_on_the_builtin_task_reports_verdicts_and_agreement(tmp_path, 
     recipe.write_text(text)
     result = zopro("run", str(recipe), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
-    judged = [e for e in read_events(tmp_path / "run") if e["type"] == "judge"]
-    assert judged and all(e["judge"] == "llm" for e in judged)
+    events = read_events(tmp_path / "run")
+    judged = [e for e in events if e["type"] == "judge"]
+    assert len(judged) == 2 and all(e["judge"] == "llm" for e in judged)  # one per iteration
     for event in judged:
         assert event["judged"] + event["no_verdict"] == event["kept"]  # unparseable verdicts are counted
+        assert event["judged"] == event["kept"] > 0, event  # it answers A or B: every pair gets a verdict
+        assert 0.0 <= event["agreement_with_gold"] <= 1.0, event  # checked against the task's gold
+    logged = [
+        e["metrics"]["judge/agreement_with_gold"]
+        for e in events
+        if e["type"] == "metrics" and "judge/agreement_with_gold" in e["metrics"]
+    ]
+    assert logged == [e["agreement_with_gold"] for e in judged]
 
 
 def test_parse_verdict():

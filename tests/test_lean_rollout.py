@@ -131,12 +131,34 @@ def test_sampler_is_reproducible_and_its_logprobs_match_a_recomputation(pm):
     assert not any({"forward", "zopro_merged_weight"} & set(vars(m)) for m in pm.model.modules())
 
 
-def test_sampler_matches_a_generator_derived_on_another_device(pm):
-    """A generator that lives elsewhere seeds a device generator with one draw: same state, same samples."""
+def test_sampler_matches_a_generator_derived_on_another_device(monkeypatch):
+    """A generator that lives elsewhere seeds a device generator with one draw: same state, same seed (so the
+    same samples), the source advanced by exactly that draw. This machine may have no second device, so the
+    device generator is a CPU one, recorded with the device it was asked for; the branch is the real one."""
     from engine.training.rollout import device_generator
 
-    a = device_generator(torch.Generator().manual_seed(5), torch.device("cpu"))
-    assert a.initial_seed() == 5
+    cpu_generator = torch.Generator
+    source = cpu_generator().manual_seed(5)
+    assert device_generator(source, torch.device("cpu")) is source  # same device: the generator itself
+    one_draw = int(torch.randint(0, 2**62, (1,), generator=cpu_generator().manual_seed(5)))
+    asked_for: list[torch.device] = []
+
+    def generator_on(device=None):
+        asked_for.append(torch.device(device))
+        return cpu_generator()
+
+    monkeypatch.setattr(torch, "Generator", generator_on)
+    derived = device_generator(source, torch.device("cuda", 0))
+    again = device_generator(cpu_generator().manual_seed(5), torch.device("cuda", 0))
+    other = device_generator(cpu_generator().manual_seed(6), torch.device("cuda", 0))
+    monkeypatch.undo()
+    assert asked_for == [torch.device("cuda", 0)] * 3
+    assert derived is not source and derived.initial_seed() == again.initial_seed() == one_draw
+    assert other.initial_seed() != one_draw
+    assert torch.equal(torch.rand(4, generator=derived), torch.rand(4, generator=again))
+    after_one_draw = cpu_generator().manual_seed(5)
+    torch.randint(0, 2**62, (1,), generator=after_one_draw)
+    assert torch.equal(torch.rand(4, generator=source), torch.rand(4, generator=after_one_draw))
 
 
 def test_the_rollout_reference_pass_equals_the_sft_adapter_pass(pm):

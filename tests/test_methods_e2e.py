@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+from safetensors.torch import load_file
 
 from engine.rundir.reader import read_events
+from engine.rundir.writer import adapter_file
 from tests.conftest import FAST_RECIPE, REPO, zopro
 from tests.runs import assert_resume_after_sigterm_is_exact, finished_run
 
@@ -172,6 +175,13 @@ def test_mezo_run_is_isotropic(tmp_path):
         if e["type"] == "metrics" and e["stage"] == "policy"
     ]
     assert policy and all(m["zo/decay"] == 0.0 and m["zo/cos_z_mu"] == 0.0 for m in policy)
+    # N(0, I) on every adapter value: |z| ~ sqrt(D) (chi with D degrees of freedom, sd 0.7), not the
+    # sqrt(block size) of a sampler that perturbs a part of the adapter
+    adapters = load_file(adapter_file(tmp_path / "run" / "checkpoints" / "iter-0001", "policy"))
+    values = sum(tensor.numel() for tensor in adapters.values())
+    assert values > 1000
+    norms = [m["zo/z_norm"] for m in policy]
+    assert all(abs(norm - math.sqrt(values)) < 3.0 for norm in norms), (norms, math.sqrt(values))
 
 
 def test_zeroth_order_setting_on_a_first_order_method_is_refused(tmp_path):

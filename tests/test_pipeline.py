@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -69,6 +68,11 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path, fast_recipe)
     assert_resume_after_sigterm_is_exact(fast_recipe, straight, tmp_path / "interrupted", at_step=12 + 12 + 2)
 
 
+def checkpoints_after_pause(run) -> int:
+    types = [e["type"] for e in read_events(run)]
+    return types[types.index("paused") :].count("checkpoint") if "paused" in types else 0
+
+
 def test_pause_stops_steps_until_resume(tmp_path, fast_recipe):
     run = tmp_path / "run"
     process = zopro_popen("run", str(fast_recipe), "--run-dir", str(run))
@@ -77,9 +81,17 @@ def test_pause_stops_steps_until_resume(tmp_path, fast_recipe):
         send_control(run, "pause")
         wait_for(lambda: run_info(run).status == "paused")
         paused_at = global_step(run)
-        time.sleep(2.0)
+        # the paused loop goes round: a checkpoint asked for now is written while paused, twice over
+        for count in (1, 2):
+            send_control(run, "checkpoint")
+            wait_for(lambda count=count: checkpoints_after_pause(run) == count)
+        assert not (run / "control" / "checkpoint").exists()  # taken
         assert global_step(run) == paused_at
         assert run_info(run).status == "paused"
+        events = read_events(run)
+        after = events[[e["type"] for e in events].index("paused") :]
+        assert [e["type"] for e in after] == ["paused", "checkpoint", "checkpoint"]
+        assert {e["global_step"] for e in after} == {after[0]["global_step"]}  # no step in between
         send_control(run, "resume")
         wait_for(lambda: global_step(run) > paused_at)
         assert run_info(run).status == "running"

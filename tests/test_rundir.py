@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -102,12 +103,16 @@ def test_second_writer_in_same_process_is_refused(tmp_path):
 
 
 def test_control_requests_are_taken_once_in_order(tmp_path):
+    """Oldest first by modification time: an order unlike the accepted tuple's, the alphabet's and their
+    reverses, so that only the times can produce it."""
+    sent = ["resume", "checkpoint", "stop", "pause"]
     with RunWriter(tmp_path / "run") as writer:
-        send_control(tmp_path / "run", "pause")
-        time.sleep(0.01)
-        send_control(tmp_path / "run", "resume")
-        assert writer.take_requests() == ["pause", "resume"]
+        for when, request in enumerate(sent):
+            path = send_control(tmp_path / "run", request)
+            os.utime(path, (1_000_000 + when, 1_000_000 + when))
+        assert writer.take_requests() == sent
         assert writer.take_requests() == []
+        assert not list((tmp_path / "run" / "control").iterdir())
     with pytest.raises(RunDirError, match="accepted"):
         send_control(tmp_path / "run", "explode")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from rich.cells import cell_len
+from rich.console import Console
 from textual.widgets import RichLog
 
 from engine.rundir.report import export_metrics
@@ -23,6 +26,7 @@ from zopro_tui.app import ZoproApp
 from zopro_tui.screens.compare import CompareScreen
 from zopro_tui.screens.dashboard import DashboardScreen
 from zopro_tui.screens.help import HelpScreen
+from zopro_tui.screens.modals import ConfirmModal
 from zopro_tui.screens.runs import RunsScreen, RunsTable
 from zopro_tui.widgets.chart import CurveChart
 from zopro_tui.widgets.panel import ChartGridPanel
@@ -190,57 +194,92 @@ async def test_dashboard_keys_axis_smoothing_cursor_zoom_panels_help(tmp_path):
         assert (tmp_path / "fast-seed0-metrics.csv").read_text() == export_metrics(FIXTURE_RUN, "csv")
 
 
+def screen_text(app: ZoproApp) -> str:
+    """The current screen as the terminal shows it, as text (how App.export_screenshot renders it)."""
+    width, height = app.size
+    console = Console(width=width, height=height, file=io.StringIO(), record=True, legacy_windows=False)
+    console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
+    return console.export_text()
+
+
 @pytest.mark.parametrize("size", [(20, 6), (80, 24), (200, 60)])
 async def test_every_screen_draws_at_any_size(size):
+    """Each key lands on the screen or panel it names, and that screen draws its own words inside the
+    terminal's size, from 20 x 6 up."""
+    width, height = size
     app = ZoproApp(FIXTURE_ROOT, attach=FIXTURE_RUN)
     async with app.run_test(size=size) as pilot:
-        screen = app.screen
-        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "the dashboard")
-        screen = dashboard(app)
-        await wait_for(pilot, lambda: screen.run.caught_up, 10, "the fixture read")
-        for keys in (
-            ("z",),
-            ("j",),
-            ("escape",),
-            ("l", "plus"),
-            ("6",),
-            ("question_mark",),
-            ("escape", "escape", "escape"),  # close help, leave the zoom, back to the runs
-        ):
+
+        async def shows(keys: tuple[str, ...], kind: type, zoomed: str | None, *words: str) -> None:
             await pilot.press(*keys)
-            await pilot.pause(0.05)
-        await pilot.press("space", "j", "space", "c")
-        await pilot.pause(0.5)
-        assert isinstance(app.screen, CompareScreen)
-        await pilot.press("h", "x", "escape")
-        await pilot.pause(0.1)
+
+            def drawn() -> bool:
+                screen, text = app.screen, screen_text(app)
+                return (
+                    isinstance(screen, kind)
+                    and getattr(screen, "zoomed", None) == zoomed
+                    and all(word in text for word in words)
+                )
+
+            await wait_for(pilot, drawn, 10, f"{kind.__name__} zoomed={zoomed} showing {words} after {keys}")
+            lines = screen_text(app).rstrip("\n").split("\n")
+            assert len(lines) == height and all(cell_len(line) <= width for line in lines), lines
+
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "the dashboard")
+        await wait_for(pilot, lambda: dashboard(app).run.caught_up, 10, "the fixture read")
+        await shows((), DashboardScreen, None, "fast-seed0", "curves")
+        await shows(("z",), DashboardScreen, "curves", "curves")
+        await shows(("j",), DashboardScreen, "interplay", "policy-reward")
+        await shows(("escape",), DashboardScreen, None, "fast-seed0", "curves")
+        await shows(("l", "plus"), DashboardScreen, None, "fast-seed0")
+        await shows(("6",), DashboardScreen, "events", "events")
+        await shows(("question_mark",), HelpScreen, None, "zopro-tu")
+        await shows(("escape", "escape", "escape"), RunsScreen, None, "fast-seed1", "fast-seed0")
+        await shows(("space", "j", "space", "c"), CompareScreen, None, "compare", "fast-seed1")
+        await shows(("h", "x"), CompareScreen, None, "compare")
+        await shows(("escape",), RunsScreen, None, "fast-seed1")
 
 
 async def test_controls_write_requests_and_readonly_hides_them(tmp_path):
+    """Each wait is for the thing the key causes (a request file, the dialog, a zoom pressed after the keys
+    under test, which the screen handles after them), never a fixed sleep."""
     run = live_copy(tmp_path)
+    control = run / "control"
     app = ZoproApp(tmp_path / "runs", attach=run)
     async with app.run_test(size=(120, 36)) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 5, "the dashboard")
         screen = dashboard(app)
         await wait_for(pilot, lambda: screen.run.status == "running", 10, "a live run")
         await pilot.press("p", "c")
-        await pilot.pause(0.2)
-        assert (run / "control" / "pause").exists() and (run / "control" / "checkpoint").exists()
+        await wait_for(
+            pilot,
+            lambda: (control / "pause").exists() and (control / "checkpoint").exists(),
+            5,
+            "the requests",
+        )
+        (control / "checkpoint").unlink()
         await pilot.press("s")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal), 5, "the stop dialog")
         await pilot.press("n")  # not confirmed: nothing written
-        await pilot.pause(0.2)
-        assert not (run / "control" / "stop").exists()
+        await wait_for(pilot, lambda: app.screen is screen, 5, "the dialog to close")
+        await pilot.press("c")  # handled after the dialog's answer: once it is written, "n" has been too
+        await wait_for(pilot, lambda: (control / "checkpoint").exists(), 5, "the checkpoint after the dialog")
+        assert not (control / "stop").exists()
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal), 5, "the stop dialog")
+        await pilot.press("y")  # confirmed: written
+        await wait_for(pilot, lambda: (control / "stop").exists(), 5, "the stop request")
 
-    shutil.rmtree(run / "control")
+    shutil.rmtree(control)
     readonly = ZoproApp(tmp_path / "runs", attach=run, readonly=True)
     async with readonly.run_test(size=(120, 36)) as pilot:
         await wait_for(pilot, lambda: isinstance(readonly.screen, DashboardScreen), 5, "the dashboard")
         screen = dashboard(readonly)
         await wait_for(pilot, lambda: screen.run.status == "running", 10, "a live run")
-        await pilot.press("p", "s", "y", "c")
-        await pilot.pause(0.2)
-        assert not (run / "control").exists()
+        await pilot.press("p", "s", "y", "c", "6")  # the zoom comes after the others: all were handled
+        await wait_for(pilot, lambda: screen.zoomed == "events", 5, "the zoom pressed after the controls")
+        assert readonly.screen is screen  # no stop dialog
+        assert not control.exists()
         assert screen.check_action("control", ("pause",)) is False
 
 

@@ -95,20 +95,32 @@ async def test_each_stage_draws_its_own_curves_while_it_runs_and_the_header_show
         writer.close()
 
 
-async def test_a_run_that_fails_or_warns_is_announced_wherever_the_user_is(tmp_path: Path):
+async def test_a_run_that_fails_or_warns_is_announced_wherever_the_user_is(tmp_path: Path, monkeypatch):
     import json
 
+    from engine.rundir.alerts import AlertTracker
     from tests.test_tui import live_copy
+    from zopro_tui import alerts
     from zopro_tui.screens.help import HelpScreen
+    from zopro_tui.screens.runs import RunsScreen
 
+    looks: list[int] = []  # alerts found by each of the watcher's looks at the runs
+
+    class CountedTracker(AlertTracker):  # the real tracker; the test only learns when a look is done
+        def update(self, runs):
+            found = super().update(runs)
+            looks.append(len(found))
+            return found
+
+    monkeypatch.setattr(alerts, "AlertTracker", CountedTracker)
     run = live_copy(tmp_path)
     app = ZoproApp(tmp_path / "runs")
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.pause(0.5)
+        await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen), 5, "the runs screen")
         await pilot.press("question_mark")  # the user is reading the help screen
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 5, "the help screen")
-        await pilot.pause(2.5)  # the alert watcher's first look: the baseline, no news
-        assert not app._notifications
+        await wait_for(pilot, lambda: looks, 10, "the alert watcher's first look")
+        assert looks[0] == 0 and not app._notifications  # the first look is the baseline: no news
         status = json.loads((run / "status.json").read_text())
         warning = {"code": "kl_jump", "message": "held-out KL jumped to 14.4 nats", "iteration": 1, "step": 0}
         status.update(warnings=[warning], warning_count=1, updated=time.time())

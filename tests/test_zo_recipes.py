@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine.recipe import RecipeError, recipe_from_dict, split_method_list, split_variant, variant_label
+from engine.cli.app import compare_methods_of
+from engine.recipe import (
+    RecipeError,
+    load_recipe,
+    recipe_from_dict,
+    split_method_list,
+    split_variant,
+    variant_label,
+)
 from tests.conftest import REPO, zopro
 
 
@@ -54,8 +62,18 @@ def test_compare_entries_with_settings():
 
 
 def test_shipped_compare_recipe_lists_the_paper_sampler_and_the_subspace_one():
-    result = zopro("validate", str(REPO / "recipes" / "tiny-compare.toml"))
+    path = REPO / "recipes" / "tiny-compare.toml"
+    result = zopro("validate", str(path))
     assert result.returncode == 0, result.stderr
+    entries = compare_methods_of(path)  # what `zopro run` reads from [compare]
+    resolved = {}  # each entry's recipe as `zopro run` builds it: policy.method, then the entry's settings
+    for entry in entries:
+        method, own = split_variant(entry)
+        resolved[entry] = load_recipe(path, [f"policy.method={method}", *own])
+    zeroth = [(r.zopro.sampler, r.zopro.z_norm) for r in resolved.values() if r.policy.method == "zopro"]
+    assert sorted(zeroth) == [("subspace", "reference"), ("zopro", "published")], zeroth
+    assert {r.policy.method for r in resolved.values()} == {"rloo", "mezo", "zopro"}
+    assert len({r.seed for r in resolved.values()}) == 1  # the same seed and data for every entry
 
 
 def test_bench_refuses_a_bad_variant_in_one_sentence():

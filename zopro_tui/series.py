@@ -399,17 +399,6 @@ class MetricStore:
                 high = max(high, float(last))
         return (float(low), float(high)) if low <= high else None
 
-    def value_at(self, name: str, axis: str, x: float, weight: float = 0.0) -> tuple[float, float] | None:
-        """The last point of a metric at or before x: (its x, its value, smoothed if weight > 0)."""
-        xs, ys = self.series(name, axis)
-        if not len(xs):
-            return None
-        position = int(np.searchsorted(xs, x, side="right")) - 1
-        if position < 0:
-            return None
-        values = self.smoothed(name, weight) if weight > 0 else ys
-        return float(xs[position]), float(values[position])
-
 
 def sample_events(path: Path, count: int, line_bytes: int = 4096) -> list[dict]:
     """About `count` events spread evenly over a big events file (the first whole line after each of `count`

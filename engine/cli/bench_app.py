@@ -80,6 +80,41 @@ def bench_methods(
     print(text)
 
 
+@bench_app.command("all")
+def bench_all(
+    only: Annotated[
+        str,
+        typer.Option(
+            "--only", help="comma-separated: demo, learning, methods, large_vocab, trl, distributed, tui_open"
+        ),
+    ] = "demo,learning,methods,large_vocab,trl,distributed,tui_open",
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="tiny shapes: checks the machinery; the figures mean nothing (needs --out)"
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="folder of figures.json and figures.md (default: docs/)")
+    ] = None,
+) -> None:
+    """Every performance and learning figure the README quotes, regenerated on the current code into
+    docs/figures.json and docs/figures.md, dated, with the commit (bench/all.py of a source checkout)."""
+    import subprocess
+    import sys
+
+    import engine
+
+    script = Path(engine.__file__).resolve().parents[1] / "bench" / "all.py"
+    if not script.exists():
+        fail(
+            f"zopro bench all runs the repository's bench/ scripts, and {script} is missing: run it from a source checkout (pip install -e .)"
+        )
+    command = [sys.executable, str(script), "--only", only, *(["--quick"] if quick else [])]
+    command += ["--out", str(out.resolve())] if out is not None else []
+    raise typer.Exit(subprocess.call(command))
+
+
 @bench_app.command("distributed")
 def bench_distributed(
     recipe: Annotated[

@@ -354,10 +354,6 @@ class Recipe:
     log: LogConfig = spec(factory=LogConfig)
     watchdog: WatchdogConfig = spec(factory=WatchdogConfig)
 
-    @property
-    def total_updates(self) -> int:
-        return self.train.iterations * self.train.updates_per_iteration
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

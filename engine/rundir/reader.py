@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,10 +116,6 @@ def pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _read_json(path: Path) -> dict:
-    return _read_object(path)[0]
 
 
 def _read_object(path: Path) -> tuple[dict, str | None]:
@@ -259,13 +254,6 @@ def _run_info_or_unreadable(run_dir: Path) -> RunInfo:
         return RunInfo(
             path=run_dir, name=run_dir.name, status="unreadable", error=f"{type(error).__name__}: {error}"
         )
-
-
-def read_recipe(run_dir: Path) -> dict:
-    try:
-        return tomllib.loads((Path(run_dir) / "recipe.toml").read_text())
-    except (OSError, ValueError, RecursionError):  # missing, not TOML, not UTF-8, too deep
-        return {}
 
 
 def latest_samples(run_dir: Path) -> list[dict]:

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -406,10 +405,3 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
-
-
-def read_sweep_recipe(sweep: Sweep) -> dict:
-    try:
-        return tomllib.loads(sweep.recipe.read_text())
-    except (OSError, ValueError):
-        return {}

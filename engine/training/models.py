@@ -428,7 +428,3 @@ def apply_adapters(pm: PreferenceModel, weights: dict[str, dict[str, torch.Tenso
     for name in ADAPTERS:
         set_peft_model_state_dict(pm.model, weights[name], adapter_name=name)
     pm.score_head.load_state_dict(weights["score_head"])
-
-
-def load_adapters(pm: PreferenceModel, folder: Path) -> None:
-    apply_adapters(pm, read_adapters(folder, pm.device))
