@@ -76,7 +76,7 @@ def train_reward_model(run: Run) -> None:
         book.between_steps()
     center_reward(run.pm, run.counters, r, pairs)
     held_out = run.task.held_out_pairs(256)
-    run.reward_initial = reward_snapshot(run.pm)  # the fixed judge of win rates when there is no gold
+    run.reward_initial = reward_snapshot(run.pm)  # the fixed RM: eval/reward_initial, and no-gold win rates
     book.metrics({"reward/eval_accuracy": reward_accuracy(run.pm, run.counters, r, held_out)})
 
 
