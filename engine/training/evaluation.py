@@ -135,10 +135,10 @@ def watch(run: Run, metrics: dict[str, float]) -> str | None:
         book.warn(
             "max_kl",
             f"held-out KL {kl:.2f} exceeds policy.max_kl = {limit:g} after iteration "
-            f"{state.iteration}: {'rolling back to the last checkpoint' if action == 'rollback' else 'stopping'}",
+            f"{state.iteration + 1}: {'rolling back to the last checkpoint' if action == 'rollback' else 'stopping'}",
             kl=kl,
             max_kl=limit,
             action=action,
         )
-        return f"held-out KL {kl:.2f} > policy.max_kl = {limit:g} after iteration {state.iteration}"
+        return f"held-out KL {kl:.2f} > policy.max_kl = {limit:g} after iteration {state.iteration + 1}"
     return None

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +64,12 @@ def default_cache_dir() -> Path:
 
 
 def build_builtin(
-    size: str, corpus: list[str], seed: int, cache_dir: Path, pretraining_text: list[str] | None = None
+    size: str,
+    corpus: list[str],
+    seed: int,
+    cache_dir: Path,
+    pretraining_text: list[str] | None = None,
+    on_build: Callable[[str], None] | None = None,
 ) -> Path:
     """Build (once) a small Llama-style causal LM from a config with a byte-level BPE tokenizer trained on
     the task's text, briefly pre-train it (all weights) on the task's plain text so that, like a real
@@ -80,6 +85,11 @@ def build_builtin(
     target = cache_dir / "builtin" / f"{size}-seed{seed}-{digest}-v{BUILTIN_VERSION}"
     if (target / "config.json").exists():
         return target
+    if on_build is not None:
+        on_build(
+            f"building the built-in model builtin:{size} on first use: a tokenizer and a small Llama trained "
+            f"briefly on the task's text (tens of seconds on a CPU), cached in {target.parent} for later runs"
+        )
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -303,12 +313,17 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_base(
-    base: str, corpus: list[str], seed: int, cache_dir: str, pretraining_text: list[str] | None = None
+    base: str,
+    corpus: list[str],
+    seed: int,
+    cache_dir: str,
+    pretraining_text: list[str] | None = None,
+    on_build: Callable[[str], None] | None = None,
 ) -> str:
     """A builtin:NAME becomes the folder it was built into; other names are passed to from_pretrained."""
     if base.startswith("builtin:"):
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        return str(build_builtin(base.split(":", 1)[1], corpus, seed, cache, pretraining_text))
+        return str(build_builtin(base.split(":", 1)[1], corpus, seed, cache, pretraining_text, on_build))
     path = Path(base).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

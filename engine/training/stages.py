@@ -244,6 +244,7 @@ def refine_reward_model(run: Run) -> None:
         book.between_steps()
     if r.refine.keep_close and run.reward_before_refine is not None:
         keep_close(run.pm, run.reward_before_refine, r.refine.keep_close_alpha)
+    state.global_step += max(0, run.planned_refine_steps - steps)  # on to the plan: a fixed total
 
 
 # -- the end of an iteration ----------------------------------------------------------------------------
