@@ -289,8 +289,10 @@ def comparison_row(run_dir: Path, label: str | None = None) -> dict:
         "final_gold_se": last.get("eval/gold_se"),
         "win_rate_vs_sft": last.get("eval/win_rate_vs_sft"),
         "win_rate_vs_sft_se": last.get("eval/win_rate_vs_sft_se"),
-        "reward_score": last.get("eval/reward"),
+        "reward_score": last.get("eval/reward"),  # under this run's own refined reward model
         "reward_score_se": last.get("eval/reward_se"),
+        "fixed_rm_score": last.get(FIXED_RM_METRIC),  # comparable across methods of one seed
+        "fixed_rm_score_se": last.get(f"{FIXED_RM_METRIC}_se"),
         "kl": last.get("eval/kl"),
         "kl_se": last.get("eval/kl_se"),
         "wall_time_s": events[-1].get("elapsed") if events else None,
