@@ -193,3 +193,27 @@ def test_stage_messages_and_the_events_pane_count_iterations_from_one():
     assert all("eval/reward_initial" in e["metrics"] for e in evals), "the fixed-RM score at every evaluation"
     end = [e for e in events if e["type"] == "run_end"][-1]
     assert end["global_step"] == [e for e in events if e["type"] == "run_start"][0]["total_steps"]
+
+
+async def test_a_warning_is_told_once_with_the_stop_dialog_open(runs):
+    """The run's own dashboard tells its warnings; the app-wide alert stays quiet for that run even under
+    a dialog (the stop confirmation) and whether its path is written relative or absolute."""
+    from engine.rundir.alerts import Alert
+    from zopro_tui import alerts
+    from zopro_tui.screens.modals import ConfirmModal
+
+    run = runs("stopped")
+    other = runs("finished", "other-run")
+    app = ZoproApp(Path("runs"), attach=run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, lambda: dashboard_ready(app))
+        app.push_screen(ConfirmModal("Stop?"))
+        await pilot.pause(0.2)
+        before = len(app._notifications)
+        for path in (run, run.resolve()):
+            alerts.notify(app, Alert(path, "warning", "warning: gold_drop", "held-out gold fell", "warning"))
+        await pilot.pause(0.2)
+        assert len(app._notifications) == before, "the dashboard under the dialog tells its own"
+        alerts.notify(app, Alert(other, "warning", "warning: gold_drop", "held-out gold fell", "warning"))
+        await pilot.pause(0.2)
+        assert len(app._notifications) == before + 1, "another run's warning is told"
