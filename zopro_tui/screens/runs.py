@@ -71,6 +71,7 @@ DETAIL_METRICS = (
     ("eval/gold", "gold (held-out)"),
     ("eval/win_rate_vs_sft", "win vs SFT"),
     ("eval/kl", "KL (held-out)"),
+    ("eval/reward_initial", "fixed RM (held-out)"),
     ("compute/forward_passes", "forward passes"),
     ("mem/peak_rss_mib", "peak RSS MiB"),
     ("mem/cuda_peak_mib", "CUDA peak MiB"),
