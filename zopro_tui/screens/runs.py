@@ -145,6 +145,8 @@ class RunsScreen(Screen):
         self.runs: list[RunInfo] = []
         self.sweeps: list = []  # engine.rundir.sweep.SweepInfo: a header row, then a row per point that started
         self.marked: set[Path] = set()
+        self.columns: list[str] = []  # the keys of the columns shown, fitted to the width
+        self._widths: dict[str, int] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(id="runs-title")
@@ -159,7 +161,6 @@ class RunsScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(RunsTable)
-        self.columns: list[str] = []
         self.query_one("#runs-filter", Input).display = False
         self.show_title()
         table.focus()
@@ -225,7 +226,7 @@ class RunsScreen(Screen):
                 natural[key] = max(natural[key], len(str(cell)) + extra)
         width = max(20, (self.size.width or self.app.size.width) - 2)  # the scrollbar's room
         shown, widths = fit_columns(RUN_COLUMNS, natural, width - CELL_PADDING, gap=CELL_PADDING)
-        if [column.key for column in shown] != self.columns or widths != getattr(self, "_widths", None):
+        if [column.key for column in shown] != self.columns or widths != self._widths:
             table.clear(columns=True)
             for column in shown:
                 table.add_column(column.header, key=column.key, width=widths[column.key])
