@@ -92,7 +92,8 @@ def test_a_first_run_says_what_it_builds_and_does_not_wrap_into_a_file(tmp_path,
         env_extra={"ZOPRO_CACHE": str(tmp_path / "fresh-cache")},
     )
     assert result.returncode == 0, result.stderr
-    assert "building the built-in model builtin:nano on first use" in result.stderr
+    assert "building the built-in model builtin:nano on first use" in result.stdout
+    assert not result.stderr.strip(), "stderr is for what went wrong"
     lines = result.stdout.splitlines()
     assert any(line.endswith("iteration 1/2: policy optimisation") for line in lines)
     evals = [line for line in lines if "eval: gold" in line]
@@ -103,3 +104,32 @@ def test_a_first_run_says_what_it_builds_and_does_not_wrap_into_a_file(tmp_path,
     events = run_info(tmp_path / "run")
     assert events.global_step == events.total_steps, "the step total is fixed from the start"
     assert os.path.isdir(tmp_path / "fresh-cache" / "builtin")
+
+
+def test_the_live_line_fits_80_columns_without_cutting_a_score():
+    """The rate goes first, then the method, then the step count: the scores and the ETA stay whole."""
+    import io
+
+    from rich.console import Console
+
+    from engine.cli.runner import ProgressView
+
+    view = ProgressView(432, 4, "online_dpo", Path("runs/x"))
+    view.on_event(
+        {
+            "type": "metrics",
+            "stage": "policy",
+            "iteration": 1,
+            "global_step": 310,
+            "metrics": {"objective/scores": 0.7431, "eval/gold": 0.3, "objective/kl": 0.1234},
+        }
+    )
+    view.first_step, view.started = 0, view.started - 100
+    lines = {}
+    for width in (80, 120):
+        console = Console(width=width, file=io.StringIO(), force_terminal=True, color_system=None)
+        console.print(view)
+        lines[width] = console.file.getvalue().strip()
+    assert "…" not in lines[80] and "KL 0.12" in lines[80] and "ETA 0:" in lines[80], lines[80]
+    assert lines[80].startswith("online_dpo policy it 2/4 step 310/432 RM score 0.74"), lines[80]
+    assert "st/s" in lines[120] and "st/s" not in lines[80]

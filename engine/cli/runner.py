@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,31 +76,40 @@ class ProgressView:
         done = self.event.get("global_step", 0) - (self.first_step or 0)
         return steps_per_second(done, time.monotonic() - self.started)
 
-    def __rich__(self) -> Table:
+    def __rich_console__(self, console: Console, options) -> Iterator[Table]:
+        """The cells that fit the terminal's width: the rate, then the method, then the word `step` go
+        first, so that the scores and the ETA are never cut."""
         e, m = self.event, self.latest
         step = e.get("global_step", 0)
         rate = self.rate()
         eta = eta_seconds(self.total_steps, step, rate)
         iteration = e.get("iteration")
-        cells = [
-            (self.method, "bold cyan"),
-            (e.get("stage", "loading"), "bold"),
-            (short_iteration(iteration, self.iterations) or f"it -/{self.iterations}", ""),
-            (f"step {step}/{self.total_steps}", ""),
-            (f"RM score {fmt_value(m.get('objective/scores'), 2)}", ""),
-            (f"gold {fmt_value(m.get('eval/gold'), 3)}", "green"),
-            (f"KL {fmt_value(m.get('objective/kl'), 2)}", ""),
-            (f"{rate:.1f} st/s" if rate else "- st/s", "dim"),
-            (f"ETA {fmt_duration(eta)}", ""),
+        cells = [  # (text, style, rank: the highest goes first when the line is too long)
+            (self.method, "bold cyan", 2),
+            (e.get("stage", "loading"), "bold", 0),
+            (short_iteration(iteration, self.iterations) or f"it -/{self.iterations}", "", 0),
+            (f"step {step}/{self.total_steps}", "", 1),
+            (f"RM score {fmt_value(m.get('objective/scores'), 2)}", "", 0),
+            (f"gold {fmt_value(m.get('eval/gold'), 3)}", "green", 0),
+            (f"KL {fmt_value(m.get('objective/kl'), 2)}", "", 0),
+            (f"{rate:.1f} st/s" if rate else "- st/s", "dim", 3),
+            (f"ETA {fmt_duration(eta)}", "", 0),
         ]
         if self.warnings:
             plural = "s" if self.warnings > 1 else ""
-            cells.append((f"! {self.warnings} warning{plural} {self.last_warning}".rstrip(), "bold yellow"))
+            cells.append(
+                (f"! {self.warnings} warning{plural} {self.last_warning}".rstrip(), "bold yellow", 0)
+            )
+        while sum(len(text) + 1 for text, _, _ in cells) - 1 > options.max_width:
+            rank = max(rank for _, _, rank in cells)
+            if rank == 0:
+                break
+            cells = [cell for cell in cells if cell[2] != rank]
         grid = Table.grid(padding=(0, 1))
         for _ in cells:
             grid.add_column(no_wrap=True, overflow="ellipsis")
-        grid.add_row(*(Text(text, style=style) for text, style in cells))
-        return grid
+        grid.add_row(*(Text(text, style=style) for text, style, _ in cells))
+        yield grid
 
 
 def warning_line(event: dict) -> str:
@@ -231,8 +241,8 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
         def notice(text: str) -> None:  # a step of the start that takes a while (building a built-in model)
             if spinner is not None:
                 spinner.update(text + "…")
-            elif not quiet:
-                err.print(text, soft_wrap=True, markup=False, highlight=False)
+            elif not quiet:  # progress, like the stage lines: stdout (stderr is for what went wrong)
+                console.print(text, soft_wrap=True, markup=False, highlight=False)
 
         try:
             run = Run(recipe, writer, listener=None if follower else listener, dist=dist, notice=notice)
