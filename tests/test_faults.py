@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from engine.rundir.reader import EventTail, read_events, run_info
+from engine.rundir.wording import checkpoint_phrase
 from engine.rundir.writer import RunDirError, RunWriter, adapter_file
 from tests.conftest import REPO, zopro, zopro_popen
 from tests.runs import global_step, wait_for
@@ -61,7 +62,7 @@ def assert_resumed_from(run: Path, checkpoint: str) -> subprocess.CompletedProce
         "Traceback" not in result.stderr and "Warning" not in result.stderr
     )  # e.g. transformers' FutureWarning
     assert resume_event(run)["checkpoint"] == checkpoint
-    assert f"resuming from checkpoint {checkpoint}" in result.stdout
+    assert f"resuming from {checkpoint_phrase(checkpoint)}" in result.stdout
     assert run_info(run).status == "finished"
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
     return result

@@ -114,12 +114,12 @@ def test_max_kl_stop_warns_everywhere_and_exits_non_zero(tmp_path, fast_recipe):
     warning_events = [e for e in read_events(run) if e["type"] == "warning"]
     assert [e["code"] for e in warning_events] == codes
     assert all(e["iteration"] == 0 and e["message"] for e in warning_events)
-    assert "warning [max_kl] iteration 0" in result.stderr
+    assert "warning [max_kl] iteration 1" in result.stderr  # the file's iteration 0, read from 1
     assert "policy.max_kl = 0.5" in result.stderr
     assert "max_kl" in result.stdout  # the summary table's warnings column
     assert (run / "checkpoints" / "iter-0000").is_dir() and not (run / "checkpoints" / "iter-0001").exists()
     status = zopro("status", str(run))
-    assert "warning" in status.stdout and "[max_kl] iteration 0" in status.stdout
+    assert "warning" in status.stdout and "[max_kl] iteration 1" in status.stdout
     listing = zopro("ls", "--root", str(tmp_path / "runs"))
     assert f"!{info.warning_count}" in listing.stdout
 

@@ -6,7 +6,7 @@ import numpy as np
 from textual.app import App, ComposeResult
 
 from zopro_tui.catalogue import wanted_metric
-from zopro_tui.widgets.chart import LABEL_WIDTH, ChartData, ChartSeries, CurveChart
+from zopro_tui.widgets.chart import LABEL_WIDTH, ChartData, ChartSeries, CurveChart, fmt_number
 
 X = np.array([0.0, 50.0, 100.0])
 FLAT = np.array([0.5, 0.5, 0.5])
@@ -78,14 +78,23 @@ async def test_sparse_series_get_markers_and_dense_ones_do_not():
     assert not any("●" in text for text in plot_rows(dense))
 
 
-async def test_the_legend_drops_standard_errors_before_the_title():
+async def test_the_legend_shortens_and_the_title_stays():
     series = ChartSeries("held-out", X, FLAT, se=np.array([0.2, 0.2, 0.2]))
     wide = await drawn(series, size=(48, 10))
     assert wide[0].startswith("held-out gold") and "±0.2" in wide[0]
     narrower = await drawn(series, size=(30, 10))
     assert narrower[0].startswith("held-out gold") and "±" not in narrower[0]
     narrowest = await drawn(series, size=(22, 10))
-    assert narrowest[0].strip() == "━ held-out 0.5±0.2", "no room for the title: the series and its error"
+    assert narrowest[0].strip() == "held-out gold  ━0.5", "no room for labels: the title, markers and values"
+    tiny = await drawn(series, size=(14, 10))
+    assert tiny[0].strip() == "held-out gold", "the title before any of the legend"
+
+
+async def test_axis_labels_fit_their_cells_whole():
+    """A small value keeps its exponent (-5.9e-5, never the cut -5.9e-0), a short one its digits."""
+    assert fmt_number(-5.9e-05) == "-5.9e-5" and fmt_number(-0.011748) == "-0.0117"
+    for value in (-5.9e-05, 1.234e-12, -0.011748, 0.14931, -1234.5, 123456.0, -3.2e-7):
+        assert len(fmt_number(value)) <= 7, value
 
 
 def test_screens_keep_the_premise_check_and_the_standard_errors_they_draw():

@@ -38,9 +38,10 @@ def watch(root: Path, post, cancelled, poll_seconds: float = POLL_SECONDS) -> No
 
 
 def notify(app, alert: Alert) -> None:
-    """Notify unless the screen on top is that run's own dashboard (it tells its own)."""
-    screen = app.screen
-    watched = getattr(getattr(screen, "run", None), "path", None)
-    if watched is not None and Path(watched) == Path(alert.path):
-        return
+    """Notify unless that run's own dashboard is open, on top or under a dialog (it tells its own): one
+    notification per warning, however the run's path was written (relative, absolute)."""
+    for screen in app.screen_stack:
+        watched = getattr(getattr(screen, "run", None), "path", None)
+        if watched is not None and Path(watched).resolve() == Path(alert.path).resolve():
+            return
     app.notify(alert.message, title=alert.title, severity=alert.severity, timeout=10)

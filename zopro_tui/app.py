@@ -108,6 +108,9 @@ class ZoproApp(App):
         if self.readonly:
             self.notify("read-only: starting runs is off", severity="warning")
             return
+        if plan.grid:  # a sweep runs through the queue: its worker starts now when nothing else runs
+            self.queue_sweep(plan)
+            return
         try:
             plan.run_dir.mkdir(parents=True, exist_ok=False)  # reserves the name; the engine accepts it empty
             launched = launch(plan)
@@ -120,6 +123,23 @@ class ZoproApp(App):
             timeout=4,
         )
         self.open_run(launched.run_dir)
+
+    def queue_sweep(self, plan: RunPlan) -> None:
+        from engine.rundir.queue import QueueError, add, start_worker
+        from zopro_tui.screens.queue import QueueScreen
+
+        try:
+            item = add(self.root, plan.recipe, plan.overrides, plan.grid)
+            pid = start_worker(self.root)
+        except (QueueError, OSError) as error:
+            self.notify(f"could not queue the sweep of {plan.recipe}: {error}", severity="error")
+            return
+        self.notify(
+            f"sweep {item.id} queued: {item.label}"
+            + (f"; the queue's worker started it (pid {pid})" if pid else "; it runs after what is queued"),
+            timeout=6,
+        )
+        self.push_screen(QueueScreen(self.root))
 
     def alive_launched(self) -> list[LaunchedRun]:
         return [run for run in self.launched.values() if run.alive()]
@@ -253,7 +273,7 @@ def workbench(
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     cli.command()(workbench)
     cli(args=argv, prog_name="zopro-tui")
 

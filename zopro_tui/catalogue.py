@@ -33,6 +33,7 @@ REWARD_CHARTS = (
             ("objective/scores", "RM"),
             ("objective/rlhf_reward", "rlhf"),
             ("eval/reward", "held-out"),
+            ("eval/reward_initial", "fixed RM"),  # the same answers under the never-refined reward model
         ),
         "waiting for objective/scores: the first policy update",
     ),

@@ -12,7 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.recipe import RecipeError, load_recipe
@@ -44,6 +44,7 @@ class RunPlan:
     overrides: list[str]
     run_dir: Path
     method: str
+    grid: list[str] = field(default_factory=list)  # `KEY=V1,V2` entries: a sweep, one run per point
 
 
 def recipe_folders(root: Path) -> list[Path]:
@@ -66,27 +67,53 @@ def find_recipes(root: Path) -> list[Path]:
 
 def parse_overrides(text: str) -> list[str]:
     """`key=value` pairs separated by spaces (shell quoting allowed); a leading `--set` is tolerated."""
+    overrides, grid = parse_settings(text)
+    if grid:
+        raise RecipeError("--grid belongs in the sweep grid field; here write key.path=value pairs")
+    return overrides
+
+
+def parse_settings(text: str) -> tuple[list[str], list[str]]:
+    """`key=value` overrides and `--grid KEY=V1,V2` entries, as on the command line (`--set` optional)."""
     try:
         words = shlex.split(text)
     except ValueError as error:
         raise RecipeError(
             f"overrides {text!r}: {error}; write key.path=value pairs separated by spaces"
         ) from None
-    overrides = [word for word in words if word != "--set"]
-    for word in overrides:
+    overrides: list[str] = []
+    grid: list[str] = []
+    for index, word in enumerate(words):
+        if word in ("--set", "--grid"):
+            continue
         if "=" not in word:
             raise RecipeError(f"override {word!r} has no '='; write key.path=value, e.g. train.iterations=2")
-    return overrides
+        (grid if index and words[index - 1] == "--grid" else overrides).append(word)
+    return overrides, grid
 
 
-def plan_run(recipe: Path, overrides: list[str], root: Path) -> RunPlan:
-    """Validate the recipe with its overrides (RecipeError names what is wrong) and choose the run folder."""
+def default_recipe(recipes: list[Path]) -> int:
+    """Which of `recipes` to preselect: the embedded default, recipes/tiny.toml (the one `zopro run` takes
+    without a recipe), else the first."""
+    tiny = [index for index, path in enumerate(recipes) if path.name == "tiny.toml"]
+    return tiny[0] if tiny else 0
+
+
+def plan_run(recipe: Path, overrides: list[str], root: Path, grid: list[str] | None = None) -> RunPlan:
+    """Validate the recipe with its overrides, and with a grid every point (RecipeError names what is
+    wrong), and choose the run folder (a sweep's folder is chosen when the queue takes it)."""
+    from engine.rundir.sweep import SweepError, grid_points, parse_grid, validate_points
     from engine.rundir.writer import default_run_dir
 
     resolved = load_recipe(recipe, overrides)
+    if grid:
+        try:
+            validate_points(recipe, overrides, grid_points(parse_grid(grid, overrides)))
+        except SweepError as error:
+            raise RecipeError(str(error)) from None
     root.mkdir(parents=True, exist_ok=True)
     run_dir = default_run_dir(root, resolved.name, resolved.policy.method)
-    return RunPlan(recipe=recipe, overrides=overrides, run_dir=run_dir, method=resolved.policy.method)
+    return RunPlan(recipe, overrides, run_dir, resolved.policy.method, list(grid or []))
 
 
 def launch(plan: RunPlan) -> LaunchedRun:

@@ -28,12 +28,18 @@ class DashboardLayout:
         return panel in self.spans
 
 
-def plan_layout(width: int, height: int, zeroth_order: bool, zoomed: str | None = None) -> DashboardLayout:
-    """The layout for a screen of width x height cells (the whole terminal)."""
+def plan_layout(
+    width: int, height: int, zeroth_order: bool, zoomed: str | None = None, idle: frozenset[str] = frozenset()
+) -> DashboardLayout:
+    """The layout for a screen of width x height cells (the whole terminal). `idle`: chart panels that
+    cannot have data yet (interplay, zo before the policy stage); their room goes to the others."""
     if zoomed is not None:
         return DashboardLayout(1, 1, {zoomed: (1, 1)})
     if width >= 140 and height >= 40:
-        if zeroth_order:
+        side = [
+            panel for panel in ("interplay", "zo") if panel not in idle and (zeroth_order or panel != "zo")
+        ]
+        if len(side) == 2:
             spans = {
                 "curves": (2, 4),
                 "interplay": (1, 2),
@@ -42,17 +48,21 @@ def plan_layout(width: int, height: int, zeroth_order: bool, zoomed: str | None 
                 "samples": (2, 2),
                 "events": (1, 1),
             }
-        else:
+        elif side:
             spans = {
                 "curves": (2, 4),
-                "interplay": (1, 2),
+                side[0]: (1, 2),
                 "hardware": (1, 2),
                 "samples": (2, 2),
                 "events": (1, 2),
             }
+        else:
+            spans = {"curves": (2, 4), "hardware": (1, 4), "samples": (2, 2), "events": (1, 2)}
         return DashboardLayout(3, 6, spans)
     if width >= 100 and height >= 30:
         side = "zo" if zeroth_order else "interplay"
+        if side in idle:
+            return DashboardLayout(2, 3, {"curves": (2, 2), "events": (2, 1)})
         return DashboardLayout(2, 3, {"curves": (2, 2), side: (1, 1), "events": (1, 1)})
     if height >= 18:
         return DashboardLayout(1, 3, {"curves": (1, 2), "events": (1, 1)})

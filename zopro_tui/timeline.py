@@ -9,6 +9,7 @@ from rich.text import Text
 
 from engine.rundir.events import drop_rewound
 from engine.rundir.report import fmt_duration
+from engine.rundir.wording import plural, short_iteration
 from zopro_tui.series import SeriesBatch
 
 BEFORE_ITERATIONS = ("sft", "reward")
@@ -43,7 +44,10 @@ class StageTimeline:
                     )
                 )
             elif kind == "stage_end" and self.spans and self.spans[-1].stage == event.get("stage"):
-                self.spans[-1].wall_s = event.get("wall_s")
+                wall = event.get("wall_s")  # the stage's working time: its pauses are shown apart
+                self.spans[-1].wall_s = (
+                    None if wall is None else max(0.0, wall - (event.get("paused_s") or 0.0))
+                )
 
     def current(self) -> StageSpan | None:
         return self.spans[-1] if self.spans else None
@@ -81,10 +85,9 @@ class StageTimeline:
         iteration = max((s.iteration for s in self.spans if s.iteration is not None), default=None)
         if iteration is None:
             if iterations:
-                text.append(f" │ {iterations} iterations", style="dim")
+                text.append(f" │ {plural(iterations, 'iteration')}", style="dim")
             return text
-        total = f"/{iterations}" if iterations else ""
-        text.append(f" │ it {iteration + 1}{total}")
+        text.append(f" │ {short_iteration(iteration, iterations)}")
         spans = {span.stage: span for span in self.spans if span.iteration == iteration}
         for stage in PER_ITERATION:
             part(spans.get(stage), stage)

@@ -257,13 +257,15 @@ def build_report(
 
 
 def _format(value: float | None, spec: str) -> str:
+    if value is not None and spec == "it":
+        return str(int(value) + 1)  # the file's iteration 0 is iteration 1
     return "–" if value is None else format(value, spec)
 
 
 def _iteration_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"Policy–reward interplay in LoRA space: {report['run_dir']}", title_justify="left")
     columns = (
-        ("iter", "iteration", "d"),
+        ("it", "iteration", "it"),  # read from 1, as everywhere a person reads iterations
         ("|dP|", "policy_update_norm", ".3g"),
         ("|dR|", "reward_update_norm", ".3g"),
         ("∠(dP,dR)°", "angle_policy_reward_deg", ".1f"),

@@ -19,14 +19,20 @@ from engine.recipe import RecipeError, load_recipe
 
 app = typer.Typer(
     name="zopro",
-    help="Preference optimisation of language models, first-order (RLOO) and zeroth-order, from the terminal.",
+    help=(
+        "Preference optimisation of language models from the terminal: SFT, a reward model, then "
+        "iterations of policy optimisation with a first-order method (rloo, ppo, online_dpo) or a "
+        "zeroth-order one (mezo, zopro), each followed by refining the reward model. Pick the method "
+        "with policy.method in the recipe or --set policy.method=NAME; watch runs with zopro-tui."
+    ),
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags without type tags (<bool>), no boxes that wrap at 80 columns
 )
 
 
-@app.command()
+@app.command(short_help="Train a recipe (any method: rloo, ppo, online_dpo, mezo, zopro).")
 def run(
     recipe: Annotated[
         Path | None, typer.Argument(help="recipe TOML (default: the embedded recipes/tiny.toml)")
@@ -36,7 +42,8 @@ def run(
     ] = None,
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value (repeatable)")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="override a recipe key: key.path=value (repeatable)"),
     ] = None,
     resume: Annotated[
         Path | None,
@@ -48,11 +55,13 @@ def run(
         typer.Option(
             "--nproc-per-node",
             min=1,
+            metavar="N",
             help="train on N processes of this machine (N GPUs, or N CPU processes): starts torchrun for you",
         ),
     ] = 1,
 ) -> None:
-    """Train: SFT, reward model, then iterations of policy optimisation and reward refinement."""
+    """Train: SFT, a reward model, then iterations of policy optimisation (policy.method: rloo, ppo,
+    online_dpo, or zeroth-order mezo, zopro) and reward-model refinement."""
     from engine.cli.runner import run_training
 
     if nproc_per_node > 1:
@@ -95,7 +104,7 @@ def run(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(short_help="Run several methods of one recipe and compare them.")
 def compare(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML")],
     methods: Annotated[
@@ -104,9 +113,10 @@ def compare(
     ] = None,
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="override a recipe key: key.path=value"),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress, only the summary")] = False,
 ) -> None:
     """Run several methods of one recipe in turn (same seed, same data) and compare them."""
     from engine.cli.compare import run_comparison
@@ -120,17 +130,22 @@ def compare(
     )
 
 
-@app.command()
+@app.command(short_help="Run a recipe over a grid of settings.")
 def sweep(
     recipe: Annotated[Path | None, typer.Argument(help="recipe TOML")] = None,
     grid: Annotated[
         list[str] | None,
         typer.Option(
-            "--grid", help="a swept key and its values: KEY=V1,V2,... (repeatable: every combination)"
+            "--grid",
+            metavar="KEY=V1,V2",
+            help="a swept key and its values: KEY=V1,V2,... (repeatable: every combination)",
         ),
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a recipe key for every point: key.path=value")
+        list[str] | None,
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="override a recipe key for every point: key.path=value"
+        ),
     ] = None,
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
     sweep_dir: Annotated[
@@ -144,7 +159,7 @@ def sweep(
         Path | None,
         typer.Option("--resume", help="continue the sweep in this directory: skip finished points"),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress, only the summary")] = False,
 ) -> None:
     """Run a recipe over a grid of settings, one run directory per point, and summarise them side by side."""
     from engine.cli.sweep import run_sweep
@@ -199,12 +214,14 @@ def compare_methods_of(recipe: Path) -> list[str]:
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="recipe files")],
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="override a recipe key: key.path=value"),
     ] = None,
     show: Annotated[bool, typer.Option("--show", help="print the fully resolved recipe")] = False,
 ) -> None:
     """Check recipes without running anything."""
     from engine.recipe import dump_recipe
+    from engine.rundir.wording import plural
 
     bad = 0
     for path in recipes:
@@ -216,7 +233,8 @@ def validate(
             continue
         console.print(
             f"[green]ok[/] {path}: method {resolved.policy.method}, model {resolved.model.base}, "
-            f"{resolved.train.iterations} iterations x {resolved.train.updates_per_iteration} updates"
+            f"{plural(resolved.train.iterations, 'iteration')} x "
+            f"{plural(resolved.train.updates_per_iteration, 'update')}"
         )
         if show:
             console.print(dump_recipe(resolved), markup=False)
@@ -245,7 +263,7 @@ def list_runs_command(
         console.print(f"no runs under {root}/ yet: start one with `zopro run`")
         return
     if runs:
-        console.print(runs_table(runs))
+        console.print(runs_table(runs, console.width))
     for group in sweeps:
         console.print(
             f"[bold]sweep {escape(group.name)}[/]  {escape(', '.join(group.grid))}  {group.counts()}"
@@ -253,7 +271,7 @@ def list_runs_command(
             soft_wrap=True,
         )
         if group.runs:
-            console.print(runs_table(group.runs))
+            console.print(runs_table(group.runs, console.width))
     styles = {
         "failed": "bold red",
         "stale": "bold magenta",
@@ -301,7 +319,7 @@ def status(
         console.print(samples_view(rows, samples))
 
 
-@app.command()
+@app.command(short_help="Write a run's metrics as CSV or JSON.")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     format: Annotated[
@@ -359,7 +377,7 @@ def export(
         err.print(f"wrote {output}")
 
 
-@app.command()
+@app.command(short_help="How the policy's and the reward model's updates relate.")
 def interplay(
     run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or running)")],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead")] = False,
@@ -380,7 +398,10 @@ def interplay(
 
 
 queue_app = typer.Typer(
-    help="Recipes and sweeps that run one after another on this machine, detached.", no_args_is_help=True
+    help="Recipes and sweeps that run one after another on this machine, detached.",
+    short_help="Queue recipes and sweeps to run one after another.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(queue_app, name="queue")
 
@@ -389,10 +410,12 @@ app.add_typer(queue_app, name="queue")
 def queue_add(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML")],
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a recipe key: key.path=value")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="override a recipe key: key.path=value"),
     ] = None,
     grid: Annotated[
-        list[str] | None, typer.Option("--grid", help="queue a sweep: KEY=V1,V2,... (repeatable)")
+        list[str] | None,
+        typer.Option("--grid", metavar="KEY=V1,V2", help="queue a sweep: KEY=V1,V2,... (repeatable)"),
     ] = None,
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
 ) -> None:

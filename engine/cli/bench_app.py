@@ -15,7 +15,7 @@ from engine.cli.launch import embedded_recipe
 from engine.cli.output import err, fail
 from engine.recipe import RecipeError, load_recipe
 
-bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @bench_app.command("methods")

@@ -26,7 +26,7 @@ def comparison_table(rows: list[dict], title: str = "comparison") -> Table:
         "method",
         "final gold",
         "win vs SFT",
-        "reward score",
+        "fixed-RM score",  # the reward model of the reward stage, the same for every method of a seed
         "KL",
         "wall time",
         "policy fwd passes",
@@ -40,7 +40,7 @@ def comparison_table(rows: list[dict], title: str = "comparison") -> Table:
             row["method"],
             fmt_with_se(row["final_gold"], row.get("final_gold_se")),
             fmt_with_se(row["win_rate_vs_sft"], row.get("win_rate_vs_sft_se")),
-            fmt_value(row["reward_score"]),
+            fmt_value(row.get("fixed_rm_score")),
             fmt_value(row["kl"]),
             fmt_duration(row["wall_time_s"]),
             fmt_value(row["policy_forward_passes"]),

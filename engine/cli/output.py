@@ -3,6 +3,8 @@ refusal of what a user can fix (exit code 2 unless told)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import NoReturn
 
 import typer
@@ -11,8 +13,22 @@ from rich.markup import escape
 
 from engine.cli.exit_codes import EXIT_BAD_INPUT
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+UNWRAPPED_WIDTH = 200  # to a file or pipe: lines are not hard-wrapped at 80 columns (tables keep their size)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal's own width; to a file or a pipe (no terminal, no COLUMNS) a width no line reaches."""
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    width = None if terminal or os.environ.get("COLUMNS") else UNWRAPPED_WIDTH
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+console = _console()
+err = _console(stderr=True)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:

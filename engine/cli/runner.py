@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,8 @@ from engine.cli.exit_codes import (
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.progress import eta_seconds, steps_per_second
 from engine.rundir.reader import is_run_dir, read_events, run_info
-from engine.rundir.report import evaluations_table, fmt_duration, fmt_value, fmt_with_se
+from engine.rundir.report import evaluations_table, fmt_duration, fmt_value, fmt_with_se, stage_end_text
+from engine.rundir.wording import FIXED_RM_METRIC, RM_NOTE, iteration_text, short_iteration
 from engine.rundir.writer import FollowerWriter, RunDirError, RunWriter, default_run_dir
 
 if TYPE_CHECKING:
@@ -74,53 +76,69 @@ class ProgressView:
         done = self.event.get("global_step", 0) - (self.first_step or 0)
         return steps_per_second(done, time.monotonic() - self.started)
 
-    def __rich__(self) -> Table:
+    def __rich_console__(self, console: Console, options) -> Iterator[Table]:
+        """The cells that fit the terminal's width: the rate, then the method, then the word `step` go
+        first, so that the scores and the ETA are never cut."""
         e, m = self.event, self.latest
         step = e.get("global_step", 0)
         rate = self.rate()
         eta = eta_seconds(self.total_steps, step, rate)
         iteration = e.get("iteration")
-        cells = [
-            (self.method, "bold cyan"),
-            (e.get("stage", "loading"), "bold"),
-            (f"it {'-' if iteration is None else iteration + 1}/{self.iterations}", ""),
-            (f"step {step}/{self.total_steps}", ""),
-            (f"RM {fmt_value(m.get('objective/scores'), 2)}", ""),
-            (f"gold {fmt_value(m.get('eval/gold'), 3)}", "green"),
-            (f"KL {fmt_value(m.get('objective/kl'), 2)}", ""),
-            (f"{rate:.1f} st/s" if rate else "- st/s", "dim"),
-            (f"ETA {fmt_duration(eta)}", ""),
+        cells = [  # (text, style, rank: the highest goes first when the line is too long)
+            (self.method, "bold cyan", 2),
+            (e.get("stage", "loading"), "bold", 0),
+            (short_iteration(iteration, self.iterations) or f"it -/{self.iterations}", "", 0),
+            (f"step {step}/{self.total_steps}", "", 1),
+            (f"RM score {fmt_value(m.get('objective/scores'), 2)}", "", 0),
+            (f"gold {fmt_value(m.get('eval/gold'), 3)}", "green", 0),
+            (f"KL {fmt_value(m.get('objective/kl'), 2)}", "", 0),
+            (f"{rate:.1f} st/s" if rate else "- st/s", "dim", 3),
+            (f"ETA {fmt_duration(eta)}", "", 0),
         ]
         if self.warnings:
             plural = "s" if self.warnings > 1 else ""
-            cells.append((f"! {self.warnings} warning{plural} {self.last_warning}".rstrip(), "bold yellow"))
+            cells.append(
+                (f"! {self.warnings} warning{plural} {self.last_warning}".rstrip(), "bold yellow", 0)
+            )
+        while sum(len(text) + 1 for text, _, _ in cells) - 1 > options.max_width:
+            rank = max(rank for _, _, rank in cells)
+            if rank == 0:
+                break
+            cells = [cell for cell in cells if cell[2] != rank]
         grid = Table.grid(padding=(0, 1))
         for _ in cells:
             grid.add_column(no_wrap=True, overflow="ellipsis")
-        grid.add_row(*(Text(text, style=style) for text, style in cells))
-        return grid
+        grid.add_row(*(Text(text, style=style) for text, style, _ in cells))
+        yield grid
 
 
 def warning_line(event: dict) -> str:
     """One line for a `warning` event: where, the code and the message."""
     iteration = event.get("iteration")
-    where = f"iteration {iteration}" if iteration is not None else event.get("stage", "")
+    where = iteration_text(iteration) if iteration is not None else event.get("stage", "")
     return f"warning [{event.get('code', '?')}] {where}: {event.get('message', '')}"
 
 
 def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
     """Without a terminal (CI, pipes, logs): one line per stage and per evaluation."""
     kind = event.get("type")
+    when = f"[{fmt_duration(event.get('elapsed'))}]"
     if kind == "stage_start":
-        console.print(f"[{fmt_duration(event.get('elapsed'))}] {event.get('message')}", markup=False)
+        console.print(f"{when} {event.get('message')}", markup=False, soft_wrap=True)
+    elif kind == "stage_end" and event.get("paused_s"):
+        console.print(f"{when}   {stage_end_text(event)}", markup=False, soft_wrap=True)
+    elif kind in ("paused", "resumed"):
+        console.print(f"{when}   {kind}", markup=False, soft_wrap=True)
     elif kind == "eval":
         m = event.get("metrics", {})
         console.print(
-            f"[{fmt_duration(event.get('elapsed'))}]   eval: gold {fmt_with_se(m.get('eval/gold'), m.get('eval/gold_se'))}  "
+            f"{when}   eval: gold {fmt_with_se(m.get('eval/gold'), m.get('eval/gold_se'))}  "
             f"win vs SFT {fmt_with_se(m.get('eval/win_rate_vs_sft'), m.get('eval/win_rate_vs_sft_se'))}  "
-            f"reward {fmt_value(m.get('eval/reward'))}  "
+            f"fixed-RM score {fmt_value(m.get(FIXED_RM_METRIC))}  "
+            f"RM score {fmt_value(m.get('eval/reward'))}  "
             f"KL {fmt_value(m.get('eval/kl'))}",
             markup=False,
+            soft_wrap=True,
         )
 
 
@@ -216,9 +234,18 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
                 _plain_line(event, view_holder[0], console)
 
     live_enabled = console.is_terminal and not quiet
-    with console.status("loading the model…", spinner="dots") if live_enabled else contextlib.nullcontext():
+    with (
+        console.status("loading the model…", spinner="dots") if live_enabled else contextlib.nullcontext()
+    ) as spinner:
+
+        def notice(text: str) -> None:  # a step of the start that takes a while (building a built-in model)
+            if spinner is not None:
+                spinner.update(text + "…")
+            elif not quiet:  # progress, like the stage lines: stdout (stderr is for what went wrong)
+                console.print(text, soft_wrap=True, markup=False, highlight=False)
+
         try:
-            run = Run(recipe, writer, listener=None if follower else listener, dist=dist)
+            run = Run(recipe, writer, listener=None if follower else listener, dist=dist, notice=notice)
         except ModelError as error:
             return bad(str(error))
     view = ProgressView(run.total_steps, recipe.train.iterations, recipe.policy.method, run_dir)
@@ -283,8 +310,16 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
                 warnings=[e for e in read_events(run_dir) if e.get("type") == "warning"],
             )
         )
+    if run.state.history and not follower:
+        console.print(RM_NOTE, style="dim", soft_wrap=True)
     if code == EXIT_OK and run.state.stage == "done":
-        console.print(f"finished in {fmt_duration(run.book.clock.elapsed())}: {run_dir}")
+        paused = run.state.paused_s
+        console.print(
+            f"finished in {fmt_duration(run.book.clock.elapsed())}"
+            + (f" (of which {fmt_duration(paused)} paused)" if paused >= 1 else "")
+            + f": {run_dir}",
+            soft_wrap=True,
+        )
     return code
 
 

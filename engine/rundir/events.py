@@ -36,7 +36,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
         SCHEMA_FIELD,
     ),
     "stage_start": ("message",),
-    "stage_end": ("wall_s", "peak_rss_mib", "counters", "cuda_peak_mib"),
+    "stage_end": ("wall_s", "paused_s", "peak_rss_mib", "counters", "cuda_peak_mib"),  # paused_s: of wall_s
     "metrics": ("metrics",),
     "eval": ("metrics",),
     "judge": (
@@ -52,7 +52,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "samples": ("count", "kind"),
     "checkpoint": ("name",),
     "paused": (),
-    "resumed": (),
+    "resumed": ("paused_s",),  # how long it was paused
     "warning": ("code", "message"),
     "rollback": ("checkpoint", "reason"),
     "error": ("message",),
@@ -82,6 +82,7 @@ SMALL_FIELDS = (
     "kept",
     "judged",
     "wall_s",
+    "paused_s",
     "peak_rss_mib",
     "code",
     "reason",

@@ -162,23 +162,39 @@ class RunInfo:
     warnings: list[dict] = field(default_factory=list)  # the last few: {code, message, iteration, step}
     warning_count: int = 0
 
+    run_clock: float | None = None  # status.json's `elapsed`: the run's clock at `updated`
+    paused_s: float = 0.0  # of the elapsed time, spent paused (finished pauses)
+
     @property
     def elapsed(self) -> float | None:
+        """The run's one clock (the `elapsed` of its events and of the headless `finished in`), pauses
+        included; on to now while it runs or is paused."""
+        live = self.status in ("running", "paused")
+        if self.run_clock is not None and self.updated is not None:
+            return max(0.0, self.run_clock + (time.time() - self.updated if live else 0.0))
         if self.started is None:
             return None
-        end = time.time() if self.status in ("running", "paused") else (self.updated or time.time())
+        end = time.time() if live else (self.updated or time.time())
         return max(0.0, end - self.started)
+
+    @property
+    def paused(self) -> float:
+        """Seconds spent paused, the pause going on now included."""
+        ongoing = time.time() - self.updated if self.status == "paused" and self.updated else 0.0
+        return self.paused_s + max(0.0, ongoing)
 
     @property
     def eta(self) -> float | None:
         if self.status != "running" or self.elapsed is None:
             return None
-        return eta_seconds(self.total_steps, self.global_step, self.global_step / max(self.elapsed, 1e-9))
+        working = max(self.elapsed - self.paused, 1e-9)
+        return eta_seconds(self.total_steps, self.global_step, self.global_step / working)
 
     def to_json(self) -> dict:
         data = {k: v for k, v in self.__dict__.items() if k != "path"}
         data["path"] = str(self.path)
         data["elapsed"] = self.elapsed
+        data["paused_s"] = self.paused
         data["eta"] = self.eta
         return data
 
@@ -227,6 +243,8 @@ def run_info(run_dir: Path, now: float | None = None) -> RunInfo:
         pid=pid,
         warnings=status.get("warnings") or [],
         warning_count=status.get("warning_count") or len(status.get("warnings") or []),
+        run_clock=_typed(status.get("elapsed"), number),
+        paused_s=_typed(status.get("paused_s"), number, 0.0),
     )
 
 

@@ -12,7 +12,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from engine.rundir.columns import Column, fit_columns, middle_ellipsis
 from engine.rundir.reader import RunInfo, read_events, run_info
+from engine.rundir.wording import FIXED_RM_METRIC, RM_NOTE, iteration_text, short_iteration
 
 STATUS_STYLE = {
     "running": "green",
@@ -69,49 +71,93 @@ def warning_codes(warnings: list[dict], iteration: int | None) -> str:
 
 
 def position(info: RunInfo) -> str:
-    """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them, `done` after."""
+    """Where a run is: the stage before the iterations, `it 2/4 policy 7` during them (iterations counted
+    from 1, as everywhere a person reads them), `done` after."""
     if info.status == "finished" or info.stage == "done":
         return f"done, {info.iterations} it" if info.iterations else "done"
     if info.iteration is None:
         return f"{info.stage or '-'} {info.step}".strip()
-    total = f"/{info.iterations}" if info.iterations else ""
-    return f"it {info.iteration + 1}{total} {info.stage} {info.step}"
+    return f"{short_iteration(info.iteration, info.iterations)} {info.stage} {info.step}"
 
 
-def runs_table(runs: list[RunInfo]) -> Table:
-    """name, method, status, position, latest scores, and time (elapsed, "+ETA" while running)."""
-    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
-    table.add_column("run", overflow="ellipsis", no_wrap=True, max_width=18)
-    for column, width in (("method", 10), ("status", 8), ("position", 10)):
-        table.add_column(column, no_wrap=True, min_width=width)
-    for column in ("RM", "gold", "win"):
-        table.add_column(column, no_wrap=True, justify="right", min_width=5)
-    table.add_column("time", no_wrap=True)
-    for info in runs:
-        latest = info.latest
-        time_text = fmt_duration(info.elapsed)
-        if info.eta is not None:
-            time_text += f" +{fmt_duration(info.eta)}"
-        table.add_row(
-            info.name,
-            info.method,
-            status_text(info),
-            position(info),
-            fmt_value(latest.get("objective/scores"), 2),
-            fmt_value(latest.get("eval/gold")),
-            fmt_value(latest.get("eval/win_rate_vs_sft")),
-            time_text,
+def stage_end_text(event: dict) -> str:
+    """`policy done in 0:02, 0:12 paused besides`: a stage's working time, and the pauses apart."""
+    wall, paused = event.get("wall_s"), event.get("paused_s") or 0.0
+    working = None if wall is None else max(0.0, wall - paused)
+    text = f"{event.get('stage')} done in {fmt_duration(working)}"
+    if paused >= 1:
+        text += f" (and {fmt_duration(paused)} paused)"
+    peak = event.get("peak_rss_mib")
+    return text + (f", peak {peak:.0f} MiB" if isinstance(peak, (int, float)) else "")
+
+
+def time_text(info: RunInfo) -> str:
+    """`1:18` elapsed on the run's clock (pauses included: `zopro status` and the TUI say how long), and
+    `+0:40` to go while it runs."""
+    text = fmt_duration(info.elapsed)
+    if info.eta is not None:
+        text += f" +{fmt_duration(info.eta)}"
+    return text
+
+
+RUN_COLUMNS = [  # rank: 1 matters most; the highest rank is dropped first when the width is short
+    Column("run", "run", 1, shrink_to=20),
+    Column("method", "method", 7),  # default names end in NAME-METHOD-TIME: the first to go
+    Column("status", "status", 2),
+    Column("position", "position", 4),
+    Column("gold", "gold", 3),
+    Column("win", "win", 5),
+    Column("fixed_rm", "fixed RM", 8),
+    Column("time", "time", 6),
+]
+
+
+def run_cells(info: RunInfo) -> dict[str, str | Text]:
+    """A run's cells for the runs tables (`zopro ls` and the TUI), by column key."""
+    latest = info.latest
+    return {
+        "run": info.name,
+        "method": info.method,
+        "status": status_text(info),
+        "position": position(info),
+        "gold": fmt_value(latest.get("eval/gold")),
+        "win": fmt_value(latest.get("eval/win_rate_vs_sft")),
+        "fixed_rm": fmt_value(latest.get(FIXED_RM_METRIC)),
+        "time": time_text(info),
+    }
+
+
+def runs_table(runs: list[RunInfo], width: int = 80) -> Table:
+    """name, method, status, position, latest held-out scores, and time (elapsed, "+ETA" while running),
+    fitted to `width`: long names shortened in the middle, then the least important columns dropped."""
+    rows = [run_cells(info) for info in runs]
+    natural = {key: max(len(str(row[key])) for row in rows) for key in rows[0]} if rows else {}
+    shown, widths = fit_columns(RUN_COLUMNS, natural, width, gap=1)
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0), collapse_padding=True)
+    for column in shown:
+        numeric = column.key in ("gold", "win", "fixed_rm")
+        table.add_column(
+            column.header, no_wrap=True, justify="right" if numeric else "left", width=widths[column.key]
         )
+    for row in rows:
+        cells = []
+        for column in shown:
+            cell = row[column.key]
+            if column.key == "run":
+                cell = middle_ellipsis(str(cell), widths["run"])
+            cells.append(cell)
+        table.add_row(*cells)
     return table
 
 
 def evaluations_table(
     evals: list[dict], title: str | None = None, warnings: list[dict] | None = None
 ) -> Table:
-    """One row per held-out evaluation: the SFT baseline, then each iteration; with `warnings` (events or
-    status entries with code and iteration) a last column names those raised in each iteration."""
+    """One row per held-out evaluation: the SFT baseline, then each iteration (`it 1`, `it 2`, ... as
+    everywhere); with `warnings` (events or status entries with code and iteration) a last column names
+    those raised in each iteration. `fixed RM` is comparable across rows, `RM score` is not (RM_NOTE)."""
     table = Table(title=title, header_style="bold", title_justify="left")
-    columns = ["", "gold", "win vs SFT", "reward", "KL", "wall"]
+    columns = ["", "gold", "win vs SFT", "fixed RM", "RM score", "KL", "wall"]
     if warnings:
         columns.append("warnings")
     for column in columns:  # a score with its standard error stays on one line; warnings may wrap
@@ -124,7 +170,7 @@ def evaluations_table(
     previous = 0.0
     for row in evals:
         metrics = row.get("metrics", row)
-        label = "SFT" if row.get("iteration") is None else f"it {row['iteration']}"
+        label = "SFT" if row.get("iteration") is None else short_iteration(row["iteration"])
         elapsed = row.get("elapsed", metrics.get("time/elapsed_s"))
         wall = None if elapsed is None else elapsed - previous
         previous = elapsed or previous
@@ -134,6 +180,7 @@ def evaluations_table(
             fmt_with_se(
                 metrics.get("eval/win_rate_vs_sft"), metrics.get("eval/win_rate_vs_sft_se"), compact=True
             ),
+            fmt_value(metrics.get(FIXED_RM_METRIC)),
             fmt_value(metrics.get("eval/reward")),
             fmt_value(metrics.get("eval/kl")),
             fmt_duration(wall),
@@ -153,6 +200,7 @@ def status_panel(info: RunInfo, evals: list[dict]) -> Group:
         f"  {info.method}  ",
         position(info),
         f"  elapsed {fmt_duration(info.elapsed)}",
+        f" ({fmt_duration(info.paused)} paused)" if info.paused >= 1 else "",
         f"  ETA {fmt_duration(info.eta)}",
     )
     parts: list = [head]
@@ -168,7 +216,7 @@ def status_panel(info: RunInfo, evals: list[dict]) -> Group:
             )
         )
         for warning in shown:
-            where = f"iteration {warning['iteration']}" if warning.get("iteration") is not None else "-"
+            where = iteration_text(warning.get("iteration")) or "-"
             parts.append(
                 Text(f"  [{warning.get('code', '?')}] {where}: {warning.get('message', '')}", style="yellow")
             )
@@ -186,6 +234,7 @@ def status_panel(info: RunInfo, evals: list[dict]) -> Group:
         parts.append(grid)
     if evals:
         parts.append(evaluations_table(evals, "held-out evaluation", warnings=info.warnings))
+        parts.append(Text(RM_NOTE, style="dim"))
     return Group(*parts)
 
 
@@ -240,8 +289,10 @@ def comparison_row(run_dir: Path, label: str | None = None) -> dict:
         "final_gold_se": last.get("eval/gold_se"),
         "win_rate_vs_sft": last.get("eval/win_rate_vs_sft"),
         "win_rate_vs_sft_se": last.get("eval/win_rate_vs_sft_se"),
-        "reward_score": last.get("eval/reward"),
+        "reward_score": last.get("eval/reward"),  # under this run's own refined reward model
         "reward_score_se": last.get("eval/reward_se"),
+        "fixed_rm_score": last.get(FIXED_RM_METRIC),  # comparable across methods of one seed
+        "fixed_rm_score_se": last.get(f"{FIXED_RM_METRIC}_se"),
         "kl": last.get("eval/kl"),
         "kl_se": last.get("eval/kl_se"),
         "wall_time_s": events[-1].get("elapsed") if events else None,

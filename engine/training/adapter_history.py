@@ -50,7 +50,7 @@ class AdapterHistory:
         if iteration not in self.boundaries:
             name = iteration_checkpoint_name(iteration)
             raise TrainingFailed(
-                f"zopro needs the adapters of checkpoint {name} (the end of iteration {iteration}), which "
+                f"zopro needs the adapters of checkpoint {name} (the end of iteration {iteration + 1}), which "
                 "could not be read on resume: restore that checkpoint folder, or start a new run"
             )
         return self.boundaries[iteration][adapter]

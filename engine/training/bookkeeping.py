@@ -19,6 +19,7 @@ import torch
 
 from engine.errors import StopRun, TrainingFailed
 from engine.recipe import Recipe
+from engine.rundir.wording import ITERATION_STAGES, stage_message
 from engine.rundir.writer import RunWriter, iteration_checkpoint_name
 from engine.training.distributed import Distributed
 from engine.training.telemetry import Counters, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
@@ -38,6 +39,7 @@ class RunState:
     global_step: int = 0
     policy_updates: int = 0
     elapsed: float = 0.0
+    paused_s: float = 0.0  # of `elapsed`, the time spent paused
     event_seq: int = 0
     rollouts: list[dict] = field(default_factory=list)  # this iteration's (prompt, response, score)
     judged_pairs: list[dict] | None = None
@@ -75,6 +77,7 @@ class RunBook:
         self.clock = Stopwatch()
         self.signal_received: str | None = None
         self.stage_started = time.monotonic()
+        self.stage_paused = 0.0  # seconds paused since the stage started
         self.fill_checkpoint: Callable[[Path], None] = lambda folder: None
 
     # -- the loop position -------------------------------------------------------------------------------
@@ -93,8 +96,10 @@ class RunBook:
         self.counters.enter(stage)
         if self.state.step == 0:
             self.stage_started = time.monotonic()
+            self.stage_paused = 0.0
             reset_peak(self.device)
-            self.emit("stage_start", message=stage_title(stage, self.state.iteration))
+            iteration = self.state.iteration if stage in ITERATION_STAGES else None
+            self.emit("stage_start", message=stage_message(stage, iteration, self.recipe.train.iterations))
             self.writer.update_status(stage=stage, iteration=self.iteration_or_none(), step=0)
         return True
 
@@ -109,6 +114,7 @@ class RunBook:
         self.emit(
             "stage_end",
             wall_s=round(time.monotonic() - self.stage_started, 3),
+            paused_s=round(self.stage_paused, 3),  # of wall_s
             peak_rss_mib=round(peak_rss_mib(), 1),
             counters=self.counters.per_stage.get(finished, {}),
             **(
@@ -278,7 +284,8 @@ class RunBook:
         if "checkpoint" in requests:
             self.checkpoint("resume")
         if "pause" in requests and "resume" not in requests and "stop" not in requests:
-            self.writer.update_status(state="paused")
+            paused_at = time.monotonic()
+            self.writer.update_status(state="paused", elapsed=self.clock.elapsed())
             self.emit("paused")
             while True:
                 time.sleep(0.2)
@@ -290,8 +297,13 @@ class RunBook:
                     break
                 if "resume" in later:
                     break
-            self.writer.update_status(state="running")
-            self.emit("resumed")
+            pause = time.monotonic() - paused_at
+            self.stage_paused += pause
+            self.state.paused_s += pause
+            self.writer.update_status(
+                state="running", elapsed=self.clock.elapsed(), paused_s=self.state.paused_s
+            )
+            self.emit("resumed", paused_s=round(pause, 3))
         if "stop" in requests or self.signal_received:
             reason = self.signal_received or "stop request"
             self.checkpoint("resume")
@@ -351,16 +363,6 @@ def run_state(data: Any) -> RunState:
     if not isinstance(state.elapsed, (int, float)) or not isinstance(state.counters, dict):
         raise ValueError("elapsed or counters has the wrong type")
     return state
-
-
-def stage_title(stage: str, iteration: int) -> str:
-    return {
-        "sft": "supervised fine-tuning",
-        "reward": "reward model (Bradley-Terry)",
-        "policy": f"iteration {iteration}: policy optimisation",
-        "refine": f"iteration {iteration}: judge and refine the reward model",
-        "eval": f"iteration {iteration}: held-out evaluation",
-    }.get(stage, stage)
 
 
 def _leave_the_terminal() -> None:

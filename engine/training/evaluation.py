@@ -1,5 +1,9 @@
 """The held-out evaluation that closes every iteration (and gives the SFT baseline), and the watchdog
-that reads it: gold score, win rate against the SFT policy, reward, KL, each with its standard error."""
+that reads it: gold score, win rate against the SFT policy, reward, KL, each with its standard error.
+
+Two reward-model scores: `eval/reward` under the reward model as it is now (refined every iteration, so
+not comparable across iterations) and `eval/reward_initial` under the reward model of the reward stage,
+never refined (the fixed-RM score: the one to compare across iterations)."""
 
 from __future__ import annotations
 
@@ -71,14 +75,15 @@ def evaluate(run: Run, label: str) -> dict[str, float]:
         sft_gold = [task.gold(p, a, f) for p, (a, f) in zip(prompts, sft_answers, strict=True)]
         per_answer["gold"] = gold
         per_answer["win_rate_vs_sft"] = [win(g, s, 1e-9) for g, s in zip(gold, sft_gold, strict=True)]
-    elif run.reward_initial is not None:  # no gold: the fixed initial reward model judges
+    if run.reward_initial is not None:  # the fixed reward model (never refined): comparable across iterations
         with reward_weights(pm, run.reward_initial):
-            mine = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
-            theirs = score_texts(pm, counters, r, prompts, [a for a, _ in sft_answers])
-        per_answer["win_rate_vs_sft"] = [
-            win(a, b, 0.0) for a, b in zip(mine.tolist(), theirs.tolist(), strict=True)
-        ]
-        per_answer["reward_initial"] = mine.tolist()
+            fixed = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+            if not task.has_gold:  # no gold: the fixed reward model judges the win rate too
+                theirs = score_texts(pm, counters, r, prompts, [a for a, _ in sft_answers])
+                per_answer["win_rate_vs_sft"] = [
+                    win(a, b, 0.0) for a, b in zip(fixed.tolist(), theirs.tolist(), strict=True)
+                ]
+        per_answer["reward_initial"] = fixed.tolist()
     responses, score_list = seqs.responses, scores.tolist()
     if dist.enabled:  # every rank's share, in the order of the whole batch: one gather
         parts = dist.gather([(per_answer, responses, score_list)], "gathering the evaluation")
@@ -130,10 +135,10 @@ def watch(run: Run, metrics: dict[str, float]) -> str | None:
         book.warn(
             "max_kl",
             f"held-out KL {kl:.2f} exceeds policy.max_kl = {limit:g} after iteration "
-            f"{state.iteration}: {'rolling back to the last checkpoint' if action == 'rollback' else 'stopping'}",
+            f"{state.iteration + 1}: {'rolling back to the last checkpoint' if action == 'rollback' else 'stopping'}",
             kl=kl,
             max_kl=limit,
             action=action,
         )
-        return f"held-out KL {kl:.2f} > policy.max_kl = {limit:g} after iteration {state.iteration}"
+        return f"held-out KL {kl:.2f} > policy.max_kl = {limit:g} after iteration {state.iteration + 1}"
     return None

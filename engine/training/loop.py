@@ -18,6 +18,7 @@ from engine import __version__
 from engine.errors import StopRun
 from engine.recipe import dump_recipe
 from engine.rundir.files import RunDirError, atomic_write_json, atomic_write_text
+from engine.rundir.wording import checkpoint_phrase, short_iteration, stage_message
 from engine.rundir.writer import checkpoint_candidates, iteration_checkpoint_name
 from engine.training.evaluation import evaluate, watch
 from engine.training.run import CheckpointUnreadable, Run
@@ -59,7 +60,7 @@ def train(run: Run) -> None:
             # held-out evaluation; the watchdog warns, and policy.max_kl stops the run or rolls it back
             if book.begin("eval"):
                 iteration_metrics(run)
-                runaway = watch(run, evaluate(run, label=f"iter {i}"))
+                runaway = watch(run, evaluate(run, label=short_iteration(i)))
                 if runaway and run.recipe.policy.max_kl_action == "rollback":
                     run.roll_back(i, runaway)  # the previous iteration's checkpoint ends the run
                     break
@@ -107,6 +108,8 @@ def start(run: Run) -> None:
         iterations=recipe.train.iterations,
         total_steps=run.total_steps,
         name=path.name,
+        elapsed=book.clock.elapsed(),  # the run's one clock, from the start of the process
+        paused_s=0.0,
     )
     report = run.data_report
     book.emit(
@@ -159,7 +162,9 @@ def resume(run: Run) -> None:
         **({"skipped": skipped} if skipped else {}),
         **({"previous_world_size": before} if changed else {}),
         message=(
-            f"resuming from checkpoint {checkpoint.name}"
+            f"resuming from {checkpoint_phrase(checkpoint.name)}: "
+            + stage_message(run.state.stage, run.state.iteration, run.recipe.train.iterations)
+            + (f", step {run.state.step}" if run.state.step else "")
             if checkpoint is not None
             else "no checkpoint yet: starting again from the first SFT step"
         )

@@ -65,7 +65,12 @@ def default_cache_dir() -> Path:
 
 
 def build_builtin(
-    size: str, corpus: list[str], seed: int, cache_dir: Path, pretraining_text: list[str] | None = None
+    size: str,
+    corpus: list[str],
+    seed: int,
+    cache_dir: Path,
+    pretraining_text: list[str] | None = None,
+    on_build: Callable[[str], None] | None = None,
 ) -> Path:
     """Build (once) a small Llama-style causal LM from a config with a byte-level BPE tokenizer trained on
     the task's text, briefly pre-train it (all weights) on the task's plain text so that, like a real
@@ -81,6 +86,11 @@ def build_builtin(
     target = cache_dir / "builtin" / f"{size}-seed{seed}-{digest}-v{BUILTIN_VERSION}"
     if (target / "config.json").exists():
         return target
+    if on_build is not None:
+        on_build(
+            f"building the built-in model builtin:{size} on first use: a tokenizer and a small Llama trained "
+            f"briefly on the task's text (tens of seconds on a CPU), cached in {target.parent} for later runs"
+        )
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -309,16 +319,16 @@ def resolve_base(
     seed: int,
     cache_dir: str,
     pretraining_text: list[str] | None = None,
-    say: Callable[[str], None] | None = None,
+    on_build: Callable[[str], None] | None = None,
 ) -> str:
     """A builtin:NAME becomes the folder it was built into, a GGUF file (a path or pkg:PACKAGE/FILE.gguf)
     the folder it was dequantised into; other names are passed to from_pretrained."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if base.startswith("builtin:"):
-        return str(build_builtin(base.split(":", 1)[1], corpus, seed, cache, pretraining_text))
+        return str(build_builtin(base.split(":", 1)[1], corpus, seed, cache, pretraining_text, on_build))
     if is_gguf_reference(base):
         try:
-            return str(dequantise(base, cache, say))
+            return str(dequantise(base, cache, on_build))
         except GGUFError as error:
             raise ModelError(str(error)) from None
     path = Path(base).expanduser()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,16 @@ class CheckpointUnreadable(ValueError):
 class Run:
     """One run: owns the model, the task, the optimisers, the method and the bookkeeping."""
 
-    def __init__(self, recipe: Recipe, writer: RunWriter, *, listener=None, dist: Distributed | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        writer: RunWriter,
+        *,
+        listener=None,
+        dist: Distributed | None = None,
+        notice: Callable[[str], None] | None = None,
+    ):
+        """`notice`: told, in one sentence, of a slow step of the start (building the built-in model)."""
         self.recipe = recipe
         self.dist = dist if dist is not None else Distributed()
         self.book = RunBook(recipe, writer, listener=listener, dist=self.dist)
@@ -68,6 +78,7 @@ class Run:
                 recipe.seed,
                 recipe.model.cache_dir,
                 self.task.pretraining_text(),
+                on_build=notice,
             )
         m = recipe.model
         self.pm = load_preference_model(
@@ -163,7 +174,10 @@ class Run:
         return self.book.counters
 
     @property
-    def total_steps(self) -> int:
+    def planned_refine_steps(self) -> int:
+        """The refinement's steps when every rollout is unique and judged: the most it takes. It takes fewer
+        when rollouts repeat or the judge gives no verdict; the step count then jumps to the plan at the end
+        of the refinement, so that `total_steps` is fixed from the start."""
         r = self.recipe
         kept = math.ceil(
             r.refine.keep_fraction
@@ -171,8 +185,13 @@ class Run:
             * r.train.samples_per_prompt
             * r.train.updates_per_iteration
         )
-        refine = r.refine.epochs * math.ceil(kept / r.refine.batch_size)
-        return r.sft.steps + r.reward.steps + r.train.iterations * (r.train.updates_per_iteration + refine)
+        return r.refine.epochs * math.ceil(kept / r.refine.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        r = self.recipe
+        iteration = r.train.updates_per_iteration + self.planned_refine_steps
+        return r.sft.steps + r.reward.steps + r.train.iterations * iteration
 
     # -- shared services of the stages and the methods ---------------------------------------------------
     def iteration_prompts(self, iteration: int) -> list[str]:

@@ -76,7 +76,7 @@ def train_reward_model(run: Run) -> None:
         book.between_steps()
     center_reward(run.pm, run.counters, r, pairs)
     held_out = run.task.held_out_pairs(r.reward.eval_pairs)
-    run.reward_initial = reward_snapshot(run.pm)  # the fixed judge of win rates when there is no gold
+    run.reward_initial = reward_snapshot(run.pm)  # the fixed RM: eval/reward_initial, and no-gold win rates
     book.metrics({"reward/eval_accuracy": reward_accuracy(run.pm, run.counters, r, held_out)})
 
 
@@ -244,6 +244,7 @@ def refine_reward_model(run: Run) -> None:
         book.between_steps()
     if r.refine.keep_close and run.reward_before_refine is not None:
         keep_close(run.pm, run.reward_before_refine, r.refine.keep_close_alpha)
+    state.global_step += max(0, run.planned_refine_steps - steps)  # on to the plan: a fixed total
 
 
 # -- the end of an iteration ----------------------------------------------------------------------------

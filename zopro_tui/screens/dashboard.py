@@ -97,8 +97,8 @@ class DashboardScreen(CurveViewActions, Screen):
         Binding("p", "control('pause')", "Pause"),
         Binding("r", "control('resume')", "Resume"),
         Binding("s", "stop", "Stop"),
-        Binding("c", "control('checkpoint')", "Checkpoint"),
-        Binding("z", "toggle_zoom", "Zoom panel"),
+        Binding("c", "control('checkpoint')", "Ckpt", tooltip="Checkpoint now"),
+        Binding("z", "toggle_zoom", "Zoom"),
         Binding("x", "next_axis", "X axis"),
         Binding("e", "smoothing", "Smooth"),
         Binding("escape", "back", "Back", show=False),
@@ -122,8 +122,9 @@ class DashboardScreen(CurveViewActions, Screen):
         self.pace = RedrawPace()
         self.first_picture = threading.Event()  # set once the first data is on screen
         self._hardware_target: tuple[int | None, str | None] = (None, None)
-        self._told: set[str] = set()
+        self._told: set[object] = set()
         self._old_warnings: list[dict] = []  # warnings read while catching up with the run's history
+        self._idle: frozenset[str] = frozenset()  # chart panels without data yet, laid out aside
 
     # -- composition and layout ----------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -141,7 +142,7 @@ class DashboardScreen(CurveViewActions, Screen):
             yield HardwarePanel(id="hardware")
             yield SamplesPanel(id="samples")
             yield EventsPanel(id="events")
-        yield Footer(compact=True)
+        yield Footer(compact=True, show_command_palette=False)  # ? Help stays visible at 80 columns
 
     def on_mount(self) -> None:
         self.title = self.run.name
@@ -158,8 +159,22 @@ class DashboardScreen(CurveViewActions, Screen):
     def panels(self) -> list[Panel]:
         return list(self.query_one("#panels").query_children(Panel))
 
+    def idle_panels(self) -> frozenset[str]:
+        """The chart panels that cannot have data yet (no interplay before the first iteration ends, no
+        zeroth-order diagnostics before the first zeroth-order update): they step aside."""
+        store = self.run.series
+        idle = set()
+        for panel, specs in (("interplay", INTERPLAY_CHARTS), ("zo", ZO_CHARTS)):
+            names = [name for spec in specs for name, _ in spec.metrics]
+            if not any(len(store.values.get(name, ())) for name in names):
+                idle.add(panel)
+        return frozenset(idle)
+
     def apply_layout(self) -> None:
-        layout = plan_layout(self.size.width, self.size.height, self.run.zeroth_order, self.zoomed)
+        self._idle = self.idle_panels()
+        layout = plan_layout(
+            self.size.width, self.size.height, self.run.zeroth_order, self.zoomed, idle=self._idle
+        )
         grid = self.query_one("#panels", Grid)
         grid.styles.grid_size_columns = layout.columns
         grid.styles.grid_size_rows = layout.rows
@@ -203,6 +218,8 @@ class DashboardScreen(CurveViewActions, Screen):
         if self.run.zeroth_order != was_zo:
             self.apply_layout()
         self._dirty.add("series")
+        if self.idle_panels() != self._idle:
+            self.apply_layout()
         if first_picture:
             self.redraw(force=True)  # the sample of a big log, or the end of the catch-up: show it now
             self.call_after_refresh(self.first_picture.set)
@@ -261,6 +278,13 @@ class DashboardScreen(CurveViewActions, Screen):
         except (OSError, ValueError):
             return None
 
+    def first_time(self, key: object) -> bool:
+        """Whether `key` was not told yet (and now counts as told)."""
+        if key in self._told:
+            return False
+        self._told.add(key)
+        return True
+
     def tell_once(self, key: str, message: str, severity: str = "information") -> None:
         if key not in self._told:
             self._told.add(key)
@@ -274,6 +298,8 @@ class DashboardScreen(CurveViewActions, Screen):
         ]
         if live:
             for event in warnings:
+                if not self.first_time(("warning", event.get("seq"), event.get("code"))):
+                    continue  # a resumed run's replay, or a batch read twice: told once
                 self.notify(
                     f"{self.run.name}: {event.get('message', '')}",
                     title=f"warning: {event.get('code', '?')}",

@@ -41,6 +41,9 @@ def key_label(binding: Binding) -> str:
                 "slash": "/",
                 "space": "space",
                 "escape": "esc",
+                "enter": "enter",
+                "pageup": "pgup",
+                "pagedown": "pgdn",
             }.get(key, key)
         )
     return " ".join(keys)
@@ -51,7 +54,9 @@ def bindings_table(screen: Screen) -> Table:
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column()
     seen: set[str] = set()
-    sources = [("this screen", screen.BINDINGS), ("everywhere", screen.app.BINDINGS)]
+    focused = screen.focused
+    own = list(getattr(type(focused), "BINDINGS", [])) if focused is not None else []
+    sources = [("this screen", own + list(screen.BINDINGS)), ("everywhere", screen.app.BINDINGS)]
     for title, bindings in sources:
         table.add_row(Text(title, style="bold underline"), "")
         for binding in bindings:
@@ -68,19 +73,29 @@ def bindings_table(screen: Screen) -> Table:
 class HelpScreen(ModalScreen[None]):
     """Keys of the screen it was opened from."""
 
-    BINDINGS = [Binding("escape,question_mark,q", "close", "Close")]
+    BINDINGS = [
+        Binding("escape,question_mark,q", "close", "Close"),
+        Binding("j,down", "scroll(1)", "Scroll down", show=False),
+        Binding("k,up", "scroll(-1)", "Scroll up", show=False),
+    ]
 
     def __init__(self, below: Screen):
         super().__init__()
         self.below = below
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(classes="dialog", id="help"):
+        with VerticalScroll(classes="dialog", id="help") as scroll:
+            scroll.border_subtitle = (
+                "esc, ? or q: close · j/k scroll"  # in sight at 80x24, never scrolled away
+            )
             yield Static(
-                Text(
-                    f"zopro-tui · keys of the {self.below.__class__.__name__.removesuffix('Screen').lower()} "
-                    "screen",
-                    style="bold",
+                Text.assemble(
+                    (
+                        f"zopro-tui · keys of the "
+                        f"{self.below.__class__.__name__.removesuffix('Screen').lower()} screen",
+                        "bold",
+                    ),
+                    ("   esc, ? or q: close", "dim"),
                 )
             )
             yield Static(bindings_table(self.below))
@@ -91,3 +106,7 @@ class HelpScreen(ModalScreen[None]):
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+    def action_scroll(self, lines: int) -> None:
+        help_box = self.query_one("#help", VerticalScroll)
+        help_box.scroll_to(y=help_box.scroll_y + lines, animate=False)

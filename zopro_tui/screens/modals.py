@@ -14,7 +14,7 @@ from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from engine.recipe import RecipeError
-from zopro_tui.launch import RunPlan, find_recipes, parse_overrides, plan_run
+from zopro_tui.launch import RunPlan, default_recipe, find_recipes, parse_settings, plan_run
 
 
 class ConfirmModal(ModalScreen[bool]):
@@ -50,42 +50,59 @@ class ConfirmModal(ModalScreen[bool]):
 
 
 class NewRunModal(ModalScreen[RunPlan | None]):
-    """Pick a recipe, type `--set` overrides, press enter: the recipe is validated before anything starts."""
+    """Pick a recipe, type `--set` overrides (and, for a sweep, a grid), press enter: the recipe is
+    validated before anything starts. `queue`: the dialog adds to the queue instead of starting now."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, queue: bool = False):
         super().__init__()
         self.root = root
+        self.queue = queue
         self.recipes = find_recipes(root)
-        self.chosen: Path | None = self.recipes[0] if self.recipes else None
+        self.preselected = default_recipe(self.recipes)
+        self.chosen: Path | None = self.recipes[self.preselected] if self.recipes else None
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="new-run"):
-            yield Label("Start a run", classes="dialog-title")
+            yield Static(
+                "Queue a run or a sweep: it starts when those before it end"
+                if self.queue
+                else "Start a run now (with a sweep grid: queue a sweep)",
+                classes="dialog-title",
+            )
             if self.recipes:
-                yield Label("recipe (enter picks it):")
+                yield Static("recipe (enter picks it):")
                 yield OptionList(
-                    *[Option(self.describe(path), id=str(i)) for i, path in enumerate(self.recipes)],
+                    *[Option(self.describe(i, path), id=str(i)) for i, path in enumerate(self.recipes)],
                     id="recipes",
+                    compact=True,
                 )
             else:
                 yield Static("no recipes found in ./recipes or next to the runs folder; type a recipe path:")
-                yield Input(placeholder="path/to/recipe.toml", id="recipe-path")
-            yield Label("overrides (key.path=value, separated by spaces):")
-            yield Input(placeholder="train.iterations=2 seed=3", id="overrides")
+                yield Input(placeholder="path/to/recipe.toml", id="recipe-path", compact=True)
+            yield Static("overrides (key.path=value, separated by spaces):")
+            yield Input(placeholder="train.iterations=2 seed=3", id="overrides", compact=True)
+            yield Static("sweep grid, optional (KEY=V1,V2 ...: one run per combination):")
+            yield Input(placeholder="seed=0,1,2 rloo.lr=1e-3,3e-3", id="grid", compact=True)
             yield Static("", id="new-run-error")
+            action = "add to the queue" if self.queue else "start now"
             yield Static(
-                f"runs go to {self.root}/  ·  enter: start  ·  tab: next field  ·  esc: cancel",
+                f"runs go to {self.root}/  ·  enter: {action}  ·  tab: next field  ·  esc: cancel",
                 classes="dialog-detail",
             )
 
-    def describe(self, path: Path) -> str:
+    def on_mount(self) -> None:
+        if self.recipes:
+            self.query_one("#recipes", OptionList).highlighted = self.preselected
+
+    def describe(self, index: int, path: Path) -> str:
         try:
             where = path.parent.relative_to(Path.cwd())
         except ValueError:
             where = path.parent
-        return f"{path.stem}  ({where}/)"
+        default = "  · the default" if index == self.preselected and path.name == "tiny.toml" else ""
+        return f"{path.stem}  ({where}/){default}"
 
     @on(OptionList.OptionHighlighted, "#recipes")
     def highlighted(self, event: OptionList.OptionHighlighted) -> None:
@@ -100,7 +117,7 @@ class NewRunModal(ModalScreen[RunPlan | None]):
     def path_given(self) -> None:
         self.query_one("#overrides", Input).focus()
 
-    @on(Input.Submitted, "#overrides")
+    @on(Input.Submitted, "#overrides, #grid")
     def submitted(self) -> None:
         error = self.query_one("#new-run-error", Static)
         if not self.recipes:
@@ -115,9 +132,9 @@ class NewRunModal(ModalScreen[RunPlan | None]):
             )
             return
         try:
-            plan = plan_run(
-                self.chosen, parse_overrides(self.query_one("#overrides", Input).value), self.root
-            )
+            overrides, grid = parse_settings(self.query_one("#overrides", Input).value)
+            more, _ = parse_settings(self.query_one("#grid", Input).value.replace("--grid", " "))
+            plan = plan_run(self.chosen, overrides, self.root, grid + more)
         except RecipeError as problem:
             error.update(Text(str(problem), style="red"))
             return

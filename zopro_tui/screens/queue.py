@@ -49,7 +49,7 @@ class QueueRead(Message):
 class QueueScreen(Screen):
     BINDINGS = [
         Binding("escape", "back", "Back"),
-        Binding("a", "add", "Queue a recipe"),
+        Binding("a", "add", "Queue a run"),
         Binding("K,shift+up", "move('up')", "Move up"),
         Binding("J,shift+down", "move('down')", "Move down"),
         Binding("d,delete", "cancel", "Cancel"),
@@ -152,7 +152,7 @@ class QueueScreen(Screen):
             if plan is None:
                 return
             try:
-                item = add(self.root, plan.recipe, plan.overrides, [])
+                item = add(self.root, plan.recipe, plan.overrides, plan.grid)
                 pid = start_worker(self.root)
             except (QueueError, OSError) as error:
                 self.notify(f"could not queue {plan.recipe}: {error}", severity="error")
@@ -163,7 +163,7 @@ class QueueScreen(Screen):
             )
             self.refresh_now()
 
-        self.app.push_screen(NewRunModal(self.root), queued)
+        self.app.push_screen(NewRunModal(self.root, queue=True), queued)
 
     def action_move(self, where: str) -> None:
         item_id = self.selected_id()

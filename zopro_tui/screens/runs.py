@@ -15,48 +15,34 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.worker import get_current_worker
 
+from engine.rundir.columns import fit_columns, middle_ellipsis
 from engine.rundir.reader import RunInfo
-from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, status_text
+from engine.rundir.report import RUN_COLUMNS, STATUS_STYLE, run_cells
 from zopro_tui.polling import poll
 from zopro_tui.reading import RunsListed, read_runs
 from zopro_tui.screens.modals import NewRunModal
 from zopro_tui.widgets.chart import fmt_number
 from zopro_tui.widgets.header import run_position
-from zopro_tui.widgets.tables import add_columns
-
-COLUMNS = (
-    ("run", "run"),
-    ("method", "method"),
-    ("status", "status"),
-    ("position", "position"),
-    ("score", "RM"),
-    ("gold", "gold"),
-    ("win", "win"),
-    ("elapsed", "elapsed"),
-    ("eta", "ETA"),
-)
-
 
 SWEEP_KEY = "sweep:"  # the row key of a sweep's own row: SWEEP_KEY + its folder
+CELL_PADDING = 2  # a DataTable cell's padding, one each side
+PREFIX = 2  # "● " (marked) or "  " before a run's name; a sweep's points "└ " more
 
 
-def sweep_row(sweep) -> list:
-    """A sweep's own row: its name, what it sweeps, its state and how far it is, its best final gold."""
+def sweep_row(sweep) -> dict:
+    """A sweep's own row by column key: its name, what it sweeps, its state and how far it is, its best
+    final gold."""
     from engine.rundir.report import STATUS_STYLE as styles
 
     golds = [info.latest.get("eval/gold") for info in sweep.runs if info.latest.get("eval/gold") is not None]
     keys = ", ".join(key.rsplit(".", 1)[-1] for key in sweep.grid)
-    return [
-        Text.assemble(("▾ ", "bold"), (sweep.name, "bold")),
-        Text(f"sweep {keys}", style="cyan", overflow="ellipsis", no_wrap=True),
-        Text(sweep.status, style=styles.get(sweep.status, "")),
-        sweep.counts(),
-        "",
-        Text(f"best {max(golds):.3f}" if golds else "-", justify="right"),
-        "",
-        "",
-        "",
-    ]
+    return {
+        "run": "▾ " + sweep.name,
+        "method": Text(f"sweep {keys}", style="cyan", overflow="ellipsis", no_wrap=True),
+        "status": Text(sweep.status, style=styles.get(sweep.status, "")),
+        "position": sweep.counts(),
+        "gold": f"best {max(golds):.3f}" if golds else "-",
+    }
 
 
 class RunsTable(DataTable):
@@ -85,6 +71,7 @@ DETAIL_METRICS = (
     ("eval/gold", "gold (held-out)"),
     ("eval/win_rate_vs_sft", "win vs SFT"),
     ("eval/kl", "KL (held-out)"),
+    ("eval/reward_initial", "fixed RM (held-out)"),
     ("compute/forward_passes", "forward passes"),
     ("mem/peak_rss_mib", "peak RSS MiB"),
     ("mem/cuda_peak_mib", "CUDA peak MiB"),
@@ -158,6 +145,8 @@ class RunsScreen(Screen):
         self.runs: list[RunInfo] = []
         self.sweeps: list = []  # engine.rundir.sweep.SweepInfo: a header row, then a row per point that started
         self.marked: set[Path] = set()
+        self.columns: list[str] = []  # the keys of the columns shown, fitted to the width
+        self._widths: dict[str, int] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(id="runs-title")
@@ -172,7 +161,6 @@ class RunsScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(RunsTable)
-        add_columns(table, COLUMNS)
         self.query_one("#runs-filter", Input).display = False
         self.show_title()
         table.focus()
@@ -209,33 +197,59 @@ class RunsScreen(Screen):
             title.append(f"  ·  filter: {self.filter_text}", style="cyan")
         self.query_one("#runs-title", Static).update(title)
 
-    def show_runs(self) -> None:
-        table = self.query_one(RunsTable)
-        selected = self.selected_path()
+    def on_resize(self) -> None:
+        if self.is_mounted and self.query(RunsTable):
+            self.show_runs()
+
+    def table_rows(self) -> list[tuple[str, dict, int]]:
+        """(row key, cells by column key, the name's indent) of every row: runs, then each sweep and its points."""
         visible = self.visible_runs()
-        table.clear()
-        for info in visible:
-            table.add_row(*self.row(info), key=str(info.path))
-        keys = [info.path for info in visible]
+        rows = [(str(info.path), run_cells(info), 0) for info in visible]
         for sweep in self.sweeps:  # each sweep as a group: its row, then its points' rows
             points = [info for info in sweep.runs if run_matches(info, self.filter_text)]
             if self.filter_text and not points and self.filter_text.lower() not in sweep.name.lower():
                 continue
-            table.add_row(*sweep_row(sweep), key=SWEEP_KEY + str(sweep.path))
-            keys.append(Path(SWEEP_KEY + str(sweep.path)))
-            for info in points:
-                cells = self.row(info)
-                cells[0] = Text.assemble(
-                    ("● ", "yellow") if info.path in self.marked else "  ", ("└ ", "dim"), info.name
-                )
-                table.add_row(*cells, key=str(info.path))
-                keys.append(info.path)
+            rows.append((SWEEP_KEY + str(sweep.path), sweep_row(sweep), -PREFIX))
+            rows += [(str(info.path), run_cells(info), 2) for info in points]
+        return rows
+
+    def show_runs(self) -> None:
+        """The rows, fitted to the screen's width: long names shortened in the middle (two runs that differ
+        at the end stay apart), then the columns that matter least dropped (`zopro ls` fits alike)."""
+        table = self.query_one(RunsTable)
+        selected = self.selected_path()
+        rows = self.table_rows()
+        natural = {column.key: 0 for column in RUN_COLUMNS}
+        for _, cells, indent in rows:
+            for key, cell in cells.items():
+                extra = PREFIX + indent if key == "run" else 0
+                natural[key] = max(natural[key], len(str(cell)) + extra)
+        width = max(20, (self.size.width or self.app.size.width) - 2)  # the scrollbar's room
+        shown, widths = fit_columns(RUN_COLUMNS, natural, width - CELL_PADDING, gap=CELL_PADDING)
+        if [column.key for column in shown] != self.columns or widths != self._widths:
+            table.clear(columns=True)
+            for column in shown:
+                table.add_column(column.header, key=column.key, width=widths[column.key])
+            self.columns, self._widths = [column.key for column in shown], widths
+        else:
+            table.clear()
+        for key, cells, indent in rows:
+            row = []
+            for column in shown:
+                cell = cells.get(column.key, "")
+                if column.key == "run":
+                    cell = self.name_cell(Path(key), str(cell), indent, widths["run"])
+                elif column.key in ("gold", "win", "fixed_rm"):
+                    cell = Text(str(cell), justify="right")
+                row.append(cell)
+            table.add_row(*row, key=key)
+        keys = [Path(key) for key, _, _ in rows]
         for index, path in enumerate(keys):
             if path == selected:
                 table.move_cursor(row=index, animate=False)
                 break
         empty = self.query_one("#runs-empty", Static)
-        visible = visible or self.sweeps
+        visible = self.visible_runs() or self.sweeps
         if not self.runs and not self.sweeps:
             empty.update(
                 Text(f"no runs under {self.root}/ yet: press n to start one from a recipe", style="dim")
@@ -258,19 +272,13 @@ class RunsScreen(Screen):
     def highlighted(self) -> None:
         self.show_detail()
 
-    def row(self, info: RunInfo) -> list:
-        latest = info.latest
-        return [
-            Text.assemble(("● ", "yellow") if info.path in self.marked else "  ", info.name),
-            info.method,
-            status_text(info),
-            run_position(info),
-            Text(fmt_value(latest.get("objective/scores")), justify="right"),
-            Text(fmt_value(latest.get("eval/gold")), justify="right"),
-            Text(fmt_value(latest.get("eval/win_rate_vs_sft")), justify="right"),
-            fmt_duration(info.elapsed),
-            fmt_duration(info.eta),
-        ]
+    def name_cell(self, path: Path, name: str, indent: int, width: int) -> Text:
+        """A row's name: marked or not, a sweep's point under its sweep, shortened in the middle to fit."""
+        if indent < 0:  # a sweep's own row
+            return Text(middle_ellipsis(name, width), style="bold")
+        mark = ("● ", "yellow") if path in self.marked else "  "
+        tree = ("└ ", "dim") if indent else ""
+        return Text.assemble(mark, tree, middle_ellipsis(name, width - PREFIX - indent))
 
     def selected_path(self) -> Path | None:
         table = self.query_one(RunsTable)

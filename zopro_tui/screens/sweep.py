@@ -27,7 +27,7 @@ from zopro_tui.widgets.tables import add_columns
 SORT_METRICS = (
     ("final gold", "eval/gold", True),
     ("win vs SFT", "eval/win_rate_vs_sft", True),
-    ("reward score", "eval/reward", True),
+    ("fixed-RM score", "eval/reward_initial", True),  # the RM score under the never-refined reward model
     ("KL", "eval/kl", False),
 )
 

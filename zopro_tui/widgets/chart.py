@@ -20,6 +20,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 from zopro_tui.series import Columns, minmax_columns
+from zopro_tui.widgets.numbers import fmt_number, fmt_x  # noqa: F401 - fmt_number is imported from here too
 
 PALETTE = ("#4aa8ff", "#ffb347", "#5fd35f", "#ff6b9a", "#b78cff", "#40e0d0", "#e8e85a", "#ff7f50")
 NO_COLOR_MARKERS = ("⣿", "•", "+", "x", "o", "*", "#", "%")
@@ -54,7 +55,7 @@ class ChartData:
     x_kind: str = "step"  # step, time or compute: how x values are written
     waiting: str = "no data yet"
     xy: bool = False  # a trajectory: y against x, in the order logged, not a function of x
-    title_first: bool = False  # when the legend does not fit, cut the series' part, never the title
+    title_first: bool = True  # kept for callers: the legend is cut, never the title
 
 
 @dataclass
@@ -83,37 +84,6 @@ def _cells(pixel_owner: np.ndarray, rows: int, width: int) -> tuple[np.ndarray, 
             bits += sub * BRAILLE_BITS[dy, dx]
             owners = np.maximum(owners, np.where(sub, pixel_owner[dy::4, dx::2], -1))
     return bits, owners
-
-
-def fmt_number(value: float, width: int = 7) -> str:
-    """A short tick label: 0.123, -1.2e-05, 12.3k, 4.5M."""
-    if value is None or not math.isfinite(value):
-        return "-"
-    magnitude = abs(value)
-    if magnitude >= 1e6:
-        text = f"{value / 1e6:.3g}M"
-    elif magnitude >= 1e4:
-        text = f"{value / 1e3:.3g}k"
-    elif magnitude >= 100 or value == int(value):
-        text = f"{value:.0f}"
-    elif magnitude >= 1e-3 or magnitude == 0:
-        text = f"{value:.{max(1, min(4, width - 3))}g}"
-    else:
-        text = f"{value:.1e}"
-    return text[:width]
-
-
-def fmt_x(value: float, kind: str) -> str:
-    if value is None or not math.isfinite(value):
-        return "-"
-    if kind == "time":
-        seconds = int(value)
-        hours, rest = divmod(seconds, 3600)
-        minutes, secs = divmod(rest, 60)
-        return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-    if abs(value) >= 10:  # steps and forward passes are counts
-        value = round(value)
-    return fmt_number(value, 8)
 
 
 def value_before(x: np.ndarray, values: np.ndarray, at: float) -> float | None:
@@ -401,28 +371,26 @@ class CurveChart(Widget):
         return _PathColumns(column, y)
 
     def _legend(self, width: int, no_color: bool) -> Text:
-        """The title, then each series' marker, label and value (at the cursor) with its standard error; when
-        everything does not fit the standard errors go first, then the title."""
+        """The title, then each series' marker, label and value (at the cursor) with its standard error. When
+        that does not fit, the legend shortens (no standard errors, then no labels, then cut), never the
+        title: a chart is known by its title."""
         data = self.data
-        with_errors = self._series_legend(no_color, with_errors=True)
-        plain = self._series_legend(no_color, with_errors=False)
-        if not data.series:
-            legend = Text(data.title, style="bold")
-        else:
-            for series_legend in (with_errors, plain):
-                if len(data.title) + 2 + series_legend.cell_len <= width:
-                    legend = Text.assemble((data.title, "bold"), "  ", series_legend)
-                    break
-            else:
-                # the compare screen: the legends are run names, the title says what it shows
-                if data.title_first:
-                    legend = Text.assemble((data.title, "bold"), "  ", plain)
-                else:
-                    legend = with_errors if with_errors.cell_len <= width else plain
-        legend.truncate(width, overflow="ellipsis")
-        return legend
+        title = Text(data.title, style="bold")
+        if not data.series or title.cell_len >= width:
+            title.truncate(width, overflow="ellipsis")
+            return title
+        room = width - title.cell_len - 2
+        for legend in (
+            self._series_legend(no_color, with_errors=True),
+            self._series_legend(no_color, with_errors=False),
+            self._series_legend(no_color, with_errors=False, labels=False),
+        ):
+            if legend.cell_len <= room:
+                break
+        legend.truncate(room, overflow="ellipsis")
+        return Text.assemble(title, "  ", legend)
 
-    def _series_legend(self, no_color: bool, with_errors: bool) -> Text:
+    def _series_legend(self, no_color: bool, with_errors: bool, labels: bool = True) -> Text:
         data = self.data
         legend = Text(no_wrap=True, overflow="ellipsis")
         for index, series in enumerate(data.series):
@@ -430,9 +398,9 @@ class CurveChart(Widget):
             if index:
                 legend.append("  ")
             legend.append(marker, style=Style(color=series.color))
-            legend.append(f" {series.label} ")
+            legend.append(f" {series.label} " if labels else "")
             value = self._legend_value(series)
-            legend.append(fmt_number(value) if value is not None else "-", style="bold")
+            legend.append(fmt_number(value, 8) if value is not None else "-", style="bold")
             if with_errors and series.se is not None and series.smoothed is None:
                 error = self._legend_value(series, series.se)
                 if error is not None and math.isfinite(error):
@@ -465,7 +433,8 @@ class CurveChart(Widget):
             return True
 
         put(LABEL_WIDTH, left)
-        put(width - len(right), right)
+        if right != left:  # one point: one label, not the same number three times
+            put(width - len(right), right)
         cursor = self.data.cursor
         if cursor is not None and not self.data.xy and window[1] > window[0]:
             column = LABEL_WIDTH + int((cursor - window[0]) / (window[1] - window[0]) * (plot_width - 1))
@@ -474,7 +443,7 @@ class CurveChart(Widget):
                 label = f"▲{value}"  # it matters more than the ends: write over them
                 start = max(0, min(column, width - len(label)))
                 cells[start : start + len(label)] = list(label)
-        elif plot_width >= 30:
+        elif plot_width >= 30 and right != left:
             middle = fmt_x((window[0] + window[1]) / 2, kind)
             put(LABEL_WIDTH + plot_width // 2 - len(middle) // 2, middle)
         text.append("".join(cells)[:width])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from engine.rundir.columns import middle_ellipsis
 from engine.rundir.report import STATUS_STYLE, fmt_duration
 from engine.rundir.report import position as run_position
 from zopro_tui.view import CurveView
@@ -12,38 +13,60 @@ from zopro_tui.watched import WatchedRun
 
 
 def status_line(
-    run: WatchedRun, readonly: bool = False, starting_pid: int | None = None, start_failure: str | None = None
+    run: WatchedRun,
+    readonly: bool = False,
+    starting_pid: int | None = None,
+    start_failure: str | None = None,
+    width: int = 0,
 ) -> Text:
-    """`start_failure`: the run's process (started from this TUI) exited before writing its run directory."""
+    """`start_failure`: the run's process (started from this TUI) exited before writing its run directory.
+    With a `width`, the parts that matter least (steps/s, the method, the step count) go first to fit it."""
     info = run.info
     line = Text(no_wrap=True, overflow="ellipsis")
-    line.append(run.name, style="bold")
-    if run.method != "?":
-        line.append(f"  {run.method}")
-    line.append("  ")
     status = run.status
     if (info is None or status == "created") and start_failure:
+        line.append(run.name, style="bold")
+        line.append("  ")
         line.append("failed to start", style=STATUS_STYLE["failed"])
         line.append(f"  {start_failure}", style="red")
         return line
     if info is None or status == "created":
         status = "starting" + (f" (pid {starting_pid}, loading the model)" if starting_pid else "")
-    line.append(status, style=STATUS_STYLE.get(status, "bold"))
+    parts: list[tuple[int, Text]] = []  # (rank: the highest goes first when narrow, text)
+    if run.method != "?":
+        parts.append((2, Text(f"  {run.method}")))
+    state = Text("  ")
+    state.append(status, style=STATUS_STYLE.get(status, "bold"))
     if info is not None and info.warning_count:
-        line.append(f" !{info.warning_count}", style="bold yellow")
+        state.append(f" !{info.warning_count}", style="bold yellow")
+    parts.append((0, state))
     if info is not None and info.status != "created":
-        line.append(f"  {run_position(info)}")
+        parts.append((0, Text(f"  {run_position(info)}")))
         if info.total_steps:
-            line.append(f"  step {info.global_step}/{info.total_steps}")
-        rate = run.steps_per_second()
-        if rate:
-            line.append(f"  {rate:.2f} steps/s")
+            parts.append((1, Text(f"  step {info.global_step}/{info.total_steps}")))
         eta = run.eta()
         if eta is not None:
-            line.append(f"  ETA {fmt_duration(eta)}")
-        line.append(f"  elapsed {fmt_duration(info.elapsed)}")
+            parts.append((0, Text(f"  ETA {fmt_duration(eta)}")))
+        clock = Text(f"  elapsed {fmt_duration(info.elapsed)}")  # the run's one clock, as `zopro ls`
+        if info.paused >= 1:
+            clock.append(f" ({fmt_duration(info.paused)} paused)", style="yellow")
+        parts.append((0, clock))
+        rate = run.steps_per_second()
+        if rate:
+            parts.append((3, Text(f"  {rate:.2f} steps/s")))
     if readonly:
-        line.append("  read-only", style="reverse")
+        parts.append((0, Text.assemble("  ", ("read-only", "reverse"))))
+    while width and len(run.name) + sum(len(part) for _, part in parts) > width:
+        rank = max(rank for rank, _ in parts)
+        if rank == 0:
+            break
+        parts = [(r, part) for r, part in parts if r != rank]
+    room = width - sum(len(part) for _, part in parts) if width else len(run.name)
+    line.append(
+        middle_ellipsis(run.name, max(12, room)), style="bold"
+    )  # the rest of the line before the name
+    for _, part in parts:
+        line.append_text(part)
     return line
 
 
@@ -78,7 +101,7 @@ class RunHeader(Static):
         start_failure: str | None = None,
     ) -> None:
         text = Text("\n").join(
-            [status_line(run, readonly, starting_pid, start_failure), view_line(run, view)]
+            [status_line(run, readonly, starting_pid, start_failure, self.size.width), view_line(run, view)]
         )
         text.no_wrap, text.overflow = True, "ellipsis"
         self.update(text, layout=False)

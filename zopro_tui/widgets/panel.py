@@ -114,11 +114,14 @@ class ChartGridPanel(Panel):
         first = set(order[:visible])
         for index, chart in enumerate(self.charts):
             chart.display = index in first
+        for index in reversed(order[:visible]):  # drawn in that order: the running stage's charts first
+            grid.move_child(self.charts[index], before=0)
 
     def chart_order(self) -> list[int]:
         """The charts to show, most wanted first: those of the stage running now (SFT loss during SFT), the
         others with data, those still waiting. A stage's own charts (ChartSpec.stages) only while it runs,
-        when nothing else has data yet, or when the panel is zoomed (z)."""
+        when nothing else has data yet, or when the panel is zoomed (z); while only they have data, the charts
+        that wait for the policy step aside."""
         count = len(self.charts)
         with_data = self.with_data or (False,) * count
         stage_of = [spec.stages for spec in self.specs] + [()] * (count - len(self.specs))
@@ -127,8 +130,12 @@ class ChartGridPanel(Panel):
         earlier = [i for i in range(count) if with_data[i] and stage_of[i] and i not in now]
         waiting = [i for i in range(count) if not with_data[i] and not stage_of[i]]
         zoomed = self.is_mounted and getattr(self.screen, "zoomed", None) == self.id
-        if zoomed or not main:
+        if zoomed:
             return now + main + earlier + waiting
+        if (
+            not main
+        ):  # before the first policy update: the stages' own charts, not charts that cannot have data
+            return (now + earlier) or waiting
         return now + main + waiting
 
     def show_run(self, run: WatchedRun, view: CurveView, data_range: tuple[float, float] | None) -> None:

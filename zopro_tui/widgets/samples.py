@@ -59,7 +59,7 @@ class SamplesPanel(Panel):
         for row in run.samples:
             iteration = row.get("iteration")
             table.add_row(
-                "-" if iteration is None else str(iteration),
+                "-" if iteration is None else str(iteration + 1),  # read from 1, as the header
                 printable(row.get("prompt"), 36),
                 Text(fmt_value(row.get("score")), justify="right"),
                 Text(fmt_value(row.get("gold"), 2), justify="right"),

@@ -312,7 +312,7 @@ class ZerothOrderUpdate:
         if relative < STALLED_BELOW:
             self.context.warn(
                 "policy_stalled",
-                f"the policy moved {relative:.2g} of the reference norm in iteration {iteration}: it has "
+                f"the policy moved {relative:.2g} of the reference norm in iteration {iteration + 1}: it has "
                 f"stopped moving; raise {self.name}.lr, or set {self.name}.normalize_g = true"
                 + (" and zopro.z_norm = 'reference'" if self.config.sampler == "zopro" else ""),
                 relative_change=relative,
