@@ -49,7 +49,7 @@ def zopro_side(model: str, prompts: list[str], steps: int) -> dict:
         },
         "<trl-compare>",
     )
-    pm = load_preference_model(
+    models = load_preference_model(
         model,
         dtype="float32",
         device=torch.device("cpu"),
@@ -65,7 +65,7 @@ def zopro_side(model: str, prompts: list[str], steps: int) -> dict:
         raise RuntimeError("no run")
 
     context = MethodContext(
-        pm=pm,
+        models=models,
         counters=counters,
         recipe=recipe,
         current_iteration=lambda: 0,
@@ -78,7 +78,7 @@ def zopro_side(model: str, prompts: list[str], steps: int) -> dict:
     for step in range(steps):
         started, started_cpu = time.perf_counter(), time.process_time()
         rollout = collect_rollout(
-            pm,
+            models,
             prompts,
             k=K,
             kl_coef=BETA,

@@ -23,7 +23,7 @@ Memory is bounded by the adapter, not by the run: the tracker holds the two adap
 interval and the previous iteration's two updates (four float32 copies of one adapter), during an
 iteration also the policy after the last observed step and that step's update (six at most), plus a
 bounded deque of 2-D trajectory points. Projections are regenerated from the seed on the CPU, so the live
-tracker (on any device) and the offline report (`engine.analysis.interplay_report`) give the same numbers.
+tracker (on any device) and the offline report (`engine.cli.interplay_report`) give the same numbers.
 
 Use in a training loop:
 
@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.analysis.adapter_keys import layer_of, layer_sort_key
 from engine.analysis.interplay_metrics import ITERATION_METRICS, LAYER_METRICS, STEP_METRICS  # noqa: F401
+from engine.analysis.layers import layer_of, layer_sort_key
 from engine.analysis.projections import gaussian_projection, sketch_coordinates, split_coordinates
 from engine.analysis.statistics import (
     DOT_FIELDS,

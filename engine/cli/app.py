@@ -329,7 +329,7 @@ def interplay(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead")] = False,
 ) -> None:
     """How the policy's and the reward model's updates relate, from the run's iteration checkpoints."""
-    from engine.analysis.interplay_report import build_report, render_report
+    from engine.cli.interplay_report import build_report, render_report
 
     if not run_dir.is_dir():
         fail(f"{run_dir} is not a run directory")
