@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,19 @@ def test_no_source_file_is_over_500_lines():
         if (count := len(path.read_text().splitlines())) > MAX_LINES
     ]
     assert long == []
+
+
+def test_every_method_md_citation_names_a_section_of_docs_method_md():
+    """Source files cite "docs/method.md section N" (or "sections N-M"); each N is a heading there."""
+    headings = set(re.findall(r"^## (\d+)\. ", (REPO / "docs" / "method.md").read_text(), flags=re.M))
+    cited, unresolved = 0, []
+    for top in ("engine", "zopro_tui"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            text = " ".join(path.read_text().split())  # a citation may break across lines
+            assert "method.md" not in text.replace("docs/method.md", ""), f"{path}: cite docs/method.md"
+            for first, last in re.findall(r"docs/method\.md sections? (\d+)(?:-(\d+))?", text):
+                for section in range(int(first), int(last or first) + 1):
+                    cited += 1
+                    if str(section) not in headings:
+                        unresolved.append(f"{path.relative_to(REPO)}: section {section}")
+    assert cited >= 16 and unresolved == []

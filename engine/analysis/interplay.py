@@ -1,7 +1,7 @@
 """Measure how the policy and reward LoRA adapters move relative to each other, live and in constant memory.
 
 ZOPrO (arXiv 2503.03460) studied the policy/reward interplay offline, in a UMAP embedding of dozens of saved
-checkpoints. Here the same relations are measured exactly in LoRA parameter space (method.md section 4),
+checkpoints. Here the same relations are measured exactly in LoRA parameter space (docs/method.md section 4),
 over the paired tensors of the `policy` and `reward` adapters, globally and per layer:
 
 - dP, dR: the change of the policy / reward adapter over an interval (one iteration, or one policy step);

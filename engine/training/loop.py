@@ -1,4 +1,4 @@
-"""The training loop of one run, method.md section 1, top to bottom: SFT, the reward model, then for each
+"""The training loop of one run, docs/method.md section 1, top to bottom: SFT, the reward model, then for each
 iteration policy optimisation, judge and refine, keep close, evaluate. `train` is the loop and names each
 next stage itself; `start` and `resume` are its two ways in, where the bookkeeping (`run.book`) opens a new
 run directory or reopens one from its newest readable checkpoint. Every stage continues from the step its

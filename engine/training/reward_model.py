@@ -91,7 +91,7 @@ def center_reward(
     models: PreferenceModel, counters: Counters, recipe: Recipe, pairs: list[PreferencePair]
 ) -> None:
     """Shift the score head so the reward model's mean score on its training answers is 0: then
-    'least confident' (smallest |score|) means near the decision boundary, as method.md intends."""
+    'least confident' (smallest |score|) means near the decision boundary, as docs/method.md intends."""
     sample_pairs = pairs[:256]
     scores = score_texts(
         models,

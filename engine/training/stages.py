@@ -1,4 +1,4 @@
-"""The stages of method.md section 1, one function each, every one resumable at `run.state.step`:
+"""The stages of docs/method.md section 1, one function each, every one resumable at `run.state.step`:
 supervised fine-tuning, the reward model, policy optimisation, judging and refining the reward model,
 and the metrics at the end of an iteration. Their order is `engine.training.loop`, their bookkeeping
 `run.book`, and what one leaves for the next is in the run's typed state, `run.state` (`RunState`)."""

@@ -1,4 +1,4 @@
-"""Policy update methods: each takes one rollout and changes the policy adapter (method.md sections 2-3)."""
+"""Policy update methods: each takes one rollout and changes the policy adapter (docs/method.md sections 2-3)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`online_dpo`: DPO on pairs sampled from the current policy and ranked by the reward model
-(method.md section 2; Guo et al. 2024, "Direct language model alignment from online AI feedback").
+(docs/method.md section 2; Guo et al. 2024, "Direct language model alignment from online AI feedback").
 
 From each prompt's first two answers of the shared rollout, the higher reward-model score is `chosen`,
 the other `rejected` (equal scores: the pair is skipped); with sequence log-probs against the reference

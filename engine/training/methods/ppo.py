@@ -1,4 +1,4 @@
-"""`ppo`: PPO-clip with a value head and GAE at token level, the classic RLHF baseline (method.md section 2).
+"""`ppo`: PPO-clip with a value head and GAE at token level, the classic RLHF baseline (docs/method.md section 2).
 
 One rollout (shared with every other method, never re-sampled) becomes per-token rewards
     r_t = -beta * (logp_old_t - logp_ref_t)   (+ the reward model's score at the last response token),

@@ -1,4 +1,4 @@
-"""Zeroth-order policy updates, `mezo` and `zopro` (method.md section 3), in one package:
+"""Zeroth-order policy updates, `mezo` and `zopro` (docs/method.md section 3), in one package:
 
 - `update.py`: `ZerothOrderUpdate`, one SPSA update per rollout on the `rloo` surrogate (zopro's
   first-order iterations through `RLOOUpdate`), its schedule, guards and diagnostics;

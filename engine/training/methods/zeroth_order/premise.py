@@ -2,7 +2,7 @@
 
 ZOPrO starts every probe along mu (the policy's change over the previous iteration), on the assumption
 that the loss surface keeps its direction from one iteration to the next. On the built-in task it does not
-(method.md section 6): one more mu lowers held-out gold. At the start of each zeroth-order iteration this
+(docs/method.md section 6): one more mu lowers held-out gold. At the start of each zeroth-order iteration this
 module measures, on a fixed set of prompts with common random numbers:
 - the reward model's mean score and the gold score (when the task has one) at theta - a mu, theta and
   theta + a mu (`premise/reward_minus|0|plus`, `premise/gold_minus|0|plus`, and `premise/gold_gain` =

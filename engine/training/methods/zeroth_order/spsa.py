@@ -1,6 +1,6 @@
 """Zeroth-order (SPSA) updates of float32 parameters with seed-replayed directions: MeZO and ZOPrO.
 
-This module is method.md section 3 and nothing else. One update with q directions
+This module is docs/method.md section 3 and nothing else. One update with q directions
 (z_i regenerated from `direction_seed(run_seed, update_index, i)`, never stored):
 
     for i in 0 .. q-1:

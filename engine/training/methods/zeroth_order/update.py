@@ -1,4 +1,4 @@
-"""`mezo` and `zopro`: the policy update estimated from two forward passes per direction (method.md
+"""`mezo` and `zopro`: the policy update estimated from two forward passes per direction (docs/method.md
 section 3). Both use the same rollout and the same clipped surrogate as `rloo`; they differ in where the
 directions come from, which the update is handed (`directions.py`): `mezo` has no first-order iteration
 and draws isotropic or block-coordinate directions; `zopro` runs iteration 0 first-order (as the paper
