@@ -148,3 +148,15 @@ def test_every_method_md_citation_names_a_section_of_docs_method_md():
                     if str(section) not in headings:
                         unresolved.append(f"{path.relative_to(REPO)}: section {section}")
     assert cited >= 16 and unresolved == []
+
+
+def test_one_module_builds_the_engine_command_line():
+    """`python -m engine.cli ...` (a run, a sweep, the queue's worker, under torchrun or not) is written in
+    one place; every other module asks it for the command."""
+    builders = sorted(
+        str(path.relative_to(REPO))
+        for path in _modules().values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value == "engine.cli"
+    )
+    assert builders == ["engine/rundir/command.py"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.recipe import RecipeError, load_recipe
+from engine.rundir.command import run_command
 from engine.rundir.files import spawn_detached
 from zopro_tui.reading import launch_log_path
 
@@ -92,19 +92,7 @@ def plan_run(recipe: Path, overrides: list[str], root: Path) -> RunPlan:
 def launch(plan: RunPlan) -> LaunchedRun:
     """Start the run in its own session; its output goes to DIR.log, never to this terminal."""
     log_path = launch_log_path(plan.run_dir)
-    command = [
-        sys.executable,
-        "-P",
-        "-m",
-        "engine.cli",
-        "run",
-        str(plan.recipe),
-        "--run-dir",
-        str(plan.run_dir),
-        "--quiet",
-    ]
-    for override in plan.overrides:
-        command += ["--set", override]
+    command = run_command(plan.recipe, run_dir=plan.run_dir, overrides=plan.overrides)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = spawn_detached(command, log_path, env)
     return LaunchedRun(run_dir=plan.run_dir, process=process, log_path=log_path)

@@ -166,6 +166,7 @@ class RunInfo:
     pid: int | None = None
     warnings: list[dict] = field(default_factory=list)  # the last few: {code, message, iteration, step}
     warning_count: int = 0
+    host: str | None = None  # the machine the writer runs on (meta.json)
 
     @property
     def elapsed(self) -> float | None:
@@ -232,6 +233,7 @@ def run_info(run_dir: Path, now: float | None = None) -> RunInfo:
         pid=pid,
         warnings=status.get("warnings") or [],
         warning_count=status.get("warning_count") or len(status.get("warnings") or []),
+        host=_typed(meta.get("host"), str),
     )
 
 

@@ -11,7 +11,6 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
@@ -27,6 +26,7 @@ from engine.rundir.queue import (
 )
 from engine.rundir.report import fmt_duration
 from zopro_tui.launch import RunPlan
+from zopro_tui.messages import QueueRead
 from zopro_tui.polling import poll
 from zopro_tui.screens.modals import ConfirmModal, NewRunModal
 from zopro_tui.widgets.tables import add_columns
@@ -38,12 +38,6 @@ STATE_STYLE = {
     "failed": "red",
     "cancelled": "yellow",
 }
-
-
-class QueueRead(Message):
-    def __init__(self, items: list[QueueItem], worker: bool) -> None:
-        super().__init__()
-        self.items, self.worker = items, worker
 
 
 class QueueScreen(Screen):

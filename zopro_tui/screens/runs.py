@@ -17,8 +17,9 @@ from textual.worker import get_current_worker
 
 from engine.rundir.reader import RunInfo
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, status_text
+from zopro_tui.messages import RunsListed
 from zopro_tui.polling import poll
-from zopro_tui.reading import RunsListed, read_runs
+from zopro_tui.reading import read_runs
 from zopro_tui.screens.modals import NewRunModal
 from zopro_tui.widgets.chart import fmt_number
 from zopro_tui.widgets.header import run_position
