@@ -11,9 +11,10 @@ from pathlib import Path
 from tests.conftest import REPO
 
 
-def test_the_tui_imports_only_the_run_directory_contract_and_the_recipe_schema():
-    """Every zopro_tui module imports with torch unimportable, and of the engine only engine.rundir and
-    engine.recipe (the schema, for validating a new run's recipe) are loaded."""
+def test_the_tui_imports_only_the_run_directory_contract_the_recipe_schema_and_the_jobs():
+    """Every zopro_tui module imports with torch unimportable, and of the engine only engine.rundir,
+    engine.recipe (the schema, for validating a new run's recipe) and engine.jobs (the queue, sweeps and
+    the command line of a run) are loaded."""
     code = (
         "import sys, pkgutil, importlib\n"
         "sys.modules['torch'] = None  # any import of torch now fails\n"
@@ -27,8 +28,8 @@ def test_the_tui_imports_only_the_run_directory_contract_and_the_recipe_schema()
     )
     assert result.returncode == 0, result.stderr
     loaded = result.stdout.split()
-    assert "engine.rundir.reader" in loaded and "engine.recipe" in loaded
-    allowed = ("engine", "engine.recipe", "engine.rundir")
+    assert "engine.rundir.reader" in loaded and "engine.recipe" in loaded and "engine.jobs.queue" in loaded
+    allowed = ("engine", "engine.recipe", "engine.rundir", "engine.jobs")
     assert [m for m in loaded if not any(m == a or m.startswith(a + ".") for a in allowed)] == []
 
 
@@ -159,4 +160,4 @@ def test_one_module_builds_the_engine_command_line():
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Constant) and node.value == "engine.cli"
     )
-    assert builders == ["engine/rundir/command.py"]
+    assert builders == ["engine/jobs/command.py"]

@@ -14,8 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.jobs.command import run_command
 from engine.recipe import RecipeError, load_recipe
-from engine.rundir.command import run_command
 from engine.rundir.files import spawn_detached
 from zopro_tui.reading import launch_log_path
 

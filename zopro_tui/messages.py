@@ -13,7 +13,7 @@ from textual.message import Message
 from engine.rundir.reader import RunInfo
 
 if TYPE_CHECKING:
-    from engine.rundir.queue import QueueItem
+    from engine.jobs.queue import QueueItem
     from zopro_tui.series import MetricStore, SeriesBatch
 
 
@@ -23,7 +23,7 @@ class RunsListed(Message):
     def __init__(self, runs: list[RunInfo], sweeps: list | None = None) -> None:
         super().__init__()
         self.runs = runs
-        self.sweeps = sweeps or []  # engine.rundir.sweep.SweepInfo, shown as groups
+        self.sweeps = sweeps or []  # engine.jobs.sweep.SweepInfo, shown as groups
 
 
 class SeriesRead(Message):

@@ -195,7 +195,7 @@ class RunReader:
 
 
 def read_runs(root: Path) -> RunsListed:
-    from engine.rundir.sweep import list_sweeps
+    from engine.jobs.sweep import list_sweeps
 
     return RunsListed(list_runs(root), list_sweeps(root))
 

@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from engine.rundir.command import run_command
+from engine.jobs.command import run_command
 from engine.rundir.reader import apply_rewinds, read_events
 
 SHORT = [

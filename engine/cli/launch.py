@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from engine.cli.output import fail
-from engine.rundir.command import engine_command
+from engine.jobs.command import engine_command
 
 
 def start_torchrun(nproc: int) -> None:

@@ -1,6 +1,6 @@
 """`zopro sweep`: run a sweep's points in turn (or N at a time, one `zopro run` process each) and print
 the summary table. The sweep directory itself (the grid, sweep.json, the summary rows, listing) is
-`engine.rundir.sweep`."""
+`engine.jobs.sweep`."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from rich.text import Text
 
 from engine.cli.exit_codes import EXIT_FAILED, EXIT_OK
 from engine.cli.runner import run_training
-from engine.rundir.command import run_command
+from engine.jobs.command import run_command
+from engine.jobs.sweep import SUMMARY_JSON, Sweep, point_state, short_keys, sorted_rows, write_summary
 from engine.rundir.reader import is_run_dir
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, warnings_cell
-from engine.rundir.sweep import SUMMARY_JSON, Sweep, point_state, short_keys, sorted_rows, write_summary
 
 
 # -- the summary table -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from engine.rundir.queue import (
+from engine.jobs.queue import (
     QueueError,
     QueueItem,
     add,
@@ -202,7 +202,7 @@ class QueueScreen(Screen):
         item = next((i for i in self.items if i.id == item_id), None)
         if item is None or not Path(item.target).exists():
             return
-        from engine.rundir.sweep import is_sweep_dir
+        from engine.jobs.sweep import is_sweep_dir
 
         target = Path(item.target)
         if is_sweep_dir(target):

@@ -157,7 +157,7 @@ class RunsScreen(Screen):
         super().__init__()
         self.root = Path(root)
         self.runs: list[RunInfo] = []
-        self.sweeps: list = []  # engine.rundir.sweep.SweepInfo: a header row, then a row per point that started
+        self.sweeps: list = []  # engine.jobs.sweep.SweepInfo: a header row, then a row per point that started
         self.marked: set[Path] = set()
 
     def compose(self) -> ComposeResult:

@@ -15,9 +15,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from engine.jobs.sweep import Sweep, SweepError, load_sweep, point_state
 from engine.rundir.reader import RunInfo
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se
-from engine.rundir.sweep import Sweep, SweepError, load_sweep, point_state
 from zopro_tui.messages import SweepRead
 from zopro_tui.polling import poll
 from zopro_tui.widgets.chart import PALETTE, ChartData, ChartSeries, CurveChart

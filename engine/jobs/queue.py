@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.jobs.command import engine_command, run_command
 from engine.recipe import RecipeError, load_recipe
-from engine.rundir.command import engine_command, run_command
 from engine.rundir.files import spawn_detached
 
 QUEUE_DIR = ".queue"
@@ -116,7 +116,7 @@ def find(root: Path, item_id: str) -> QueueItem:
 
 def add(root: Path, recipe: Path, overrides: list[str], grid: list[str]) -> QueueItem:
     """Validate (a sweep: every point), then queue; QueueError (one sentence) and nothing written otherwise."""
-    from engine.rundir.sweep import SweepError, grid_points, parse_grid, validate_points
+    from engine.jobs.sweep import SweepError, grid_points, parse_grid, validate_points
 
     recipe = Path(recipe)
     try:
