@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from engine.analysis import interplay
-from engine.analysis.adapter_keys import adapter_views, layer_of, pair_adapter_tensors
 from engine.analysis.interplay import InterplayTracker
+from engine.analysis.layers import layer_of
 from engine.analysis.projections import gaussian_projection, sketch_coordinates
 from engine.analysis.statistics import angle_deg, cosine, distance_correlation, pearson
+from engine.training.adapter_keys import adapter_views, pair_adapter_tensors
 
 HIDDEN, RANK, VOCAB = 24, 4, 40
 MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")

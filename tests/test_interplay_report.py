@@ -14,13 +14,13 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine.analysis.interplay_report import (
+from engine.analysis.statistics import angle_deg, pearson
+from engine.export.interplay_report import (
     build_report,
     procrustes_disparity,
     render_report,
     trajectory_projection,
 )
-from engine.analysis.statistics import angle_deg, pearson
 from engine.rundir.writer import adapter_file
 from tests.test_interplay import adapter_shapes, flat_update, random_adapter  # noqa: F401
 

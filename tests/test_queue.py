@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.rundir.queue import QueueError, add, cancel, load_items, move, queue_dir
+from engine.jobs.queue import QueueError, add, cancel, load_items, move, queue_dir
 from tests.conftest import zopro
 
 

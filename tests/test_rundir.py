@@ -174,3 +174,14 @@ def test_status_is_derived_from_heartbeat_and_pid(tmp_path):
     (run / "status.json").write_text(json.dumps(status))
     assert run_info(run).status == "finished"
     assert [r.name for r in list_runs(tmp_path)] == ["run"]
+
+
+def test_the_reader_says_which_host_the_writer_runs_on(tmp_path):
+    """The TUI's hardware panel reads the host from run_info, never from meta.json on the UI thread."""
+    run = tmp_path / "run"
+    with RunWriter(run) as writer:
+        writer.write_meta({"host": "gpu-node-7", "pid": 1})
+        writer.update_status(state="running", method="rloo")
+        assert run_info(run).host == "gpu-node-7"
+    (run / "meta.json").write_text("[not an object")
+    assert run_info(run).host is None

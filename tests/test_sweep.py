@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.jobs.sweep import SweepError, grid_points, load_sweep, parse_grid, split_values
 from engine.rundir.reader import read_events, run_info
-from engine.rundir.sweep import SweepError, grid_points, load_sweep, parse_grid, split_values
 from tests.conftest import zopro, zopro_popen
 
 

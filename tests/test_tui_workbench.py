@@ -147,7 +147,7 @@ async def test_a_run_that_fails_or_warns_is_announced_wherever_the_user_is(tmp_p
 
 def write_sweep(root: Path, recipe: Path) -> Path:
     """A 2x2 sweep whose points finished with known final scores (gold rises with lr, win falls with it)."""
-    from engine.rundir.sweep import create_sweep
+    from engine.jobs.sweep import create_sweep
 
     sweep = create_sweep(recipe, ["seed=0,1", "rloo.lr=0.0001,0.001"], [], root=root, sweep_dir=root / "grid")
     for index, point in enumerate(sweep.points):
@@ -210,7 +210,7 @@ async def test_a_queue_built_in_the_tui_runs_in_order_after_the_tui_quits(tmp_pa
     import os
     import signal
 
-    from engine.rundir.queue import load_items, queue_dir
+    from engine.jobs.queue import load_items, queue_dir
     from engine.rundir.reader import run_info
     from tests.conftest import FAST_RECIPE
     from zopro_tui.screens.queue import QueueScreen
@@ -262,7 +262,7 @@ async def test_a_queue_built_in_the_tui_runs_in_order_after_the_tui_quits(tmp_pa
             assert run_info(Path(items[key].target)).status == "finished"
         assert not Path(items["0002"].target).exists()
     finally:
-        from engine.rundir.queue import worker_running
+        from engine.jobs.queue import worker_running
 
         if worker_running(root):  # the lock is held: its pid is our worker, leader of its own session
             with contextlib.suppress(OSError, ValueError):

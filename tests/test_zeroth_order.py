@@ -1,4 +1,4 @@
-"""Tests of engine.training.spsa: seed replay, MeZO/ZOPrO directions, the SPSA update and its guards."""
+"""Tests of the SPSA core (methods/zeroth_order/spsa.py): seed replay, MeZO/ZOPrO directions, the update, its guards."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from engine.training.spsa import decay_at, direction_seed, replay_direction, zo_update
-from engine.training.zo_samplers import IsotropicSampler, ZoproSampler
+from engine.training.methods.zeroth_order.samplers import IsotropicSampler, ZoproSampler
+from engine.training.methods.zeroth_order.spsa import decay_at, direction_seed, replay_direction, zo_update
 
 SHAPES = {"layer.0.lora_A": (4, 16), "layer.0.lora_B": (16, 4), "layer.1.bias": (16,), "scalar": (1,)}
 

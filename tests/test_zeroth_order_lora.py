@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from engine.training.spsa import zo_update
-from engine.training.zo_samplers import IsotropicSampler
+from engine.training.methods.zeroth_order.samplers import IsotropicSampler
+from engine.training.methods.zeroth_order.spsa import zo_update
 from tests.test_zeroth_order import SHAPES, cosine, flat, make_params, make_tensors, max_abs_diff, snapshot  # noqa: F401
 
 # ---------------------------------------------------------------- on a real tiny model with a LoRA adapter

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from engine.training.spsa import RunningRMS, direction_seed, replay_direction, zo_update
-from engine.training.zo_samplers import (
+from engine.training.methods.zeroth_order.samplers import (
     BlockSampler,
     GradientSnapshots,
     IsotropicSampler,
@@ -18,6 +17,7 @@ from engine.training.zo_samplers import (
     fill_zero_norms,
     layer_blocks,
 )
+from engine.training.methods.zeroth_order.spsa import RunningRMS, direction_seed, replay_direction, zo_update
 
 SHAPES = {
     "model.layers.0.q_proj.lora_A.policy.weight": (4, 16),

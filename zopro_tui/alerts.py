@@ -14,7 +14,7 @@ POLL_SECONDS = 2.0
 
 
 def all_runs(root: Path):
-    from engine.rundir.sweep import list_sweeps
+    from engine.jobs.sweep import list_sweeps
 
     runs = list_runs(root)
     for sweep in list_sweeps(root):

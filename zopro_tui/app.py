@@ -67,7 +67,7 @@ class ZoproApp(App):
         if self.plan is not None:
             self.start_run(self.plan)
         elif self.attach is not None:
-            from engine.rundir.sweep import is_sweep_dir
+            from engine.jobs.sweep import is_sweep_dir
 
             if is_sweep_dir(self.attach):
                 self.open_sweep(self.attach)
@@ -125,7 +125,7 @@ class ZoproApp(App):
         self.open_run(launched.run_dir)
 
     def queue_sweep(self, plan: RunPlan) -> None:
-        from engine.rundir.queue import QueueError, add, start_worker
+        from engine.jobs.queue import QueueError, add, start_worker
         from zopro_tui.screens.queue import QueueScreen
 
         try:
@@ -227,7 +227,7 @@ def resolve_target(
         if overrides:
             raise ValueError(f"--set applies to a recipe, and {path} is a run directory")
         return path, None
-    from engine.rundir.sweep import is_sweep_dir
+    from engine.jobs.sweep import is_sweep_dir
 
     if path.is_dir() and is_sweep_dir(path):
         if overrides:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.jobs.command import run_command
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.files import spawn_detached
 from zopro_tui.reading import launch_log_path
@@ -102,7 +102,7 @@ def default_recipe(recipes: list[Path]) -> int:
 def plan_run(recipe: Path, overrides: list[str], root: Path, grid: list[str] | None = None) -> RunPlan:
     """Validate the recipe with its overrides, and with a grid every point (RecipeError names what is
     wrong), and choose the run folder (a sweep's folder is chosen when the queue takes it)."""
-    from engine.rundir.sweep import SweepError, grid_points, parse_grid, validate_points
+    from engine.jobs.sweep import SweepError, grid_points, parse_grid, validate_points
     from engine.rundir.writer import default_run_dir
 
     resolved = load_recipe(recipe, overrides)
@@ -119,19 +119,7 @@ def plan_run(recipe: Path, overrides: list[str], root: Path, grid: list[str] | N
 def launch(plan: RunPlan) -> LaunchedRun:
     """Start the run in its own session; its output goes to DIR.log, never to this terminal."""
     log_path = launch_log_path(plan.run_dir)
-    command = [
-        sys.executable,
-        "-P",
-        "-m",
-        "engine.cli",
-        "run",
-        str(plan.recipe),
-        "--run-dir",
-        str(plan.run_dir),
-        "--quiet",
-    ]
-    for override in plan.overrides:
-        command += ["--set", override]
+    command = run_command(plan.recipe, run_dir=plan.run_dir, overrides=plan.overrides)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = spawn_detached(command, log_path, env)
     return LaunchedRun(run_dir=plan.run_dir, process=process, log_path=log_path)

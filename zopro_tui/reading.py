@@ -1,4 +1,5 @@
-"""Background reading of run directories: what a worker thread reads, and the messages it posts to the UI.
+"""Background reading of run directories: what a worker thread reads (the messages it posts to the UI are in
+`zopro_tui.messages`).
 
 A `RunReader` belongs to one worker thread. It tails one run's events by byte offset (through
 `engine.rundir.reader.EventTail`), parses them into `SeriesBatch`es, and reads status, samples and the launch log
@@ -14,14 +15,19 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-
-from textual.message import Message
 
 from engine.rundir.reader import EventTail, RunInfo, latest_samples, list_runs, run_info
 from zopro_tui import series_cache
 from zopro_tui.catalogue import wanted_metric
+from zopro_tui.messages import (
+    HardwareReading,
+    LogRead,
+    RunsListed,
+    SamplesRead,
+    SeriesRead,
+    StatusRead,
+)
 from zopro_tui.series import MetricStore, SeriesBatch, SeriesParser, sample_events
 
 CHUNK_BYTES = 4 << 20  # read at most this much per poll, so a huge log streams in and the UI stays live
@@ -29,79 +35,6 @@ PREVIEW_ABOVE_BYTES = 24 << 20  # bigger logs first get a strided sample, drawn 
 PREVIEW_EVENTS = 3000
 CACHE_ABOVE_BYTES = PREVIEW_ABOVE_BYTES  # bigger logs are cached (smaller ones read in about a second)
 CAUGHT_UP_SLACK_BYTES = 1 << 16
-
-
-# -- messages -------------------------------------------------------------------------------------------------
-class RunsListed(Message):
-    """The runs under the root folder, freshly derived."""
-
-    def __init__(self, runs: list[RunInfo], sweeps: list | None = None) -> None:
-        super().__init__()
-        self.runs = runs
-        self.sweeps = sweeps or []  # engine.rundir.sweep.SweepInfo, shown as groups
-
-
-class SeriesRead(Message):
-    """New metric points and events of one run (or, with `preview`, a sample of a big log; with `store`, the
-    whole history of a big log, which the receiver now owns; `batches` then carry only its events)."""
-
-    def __init__(
-        self,
-        run_dir: Path,
-        batches: list[SeriesBatch],
-        *,
-        preview: bool = False,
-        progress: float = 1.0,
-        caught_up: bool = True,
-        store: MetricStore | None = None,
-    ) -> None:
-        super().__init__()
-        self.run_dir, self.batches, self.preview = run_dir, batches, preview
-        self.progress, self.caught_up, self.store = progress, caught_up, store
-
-
-class StatusRead(Message):
-    """The run's derived status (state, stage, position, latest metrics)."""
-
-    def __init__(self, run_dir: Path, info: RunInfo) -> None:
-        super().__init__()
-        self.run_dir, self.info = run_dir, info
-
-
-class SamplesRead(Message):
-    """The rows of the run's newest samples file."""
-
-    def __init__(self, run_dir: Path, source: str, rows: list[dict]) -> None:
-        super().__init__()
-        self.run_dir, self.source, self.rows = run_dir, source, rows
-
-
-class LogRead(Message):
-    """New lines of the launch log (the engine's stdout and stderr, for runs started from the TUI)."""
-
-    def __init__(self, run_dir: Path, lines: list[str]) -> None:
-        super().__init__()
-        self.run_dir, self.lines = run_dir, lines
-
-
-@dataclass
-class HardwareReading:
-    """One sample of the run's process (and GPUs when nvidia-ml-py is there)."""
-
-    pid: int | None
-    alive: bool
-    local: bool
-    cpu_percent: float | None = None
-    rss_mib: float | None = None
-    threads: int | None = None
-    gpus: list[dict] = field(default_factory=list)
-    note: str = ""
-
-
-class HardwareRead(Message):
-    def __init__(self, run_dir: Path, reading: HardwareReading) -> None:
-        super().__init__()
-        self.run_dir, self.reading = run_dir, reading
 
 
 # -- readers --------------------------------------------------------------------------------------------------
@@ -262,7 +195,7 @@ class RunReader:
 
 
 def read_runs(root: Path) -> RunsListed:
-    from engine.rundir.sweep import list_sweeps
+    from engine.jobs.sweep import list_sweeps
 
     return RunsListed(list_runs(root), list_sweeps(root))
 

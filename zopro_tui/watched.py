@@ -10,7 +10,7 @@ from pathlib import Path
 from engine.rundir.progress import eta_seconds, steps_per_second
 from engine.rundir.reader import RunInfo
 from zopro_tui.catalogue import is_zeroth_order
-from zopro_tui.reading import HardwareReading, SeriesRead
+from zopro_tui.messages import HardwareReading, SeriesRead
 from zopro_tui.series import MetricStore
 from zopro_tui.timeline import StageTimeline
 

@@ -1,7 +1,7 @@
 """Measure how the policy and reward LoRA adapters move relative to each other, live and in constant memory.
 
 ZOPrO (arXiv 2503.03460) studied the policy/reward interplay offline, in a UMAP embedding of dozens of saved
-checkpoints. Here the same relations are measured exactly in LoRA parameter space (method.md section 4),
+checkpoints. Here the same relations are measured exactly in LoRA parameter space (docs/method.md section 4),
 over the paired tensors of the `policy` and `reward` adapters, globally and per layer:
 
 - dP, dR: the change of the policy / reward adapter over an interval (one iteration, or one policy step);
@@ -23,7 +23,7 @@ Memory is bounded by the adapter, not by the run: the tracker holds the two adap
 interval and the previous iteration's two updates (four float32 copies of one adapter), during an
 iteration also the policy after the last observed step and that step's update (six at most), plus a
 bounded deque of 2-D trajectory points. Projections are regenerated from the seed on the CPU, so the live
-tracker (on any device) and the offline report (`engine.analysis.interplay_report`) give the same numbers.
+tracker (on any device) and the offline report (`engine.cli.interplay_report`) give the same numbers.
 
 Use in a training loop:
 
@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.analysis.adapter_keys import layer_of, layer_sort_key
 from engine.analysis.interplay_metrics import ITERATION_METRICS, LAYER_METRICS, STEP_METRICS  # noqa: F401
+from engine.analysis.layers import layer_of, layer_sort_key
 from engine.analysis.projections import gaussian_projection, sketch_coordinates, split_coordinates
 from engine.analysis.statistics import (
     DOT_FIELDS,

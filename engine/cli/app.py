@@ -163,7 +163,7 @@ def sweep(
 ) -> None:
     """Run a recipe over a grid of settings, one run directory per point, and summarise them side by side."""
     from engine.cli.sweep import run_sweep
-    from engine.rundir.sweep import SweepError, create_sweep, load_sweep
+    from engine.jobs.sweep import SweepError, create_sweep, load_sweep
 
     try:
         if resume is not None:
@@ -247,10 +247,10 @@ def list_runs_command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON list instead of a table")] = False,
 ) -> None:
     """The runs under ROOT: name, method, status, iteration, scores."""
+    from engine.jobs.sweep import list_sweeps
     from engine.rundir.alerts import alert_line
     from engine.rundir.reader import list_runs
     from engine.rundir.report import runs_table
-    from engine.rundir.sweep import list_sweeps
 
     runs = list_runs(root)
     sweeps = list_sweeps(root)
@@ -383,7 +383,7 @@ def interplay(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead")] = False,
 ) -> None:
     """How the policy's and the reward model's updates relate, from the run's iteration checkpoints."""
-    from engine.analysis.interplay_report import build_report, render_report
+    from engine.export.interplay_report import build_report, render_report
 
     if not run_dir.is_dir():
         fail(f"{run_dir} is not a run directory")
@@ -420,7 +420,7 @@ def queue_add(
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
 ) -> None:
     """Queue a recipe (or, with --grid, a sweep); the queue's worker starts if none runs."""
-    from engine.rundir.queue import QueueError, add, start_worker
+    from engine.jobs.queue import QueueError, add, start_worker
 
     for text in set_ or []:
         if "=" not in text:
@@ -445,7 +445,7 @@ def queue_ls(
     """The queue, in order: pending, running, and what ran."""
     from rich.table import Table
 
-    from engine.rundir.queue import load_items, worker_running
+    from engine.jobs.queue import load_items, worker_running
 
     items = load_items(root)
     if as_json:
@@ -469,7 +469,7 @@ def queue_cancel(
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
 ) -> None:
     """Drop a pending entry, or stop a running one after a checkpoint."""
-    from engine.rundir.queue import QueueError, cancel
+    from engine.jobs.queue import QueueError, cancel
 
     try:
         item = cancel(root, item_id)
@@ -485,7 +485,7 @@ def queue_move(
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
 ) -> None:
     """Move a pending entry in the queue."""
-    from engine.rundir.queue import QueueError, move
+    from engine.jobs.queue import QueueError, move
 
     try:
         move(root, item_id, where)
@@ -496,7 +496,7 @@ def queue_move(
 @queue_app.command("work", hidden=True)
 def queue_work(root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs")) -> None:
     """Run the queue until nothing is pending (started by `queue add`)."""
-    from engine.rundir.queue import work
+    from engine.jobs.queue import work
 
     raise typer.Exit(work(root, log=lambda text: print(text, flush=True)))
 

@@ -40,10 +40,8 @@ def worker(method: str, config: BenchConfig) -> dict:
     from engine.recipe import apply_overrides, recipe_from_dict, split_variant
     from engine.training.methods import make_update
     from engine.training.methods.context import MethodContext
-    from engine.training.models import load_preference_model, quiet_transformers, resolve_base, resolve_device
-    from engine.training.rollout import collect_rollout
-    from engine.training.telemetry import Counters, PhasePeak, rss_mib
-    from engine.training.zo_samplers import (
+    from engine.training.methods.zeroth_order import FixedDirections, ZerothOrderUpdate
+    from engine.training.methods.zeroth_order.samplers import (
         BlockSampler,
         GradientSnapshots,
         IsotropicSampler,
@@ -51,6 +49,9 @@ def worker(method: str, config: BenchConfig) -> dict:
         ZoproSampler,
         layer_blocks,
     )
+    from engine.training.models import load_preference_model, quiet_transformers, resolve_base, resolve_device
+    from engine.training.rollout import collect_rollout
+    from engine.training.telemetry import Counters, PhasePeak, rss_mib
 
     quiet_transformers()
     if config.threads:
@@ -85,7 +86,7 @@ def worker(method: str, config: BenchConfig) -> dict:
     task = make_task(recipe)
     device = resolve_device(config.device)
     base = resolve_base(config.model, task.corpus(), config.seed, "")  # untrained: full-length answers
-    pm = load_preference_model(
+    models = load_preference_model(
         base,
         dtype=config.dtype,
         device=device,
@@ -94,7 +95,7 @@ def worker(method: str, config: BenchConfig) -> dict:
         target_modules=recipe.model.target_modules,
         seed=config.seed,
     )
-    task = speak_through_chat_template(task, pm.tokenizer, recipe.model.max_prompt_tokens)
+    task = speak_through_chat_template(task, models.tokenizer, recipe.model.max_prompt_tokens)
     counters = Counters()
     counters.enter("bench")
 
@@ -102,7 +103,7 @@ def worker(method: str, config: BenchConfig) -> dict:
         raise RuntimeError("a benchmark has no run directory, adapter history or held-out prompts")
 
     context = MethodContext(  # iteration 1 of a run that has none of a run's services
-        pm=pm,
+        models=models,
         counters=counters,
         recipe=recipe,
         current_iteration=lambda: 1,
@@ -110,11 +111,12 @@ def worker(method: str, config: BenchConfig) -> dict:
         score_policy=unavailable,
         fresh_rollout=unavailable,
     )
-    update = make_update(method, context)
     sampler_state_mib = 0.0
-    if method == "zopro":  # iteration 1: informed directions from a synthetic mu, v and basis
+    if method != "zopro":
+        update = make_update(method, context)
+    else:  # iteration 1: informed directions from a synthetic mu, v and basis, handed to the update
         gen = torch.Generator().manual_seed(config.seed)
-        params = pm.adapter_parameters("policy")
+        params = models.adapter_parameters("policy")
         mu = {n: (0.01 * torch.randn(p.shape, generator=gen)).to(device) for n, p in params.items()}
         v = {n: (0.01 * torch.randn(p.shape, generator=gen)).to(device) for n, p in params.items()}
         if recipe.zopro.sampler == "subspace":
@@ -127,15 +129,14 @@ def worker(method: str, config: BenchConfig) -> dict:
             snapshots.clear()
             sampler_state_mib = basis.numel() * 4 / 2**20  # held between updates, like Adam's moments
             shapes = {n: p.shape for n, p in params.items()}
-            update.sampler = SubspaceSampler(basis, shapes, norm=1.0, mu=mu, v=v)
+            sampler = SubspaceSampler(basis, shapes, norm=1.0, mu=mu, v=v)
         elif recipe.zopro.sampler == "zopro":
-            update.sampler = ZoproSampler(mu, v, decay=0.999)
+            sampler = ZoproSampler(mu, v, decay=0.999)
         elif recipe.zopro.sampler == "block":
-            update.sampler = BlockSampler(layer_blocks(list(params)))
+            sampler = BlockSampler(layer_blocks(list(params)))
         else:
-            update.sampler = IsotropicSampler()
-        update.sampler_iteration = 1
-        update.premise = lambda iteration: {}
+            sampler = IsotropicSampler()
+        update = ZerothOrderUpdate(context, method, FixedDirections(sampler))  # no mu: no premise check
     prompts = task.prompts(config.prompts, "bench")
 
     def synced() -> float:
@@ -145,7 +146,7 @@ def worker(method: str, config: BenchConfig) -> dict:
 
     def rollout_once():
         return collect_rollout(
-            pm,
+            models,
             prompts,
             k=config.samples_per_prompt,
             kl_coef=0.05,
@@ -162,7 +163,7 @@ def worker(method: str, config: BenchConfig) -> dict:
         started = synced()
         rollout = rollout_once()
         rollout_s = synced() - started
-    sampling = sampling_speed(pm, prompts, config, synced)
+    sampling = sampling_speed(models, prompts, config, synced)
     tokens = int(rollout.sequences.attention_mask.sum())
     baseline_rss = rss_mib()
     times, peaks, passes = [], [], []
@@ -197,7 +198,7 @@ def worker(method: str, config: BenchConfig) -> dict:
     return result
 
 
-def sampling_speed(pm, prompts: list[str], config: BenchConfig, synced) -> dict:
+def sampling_speed(models, prompts: list[str], config: BenchConfig, synced) -> dict:
     """Tokens per second of the rollout's sampler and of transformers' `generate` (pure sampling: no
     top-k/top-p) on the same model, adapter and batch; a token is one row's one decode step."""
     import torch
@@ -206,10 +207,10 @@ def sampling_speed(pm, prompts: list[str], config: BenchConfig, synced) -> dict:
     from engine.training.telemetry import Counters
 
     repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
-    with pm.adapter("policy"):
+    with models.adapter("policy"):
         started = synced()
         seqs = sample(
-            pm,
+            models,
             repeated,
             max_new_tokens=config.max_new_tokens,
             max_prompt_tokens=64,
@@ -218,11 +219,11 @@ def sampling_speed(pm, prompts: list[str], config: BenchConfig, synced) -> dict:
             counters=Counters(),
         )
         sample_s = synced() - started
-        input_ids, mask = encode_prompts(pm, repeated, 64)
+        input_ids, mask = encode_prompts(models, repeated, 64)
         torch.manual_seed(config.seed + 1)
         started = synced()
         with torch.no_grad():
-            out = pm.model.generate(
+            out = models.model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
                 do_sample=True,
@@ -230,8 +231,8 @@ def sampling_speed(pm, prompts: list[str], config: BenchConfig, synced) -> dict:
                 top_k=0,
                 top_p=1.0,
                 max_new_tokens=config.max_new_tokens,
-                pad_token_id=pm.tokenizer.pad_token_id,
-                eos_token_id=pm.tokenizer.eos_token_id,
+                pad_token_id=models.tokenizer.pad_token_id,
+                eos_token_id=models.tokenizer.eos_token_id,
             )
         generate_s = synced() - started
     sampled = seqs.response_ids.numel()

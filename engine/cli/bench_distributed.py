@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from engine.jobs.command import run_command
 from engine.rundir.reader import apply_rewinds, read_events
 
 SHORT = [
@@ -24,20 +24,11 @@ SHORT = [
 ]
 
 
-def command(nproc: int, args: list[str]) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "engine.cli", *args]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return [*launcher, "-m", "engine.cli", *args]
-
-
 def bench_point(recipe: Path, method: str, nproc: int, updates: int, sets: list[str], folder: Path) -> dict:
     run_dir = folder / f"{method}-{nproc}"
     overrides = [f"policy.method={method}", f"train.updates_per_iteration={updates}", *SHORT, *sets]
-    args = ["run", str(recipe), "--run-dir", str(run_dir), "-q"]
-    for item in overrides:
-        args += ["--set", item]
-    done = subprocess.run(command(nproc, args), capture_output=True, text=True)
+    command = run_command(recipe, run_dir=run_dir, overrides=overrides, nproc=nproc, isolated=False)
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"method": method, "ranks": nproc, "error": " | ".join(tail)}

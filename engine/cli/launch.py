@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from engine.cli.output import fail
+from engine.jobs.command import engine_command
 
 
 def start_torchrun(nproc: int) -> None:
@@ -22,8 +23,7 @@ def start_torchrun(nproc: int) -> None:
             skip = True
         elif not arg.startswith("--nproc-per-node="):
             args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command += ["-m", "engine.cli", *args]
+    command = engine_command(args, nproc=nproc, isolated=False)
     sys.stdout.flush()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its banner
     os.execv(sys.executable, command)

@@ -1,6 +1,6 @@
 """`zopro sweep`: run a sweep's points in turn (or N at a time, one `zopro run` process each) and print
 the summary table. The sweep directory itself (the grid, sweep.json, the summary rows, listing) is
-`engine.rundir.sweep`."""
+`engine.jobs.sweep`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from rich.text import Text
 
 from engine.cli.exit_codes import EXIT_FAILED, EXIT_OK
 from engine.cli.runner import run_training
+from engine.jobs.command import run_command
+from engine.jobs.sweep import SUMMARY_JSON, Sweep, point_state, short_keys, sorted_rows, write_summary
 from engine.rundir.reader import is_run_dir
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, warnings_cell
-from engine.rundir.sweep import SUMMARY_JSON, Sweep, point_state, short_keys, sorted_rows, write_summary
 
 
 # -- the summary table -----------------------------------------------------------------------------------
@@ -146,13 +146,8 @@ def gpu_slots() -> list[str]:
 
 def point_command(sweep: Sweep, point: dict) -> list[str]:
     folder = sweep.point_dir(point)
-    base = [sys.executable, "-P", "-m", "engine.cli", "run"]
-    if _resumable(folder):
-        return [*base, "--resume", str(folder), "--quiet"]
-    command = [*base, str(sweep.recipe), "--run-dir", str(folder), "--quiet"]
-    for override in [*sweep.overrides, *point["overrides"]]:
-        command += ["--set", override]
-    return command
+    overrides = [*sweep.overrides, *point["overrides"]]
+    return run_command(sweep.recipe, run_dir=folder, resume=_resumable(folder), overrides=overrides)
 
 
 def _run_parallel(sweep: Sweep, todo: list[dict], parallel: int, console: Console, err: Console) -> int:

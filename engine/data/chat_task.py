@@ -1,4 +1,4 @@
-"""A built-in task spoken through a real model's chat template (docs/method.md, "Prompts").
+"""A built-in task spoken through a real model's chat template (docs/real-model.md).
 
 The built-in tasks write their prompts as plain user text ("describe the soup ."). A pretrained instruct
 model expects them inside its chat template (system turn, `<|im_start|>user ... <|im_end|>`, the

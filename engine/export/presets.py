@@ -52,7 +52,7 @@ def compute_figure(runs: list[LabelledRun]):
 
 
 def interplay_reports(runs: list[LabelledRun]) -> list[tuple[LabelledRun, dict]]:
-    from engine.analysis.interplay_report import build_report
+    from engine.export.interplay_report import build_report
 
     reports, problems = [], []
     for run in runs:

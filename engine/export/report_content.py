@@ -12,10 +12,10 @@ from engine.export.presets import compute_figure, interplay_figure, interplay_re
 from engine.export.report_document import Document
 from engine.export.results import evaluation_rows, score_text
 from engine.export.sources import LabelledRun, is_comparison_dir, labelled_runs
+from engine.jobs.sweep import SWEEP_RECIPE, is_sweep_dir, load_sweep
 from engine.rundir.answers import evaluation_answers, side_by_side
 from engine.rundir.reader import is_run_dir, read_events, run_info
 from engine.rundir.report import fmt_duration
-from engine.rundir.sweep import SWEEP_RECIPE, is_sweep_dir, load_sweep
 
 ITERATION_COLUMNS = ["", "gold", "win vs SFT", "reward", "KL", "length", "forward passes", "elapsed"]
 META_FIELDS = ("device", "host", "python", "torch", "transformers", "peft", "zopro")

@@ -15,9 +15,10 @@ from engine.recipe import Recipe, RecipeError, load_recipe
 from engine.training.models import (
     ModelError,
     PreferenceModel,
-    load_adapters,
+    apply_adapters,
     load_preference_model,
     quiet_transformers,
+    read_adapters,
     resolve_base,
     resolve_device,
 )
@@ -36,7 +37,7 @@ class RunModel:
 
     def load_checkpoint(self, folder: Path) -> None:
         try:
-            load_adapters(self.pm, folder)
+            apply_adapters(self.pm, read_adapters(folder, self.pm.device))
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
             first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             raise ExportError(f"{folder} cannot be read: {first}") from None

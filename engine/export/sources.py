@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.export.checkpoints import ExportError
+from engine.jobs.sweep import SweepError, is_sweep_dir, load_sweep, short_keys
 from engine.rundir.reader import is_run_dir, read_events, run_info
-from engine.rundir.sweep import SweepError, is_sweep_dir, load_sweep, short_keys
 
 COMPARISON_JSON = "comparison.json"  # `zopro compare` writes its table's rows here, beside the runs
 

@@ -219,7 +219,7 @@ class OnlineDPOConfig:
 
 @dataclass
 class ZerothOrderConfig:
-    """Settings shared by mezo and zopro (paper-code defaults, method.md section 3)."""
+    """Settings shared by mezo and zopro (paper-code defaults, docs/method.md section 3)."""
 
     lr: float = spec(1e-4, low=0.0, low_open=True)
     lr_schedule: str = spec("linear", choices=("linear", "constant"), help="inside each iteration")
@@ -288,7 +288,9 @@ class RefineConfig:
 
 @dataclass
 class InterplayConfig:
-    enabled: bool = spec(True, help="policy-reward interplay metrics during training (method.md section 4)")
+    enabled: bool = spec(
+        True, help="policy-reward interplay metrics during training (docs/method.md section 4)"
+    )
     sketch_size: int = spec(
         256, low=2, help="coordinates of the fixed random sketch for distance correlation"
     )

@@ -1,3 +1,4 @@
-"""The run directory, the one contract between the engine and every reader: the writer (events, status,
-checkpoints, the lock), control requests, the reader (tailing, status, runs) and the reports built on it.
-Imports neither torch nor textual: the TUI and `zopro status` use it as it is."""
+"""The run directory, the one contract between the engine and every reader: its layout and the writer
+(events, status, checkpoints, the lock), the event schema, control requests, and the reader (tailing,
+status, runs) with what every reader derives from it (progress, alerts, shared renderings). Imports neither
+torch nor textual: the TUI and `zopro status` use it as it is. Jobs that start runs are `engine.jobs`."""

@@ -161,6 +161,7 @@ class RunInfo:
     pid: int | None = None
     warnings: list[dict] = field(default_factory=list)  # the last few: {code, message, iteration, step}
     warning_count: int = 0
+    host: str | None = None  # the machine the writer runs on (meta.json)
 
     run_clock: float | None = None  # status.json's `elapsed`: the run's clock at `updated`
     paused_s: float = 0.0  # of the elapsed time, spent paused (finished pauses)
@@ -245,6 +246,7 @@ def run_info(run_dir: Path, now: float | None = None) -> RunInfo:
         warning_count=status.get("warning_count") or len(status.get("warnings") or []),
         run_clock=_typed(status.get("elapsed"), number),
         paused_s=_typed(status.get("paused_s"), number, 0.0),
+        host=_typed(meta.get("host"), str),
     )
 
 

@@ -198,6 +198,18 @@ class RunWriter:
         self._status["pid"] = os.getpid()
         atomic_write_json(self.path / "status.json", self._status)
 
+    def number_events_from(self, seq: int) -> None:
+        """The next event gets `seq` (a resumed run numbers on from its checkpoint's position)."""
+        self.seq = seq
+
+    def write_recipe(self, text: str) -> None:
+        """recipe.toml: the fully resolved recipe, written once when the run starts."""
+        atomic_write_text(self.path / "recipe.toml", text)
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """meta.json: versions, host, device, seed, start time, pid."""
+        atomic_write_json(self.path / "meta.json", meta)
+
     def load_status(self) -> None:
         """Carry the previous status over (on resume)."""
         with contextlib.suppress(OSError, ValueError, RecursionError):
@@ -335,6 +347,12 @@ class FollowerWriter(RunWriter):
 
     def update_status(self, **fields: Any) -> None:
         self._status.update(fields)
+
+    def write_recipe(self, text: str) -> None:
+        pass
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        pass
 
     def load_status(self) -> None:
         pass

@@ -1,6 +1,7 @@
-"""The bookkeeping beside the training loop: the loop position (`RunState`), and `RunBook`, which turns
-what the loop does into the run directory's events, status, warnings and checkpoints, and answers control
-requests and signals between steps. It never trains anything."""
+"""The bookkeeping beside the training loop: `RunBook` opens a new run directory or reopens one from its
+newest readable checkpoint, turns what the loop does into the run directory's events, status, warnings
+and checkpoints (through its `RunWriter`), and answers control requests and signals between steps. It holds
+the run's typed state (`RunState`) and never trains anything."""
 
 from __future__ import annotations
 
@@ -8,49 +9,29 @@ import contextlib
 import json
 import math
 import os
+import platform
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine import __version__
 from engine.errors import StopRun, TrainingFailed
-from engine.recipe import Recipe
-from engine.rundir.wording import ITERATION_STAGES, stage_message
-from engine.rundir.writer import RunWriter, iteration_checkpoint_name
+from engine.recipe import Recipe, dump_recipe
+from engine.rundir.files import RunDirError
+from engine.rundir.wording import ITERATION_STAGES, checkpoint_phrase, stage_message
+from engine.rundir.writer import RunWriter, checkpoint_candidates, iteration_checkpoint_name
 from engine.training.distributed import Distributed
+from engine.training.run_state import STATUS_WARNINGS, RunState
 from engine.training.telemetry import Counters, Stopwatch, memory_metrics, peak_rss_mib, reset_peak
 
-STATUS_WARNINGS = 20  # status.json keeps the last this many warnings
 
-STAGES = ("sft", "reward", "policy", "refine", "eval", "done")  # in order; policy, refine and eval repeat
-
-
-@dataclass
-class RunState:
-    """The loop position and the small per-iteration state; saved as JSON in every checkpoint."""
-
-    stage: str = "sft"
-    iteration: int = 0
-    step: int = 0
-    global_step: int = 0
-    policy_updates: int = 0
-    elapsed: float = 0.0
-    paused_s: float = 0.0  # of `elapsed`, the time spent paused
-    event_seq: int = 0
-    rollouts: list[dict] = field(default_factory=list)  # this iteration's (prompt, response, score)
-    judged_pairs: list[dict] | None = None
-    judge_stats: dict[str, int] = field(default_factory=dict)
-    sft_eval_answers: list[tuple[str, bool]] = field(default_factory=list)  # (answer, finished)
-    history: list[dict] = field(default_factory=list)  # one row per evaluation (sft baseline, iterations)
-    counters: dict = field(default_factory=dict)
-    latest: dict[str, float] = field(default_factory=dict)
-    warnings: list[dict] = field(default_factory=list)  # the last STATUS_WARNINGS warnings
-    warning_count: int = 0
-    world_size: int = 1  # how many ranks trained up to this point
+class CheckpointUnreadable(ValueError):
+    """A checkpoint folder that cannot be loaded (truncated, garbage, or not plain tensors); one phrase."""
 
 
 class RunBook:
@@ -80,6 +61,89 @@ class RunBook:
         self.stage_paused = 0.0  # seconds paused since the stage started
         self.fill_checkpoint: Callable[[Path], None] = lambda folder: None
 
+    # -- opening the run directory -----------------------------------------------------------------------
+    def open_new_run(self, *, base: str, total_steps: int, data_report: Any = None) -> None:
+        """A new run: the resolved recipe, meta.json, the first status and the `run_start` event."""
+        recipe, writer = self.recipe, self.writer
+        meta = run_meta(recipe, self.device, self.dist, base)
+        writer.write_recipe(dump_recipe(recipe))
+        writer.write_meta(meta)
+        writer.update_status(
+            state="running",
+            method=recipe.policy.method,
+            started=meta["started"],
+            iterations=recipe.train.iterations,
+            total_steps=total_steps,
+            name=writer.path.name,
+            elapsed=self.clock.elapsed(),  # the run's one clock, from the start of the process
+            paused_s=0.0,
+        )
+        self.emit(
+            "run_start",
+            recipe=recipe.to_dict(),
+            total_steps=total_steps,
+            world_size=self.dist.world_size,
+            **({"data": data_report.as_dict()} if data_report is not None else {}),
+        )
+
+    def reopen(self, load_checkpoint: Callable[[Path], None]) -> None:
+        """Continue a run from its newest intact checkpoint (`load_checkpoint(folder)` restores the
+        training state, or raises CheckpointUnreadable, and that folder is skipped and named); events are
+        numbered on from the checkpoint's, and a `resume` event tells readers to drop what came after.
+        With checkpoints but none readable, RunDirError and nothing changes."""
+        writer = self.writer
+        candidates = checkpoint_candidates(writer.path)
+        skipped: list[str] = []
+        checkpoint = None
+        for folder in candidates:
+            try:
+                load_checkpoint(folder)
+            except CheckpointUnreadable as error:
+                skipped.append(f"{folder.name} ({error})")
+                continue
+            checkpoint = folder
+            break
+        if candidates and checkpoint is None:
+            raise RunDirError(
+                f"no checkpoint in {writer.checkpoints_dir} can be read ({'; '.join(skipped)}); "
+                "nothing was changed: start a new run"
+            )
+        writer.load_status()
+        writer.number_events_from(self.state.event_seq if checkpoint is not None else 0)
+        writer.update_status(
+            state="running",
+            error=None,
+            pid=os.getpid(),
+            warnings=self.state.warnings,
+            warning_count=self.state.warning_count,
+        )
+        world, before = self.dist.world_size, self.state.world_size
+        changed = checkpoint is not None and world != before
+        self.emit(
+            "resume",
+            rewind_to_seq=writer.seq,
+            checkpoint=checkpoint.name if checkpoint is not None else None,
+            warning_count=self.state.warning_count,
+            world_size=world,
+            **({"skipped": skipped} if skipped else {}),
+            **({"previous_world_size": before} if changed else {}),
+            message=(
+                f"resuming from {checkpoint_phrase(checkpoint.name)}: "
+                + stage_message(self.state.stage, self.state.iteration, self.recipe.train.iterations)
+                + (f", step {self.state.step}" if self.state.step else "")
+                if checkpoint is not None
+                else "no checkpoint yet: starting again from the first SFT step"
+            )
+            + (f"; skipped {', '.join(skipped)}" if skipped else "")
+            + (
+                f"; on {world} rank{'s' if world > 1 else ''} where it ran on {before}: the global batch "
+                "is the same, so updates mean the same, but sampling on other batch shapes is not "
+                "bit-identical"
+                if changed
+                else ""
+            ),
+        )
+
     # -- the loop position -------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
@@ -107,9 +171,9 @@ class RunBook:
         self.state.step += 1
         self.state.global_step += 1
 
-    def end_stage(self, checkpoint: str | None = None) -> None:
-        """The `stage_end` event, then on to the next stage of STAGES (after eval: the next iteration's
-        policy stage, or done), then the checkpoint `checkpoint` if named."""
+    def end_stage(self, then: str, checkpoint: str | None = None) -> None:
+        """The `stage_end` event, then on to stage `then` (the loop names it), then the checkpoint
+        `checkpoint` if named."""
         finished = self.state.stage
         self.emit(
             "stage_end",
@@ -123,11 +187,7 @@ class RunBook:
                 else {}
             ),
         )
-        if finished == "eval":
-            next_stage = "done" if self.state.iteration >= self.recipe.train.iterations else "policy"
-        else:
-            next_stage = STAGES[STAGES.index(finished) + 1]
-        self.state.stage = next_stage
+        self.state.stage = then
         self.state.step = 0
         if checkpoint:
             self.checkpoint(checkpoint)
@@ -250,15 +310,15 @@ class RunBook:
 
     def lr_setting(self, stage: str) -> str:
         """The recipe key and value of the learning rate that drives `stage` (policy-side for the rest)."""
-        r = self.recipe
-        section = stage if stage in ("sft", "reward", "refine") else r.policy.method
+        recipe = self.recipe
+        section = stage if stage in ("sft", "reward", "refine") else recipe.policy.method
         if (
             section == "zopro"
             and self.state.iteration == 0
-            and getattr(r.zopro, "first_iteration", "") == "rloo"
+            and getattr(recipe.zopro, "first_iteration", "") == "rloo"
         ):
             section = "rloo"  # zopro's iteration 0 is a first-order rloo update
-        lr = getattr(getattr(r, section, None), "lr", None)
+        lr = getattr(getattr(recipe, section, None), "lr", None)
         return f"{section}.lr = {lr:g}" if isinstance(lr, float) else f"{section}.lr"
 
     # -- checkpoints, control requests and signals -------------------------------------------------------
@@ -270,7 +330,7 @@ class RunBook:
         if self.dist.is_main:  # the ranks hold the same state: rank 0 writes it, the others wait for it
             with self.writer.checkpoint(name) as folder:
                 self.fill_checkpoint(folder)
-                (folder / "state.json").write_text(json.dumps(asdict(self.state), indent=1))
+                (folder / "state.json").write_text(json.dumps(self.state.plain(), indent=1))
         self.dist.barrier()
         self.emit("checkpoint", name=name)
 
@@ -332,37 +392,47 @@ class RunBook:
         signal.signal(signal.SIGHUP, handler)  # the SSH connection dropped: stop cleanly, like SIGTERM
 
 
+def run_meta(recipe: Recipe, device: torch.device, dist: Distributed, base: str) -> dict[str, Any]:
+    """meta.json: versions, host, device, seed, start time, pid, method, base model, command line."""
+    meta = {
+        "zopro": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "device": str(device),
+        "seed": recipe.seed,
+        "pid": os.getpid(),
+        "started": time.time(),
+        "method": recipe.policy.method,
+        "base": base,
+        "argv": sys.argv,
+    }
+    with contextlib.suppress(ImportError):
+        import peft
+        import transformers  # noqa: E401
+
+        meta.update(transformers=transformers.__version__, peft=peft.__version__)
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    if dist.enabled:
+        meta.update(world_size=dist.world_size, backend=dist.backend)
+    return meta
+
+
 def out_of_memory(recipe: Recipe, stage: str) -> str:
-    r = recipe
     batch = {
-        "sft": f"sft.batch_size = {r.sft.batch_size}",
-        "reward": f"reward.batch_size = {r.reward.batch_size} pairs",
+        "sft": f"sft.batch_size = {recipe.sft.batch_size}",
+        "reward": f"reward.batch_size = {recipe.reward.batch_size} pairs",
         "policy": f"train.prompts_per_update x train.samples_per_prompt = "
-        f"{r.train.prompts_per_update * r.train.samples_per_prompt} sequences of up to "
-        f"{r.model.max_prompt_tokens} + {r.model.max_new_tokens} tokens",
-        "refine": f"refine.batch_size = {r.refine.batch_size} pairs",
-        "eval": f"task.eval_prompts = {r.task.eval_prompts}",
+        f"{recipe.train.prompts_per_update * recipe.train.samples_per_prompt} sequences of up to "
+        f"{recipe.model.max_prompt_tokens} + {recipe.model.max_new_tokens} tokens",
+        "refine": f"refine.batch_size = {recipe.refine.batch_size} pairs",
+        "eval": f"task.eval_prompts = {recipe.task.eval_prompts}",
     }.get(stage, "the batch")
     return (
         f"CUDA ran out of memory in the {stage} stage with {batch}; lower that (or model.max_new_tokens), "
         "or use a smaller model or model.dtype = 'bfloat16', then resume"
     )
-
-
-def run_state(data: Any) -> RunState:
-    """A RunState from checkpoint JSON, or TypeError/ValueError when the JSON is not one."""
-    if not isinstance(data, dict):
-        raise TypeError("not a JSON object")
-    state = RunState(**data)
-    if state.stage not in STAGES:
-        raise ValueError(f"unknown stage {state.stage!r}")
-    for name in ("iteration", "step", "global_step", "policy_updates", "event_seq"):
-        value = getattr(state, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} is not a count: {value!r}")
-    if not isinstance(state.elapsed, (int, float)) or not isinstance(state.counters, dict):
-        raise ValueError("elapsed or counters has the wrong type")
-    return state
 
 
 def _leave_the_terminal() -> None:

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from engine.training.run import Run
 
 
-def win(mine: float, theirs: float, tie: float) -> float:
-    return 1.0 if mine > theirs + tie else 0.0 if mine < theirs - tie else 0.5
+def win(ours: float, theirs: float, tie: float) -> float:
+    return 1.0 if ours > theirs + tie else 0.0 if ours < theirs - tie else 0.5
 
 
 def mean_and_standard_error(values: list[float], per_prompt: int) -> tuple[float, float]:
@@ -38,31 +38,31 @@ def evaluate(run: Run, label: str) -> dict[str, float]:
     """Mean gold score of the policy on held-out prompts and its win rate against the SFT policy, each
     with its standard error over prompts (`eval/<name>_se`). `eval.samples_per_prompt` answers per
     prompt; the same eval generator every time, so iterations differ only by the policy."""
-    r, pm, state, counters, dist = run.recipe, run.pm, run.state, run.counters, run.dist
-    n = r.eval.samples_per_prompt
+    recipe, models, state, counters, dist = run.recipe, run.models, run.state, run.counters, run.dist
+    n = recipe.eval.samples_per_prompt
     everyone = [p for p in run.eval_prompts for _ in range(n)]  # prompt-major: n answers each
-    mine = dist.shard(len(everyone))  # each rank answers its share; the lists are gathered below
-    prompts = everyone[mine]
+    share = dist.shard(len(everyone))  # each rank answers its share; the lists are gathered below
+    prompts = everyone[share]
     kwargs = dict(
-        max_new_tokens=r.model.max_new_tokens,
-        max_prompt_tokens=r.model.max_prompt_tokens,
-        temperature=r.eval.temperature,
+        max_new_tokens=recipe.model.max_new_tokens,
+        max_prompt_tokens=recipe.model.max_prompt_tokens,
+        temperature=recipe.eval.temperature,
         counters=counters,
-        rows=mine if dist.enabled else None,
+        rows=share if dist.enabled else None,
     )
     if not state.sft_eval_answers:
-        with pm.adapter("sft"):
-            sft = sample(pm, everyone, generator=generator(run.seed, "eval"), **kwargs)
+        with models.adapter("sft"):
+            sft = sample(models, everyone, generator=generator(run.seed, "eval"), **kwargs)
         state.sft_eval_answers = dist.gather(
             list(zip(sft.responses, sft.finished.tolist(), strict=True)), "gathering the SFT answers"
         )
-    sft_answers = state.sft_eval_answers[mine]
-    with pm.adapter("policy"):
-        seqs = sample(pm, everyone, generator=generator(run.seed, "eval"), **kwargs)
-        logprobs = token_logprobs(pm, seqs, counters)
-    with pm.adapter("sft"):
-        ref = token_logprobs(pm, seqs, counters)
-    scores = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+    sft_answers = state.sft_eval_answers[share]
+    with models.adapter("policy"):
+        seqs = sample(models, everyone, generator=generator(run.seed, "eval"), **kwargs)
+        logprobs = token_logprobs(models, seqs, counters)
+    with models.adapter("sft"):
+        ref = token_logprobs(models, seqs, counters)
+    scores = reward_scores(models, seqs.input_ids, seqs.attention_mask, counters)
     finished = seqs.finished.tolist()
     per_answer: dict[str, list[float]] = {
         "reward": scores.tolist(),
@@ -75,13 +75,15 @@ def evaluate(run: Run, label: str) -> dict[str, float]:
         sft_gold = [task.gold(p, a, f) for p, (a, f) in zip(prompts, sft_answers, strict=True)]
         per_answer["gold"] = gold
         per_answer["win_rate_vs_sft"] = [win(g, s, 1e-9) for g, s in zip(gold, sft_gold, strict=True)]
-    if run.reward_initial is not None:  # the fixed reward model (never refined): comparable across iterations
-        with reward_weights(pm, run.reward_initial):
-            fixed = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+    if (
+        state.reward_initial is not None
+    ):  # the fixed reward model (never refined): comparable across iterations
+        with reward_weights(models, state.reward_initial):
+            fixed = reward_scores(models, seqs.input_ids, seqs.attention_mask, counters)
             if not task.has_gold:  # no gold: the fixed reward model judges the win rate too
-                theirs = score_texts(pm, counters, r, prompts, [a for a, _ in sft_answers])
+                sft_scores = score_texts(models, counters, recipe, prompts, [a for a, _ in sft_answers])
                 per_answer["win_rate_vs_sft"] = [
-                    win(a, b, 0.0) for a, b in zip(fixed.tolist(), theirs.tolist(), strict=True)
+                    win(a, b, 0.0) for a, b in zip(fixed.tolist(), sft_scores.tolist(), strict=True)
                 ]
         per_answer["reward_initial"] = fixed.tolist()
     responses, score_list = seqs.responses, scores.tolist()
@@ -119,14 +121,14 @@ def evaluate(run: Run, label: str) -> dict[str, float]:
 def watch(run: Run, metrics: dict[str, float]) -> str | None:
     """After a held-out evaluation: the watchdog's warnings, and the reason to stop (or roll back) when
     the held-out KL exceeds policy.max_kl."""
-    w, state, book = run.recipe.watchdog, run.state, run.book
+    limits, state, book = run.recipe.watchdog, run.state, run.book
     earlier = state.history[:-1]  # evaluate() appended this evaluation's row last
     for warning in check_runaway(
         metrics,
         earlier,
-        kl_jump_factor=w.kl_jump_factor,
-        kl_jump_min=w.kl_jump_min,
-        gold_drop=w.gold_drop,
+        kl_jump_factor=limits.kl_jump_factor,
+        kl_jump_min=limits.kl_jump_min,
+        gold_drop=limits.gold_drop,
     ):
         book.warn(warning.code, warning.message, **warning.fields)
     limit, kl = run.recipe.policy.max_kl, metrics.get("eval/kl")

@@ -1,5 +1,5 @@
 """A `.gguf` file as a base model: dequantised once into the model cache as a safetensors folder, read
-from there afterwards (docs/architecture.md, "Bases").
+from there afterwards (docs/real-model.md).
 
 transformers reads GGUF (`from_pretrained(folder, gguf_file=name)`, the `gguf` package) but refuses to
 `save_pretrained` the model it loads ("quantized"), and dequantising takes ~20 s on two cores. So the

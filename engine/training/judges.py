@@ -40,8 +40,10 @@ class RewardJudge:
 
     name = "reward"
 
-    def __init__(self, pm: PreferenceModel, counters: Counters, max_prompt_tokens: int, max_new_tokens: int):
-        self.pm, self.counters = pm, counters
+    def __init__(
+        self, models: PreferenceModel, counters: Counters, max_prompt_tokens: int, max_new_tokens: int
+    ):
+        self.models, self.counters = models, counters
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
 
     @torch.no_grad()
@@ -49,13 +51,13 @@ class RewardJudge:
         scores = []
         for answers in (first, second):
             seqs = encode_responses(
-                self.pm,
+                self.models,
                 prompts,
                 answers,
                 max_prompt_tokens=self.max_prompt_tokens,
                 max_new_tokens=self.max_new_tokens,
             )
-            scores.append(reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters))
+            scores.append(reward_scores(self.models, seqs.input_ids, seqs.attention_mask, self.counters))
         return [
             None if a == b else (0 if a > b else 1)
             for a, b in zip(scores[0].tolist(), scores[1].tolist(), strict=True)

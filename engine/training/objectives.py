@@ -14,7 +14,7 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
 def clipped_surrogate(
     new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """RLOO's loss on sequence log-prob ratios (method.md section 2):
+    """RLOO's loss on sequence log-prob ratios (docs/method.md section 2):
     r = exp(sum new logp - sum old logp); loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))."""
     log_ratio = new_logprobs.sum(-1) - old_logprobs.sum(-1)
     ratio = torch.exp(log_ratio)

@@ -21,7 +21,7 @@ Snapshot = dict[str, torch.Tensor]  # the reward adapter's tensors and the score
 
 
 def bradley_terry_step(
-    pm: PreferenceModel,
+    models: PreferenceModel,
     counters: Counters,
     recipe: Recipe,
     pairs: list[PreferencePair],
@@ -33,7 +33,6 @@ def bradley_terry_step(
     """One step on loss = -log sigmoid(r(p, chosen) - r(p, rejected)) (plus, with `score_targets`, the MSE
     on the pairs' quality scores); returns the loss and the batch accuracy. With several ranks `pairs` is
     this rank's share and the gradients are averaged over every rank's pairs (a rank may have none)."""
-    r = recipe
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if dist is not None and dist.enabled and not pairs:
         dist.sync_gradients(params, 0.0)
@@ -43,18 +42,18 @@ def bradley_terry_step(
     prompts = [p.prompt for p in pairs]
     targets = [p.score for p in pairs] if score_targets else None
     # the reward adapter stays active (and so trainable) through the backward pass
-    with pm.adapter("reward"):
+    with models.adapter("reward"):
         seqs = encode_responses(
-            pm,
+            models,
             prompts + prompts,
             [p.chosen for p in pairs] + [p.rejected for p in pairs],
-            max_prompt_tokens=r.model.max_prompt_tokens,
-            max_new_tokens=r.model.max_new_tokens,
+            max_prompt_tokens=recipe.model.max_prompt_tokens,
+            max_new_tokens=recipe.model.max_new_tokens,
         )
-        scores = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters)
+        scores = reward_scores(models, seqs.input_ids, seqs.attention_mask, counters)
         n = len(prompts)
         loss = bradley_terry_loss(scores[:n], scores[n:])
-        weight = r.reward.score_mse_weight
+        weight = recipe.reward.score_mse_weight
         if weight and targets and any(t is not None for t in targets):
             # data with a quality score (WMT20 MLQE z_mean): also regress r(p, chosen) on it
             keep = [k for k, t in enumerate(targets) if t is not None]
@@ -71,84 +70,83 @@ def bradley_terry_step(
 
 @torch.no_grad()
 def score_texts(
-    pm: PreferenceModel, counters: Counters, recipe: Recipe, prompts: list[str], responses: list[str]
+    models: PreferenceModel, counters: Counters, recipe: Recipe, prompts: list[str], responses: list[str]
 ) -> torch.Tensor:
     """The active reward weights' scores of (prompt, response) pairs, 64 at a time."""
-    r = recipe
     out = []
     for start in range(0, len(prompts), 64):
         seqs = encode_responses(
-            pm,
+            models,
             prompts[start : start + 64],
             responses[start : start + 64],
-            max_prompt_tokens=r.model.max_prompt_tokens,
-            max_new_tokens=r.model.max_new_tokens,
+            max_prompt_tokens=recipe.model.max_prompt_tokens,
+            max_new_tokens=recipe.model.max_new_tokens,
         )
-        out.append(reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters))
+        out.append(reward_scores(models, seqs.input_ids, seqs.attention_mask, counters))
     return torch.cat(out) if out else torch.zeros(0)
 
 
 @torch.no_grad()
 def center_reward(
-    pm: PreferenceModel, counters: Counters, recipe: Recipe, pairs: list[PreferencePair]
+    models: PreferenceModel, counters: Counters, recipe: Recipe, pairs: list[PreferencePair]
 ) -> None:
     """Shift the score head so the reward model's mean score on its training answers is 0: then
-    'least confident' (smallest |score|) means near the decision boundary, as method.md intends."""
+    'least confident' (smallest |score|) means near the decision boundary, as docs/method.md intends."""
     sample_pairs = pairs[:256]
     scores = score_texts(
-        pm,
+        models,
         counters,
         recipe,
         [p.prompt for p in sample_pairs] * 2,
         [p.chosen for p in sample_pairs] + [p.rejected for p in sample_pairs],
     )
     if len(scores):
-        pm.score_head.bias -= scores.mean()
+        models.score_head.bias -= scores.mean()
 
 
 @torch.no_grad()
 def reward_accuracy(
-    pm: PreferenceModel, counters: Counters, recipe: Recipe, pairs: list[PreferencePair]
+    models: PreferenceModel, counters: Counters, recipe: Recipe, pairs: list[PreferencePair]
 ) -> float:
     """How often the reward model scores chosen above rejected."""
     if not pairs:
         return float("nan")
     prompts = [p.prompt for p in pairs]
-    chosen = score_texts(pm, counters, recipe, prompts, [p.chosen for p in pairs])
-    rejected = score_texts(pm, counters, recipe, prompts, [p.rejected for p in pairs])
+    chosen = score_texts(models, counters, recipe, prompts, [p.chosen for p in pairs])
+    rejected = score_texts(models, counters, recipe, prompts, [p.rejected for p in pairs])
     return float((chosen > rejected).float().mean())
 
 
-def _live_reward(pm: PreferenceModel) -> dict[str, torch.nn.Parameter]:
-    live = dict(pm.adapter_parameters("reward"))
-    live.update({f"score_head.{n}": p for n, p in pm.score_head.named_parameters()})
+def _live_reward(models: PreferenceModel) -> dict[str, torch.nn.Parameter]:
+    live = dict(models.adapter_parameters("reward"))
+    live.update({f"score_head.{n}": p for n, p in models.score_head.named_parameters()})
     return live
 
 
-def reward_snapshot(pm: PreferenceModel) -> Snapshot:
+def reward_snapshot(models: PreferenceModel) -> Snapshot:
     """A copy of the reward weights."""
-    return {name: param.detach().clone() for name, param in _live_reward(pm).items()}
+    return {name: param.detach().clone() for name, param in _live_reward(models).items()}
 
 
 @torch.no_grad()
-def load_reward(pm: PreferenceModel, snapshot: Snapshot) -> None:
-    for name, param in _live_reward(pm).items():
+def load_reward(models: PreferenceModel, snapshot: Snapshot) -> None:
+    for name, param in _live_reward(models).items():
         param.copy_(snapshot[name].to(param.device))
 
 
 @contextlib.contextmanager
-def reward_weights(pm: PreferenceModel, snapshot: Snapshot) -> Iterator[None]:
+def reward_weights(models: PreferenceModel, snapshot: Snapshot) -> Iterator[None]:
     """Score with other reward weights (the initial reward model) for a moment, then restore."""
-    current = reward_snapshot(pm)
-    load_reward(pm, snapshot)
+    current = reward_snapshot(models)
+    load_reward(models, snapshot)
     try:
         yield
     finally:
-        load_reward(pm, current)
+        load_reward(models, current)
 
 
 @torch.no_grad()
-def keep_close(pm: PreferenceModel, previous: Snapshot, alpha: float) -> None:
+def keep_close(models: PreferenceModel, previous: Snapshot, alpha: float) -> None:
     """reward <- alpha * previous + (1 - alpha) * refined (the paper's code uses alpha = 0.5)."""
-    for name, param in _live_reward(pm).items():
+    for name, param in _live_reward(models).items():
         param.mul_(1 - alpha).add_(previous[name].to(param.device), alpha=alpha)

@@ -1,5 +1,5 @@
 """The rollout shared by every online method: sample answers, log-probs, reference log-probs, reward
-scores, sequence KL, rlhf reward and RLOO advantages (method.md section 2). Written once, used by all."""
+scores, sequence KL, rlhf reward and RLOO advantages (docs/method.md section 2). Written once, used by all."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from engine.analysis.adapter_keys import adapter_views, pair_adapter_tensors
 from engine.analysis.interplay import InterplayTracker
 from engine.data.chat_task import PromptTooLong, speak_through_chat_template
 from engine.data.preference_data import DataError
@@ -22,7 +21,8 @@ from engine.recipe import Recipe
 from engine.rundir.writer import RunWriter
 from engine.seeds import generator
 from engine.training.adapter_history import AdapterHistory
-from engine.training.bookkeeping import RunBook, RunState, run_state
+from engine.training.adapter_keys import adapter_views, pair_adapter_tensors
+from engine.training.bookkeeping import CheckpointUnreadable, RunBook
 from engine.training.distributed import Distributed
 from engine.training.gguf_base import is_gguf_reference
 from engine.training.judges import GoldJudge, Judge, LLMJudge, RewardJudge
@@ -39,11 +39,10 @@ from engine.training.models import (
     save_adapters,
 )
 from engine.training.rollout import Rollout, collect_rollout, reward_scores, sample
+from engine.training.run_state import RunState, run_state
 from engine.training.telemetry import Counters, Stopwatch
 
-
-class CheckpointUnreadable(ValueError):
-    """A checkpoint folder that cannot be loaded (truncated, garbage, or not plain tensors); one phrase."""
+__all__ = ["CheckpointUnreadable", "Run"]
 
 
 class Run:
@@ -81,7 +80,7 @@ class Run:
                 on_build=notice,
             )
         m = recipe.model
-        self.pm = load_preference_model(
+        self.models = load_preference_model(
             base,
             dtype=m.dtype,
             device=self.device,
@@ -93,25 +92,30 @@ class Run:
         self.data_report = None
         if hasattr(self.task, "bind"):  # a dataset: format prompts for this tokenizer, drop over-long rows
             try:
-                self.data_report = self.task.bind(self.pm.tokenizer, m.max_prompt_tokens + m.max_new_tokens)
+                self.data_report = self.task.bind(
+                    self.models.tokenizer, m.max_prompt_tokens + m.max_new_tokens
+                )
             except DataError as error:
                 raise ModelError(f"data.path = {recipe.data.path!r}: {error}") from None
         self.dist.broadcast_parameters(
-            [p for p in self.pm.model.parameters() if p.requires_grad] + list(self.pm.score_head.parameters())
+            [p for p in self.models.model.parameters() if p.requires_grad]
+            + list(self.models.score_head.parameters())
         )
         try:  # a built-in task meets a real instruct model through its chat template
-            self.task = speak_through_chat_template(self.task, self.pm.tokenizer, m.max_prompt_tokens)
+            self.task = speak_through_chat_template(self.task, self.models.tokenizer, m.max_prompt_tokens)
         except PromptTooLong as error:
             raise ModelError(str(error)) from None
         self.train_prompts = self.task.prompts(recipe.task.train_prompts, "train")
         self.eval_prompts = self.task.prompts(recipe.task.eval_prompts, "eval")
-        self.sft_optimizer = torch.optim.AdamW(self.pm.adapter_parameters("sft").values(), lr=recipe.sft.lr)
+        self.sft_optimizer = torch.optim.AdamW(
+            self.models.adapter_parameters("sft").values(), lr=recipe.sft.lr
+        )
         self.reward_optimizer = self._reward_optimizer(recipe.reward.lr)
         self.refine_optimizer = self._reward_optimizer(recipe.refine.lr)
         self.interplay: InterplayTracker | None = None
         if recipe.interplay.enabled or recipe.policy.method == "zopro":
             try:
-                keys = [key for key, _, _ in pair_adapter_tensors(dict(self.pm.model.named_parameters()))]
+                keys = [key for key, _, _ in pair_adapter_tensors(dict(self.models.model.named_parameters()))]
             except ValueError as error:
                 raise ModelError(
                     f"the policy and reward adapters do not pair up key by key, which zopro and "
@@ -124,7 +128,7 @@ class Run:
         # ZOPrO's mu and v: the adapters at the last two iteration boundaries, in memory
         self.adapter_history = AdapterHistory(keep=2) if recipe.policy.method == "zopro" else None
         self.method_context = MethodContext(
-            pm=self.pm,
+            models=self.models,
             counters=self.counters,
             recipe=recipe,
             current_iteration=lambda: self.state.iteration,
@@ -137,8 +141,6 @@ class Run:
         self.method = make_update(recipe.policy.method, self.method_context)
         policy = recipe.policy
         self.kl_controller = KLController(policy.kl_coef, policy.kl_target, policy.kl_horizon)
-        self.reward_before_refine: dict[str, torch.Tensor] | None = None
-        self.reward_initial: dict[str, torch.Tensor] | None = None
         self.llm_judge: LLMJudge | None = None
         self.book.fill_checkpoint = self.save_training_state
 
@@ -161,7 +163,9 @@ class Run:
                 raise ModelError(f"{key} = {value} is smaller than the {world} ranks; use at least {world}")
 
     def _reward_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        params = list(self.pm.adapter_parameters("reward").values()) + list(self.pm.score_head.parameters())
+        params = list(self.models.adapter_parameters("reward").values()) + list(
+            self.models.score_head.parameters()
+        )
         return torch.optim.AdamW(params, lr=lr)
 
     # -- the bookkeeping's view of the loop position -----------------------------------------------------
@@ -178,20 +182,20 @@ class Run:
         """The refinement's steps when every rollout is unique and judged: the most it takes. It takes fewer
         when rollouts repeat or the judge gives no verdict; the step count then jumps to the plan at the end
         of the refinement, so that `total_steps` is fixed from the start."""
-        r = self.recipe
+        recipe = self.recipe
         kept = math.ceil(
-            r.refine.keep_fraction
-            * r.train.prompts_per_update
-            * r.train.samples_per_prompt
-            * r.train.updates_per_iteration
+            recipe.refine.keep_fraction
+            * recipe.train.prompts_per_update
+            * recipe.train.samples_per_prompt
+            * recipe.train.updates_per_iteration
         )
-        return r.refine.epochs * math.ceil(kept / r.refine.batch_size)
+        return recipe.refine.epochs * math.ceil(kept / recipe.refine.batch_size)
 
     @property
     def total_steps(self) -> int:
-        r = self.recipe
-        iteration = r.train.updates_per_iteration + self.planned_refine_steps
-        return r.sft.steps + r.reward.steps + r.train.iterations * iteration
+        recipe = self.recipe
+        iteration = recipe.train.updates_per_iteration + self.planned_refine_steps
+        return recipe.sft.steps + recipe.reward.steps + recipe.train.iterations * iteration
 
     # -- shared services of the stages and the methods ---------------------------------------------------
     def iteration_prompts(self, iteration: int) -> list[str]:
@@ -205,7 +209,7 @@ class Run:
 
     def adapter_views(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """{key: tensor} of the policy and of the reward adapter, keyed alike (peft's saved names)."""
-        return adapter_views(pair_adapter_tensors(dict(self.pm.model.named_parameters())))
+        return adapter_views(pair_adapter_tensors(dict(self.models.model.named_parameters())))
 
     def remember_adapters(self, iteration: int) -> None:
         """The adapters as the end of `iteration` leaves them (-1: the reward model's), for ZOPrO's history."""
@@ -215,18 +219,18 @@ class Run:
     def rollout(self, prompts: list[str], gen: torch.Generator) -> Rollout:
         """The shared rollout of one update on `prompts` with this run's settings (this rank's share of
         the prompts when there are several; advantages whitened over the whole batch)."""
-        r, dist = self.recipe, self.dist
+        recipe, dist = self.recipe, self.dist
         return collect_rollout(
-            self.pm,
+            self.models,
             prompts,
-            k=r.train.samples_per_prompt,
+            k=recipe.train.samples_per_prompt,
             kl_coef=self.kl_controller.value,
-            missing_eos_penalty=r.policy.missing_eos_penalty,
-            reward_clip=r.policy.reward_clip,
-            whiten_advantages=r.policy.whiten_advantages,
-            max_new_tokens=r.model.max_new_tokens,
-            max_prompt_tokens=r.model.max_prompt_tokens,
-            temperature=r.policy.temperature,
+            missing_eos_penalty=recipe.policy.missing_eos_penalty,
+            reward_clip=recipe.policy.reward_clip,
+            whiten_advantages=recipe.policy.whiten_advantages,
+            max_new_tokens=recipe.model.max_new_tokens,
+            max_prompt_tokens=recipe.model.max_prompt_tokens,
+            temperature=recipe.policy.temperature,
             generator=gen,
             counters=self.counters,
             prompt_rows=dist.shard(len(prompts)) if dist.enabled else None,
@@ -245,18 +249,18 @@ class Run:
         """Mean reward-model score (and gold) of one fresh answer on each of the first `count` held-out
         prompts from the active adapter, on the generator of `where`: a quick probe (the premise check),
         not the evaluation."""
-        r = self.recipe
+        recipe = self.recipe
         prompts = self.eval_prompts[:count]
         seqs = sample(
-            self.pm,
+            self.models,
             prompts,
-            max_new_tokens=r.model.max_new_tokens,
-            max_prompt_tokens=r.model.max_prompt_tokens,
-            temperature=r.eval.temperature,
+            max_new_tokens=recipe.model.max_new_tokens,
+            max_prompt_tokens=recipe.model.max_prompt_tokens,
+            temperature=recipe.eval.temperature,
             generator=generator(self.seed, *where),
             counters=self.counters,
         )
-        scores = reward_scores(self.pm, seqs.input_ids, seqs.attention_mask, self.counters)
+        scores = reward_scores(self.models, seqs.input_ids, seqs.attention_mask, self.counters)
         out = {"reward": float(scores.mean())}
         if self.task.has_gold:
             finished = seqs.finished.tolist()
@@ -273,19 +277,21 @@ class Run:
 
     def judge(self) -> Judge:
         """The recipe's judge (refine.judge); the llm judge is loaded once, on first use."""
-        r = self.recipe
-        if r.refine.judge == "gold":
+        recipe = self.recipe
+        if recipe.refine.judge == "gold":
             return GoldJudge(self.task)
-        if r.refine.judge == "reward":
-            return RewardJudge(self.pm, self.counters, r.model.max_prompt_tokens, r.model.max_new_tokens)
+        if recipe.refine.judge == "reward":
+            return RewardJudge(
+                self.models, self.counters, recipe.model.max_prompt_tokens, recipe.model.max_new_tokens
+            )
         if self.llm_judge is None:
-            judge_model = r.refine.judge_model
+            judge_model = recipe.refine.judge_model
             if is_gguf_reference(judge_model):  # a GGUF judge is read from the model cache too
-                judge_model = resolve_base(judge_model, [], r.seed, r.model.cache_dir)
+                judge_model = resolve_base(judge_model, [], recipe.seed, recipe.model.cache_dir)
             self.llm_judge = LLMJudge(
                 judge_model,
                 device=self.device,
-                dtype=r.refine.judge_dtype,
+                dtype=recipe.refine.judge_dtype,
                 counters=self.counters,
                 user_text=getattr(self.task, "user_text", None),
             )
@@ -293,9 +299,9 @@ class Run:
 
     # -- what a checkpoint holds -------------------------------------------------------------------------
     def save_training_state(self, folder: Path) -> None:
-        """Adapters (loadable with peft) and the optimisers, the method, the controllers and the reward
-        snapshots; RunBook.checkpoint adds state.json (the loop position)."""
-        save_adapters(self.pm, folder)
+        """Adapters (loadable with peft) and the optimisers, the method, the controllers and the run
+        state's reward snapshots; RunBook.checkpoint adds state.json (the rest of the run state)."""
+        save_adapters(self.models, folder)
         torch.save(
             {
                 "sft_optimizer": self.sft_optimizer.state_dict(),
@@ -303,9 +309,9 @@ class Run:
                 "refine_optimizer": self.refine_optimizer.state_dict(),
                 "method": self.method.state_dict(),
                 "kl_controller": self.kl_controller.state_dict(),
-                "reward_before_refine": self.reward_before_refine,
+                "reward_before_refine": self.state.reward_before_refine,
                 "interplay": self.interplay.state_dict() if self.interplay is not None else None,
-                "reward_initial": self.reward_initial,
+                "reward_initial": self.state.reward_initial,
             },
             folder / "trainer_state.pt",
         )
@@ -326,14 +332,14 @@ class Run:
         except Exception as error:  # noqa: BLE001 - truncated zip, a pickle that is not plain data, ...
             raise CheckpointUnreadable(f"trainer_state.pt: {_first_line(error)}") from None
         try:
-            apply_adapters(self.pm, adapters)
+            apply_adapters(self.models, adapters)
             self.sft_optimizer.load_state_dict(trainer["sft_optimizer"])
             self.reward_optimizer.load_state_dict(trainer["reward_optimizer"])
             self.refine_optimizer.load_state_dict(trainer["refine_optimizer"])
             self.method.load_state_dict(trainer["method"])
             self.kl_controller.load_state_dict(trainer.get("kl_controller"))
-            self.reward_before_refine = trainer["reward_before_refine"]
-            self.reward_initial = trainer.get("reward_initial")
+            state.reward_before_refine = trainer["reward_before_refine"]
+            state.reward_initial = trainer.get("reward_initial")
             if self.interplay is not None and trainer.get("interplay") is not None:
                 self.interplay.load_state_dict(trainer["interplay"])
             self.counters.load_state_dict(state.counters)

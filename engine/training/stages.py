@@ -1,6 +1,7 @@
-"""The stages of method.md section 1, one function each, every one resumable at `run.state.step`:
+"""The stages of docs/method.md section 1, one function each, every one resumable at `run.state.step`:
 supervised fine-tuning, the reward model, policy optimisation, judging and refining the reward model,
-and the end of an iteration. Their order is `engine.training.loop`; their bookkeeping is `run.book`."""
+and the metrics at the end of an iteration. Their order is `engine.training.loop`, their bookkeeping
+`run.book`, and what one leaves for the next is in the run's typed state, `run.state` (`RunState`)."""
 
 from __future__ import annotations
 
@@ -30,22 +31,24 @@ if TYPE_CHECKING:
 
 # -- 1. SFT on (prompt, chosen) -------------------------------------------------------------------------
 def supervised_fine_tuning(run: Run) -> None:
-    r, pm, book, state = run.recipe, run.pm, run.book, run.state
-    examples = run.task.sft_examples(r.task.sft_examples)
-    pm.use("sft")
-    params = list(pm.adapter_parameters("sft").values())
-    while state.step < r.sft.steps:
+    recipe, models, book, state = run.recipe, run.models, run.book, run.state
+    examples = run.task.sft_examples(recipe.task.sft_examples)
+    models.use("sft")
+    params = list(models.adapter_parameters("sft").values())
+    while state.step < recipe.sft.steps:
         order = torch.randperm(len(examples), generator=generator(run.seed, "sft", state.step))
-        batch = [examples[i] for i in order[: r.sft.batch_size].tolist()][run.dist.shard(r.sft.batch_size)]
+        batch = [examples[i] for i in order[: recipe.sft.batch_size].tolist()][
+            run.dist.shard(recipe.sft.batch_size)
+        ]
         seqs = encode_responses(
-            pm,
+            models,
             [e.prompt for e in batch],
             [e.response for e in batch],
-            max_prompt_tokens=r.model.max_prompt_tokens,
-            max_new_tokens=r.model.max_new_tokens,
+            max_prompt_tokens=recipe.model.max_prompt_tokens,
+            max_new_tokens=recipe.model.max_new_tokens,
         )
         # next-token cross-entropy on the response tokens, without the batch's full logits
-        logprobs = token_logprobs(pm, seqs, run.counters)
+        logprobs = token_logprobs(models, seqs, run.counters)
         loss = -logprobs.sum() / seqs.response_mask.sum().clamp(min=1)
         loss.backward()
         run.dist.sync_gradients(params, float(seqs.response_mask.sum()))  # the mean over tokens
@@ -54,45 +57,49 @@ def supervised_fine_tuning(run: Run) -> None:
         run.counters.add(backward_passes=1)
         book.check_finite(loss.detach(), "sft", "loss/sft")
         book.advance()
-        if state.step % 10 == 0 or state.step == r.sft.steps:
+        if state.step % 10 == 0 or state.step == recipe.sft.steps:
             book.metrics({"loss/sft": float(loss.detach())})
         book.between_steps()
 
 
 # -- 2. the Bradley-Terry reward model on (prompt, chosen, rejected) -------------------------------------
 def train_reward_model(run: Run) -> None:
-    r, book, state = run.recipe, run.book, run.state
-    pairs = run.task.preference_pairs(r.task.preference_pairs)
-    while state.step < r.reward.steps:
+    recipe, book, state = run.recipe, run.book, run.state
+    pairs = run.task.preference_pairs(recipe.task.preference_pairs)
+    while state.step < recipe.reward.steps:
         order = torch.randperm(len(pairs), generator=generator(run.seed, "reward", state.step))
-        batch = [pairs[i] for i in order[: r.reward.batch_size].tolist()][run.dist.shard(r.reward.batch_size)]
+        batch = [pairs[i] for i in order[: recipe.reward.batch_size].tolist()][
+            run.dist.shard(recipe.reward.batch_size)
+        ]
         loss, accuracy = bradley_terry_step(
-            run.pm, run.counters, r, batch, run.reward_optimizer, score_targets=True, dist=run.dist
+            run.models, run.counters, recipe, batch, run.reward_optimizer, score_targets=True, dist=run.dist
         )
         book.check_finite(loss, "reward", "loss/reward")
         book.advance()
-        if state.step % 10 == 0 or state.step == r.reward.steps:
+        if state.step % 10 == 0 or state.step == recipe.reward.steps:
             book.metrics({"loss/reward": loss, "reward/accuracy": accuracy})
         book.between_steps()
-    center_reward(run.pm, run.counters, r, pairs)
-    held_out = run.task.held_out_pairs(r.reward.eval_pairs)
-    run.reward_initial = reward_snapshot(run.pm)  # the fixed RM: eval/reward_initial, and no-gold win rates
-    book.metrics({"reward/eval_accuracy": reward_accuracy(run.pm, run.counters, r, held_out)})
+    center_reward(run.models, run.counters, recipe, pairs)
+    held_out = run.task.held_out_pairs(recipe.reward.eval_pairs)
+    state.reward_initial = reward_snapshot(
+        run.models
+    )  # the fixed RM: eval/reward_initial, and no-gold win rates
+    book.metrics({"reward/eval_accuracy": reward_accuracy(run.models, run.counters, recipe, held_out)})
 
 
 # -- 3a. policy optimisation: one rollout and one update of the chosen method per step -------------------
 def optimise_policy(run: Run) -> None:
-    r, book, state = run.recipe, run.book, run.state
+    recipe, book, state = run.recipe, run.book, run.state
     i = state.iteration
     chunk = run.iteration_prompts(i)
-    updates = r.train.updates_per_iteration
+    updates = recipe.train.updates_per_iteration
     if run.interplay is not None and not run.interplay.started:
         run.interplay.start(*run.adapter_views())
     while state.step < updates:
         step = state.step
         started = time.monotonic()
         order = torch.randperm(len(chunk), generator=generator(run.seed, "prompts", i, step))
-        prompts = [chunk[j] for j in order[: r.train.prompts_per_update].tolist()]
+        prompts = [chunk[j] for j in order[: recipe.train.prompts_per_update].tolist()]
         rollout = run.rollout(prompts, generator(run.seed, "rollout", i, step))  # this rank's share
         update_started, sent = time.monotonic(), run.dist.sent_bytes()
         with PhasePeak(run.device) as phase:
@@ -123,7 +130,7 @@ def optimise_policy(run: Run) -> None:
         tokens = seqs.response_mask.sum(-1).clamp(min=1)
         entropy = float((-rollout.old_logprobs.sum(-1) / tokens).mean())
         state.policy_updates += 1
-        if run.interplay is not None and r.interplay.every_step:
+        if run.interplay is not None and recipe.interplay.every_step:
             with torch.no_grad():
                 update_metrics.update(run.interplay.observe_policy_step(run.adapter_views()[0]))
         book.advance()
@@ -142,10 +149,14 @@ def optimise_policy(run: Run) -> None:
                 **update_metrics,
             }
         )
-        if state.policy_updates % r.log.samples_every == 0 or step == updates - 1:
-            p_, a_, s_, g_ = (list(column) for column in zip(*answers, strict=True))
-            book.write_samples(run.user_texts(p_), a_, s_, g_ if gold is not None else None)
-        if r.log.checkpoint_every and state.policy_updates % r.log.checkpoint_every == 0:
+        if state.policy_updates % recipe.log.samples_every == 0 or step == updates - 1:
+            answer_prompts, responses, answer_scores, golds = (
+                list(column) for column in zip(*answers, strict=True)
+            )
+            book.write_samples(
+                run.user_texts(answer_prompts), responses, answer_scores, golds if gold is not None else None
+            )
+        if recipe.log.checkpoint_every and state.policy_updates % recipe.log.checkpoint_every == 0:
             book.checkpoint("resume")
         book.between_steps()
 
@@ -155,7 +166,7 @@ def judge_pairs(run: Run) -> None:
     """Keep the least confident fraction of this iteration's unique rollouts (smallest |score|), sample a
     second answer per kept prompt from the updated policy, and let the judge pick the better one (order
     randomised against position bias; unparseable verdicts are dropped and counted)."""
-    r, pm, state = run.recipe, run.pm, run.state
+    recipe, models, state = run.recipe, run.models, run.state
     i = state.iteration
     seen: set[tuple[str, str]] = set()
     unique = []
@@ -165,19 +176,19 @@ def judge_pairs(run: Run) -> None:
             seen.add(key)
             unique.append(row)
     unique.sort(key=lambda row: abs(row["score"]))
-    kept = unique[: max(1, math.ceil(r.refine.keep_fraction * len(unique)))]
+    kept = unique[: max(1, math.ceil(recipe.refine.keep_fraction * len(unique)))]
     prompts = [row["prompt"] for row in kept]
-    dist, mine = run.dist, run.dist.shard(len(prompts))  # each rank answers and judges its share
-    with torch.no_grad(), pm.adapter("policy"):
+    dist, share = run.dist, run.dist.shard(len(prompts))  # each rank answers and judges its share
+    with torch.no_grad(), models.adapter("policy"):
         second = sample(
-            pm,
+            models,
             prompts,
-            max_new_tokens=r.model.max_new_tokens,
-            max_prompt_tokens=r.model.max_prompt_tokens,
-            temperature=r.policy.temperature,
+            max_new_tokens=recipe.model.max_new_tokens,
+            max_prompt_tokens=recipe.model.max_prompt_tokens,
+            temperature=recipe.policy.temperature,
             generator=generator(run.seed, "second", i),
             counters=run.counters,
-            rows=mine if dist.enabled else None,
+            rows=share if dist.enabled else None,
         )
     seconds_answers = dist.gather(second.responses, "gathering the second answers")
     judge = run.judge()
@@ -189,7 +200,7 @@ def judge_pairs(run: Run) -> None:
     ]
 
     def judged(by) -> list:
-        return dist.gather(by.compare(prompts[mine], firsts[mine], seconds[mine]), "gathering verdicts")
+        return dist.gather(by.compare(prompts[share], firsts[share], seconds[share]), "gathering verdicts")
 
     verdicts = judged(judge)
     pairs = [
@@ -214,36 +225,36 @@ def judge_pairs(run: Run) -> None:
             agreement = sum(v == t for v, t in both) / len(both)
             state.judge_stats["agreement_with_gold"] = round(agreement, 4)
             state.judge_stats["agreement_with_gold_pct"] = round(100 * agreement)
-    run.reward_before_refine = reward_snapshot(pm)
+    state.reward_before_refine = reward_snapshot(models)
 
 
 # -- 3e-f. refine the reward model on the judged pairs, then keep it close ---------------------------------
 def refine_reward_model(run: Run) -> None:
-    r, book, state = run.recipe, run.book, run.state
+    recipe, book, state = run.recipe, run.book, run.state
     i = state.iteration
     if state.judged_pairs is None:
         judge_pairs(run)
-        book.emit("judge", **state.judge_stats, judge=r.refine.judge)
+        book.emit("judge", **state.judge_stats, judge=recipe.refine.judge)
         if "agreement_with_gold" in state.judge_stats:  # drawn beside the refinement's loss
             book.metrics({"judge/agreement_with_gold": state.judge_stats["agreement_with_gold"]})
     pairs = [PreferencePair(**pair) for pair in state.judged_pairs]
-    per_epoch = math.ceil(len(pairs) / r.refine.batch_size) if pairs else 0
-    steps = r.refine.epochs * per_epoch
+    per_epoch = math.ceil(len(pairs) / recipe.refine.batch_size) if pairs else 0
+    steps = recipe.refine.epochs * per_epoch
     while state.step < steps:
         epoch, k = divmod(state.step, per_epoch)
         order = torch.randperm(len(pairs), generator=generator(run.seed, "refine", i, epoch)).tolist()
-        batch = [pairs[j] for j in order[k * r.refine.batch_size : (k + 1) * r.refine.batch_size]]
+        batch = [pairs[j] for j in order[k * recipe.refine.batch_size : (k + 1) * recipe.refine.batch_size]]
         batch = batch[run.dist.shard(len(batch))]
         loss, accuracy = bradley_terry_step(
-            run.pm, run.counters, r, batch, run.refine_optimizer, dist=run.dist
+            run.models, run.counters, recipe, batch, run.refine_optimizer, dist=run.dist
         )
         if batch:  # with several ranks a small last batch may leave a rank without pairs
             book.check_finite(loss, "refine", "loss/reward_refine")
         book.advance()
         book.metrics({"loss/reward_refine": loss, "reward/refine_accuracy": accuracy} if batch else {})
         book.between_steps()
-    if r.refine.keep_close and run.reward_before_refine is not None:
-        keep_close(run.pm, run.reward_before_refine, r.refine.keep_close_alpha)
+    if recipe.refine.keep_close and state.reward_before_refine is not None:
+        keep_close(run.models, state.reward_before_refine, recipe.refine.keep_close_alpha)
     state.global_step += max(0, run.planned_refine_steps - steps)  # on to the plan: a fixed total
 
 
@@ -253,16 +264,6 @@ def iteration_metrics(run: Run) -> None:
     """The interplay tracker's and the method's numbers over the iteration just ended."""
     if run.interplay is not None:
         run.book.metrics(run.interplay.end_iteration(*run.adapter_views()))
-    if hasattr(run.method, "end_iteration"):
-        metrics = run.method.end_iteration(run.state.iteration)
-        if metrics:
-            run.book.metrics(metrics)
-
-
-def next_iteration(run: Run) -> None:
-    """Forget this iteration's rollouts, judged pairs and reward snapshot; count on."""
-    run.state.rollouts = []
-    run.state.judged_pairs = None
-    run.state.judge_stats = {}
-    run.reward_before_refine = None
-    run.state.iteration += 1
+    metrics = run.method.end_iteration(run.state.iteration)
+    if metrics:
+        run.book.metrics(metrics)

@@ -17,7 +17,8 @@ from textual.widgets import DataTable, Footer, Static
 
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, status_text
 from zopro_tui.catalogue import COMPARE_CHARTS
-from zopro_tui.reading import SeriesRead, StatusRead, follow_run
+from zopro_tui.messages import SeriesRead, StatusRead
+from zopro_tui.reading import follow_run
 from zopro_tui.view import CURSOR_BINDINGS, CurveView, CurveViewActions
 from zopro_tui.watched import WatchedRun
 from zopro_tui.widgets.chart import LABEL_WIDTH, PALETTE, ChartData, CurveChart

@@ -33,16 +33,9 @@ from zopro_tui.catalogue import (
     ZO_WAITING,
 )
 from zopro_tui.layout import PANELS, panel_order, plan_layout
+from zopro_tui.messages import HardwareRead, LogRead, SamplesRead, SeriesRead, StatusRead
 from zopro_tui.polling import poll
-from zopro_tui.reading import (
-    HardwareRead,
-    LogRead,
-    ProcessSampler,
-    SamplesRead,
-    SeriesRead,
-    StatusRead,
-    follow_run,
-)
+from zopro_tui.reading import ProcessSampler, follow_run
 from zopro_tui.screens.modals import ConfirmModal
 from zopro_tui.view import CURSOR_BINDINGS, CurveView, CurveViewActions
 from zopro_tui.watched import WatchedRun
@@ -231,7 +224,7 @@ class DashboardScreen(CurveViewActions, Screen):
         was_zo = self.run.zeroth_order
         self.run.apply_status(message.info)
         info = message.info
-        self._hardware_target = (info.pid if self.run.live else None, self._host())
+        self._hardware_target = (info.pid if self.run.live else None, info.host)
         if info.status != before:
             self.refresh_bindings()
             self.tell_status_change(before, info.status)
@@ -269,14 +262,6 @@ class DashboardScreen(CurveViewActions, Screen):
         self.run.apply_hardware(message.reading)
         if changed:
             self._dirty.add("hardware")
-
-    def _host(self) -> str | None:
-        import json
-
-        try:
-            return json.loads((self.run.path / "meta.json").read_text()).get("host")
-        except (OSError, ValueError):
-            return None
 
     def first_time(self, key: object) -> bool:
         """Whether `key` was not told yet (and now counts as told)."""

@@ -11,11 +11,10 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from engine.rundir.queue import (
+from engine.jobs.queue import (
     QueueError,
     QueueItem,
     add,
@@ -27,6 +26,7 @@ from engine.rundir.queue import (
 )
 from engine.rundir.report import fmt_duration
 from zopro_tui.launch import RunPlan
+from zopro_tui.messages import QueueRead
 from zopro_tui.polling import poll
 from zopro_tui.screens.modals import ConfirmModal, NewRunModal
 from zopro_tui.widgets.tables import add_columns
@@ -38,12 +38,6 @@ STATE_STYLE = {
     "failed": "red",
     "cancelled": "yellow",
 }
-
-
-class QueueRead(Message):
-    def __init__(self, items: list[QueueItem], worker: bool) -> None:
-        super().__init__()
-        self.items, self.worker = items, worker
 
 
 class QueueScreen(Screen):
@@ -208,7 +202,7 @@ class QueueScreen(Screen):
         item = next((i for i in self.items if i.id == item_id), None)
         if item is None or not Path(item.target).exists():
             return
-        from engine.rundir.sweep import is_sweep_dir
+        from engine.jobs.sweep import is_sweep_dir
 
         target = Path(item.target)
         if is_sweep_dir(target):

@@ -18,8 +18,9 @@ from textual.worker import get_current_worker
 from engine.rundir.columns import fit_columns, middle_ellipsis
 from engine.rundir.reader import RunInfo
 from engine.rundir.report import RUN_COLUMNS, STATUS_STYLE, run_cells
+from zopro_tui.messages import RunsListed
 from zopro_tui.polling import poll
-from zopro_tui.reading import RunsListed, read_runs
+from zopro_tui.reading import read_runs
 from zopro_tui.screens.modals import NewRunModal
 from zopro_tui.widgets.chart import fmt_number
 from zopro_tui.widgets.header import run_position
@@ -143,7 +144,7 @@ class RunsScreen(Screen):
         super().__init__()
         self.root = Path(root)
         self.runs: list[RunInfo] = []
-        self.sweeps: list = []  # engine.rundir.sweep.SweepInfo: a header row, then a row per point that started
+        self.sweeps: list = []  # engine.jobs.sweep.SweepInfo: a header row, then a row per point that started
         self.marked: set[Path] = set()
         self.columns: list[str] = []  # the keys of the columns shown, fitted to the width
         self._widths: dict[str, int] | None = None

@@ -12,13 +12,13 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from engine.jobs.sweep import Sweep, SweepError, load_sweep, point_state
 from engine.rundir.reader import RunInfo
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se
-from engine.rundir.sweep import Sweep, SweepError, load_sweep, point_state
+from zopro_tui.messages import SweepRead
 from zopro_tui.polling import poll
 from zopro_tui.widgets.chart import PALETTE, ChartData, ChartSeries, CurveChart
 from zopro_tui.widgets.tables import add_columns
@@ -30,14 +30,6 @@ SORT_METRICS = (
     ("fixed-RM score", "eval/reward_initial", True),  # the RM score under the never-refined reward model
     ("KL", "eval/kl", False),
 )
-
-
-class SweepRead(Message):
-    """The sweep's points: each one's state and, when it has a run, its derived info."""
-
-    def __init__(self, path: Path, states: dict[str, str], infos: dict[str, RunInfo]) -> None:
-        super().__init__()
-        self.path, self.states, self.infos = path, states, infos
 
 
 def read_points(sweep: Sweep) -> SweepRead:

@@ -1,4 +1,4 @@
-"""Policy update methods: each takes one rollout and changes the policy adapter (method.md sections 2-3)."""
+"""Policy update methods: each takes one rollout and changes the policy adapter (docs/method.md sections 2-3)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ class PolicyUpdate(Protocol):
 
     def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
         """Change the policy adapter in place; return the update's metrics."""
+
+    def end_iteration(self, iteration: int) -> dict[str, float]:
+        """The method's metrics over the iteration just ended (may warn); {} when it has none."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -36,7 +39,7 @@ def make_update(method: str, context: MethodContext) -> PolicyUpdate:
 
         return OnlineDPOUpdate(context)
     if method in ("mezo", "zopro"):
-        from engine.training.methods.mezo_zopro import ZerothOrderUpdate
+        from engine.training.methods.zeroth_order import RunDirections, ZerothOrderUpdate
 
-        return ZerothOrderUpdate(context, method)
+        return ZerothOrderUpdate(context, method, RunDirections.for_run(context, method))
     raise ValueError(f"unknown policy method {method!r}")

@@ -19,7 +19,7 @@ from engine.training.telemetry import Counters
 class MethodContext:
     """The run as a policy-update method sees it."""
 
-    pm: PreferenceModel
+    models: PreferenceModel
     counters: Counters
     recipe: Recipe
     # where the run stands: the current iteration (the loop position, read at each call)

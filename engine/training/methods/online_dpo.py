@@ -1,5 +1,5 @@
 """`online_dpo`: DPO on pairs sampled from the current policy and ranked by the reward model
-(method.md section 2; Guo et al. 2024, "Direct language model alignment from online AI feedback").
+(docs/method.md section 2; Guo et al. 2024, "Direct language model alignment from online AI feedback").
 
 From each prompt's first two answers of the shared rollout, the higher reward-model score is `chosen`,
 the other `rejected` (equal scores: the pair is skipped); with sequence log-probs against the reference
@@ -51,9 +51,9 @@ class OnlineDPOUpdate:
     name = "online_dpo"
 
     def __init__(self, context: MethodContext):
-        self.pm, self.counters, self.dist = context.pm, context.counters, context.dist
+        self.models, self.counters, self.dist = context.models, context.counters, context.dist
         self.config = context.recipe.online_dpo
-        self.params = list(self.pm.adapter_parameters("policy").values())
+        self.params = list(self.models.adapter_parameters("policy").values())
         self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=0.0)
 
     def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
@@ -71,8 +71,8 @@ class OnlineDPOUpdate:
             return {"dpo/pairs": 0.0, "policy/grad_norm": float(grad_norm), "policy/lr": lr}
         rows = torch.cat([chosen, rejected])
         reference = rollout.ref_logprobs[rows].sum(-1)
-        with self.pm.adapter("policy"):  # active (so trainable) through backward and step
-            logprobs = token_logprobs(self.pm, rollout.sequences.select(rows), self.counters).sum(-1)
+        with self.models.adapter("policy"):  # active (so trainable) through backward and step
+            logprobs = token_logprobs(self.models, rollout.sequences.select(rows), self.counters).sum(-1)
             loss, chosen_rewards, rejected_rewards = dpo_loss(
                 logprobs[:pairs], logprobs[pairs:], reference[:pairs], reference[pairs:], self.config.beta
             )
@@ -90,6 +90,9 @@ class OnlineDPOUpdate:
             "policy/grad_norm": float(grad_norm),
             "policy/lr": lr,
         }
+
+    def end_iteration(self, iteration: int) -> dict[str, float]:  # noqa: ARG002
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

@@ -1,4 +1,4 @@
-"""`ppo`: PPO-clip with a value head and GAE at token level, the classic RLHF baseline (method.md section 2).
+"""`ppo`: PPO-clip with a value head and GAE at token level, the classic RLHF baseline (docs/method.md section 2).
 
 One rollout (shared with every other method, never re-sampled) becomes per-token rewards
     r_t = -beta * (logp_old_t - logp_ref_t)   (+ the reward model's score at the last response token),
@@ -78,16 +78,16 @@ def gae(
 
 
 def logprobs_and_values(
-    pm: PreferenceModel, value_head: nn.Linear, seqs: Sequences, counters: Counters
+    models: PreferenceModel, value_head: nn.Linear, seqs: Sequences, counters: Counters
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward with the active adapter: per-token log-probs of the response tokens and the value of
     the state before each of them, both (N, R) and zero on padding. The logits are the lm_head of the same
     last hidden states the value head reads (what the causal LM itself computes)."""
     mask = seqs.attention_mask
-    hidden = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
+    hidden = models.hidden_states(seqs.input_ids, mask, position_ids(mask))
     counters.add(forward_passes=1, tokens=int(mask.sum()))
     hidden = hidden[:, seqs.prompt_width - 1 : -1, :]  # position t predicts response token t
-    logprobs = selective_logprobs(hidden, pm.lm_head, seqs.response_ids, seqs.response_mask)
+    logprobs = selective_logprobs(hidden, models.lm_head, seqs.response_ids, seqs.response_mask)
     values = value_head(hidden.float()).squeeze(-1)
     return logprobs, values * seqs.response_mask
 
@@ -98,15 +98,17 @@ class PPOUpdate:
     name = "ppo"
 
     def __init__(self, context: MethodContext):
-        self.pm, self.counters, self.seed = context.pm, context.counters, context.recipe.seed
+        self.models, self.counters, self.seed = context.models, context.counters, context.recipe.seed
         self.dist = context.dist
         self.config = context.recipe.ppo
         self.clip_range = context.recipe.policy.clip_range
         # V(s_t): a float32 linear read-out of the policy adapter's last hidden state; zero at the start
-        self.value_head = nn.Linear(self.pm.score_head.in_features, 1).to(self.pm.device)
+        self.value_head = nn.Linear(self.models.score_head.in_features, 1).to(self.models.device)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-        self.params = list(self.pm.adapter_parameters("policy").values()) + list(self.value_head.parameters())
+        self.params = list(self.models.adapter_parameters("policy").values()) + list(
+            self.value_head.parameters()
+        )
         self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=0.0)
 
     def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
@@ -118,8 +120,8 @@ class PPOUpdate:
         mask = seqs.response_mask.float()
 
         # advantages and returns from the rollout, with the values of the sampling policy
-        with torch.no_grad(), self.pm.adapter("policy"):
-            _, old_values = logprobs_and_values(self.pm, self.value_head, seqs, self.counters)
+        with torch.no_grad(), self.models.adapter("policy"):
+            _, old_values = logprobs_and_values(self.models, self.value_head, seqs, self.counters)
         rewards = token_rewards(
             rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, mask, rollout.kl_coef
         )  # the rollout's beta: policy.kl_coef, or the adaptive controller's value
@@ -146,9 +148,9 @@ class PPOUpdate:
                     self._step(c)
                     continue
                 m = mask[rows]
-                with self.pm.adapter("policy"):  # active (so trainable) through backward and step
+                with self.models.adapter("policy"):  # active (so trainable) through backward and step
                     logprobs, values = logprobs_and_values(
-                        self.pm, self.value_head, seqs.select(rows), self.counters
+                        self.models, self.value_head, seqs.select(rows), self.counters
                     )
                     # clipped surrogate on token ratios
                     log_ratio = logprobs - rollout.old_logprobs[rows]
@@ -202,6 +204,9 @@ class PPOUpdate:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def end_iteration(self, iteration: int) -> dict[str, float]:  # noqa: ARG002
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict()}

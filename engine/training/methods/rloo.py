@@ -22,7 +22,7 @@ class RLOOUpdate:
     ):
         """`on_gradient({name: raw gradient})` is called after each backward, before the clip (the
         zeroth-order methods keep these snapshots for their subspace sampler)."""
-        self.pm, self.counters, self.dist = context.pm, context.counters, context.dist
+        self.pm, self.counters, self.dist = context.models, context.counters, context.dist
         self.on_gradient = on_gradient
         self.clip_range = context.recipe.policy.clip_range
         config = context.recipe.rloo
@@ -53,6 +53,9 @@ class RLOOUpdate:
             "policy/lr": self.lr,
             **stats,
         }
+
+    def end_iteration(self, iteration: int) -> dict[str, float]:  # noqa: ARG002
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

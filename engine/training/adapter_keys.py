@@ -1,5 +1,6 @@
-"""Pairing the policy and reward adapters key by key (peft's saved names, without the adapter name), and
-the layer each key belongs to: what ZOPrO and the interplay metrics need of adapter names."""
+"""Pairing the policy and reward adapters key by key (peft's saved names, without the adapter name): what
+ZOPrO, the interplay metrics and the offline interplay report need of adapter names. The layer a key
+belongs to is `engine.analysis.layers`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import re
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor
-
-# -- pairing the two adapters ------------------------------------------------------------------------------
 
 
 def neutral_key(name: str, adapter: str) -> str | None:
@@ -78,25 +77,3 @@ def pair_adapter_tensors(
 def adapter_views(pairs: Sequence[tuple[str, Tensor, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Split pairs into the {key: policy tensor} and {key: reward tensor} dicts the tracker reads."""
     return {key: policy for key, policy, _ in pairs}, {key: reward for key, _, reward in pairs}
-
-
-_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-
-def layer_of(key: str) -> str:
-    """The layer a tensor belongs to: "layer.<i>" for a transformer block, "lm_head", "embed" or "other"."""
-    if match := _LAYER_INDEX.search(f".{key}"):
-        return f"layer.{int(match.group(1))}"
-    segments = key.split(".")
-    if "lm_head" in segments or "embed_out" in segments:
-        return "lm_head"
-    if any("embed" in segment or segment in ("wte", "wpe") for segment in segments):
-        return "embed"
-    return "other"
-
-
-def layer_sort_key(layer: str) -> tuple[int, int]:
-    """Order layers as in the network: embed, layer.0, layer.1, ..., lm_head, other."""
-    if layer.startswith("layer."):
-        return (1, int(layer.split(".", 1)[1]))
-    return ({"embed": 0, "lm_head": 2}.get(layer, 3), 0)

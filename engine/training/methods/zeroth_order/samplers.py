@@ -9,8 +9,8 @@ where z lives and how long it is:
 | `isotropic` | N(0, I) on every tensor (|z| ~ sqrt(D))                        | MeZO, Malladi et al. 2023,          |
 |             |                                                                | arXiv 2305.17333                    |
 | `zopro`     | d mu_k + sqrt(1 - d^2) n_perp, n ~ N(0, I) made orthogonal to  | ZOPrO, Galatolo et al. 2025,        |
-|             | v_k and rescaled to |mu_k| (as published) or to a fixed        | arXiv 2503.03460 (method.md s. 3)   |
-|             | reference norm (`zopro.z_norm = "reference"`)                  |                                     |
+|             | v_k and rescaled to |mu_k| (as published) or to a fixed        | arXiv 2503.03460                    |
+|             | reference norm (`zopro.z_norm = "reference"`)                  | (docs/method.md section 3)          |
 | `subspace`  | R Q c / |c|, c ~ N(0, I_r), Q an orthonormal basis of the raw  | gradient-subspace ZO: P-GAP,        |
 |             | policy gradients of a first-order iteration, R fixed           | arXiv 2510.18228; LOZO's low-rank   |
 |             |                                                                | idea, arXiv 2410.07698; issue 10    |
@@ -121,7 +121,7 @@ def fill_zero_norms(norms: Mapping[str, float], numels: Mapping[str, int]) -> di
 
 
 class ZoproSampler(TensorwiseSampler):
-    """ZOPrO's informed directions (method.md section 3). Per tensor k:
+    """ZOPrO's informed directions (docs/method.md section 3). Per tensor k:
 
         n ~ N(0, I)
         n_perp = n - <v_hat_k, n> v_hat_k               (skipped when |v_k| = 0)

@@ -1,6 +1,6 @@
 """Zeroth-order (SPSA) updates of float32 parameters with seed-replayed directions: MeZO and ZOPrO.
 
-This module is method.md section 3 and nothing else. One update with q directions
+This module is docs/method.md section 3 and nothing else. One update with q directions
 (z_i regenerated from `direction_seed(run_seed, update_index, i)`, never stored):
 
     for i in 0 .. q-1:
@@ -10,7 +10,7 @@ This module is method.md section 3 and nothing else. One update with q direction
         g_i = (L+ - L-) / (2 eps)                        (averaged across ranks by `reduce_g`)
     theta <- theta - lr * ((1/q) sum_i g_i z_i + wd * theta)    (no wd on "bias" / "norm" tensors)
 
-Directions come from a sampler of `engine.training.zo_samplers` (isotropic MeZO, the paper's ZOPrO, the gradient
+Directions come from a sampler of `samplers.py` (isotropic MeZO, the paper's ZOPrO, the gradient
 subspace, block coordinate). With a `RunningRMS` each g_i is divided by the running RMS of g before the
 clip and the step, so `lr` reads as the fraction of |z| moved per update whatever the loss scale.
 
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from engine.seeds import seeded
-from engine.training.zo_samplers import DirectionSampler
+from engine.training.methods.zeroth_order.samplers import DirectionSampler
 
 DECAY_SCHEDULES = ("exp", "linear")
 

@@ -23,12 +23,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.jobs.command import engine_command, run_command
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.files import spawn_detached
 
@@ -116,7 +116,7 @@ def find(root: Path, item_id: str) -> QueueItem:
 
 def add(root: Path, recipe: Path, overrides: list[str], grid: list[str]) -> QueueItem:
     """Validate (a sweep: every point), then queue; QueueError (one sentence) and nothing written otherwise."""
-    from engine.rundir.sweep import SweepError, grid_points, parse_grid, validate_points
+    from engine.jobs.sweep import SweepError, grid_points, parse_grid, validate_points
 
     recipe = Path(recipe)
     try:
@@ -250,30 +250,26 @@ def start_worker(root: Path) -> int | None:
     if worker_running(root):
         return None
     folder = queue_dir(root)
-    source_root = str(Path(__file__).resolve().parent.parent)
+    source_root = str(Path(__file__).resolve().parents[2])  # the folder that holds `engine`
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
-    command = [sys.executable, "-P", "-m", "engine.cli", "queue", "work", "--root", str(Path(root).resolve())]
+    command = engine_command(["queue", "work", "--root", str(Path(root).resolve())])
     return spawn_detached(command, folder / "worker.log", env).pid
 
 
 def item_command(item: QueueItem) -> list[str]:
-    base = [sys.executable, "-P", "-m", "engine.cli"]
-    if item.kind == "sweep":
-        target = Path(item.target)
-        if (target / "sweep.json").exists():
-            return [*base, "sweep", "--resume", str(target), "--quiet"]
-        command = [*base, "sweep", item.recipe, "--sweep-dir", str(target), "--quiet"]
-        for entry in item.grid:
-            command += ["--grid", entry]
-    else:
-        target = Path(item.target)
-        if (target / "recipe.toml").exists():  # a worker that died mid-run: continue it
-            return [*base, "run", "--resume", str(target), "--quiet"]
-        command = [*base, "run", item.recipe, "--run-dir", str(target), "--quiet"]
+    target = Path(item.target)
+    if item.kind != "sweep":  # a worker that died mid-run left recipe.toml: continue that run
+        resume = (target / "recipe.toml").exists()
+        return run_command(item.recipe, run_dir=target, resume=resume, overrides=item.overrides)
+    if (target / "sweep.json").exists():
+        return engine_command(["sweep", "--resume", str(target), "--quiet"])
+    args = ["sweep", item.recipe, "--sweep-dir", str(target), "--quiet"]
+    for entry in item.grid:
+        args += ["--grid", entry]
     for override in item.overrides:
-        command += ["--set", override]
-    return command
+        args += ["--set", override]
+    return engine_command(args)
 
 
 def next_item(root: Path) -> QueueItem | None:
@@ -326,7 +322,7 @@ def _run_item(root: Path, item: QueueItem, log) -> None:
     command = item_command(item)
     log(f"[{time.strftime('%H:%M:%S')}] {item.id} {item.kind}: {' '.join(command[3:])}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    source_root = str(Path(__file__).resolve().parent.parent)
+    source_root = str(Path(__file__).resolve().parents[2])  # the folder that holds `engine`
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
     if find(root, item.id).state == "cancelled":  # cancelled while it was being picked
         return

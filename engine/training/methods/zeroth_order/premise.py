@@ -2,7 +2,7 @@
 
 ZOPrO starts every probe along mu (the policy's change over the previous iteration), on the assumption
 that the loss surface keeps its direction from one iteration to the next. On the built-in task it does not
-(method.md section 6): one more mu lowers held-out gold. At the start of each zeroth-order iteration this
+(docs/method.md section 6): one more mu lowers held-out gold. At the start of each zeroth-order iteration this
 module measures, on a fixed set of prompts with common random numbers:
 - the reward model's mean score and the gold score (when the task has one) at theta - a mu, theta and
   theta + a mu (`premise/reward_minus|0|plus`, `premise/gold_minus|0|plus`, and `premise/gold_gain` =
@@ -18,9 +18,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from engine.training.methods.context import MethodContext
+
+
+class PremiseCheck:
+    """The check at the start of a zeroth-order iteration: score and gold along +-mu (`premise_prompts`
+    held-out prompts, `premise_step` mu), and with `premise_gradient_batches` > 0 cos(descent, mu) and the
+    subspace's capture of the mean gradient over that many fresh rollouts."""
+
+    def __init__(
+        self,
+        context: MethodContext,
+        config: Any,
+        params: Mapping[str, Tensor],
+        surrogate: Callable[[Any], Tensor],
+    ):
+        self.context, self.config, self.params, self.surrogate = context, config, params, surrogate
+
+    def measure(self, iteration: int, mu: Mapping[str, Tensor], basis: Tensor | None) -> dict[str, float]:
+        config, context = self.config, self.context
+        model = context.models
+        with model.adapter("policy"):
+            metrics = along_mu(
+                self.params,
+                mu,
+                config.premise_step,
+                lambda: context.score_policy("premise", iteration, count=config.premise_prompts),
+            )
+        if config.premise_gradient_batches:
+            losses = [
+                (lambda b=b: self.surrogate(context.fresh_rollout(("premise", iteration, b))))
+                for b in range(config.premise_gradient_batches)
+            ]
+            model.use("policy")
+            gradient = context.dist.mean_tensors(mean_gradient(self.params, losses))
+            context.counters.add(backward_passes=len(losses))
+            metrics.update(gradient_alignment(gradient, mu, basis))
+        return finite(metrics)
 
 
 @torch.no_grad()
