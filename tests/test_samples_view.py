@@ -49,7 +49,7 @@ def test_no_samples_says_when_they_come():
 
 
 def test_the_tui_samples_table_keeps_a_multi_line_answer_on_one_readable_line():
-    from zopro_tui.widgets.samples import printable
+    from zopro_tui.widgets.text import printable
 
     answer = "The hotel was lovely.\n\n- clean rooms\n- kind staff\x1b[31m\tand   a café ☕"
     shown = printable(answer)

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from engine.rundir.answers import evaluation_answers, side_by_side
 from engine.rundir.report import fmt_value
-from zopro_tui.widgets.samples import printable
+from zopro_tui.widgets.text import printable
 
 
 class AnswersScreen(Screen[None]):
