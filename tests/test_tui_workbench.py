@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from engine.rundir.writer import RunWriter
-from tests.test_tui import chart_titled, dashboard, wait_for
+from tests.test_tui import dashboard, wait_for
+from tests.test_tui_zeroth_order import chart_titled
 from zopro_tui.app import ZoproApp
 from zopro_tui.screens.dashboard import DashboardScreen
 from zopro_tui.widgets.panel import ChartGridPanel
