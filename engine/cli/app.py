@@ -370,7 +370,10 @@ def queue_add(
         item = add(root, recipe, set_ or [], grid or [])
     except QueueError as error:
         fail(str(error))
-    pid = start_worker(root)
+    try:
+        pid = start_worker(root)
+    except OSError as error:
+        fail(f"queued {item.id}, but the worker cannot start: {error.filename}: {error.strerror}")
     console.print(
         f"queued {item.id}: {escape(item.label)} -> {escape(item.target)}"
         + (f"  (worker started, pid {pid})" if pid else "  (the worker runs it in turn)"),
@@ -388,7 +391,10 @@ def queue_ls(
 
     from engine.rundir.queue import load_items, worker_running
 
-    items = load_items(root)
+    damaged: list[str] = []
+    items = load_items(root, damaged)
+    for problem in damaged:
+        err.print(f"warning: skipped a damaged queue entry {escape(problem)}", soft_wrap=True)
     if as_json:
         print(json.dumps({"worker": worker_running(root), "items": [i.to_json() for i in items]}, indent=1))
         return
@@ -435,11 +441,14 @@ def queue_move(
 
 
 @queue_app.command("work", hidden=True)
-def queue_work(root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs")) -> None:
-    """Run the queue until nothing is pending (started by `queue add`)."""
+def queue_work(
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    lock_fd: Annotated[int | None, typer.Option("--lock-fd", hidden=True)] = None,
+) -> None:
+    """Run the queue until nothing is pending (started by `queue add`, which hands it the worker lock)."""
     from engine.rundir.queue import work
 
-    raise typer.Exit(work(root, log=lambda text: print(text, flush=True)))
+    raise typer.Exit(work(root, log=lambda text: print(text, flush=True), lock_fd=lock_fd))
 
 
 from engine.cli.bench_app import bench_app  # noqa: E402 - registered after the commands above
