@@ -31,6 +31,7 @@ from typing import Any
 
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.files import atomic_write_text, spawn_detached
+from engine.rundir.reader import process_start
 from engine.rundir.safe_io import atomic_write_bytes, is_link, open_in_place, read_plain, real_folder
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
@@ -279,16 +280,6 @@ def cancel(root: Path, item_id: str) -> QueueItem:
     else:
         raise QueueError(f"entry {item.id} is already {item.state}; nothing to cancel")
     return item
-
-
-def process_start(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot, from /proc), or None where that cannot be read."""
-    try:
-        with open(f"/proc/{int(pid)}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def same_process(item: QueueItem) -> bool:

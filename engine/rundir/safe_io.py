@@ -125,11 +125,21 @@ def remove_entry(path: Path) -> None:
             os.unlink(path)
 
 
-def read_plain(path: Path, limit: int | None = None) -> bytes:
-    """A plain file's bytes (at most `limit`): FileNotFoundError when missing, OSError when it is a FIFO,
+def open_plain(path: Path):
+    """A plain file opened for reading (binary): FileNotFoundError when missing, OSError when it is a FIFO,
     a device or a folder (opened without blocking: never a hang)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
+    try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a plain file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_plain(path: Path, limit: int | None = None) -> bytes:
+    """A plain file's bytes (at most `limit`); see `open_plain`."""
+    with open_plain(path) as handle:
         return handle.read() if limit is None else handle.read(limit)

@@ -119,6 +119,22 @@ def start(run: Run) -> None:
     train(run)
 
 
+def _fit_iterations(run: Run, checkpoint) -> None:
+    """train.iterations in recipe.toml lowered below where the checkpoint is: exactly at an iteration's
+    start, the run is done there (it finishes, training nothing); inside or past it, RunDirError."""
+    state, iterations = run.state, run.recipe.train.iterations
+    if checkpoint is None or state.stage == "done" or state.iteration < iterations:
+        return
+    if state.iteration == iterations and state.stage == "policy" and state.step == 0:
+        state.stage = "done"
+        return
+    raise RunDirError(
+        f"{run.book.writer.path / 'recipe.toml'} sets train.iterations = {iterations}, but checkpoint "
+        f"{checkpoint.name} is already in iteration {state.iteration + 1}; set train.iterations to "
+        f"{state.iteration + 1} or more to continue (nothing was changed)"
+    )
+
+
 def resume(run: Run) -> None:
     """Continue from the newest intact checkpoint: same data order, same sampling, same directions.
     One that cannot be read is skipped (and named); with none left, RunDirError and nothing changes."""
@@ -139,6 +155,7 @@ def resume(run: Run) -> None:
             f"no checkpoint in {book.writer.checkpoints_dir} can be read ({'; '.join(skipped)}); "
             "nothing was changed: start a new run"
         )
+    _fit_iterations(run, checkpoint)
     book.writer.load_status()
     book.writer.seq = run.state.event_seq if checkpoint is not None else 0
     book.writer.update_status(

@@ -301,7 +301,10 @@ class Run:
                 self.interplay.load_state_dict(trainer["interplay"])
             self.counters.load_state_dict(state.counters)
         except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
-            raise CheckpointUnreadable(f"does not fit this run ({_first_line(error)})") from None
+            raise CheckpointUnreadable(
+                f"does not fit this run's model and adapters ({_first_line(error)}); were model settings "
+                "changed in recipe.toml?"
+            ) from None
         self.book.state = state
         self.book.clock = Stopwatch(state.elapsed)
         if self.adapter_history is not None:  # the one place the history is read from files
@@ -330,5 +333,12 @@ class Run:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
+    """The gist of an error in one line: its first line, and the next one when the first only announces
+    a list (torch's "Error(s) in loading state_dict for PeftModel:")."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return text[:300]
