@@ -177,12 +177,6 @@ def run_training(
         else:
             assert recipe_path is not None
             recipe = load_recipe(recipe_path, overrides)
-            for flag, folder in (("--run-dir", run_dir), ("--root", None if run_dir else root)):
-                blocker = _file_in_the_way(folder)
-                if blocker is not None:
-                    return bad(
-                        f"{flag} {folder}: {blocker} is a file, not a folder; choose another directory"
-                    )
             problem = (
                 run_dir_problem(run_dir)
                 if run_dir is not None
@@ -192,6 +186,12 @@ def run_training(
             )
             if problem is not None:
                 return bad(problem)
+            for flag, folder in (("--run-dir", run_dir), ("--root", None if run_dir else root)):
+                blocker = _file_in_the_way(folder)
+                if blocker is not None:
+                    return bad(
+                        f"{flag} {folder}: {blocker} is a file, not a folder; choose another directory"
+                    )
     except RecipeError as error:
         return bad(str(error))
     dist = None

@@ -81,6 +81,16 @@ def build_builtin(
     target = cache_dir / "builtin" / f"{size}-seed{seed}-{digest}-v{BUILTIN_VERSION}"
     if (target / "config.json").exists():
         return target
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    try:  # before the minutes of building: the cache must take it
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as error:
+        raise ModelError(
+            f"the model cache {cache_dir} cannot be written ({error.strerror or error}); set ZOPRO_CACHE "
+            "(or model.cache_dir) to a folder you can write"
+        ) from None
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -119,10 +129,7 @@ def build_builtin(
         pretrain(
             model, tokenizer, [line[:TOKENIZER_TEXT_CHARS] for line in text], seed=seed, steps=PRETRAIN_STEPS
         )
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "zopro-builtin.json").write_text(
