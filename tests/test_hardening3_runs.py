@@ -43,12 +43,13 @@ def own_data(folder: Path, extra: bytes = b"") -> Path:
 @pytest.mark.slow
 def test_9_a_huge_cell_does_not_stall_building_the_builtin_model(tmp_path):
     script = (
-        "import sys; from pathlib import Path; from engine.training.models import build_builtin; "
-        f"build_builtin('nano', {CORPUS!r} + ['word ' * 2_000_000], 0, Path(sys.argv[1]))"
+        "import random, sys; from pathlib import Path; from engine.training.models import build_builtin; "
+        "cell = ''.join(random.Random(0).choices('abcdefghijklmnopqrstuvwxyz', k=10_000_000)); "
+        f"build_builtin('nano', {CORPUS!r} + [cell], 0, Path(sys.argv[1]))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], env=env, timeout=150, capture_output=True
+        [sys.executable, "-c", script, str(tmp_path)], env=env, timeout=180, capture_output=True
     )
     assert done.returncode == 0, done.stderr
 

@@ -319,6 +319,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{source}: no such recipe file")
     if path.is_dir():
         raise RecipeError(f"{source} is a folder; a recipe is a .toml file")
+    if not path.is_file():  # a FIFO or a device would hang the read
+        raise RecipeError(f"{source} is not a plain file; a recipe is a .toml file")
     try:
         raw = tomllib.loads(
             path.read_text(encoding="utf-8-sig")

@@ -31,7 +31,7 @@ from typing import Any
 
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.files import atomic_write_text, spawn_detached
-from engine.rundir.reader import process_start
+from engine.rundir.reader import process_start, run_info
 from engine.rundir.safe_io import atomic_write_bytes, is_link, open_in_place, read_plain, real_folder
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
@@ -450,6 +450,11 @@ def _run_item(root: Path, item: QueueItem, log) -> None:
     source_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
     if _current(root, item).state == "cancelled":  # cancelled while it was being picked
+        return
+    if item.kind == "run" and run_info(Path(item.target)).status == "finished":  # it ran on when its
+        item.state, item.exit_code, item.ended = "finished", 0, item.ended or time.time()  # worker died
+        save(root, item)
+        log(f"[{time.strftime('%H:%M:%S')}] {item.id} had finished")
         return
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
     item.state, item.pid, item.started = "running", process.pid, item.started or time.time()

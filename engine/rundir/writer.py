@@ -31,7 +31,14 @@ from typing import Any
 from engine.rundir.controls import CONTROL_REQUESTS
 from engine.rundir.events import stamp as stamp_schema
 from engine.rundir.files import RunDirError, atomic_write_json, atomic_write_text, clean_metrics, json_default
-from engine.rundir.safe_io import is_link, open_in_place, open_text_in_place, real_folder, remove_entry
+from engine.rundir.safe_io import (
+    is_link,
+    open_in_place,
+    open_text_in_place,
+    read_plain,
+    real_folder,
+    remove_entry,
+)
 
 HEARTBEAT_SECONDS = 2.0
 PRIVATE_BITS = (
@@ -294,8 +301,10 @@ class RunWriter:
             path = self.control_dir / name
             with contextlib.suppress(FileNotFoundError):
                 info = os.lstat(path)
-                remove_entry(path)
-                if stat.S_ISREG(info.st_mode):  # a link or a folder is no request: removed, not obeyed
+                if stat.S_ISDIR(info.st_mode):
+                    continue  # not a request, and not the run's to remove
+                os.unlink(path)  # a link goes (never its target) and is not obeyed
+                if stat.S_ISREG(info.st_mode):
                     found.append((info.st_mtime, name))
         return [name for _, name in sorted(found)]
 
@@ -418,7 +427,7 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
 
     def position(path: Path) -> tuple[int, int, float]:
         try:
-            seq = json.loads((path / "state.json").read_text()).get("event_seq")
+            seq = json.loads(read_plain(path / "state.json", 1 << 24)).get("event_seq")
         except (OSError, ValueError, AttributeError, RecursionError):
             seq = None
         mtime = (path / "state.json").stat().st_mtime
@@ -426,7 +435,7 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
 
     complete.sort(key=position, reverse=True)
     try:
-        named = folder / (folder / "latest").read_text().strip()
+        named = folder / read_plain(folder / "latest", 4096).decode().strip()
     except (OSError, ValueError):
         named = None
     if named in complete:

@@ -276,6 +276,9 @@ class Run:
     def load_checkpoint(self, folder: Path) -> None:
         """Restore a checkpoint; CheckpointUnreadable (nothing applied) when a file is truncated or garbage.
         trainer_state.pt is read with weights_only: tensors and plain values, never code."""
+        for part in ("state.json", "trainer_state.pt", "score_head.safetensors", *CHECKPOINT_ADAPTERS):
+            if (folder / part).exists() and not (folder / part).is_file():  # a FIFO would hang the read
+                raise CheckpointUnreadable(f"{part} is not a plain file")
         try:
             state = run_state(json.loads((folder / "state.json").read_text()))
         except (OSError, ValueError, TypeError, RecursionError) as error:
@@ -330,6 +333,11 @@ class Run:
         self.state.stage, self.state.step = "done", 0
         book.emit("rollback", checkpoint=folder.name, reason=reason)
         book.writer.update_status(rolled_back_to=folder.name, stopped_by=reason)
+
+
+CHECKPOINT_ADAPTERS = tuple(
+    f"adapters/{name}/adapter_model.safetensors" for name in ("sft", "policy", "reward")
+)
 
 
 def _first_line(error: BaseException) -> str:
