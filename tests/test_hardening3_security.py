@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ from engine.rundir import queue
 from engine.rundir.files import RunDirError, atomic_write_text
 from engine.rundir.sweep import create_sweep
 from engine.rundir.writer import RunWriter, default_run_dir
-from tests.conftest import FAST_RECIPE, zopro
+from tests.conftest import FAST_RECIPE, zopro, zopro_popen
+from tests.runs import wait_for
 
 
 def make_victim(folder: Path) -> Path:
@@ -171,18 +171,31 @@ def test_4_default_names_started_in_the_same_second_differ(tmp_path):
     assert len(set(chosen)) == 8 and all(path.is_dir() for path in chosen)
 
 
+def loading_torch(pid: int) -> bool:
+    """The process has started loading torch: `zopro run` does that only after it checked its folder."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
-def test_4_two_runs_into_one_folder_at_once_one_is_refused(tmp_path, fast_recipe):
+def test_4_a_run_still_loading_its_model_holds_its_folder(tmp_path, fast_recipe):
+    """B is held (SIGSTOP) while it loads the model; A, started meanwhile into the same folder, must be
+    refused at once instead of training there and having B write over it afterwards."""
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "engine.cli", "run", str(fast_recipe), "--run-dir", str(run), "-q"]
-    first, second = (subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2))
-    codes = sorted((first.wait(timeout=600), second.wait(timeout=600)))
-    errors = first.stderr.read() + second.stderr.read()
-    assert codes == [0, 2], errors
-    assert "already being written" in errors or "already holds files" in errors
-    starts = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    assert [e["seq"] for e in starts if e["type"] == "run_start"] == [0]
+    loading = zopro_popen("run", str(fast_recipe), "--run-dir", str(run), "-q")
+    wait_for(lambda: loading_torch(loading.pid) or loading.poll() is not None, every=0.01)
+    loading.send_signal(signal.SIGSTOP)
+    try:
+        second = zopro("run", str(fast_recipe), "--run-dir", str(run), "-q")
+    finally:
+        loading.send_signal(signal.SIGCONT)
+    _, stderr = loading.communicate(timeout=600)
+    assert second.returncode == 2 and "already being written" in second.stderr, second.stdout + second.stderr
+    assert loading.returncode == 0, stderr
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["seq"] for e in events if e["type"] == "run_start"] == [0]
 
 
 # -- 5. concurrent `queue add`: every entry kept, one worker ---------------------------------------------------
