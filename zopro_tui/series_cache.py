@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,18 +134,19 @@ def load(events_path: Path, wanted: Callable[[str], bool]) -> CachedHistory | No
             if {name for name in meta["seen"] if wanted(name)} != set(meta["wanted"]):
                 return None  # another choice of metrics than the one cached
             store = _restore(data, meta)
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
-        return None  # missing, corrupt, half written or foreign: rebuilt from the log
+            history = CachedHistory(
+                store,
+                offset,
+                int(meta["bad_lines"]),
+                set(meta["seen"]),
+                set(meta["wanted"]),
+                float(meta["last_compute"]),
+            )
+    except Exception:  # noqa: BLE001 - missing, corrupt, half written, foreign or of other types: rebuilt
+        return None
     with contextlib.suppress(OSError):
         os.utime(path)  # recently used: kept
-    return CachedHistory(
-        store,
-        offset,
-        int(meta["bad_lines"]),
-        set(meta["seen"]),
-        set(meta["wanted"]),
-        float(meta["last_compute"]),
-    )
+    return history
 
 
 def _restore(data, meta: dict) -> MetricStore:

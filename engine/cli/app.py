@@ -373,7 +373,14 @@ def export(
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text)
+        if output.is_dir():
+            fail(f"--output {output} is a folder; name a file to write, such as {output / 'metrics.csv'}")
+        if not output.parent.is_dir():
+            fail(f"--output {output}: the folder {output.parent} does not exist; create it or choose another")
+        try:
+            output.write_text(text)
+        except OSError as error:
+            fail(f"--output {output} cannot be written ({error.strerror or error})")
         err.print(f"wrote {output}")
 
 

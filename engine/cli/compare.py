@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +16,9 @@ from engine.export.sources import (
     COMPARISON_JSON,
 )  # the table's rows, standard errors included, beside the runs
 from engine.recipe import RecipeError, load_recipe, split_variant, variant_label
+from engine.rundir.files import atomic_write_text
 from engine.rundir.report import comparison_row, fmt_duration, fmt_value, fmt_with_se, warnings_cell
+from engine.rundir.writer import stamped_folder
 
 
 def comparison_table(rows: list[dict], title: str = "comparison") -> Table:
@@ -63,6 +64,16 @@ def run_comparison(
     """Validate every sibling recipe first (bad input creates nothing), then run them in turn."""
     from engine.cli.runner import run_training
 
+    labels = [variant_label(entry) for entry in methods]
+    twice = next(
+        (entry for entry, label in zip(methods, labels, strict=True) if labels.count(label) > 1), None
+    )
+    if twice is not None:
+        err.print(
+            f"[bold red]error:[/] --methods names {escape(twice)} twice; list each method (or variant) once",
+            soft_wrap=True,
+        )
+        return EXIT_BAD_INPUT
     variants = {entry: split_variant(entry) for entry in methods}
     settings = {
         entry: [*overrides, f"policy.method={method}", *own] for entry, (method, own) in variants.items()
@@ -73,7 +84,13 @@ def run_comparison(
         err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
         return EXIT_BAD_INPUT
     name = next(iter(recipes.values())).name
-    folder = root / f"{name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        folder = stamped_folder(root, f"{name}-compare", reserve=True)  # two comparisons never share one
+    except OSError as error:
+        err.print(
+            f"[bold red]error:[/] --root {escape(str(root))} cannot hold a comparison ({error.strerror})"
+        )
+        return EXIT_BAD_INPUT
     dirs = []
     for entry in methods:
         run_dir = folder / variant_label(entry)
@@ -87,6 +104,6 @@ def run_comparison(
             return code
     rows = [comparison_row(d, label) for d, label in dirs]
     console.print(comparison_table(rows, "comparison (final held-out evaluation)"))
-    (folder / COMPARISON_JSON).write_text(json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(folder / COMPARISON_JSON, json.dumps(rows, indent=1) + "\n")
     console.print(f"runs in {folder}; the table as JSON in {folder / COMPARISON_JSON}", soft_wrap=True)
     return EXIT_OK

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from engine.cli.output import console, fail
+from engine.cli.output import console, err, fail
 
 queue_app = typer.Typer(
     help="Recipes and sweeps that run one after another on this machine, detached.",
@@ -42,7 +42,10 @@ def queue_add(
         item = add(root, recipe, set_ or [], grid or [])
     except QueueError as error:
         fail(str(error))
-    pid = start_worker(root)
+    try:
+        pid = start_worker(root)
+    except OSError as error:
+        fail(f"queued {item.id}, but the worker cannot start: {error.filename}: {error.strerror}")
     console.print(
         f"queued {item.id}: {escape(item.label)} -> {escape(item.target)}"
         + (f"  (worker started, pid {pid})" if pid else "  (the worker runs it in turn)"),
@@ -60,7 +63,10 @@ def queue_ls(
 
     from engine.jobs.queue import load_items, worker_running
 
-    items = load_items(root)
+    damaged: list[str] = []
+    items = load_items(root, damaged)
+    for problem in damaged:
+        err.print(f"warning: skipped a damaged queue entry {escape(problem)}", soft_wrap=True)
     if as_json:
         print(json.dumps({"worker": worker_running(root), "items": [i.to_json() for i in items]}, indent=1))
         return
@@ -107,8 +113,11 @@ def queue_move(
 
 
 @queue_app.command("work", hidden=True)
-def queue_work(root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs")) -> None:
-    """Run the queue until nothing is pending (started by `queue add`)."""
+def queue_work(
+    root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
+    lock_fd: Annotated[int | None, typer.Option("--lock-fd", hidden=True)] = None,
+) -> None:
+    """Run the queue until nothing is pending (started by `queue add`, which hands it the worker lock)."""
     from engine.jobs.queue import work
 
-    raise typer.Exit(work(root, log=lambda text: print(text, flush=True)))
+    raise typer.Exit(work(root, log=lambda text: print(text, flush=True), lock_fd=lock_fd))

@@ -28,11 +28,20 @@ from engine.cli.exit_codes import (
     EXIT_TERMINATED,
 )
 from engine.recipe import RecipeError, load_recipe
+from engine.rundir.files import atomic_write_text
 from engine.rundir.progress import eta_seconds, steps_per_second
-from engine.rundir.reader import is_run_dir, read_events, run_info
+from engine.rundir.reader import read_events, run_info
 from engine.rundir.report import evaluations_table, fmt_duration, fmt_value, fmt_with_se, stage_end_text
 from engine.rundir.wording import FIXED_RM_METRIC, RM_NOTE, iteration_text, short_iteration
-from engine.rundir.writer import FollowerWriter, RunDirError, RunWriter, default_run_dir
+from engine.rundir.writer import (
+    FollowerWriter,
+    RunDirError,
+    RunWriter,
+    default_run_dir,
+    latest_checkpoint,
+    run_dir_problem,
+    unstarted_leftovers,
+)
 
 if TYPE_CHECKING:
     from engine.training.bookkeeping import RunBook
@@ -127,8 +136,15 @@ def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
         console.print(f"{when} {event.get('message')}", markup=False, soft_wrap=True)
     elif kind == "stage_end" and event.get("paused_s"):
         console.print(f"{when}   {stage_end_text(event)}", markup=False, soft_wrap=True)
-    elif kind in ("paused", "resumed"):
-        console.print(f"{when}   {kind}", markup=False, soft_wrap=True)
+    elif kind == "paused":
+        console.print(
+            f"{when}   paused by a request in {view.run_dir / 'control'}; it waits for a `resume` request "
+            "(the TUI, or a file named resume there)",
+            markup=False,
+            soft_wrap=True,
+        )
+    elif kind == "resumed":
+        console.print(f"{when}   resumed", markup=False, soft_wrap=True)
     elif kind == "eval":
         m = event.get("metrics", {})
         console.print(
@@ -160,6 +176,11 @@ def run_training(
     try:
         if resume:
             assert run_dir is not None
+            if run_dir.is_dir() and not (run_dir / "recipe.toml").exists() and unstarted_leftovers(run_dir):
+                return bad(
+                    f"{run_dir} was stopped before its run started (no recipe.toml); start it again with "
+                    f"`zopro run RECIPE --run-dir {run_dir}`"
+                )
             if not run_dir.is_dir() or not (run_dir / "recipe.toml").exists():
                 return bad(f"{run_dir} is not a run directory with a recipe.toml; nothing to resume")
             info = run_info(run_dir)
@@ -173,19 +194,21 @@ def run_training(
         else:
             assert recipe_path is not None
             recipe = load_recipe(recipe_path, overrides)
+            problem = (
+                run_dir_problem(run_dir)
+                if run_dir is not None
+                else run_dir_problem(
+                    root / f"{recipe.name}-{recipe.policy.method}-00000000-000000-000", "--root"
+                )
+            )
+            if problem is not None:
+                return bad(problem)
             for flag, folder in (("--run-dir", run_dir), ("--root", None if run_dir else root)):
                 blocker = _file_in_the_way(folder)
                 if blocker is not None:
                     return bad(
                         f"{flag} {folder}: {blocker} is a file, not a folder; choose another directory"
                     )
-            if run_dir is None:
-                run_dir = default_run_dir(root, recipe.name, recipe.policy.method)
-            elif run_dir.exists() and (is_run_dir(run_dir) or any(run_dir.iterdir())):
-                return bad(
-                    f"--run-dir {run_dir} already holds files; resume it with `zopro run --resume {run_dir}` "
-                    "or choose another directory"
-                )
     except RecipeError as error:
         return bad(str(error))
     dist = None
@@ -193,17 +216,40 @@ def run_training(
         from engine.training.distributed import Distributed  # run directory and is the one that writes it
 
         dist = Distributed.from_environment(recipe.device)
-        run_dir = Path(dist.broadcast(str(run_dir), "naming the run directory"))
-        if not dist.is_main:
+    follower = dist is not None and not dist.is_main
+    problem = None
+    writer: RunWriter | None = None
+    if not follower:  # the lock first, before the model loads: no second run can take this folder
+        try:
+            if run_dir is None:
+                run_dir = default_run_dir(root, recipe.name, recipe.policy.method, reserve=True)
+                writer = RunWriter(run_dir)
+                writer.created_folder = True
+            else:
+                writer = RunWriter(run_dir)
+            writer.claim(new=not resume)
+        except OSError as error:
+            problem = f"--root {root} cannot hold a new run ({error.strerror or error})"
+        except RunDirError as error:
+            problem = str(error)
+    if dist is not None:
+        run_dir, problem = dist.broadcast((str(run_dir), problem), "naming the run directory")
+        run_dir = Path(run_dir)
+        if follower:
             quiet, console = True, Console(quiet=True)
+            writer = FollowerWriter(run_dir)
     try:
-        return _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
+        if problem is not None:
+            return bad(problem)
+        return _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad, writer)
     finally:
+        if writer is not None:
+            writer.abandon()  # only before the run started: its lock and the folder it made go
         if dist is not None:
             dist.close()
 
 
-def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad) -> int:
+def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad, writer) -> int:
     from engine.mirror import Mirror, missing_package
 
     missing = missing_package(recipe.log.report_to)
@@ -218,7 +264,6 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
     from engine.training.run import Run
 
     follower = dist is not None and not dist.is_main
-    writer = FollowerWriter(run_dir) if follower else RunWriter(run_dir)
     view_holder: list[ProgressView] = []
     mirror = Mirror([] if follower else recipe.log.report_to, run_dir, _mirror_config(recipe), err)
 
@@ -226,6 +271,10 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
         mirror.on_event(event)
         if event.get("type") == "resume" and not quiet:
             console.print(event.get("message", ""), markup=False)
+        elif event.get("type") == "resume" and event.get(
+            "skipped"
+        ):  # quiet, but a damaged checkpoint is news
+            err.print(f"note: {event.get('message', '')}", soft_wrap=True, markup=False)
         if event.get("type") == "warning":  # one line on stderr, also with --quiet and under the live line
             err.print(f"[bold yellow]{escape(warning_line(event))}[/]", soft_wrap=True)
         if view_holder:
@@ -254,6 +303,11 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
         writer.open()
     except RunDirError as error:
         return bad(str(error))
+    for request in writer.dropped_requests:  # addressed to a process that is gone: not obeyed now
+        err.print(
+            f"note: dropped a leftover `{request}` request in {run_dir / 'control'} from an earlier process",
+            soft_wrap=True,
+        )
     if not quiet:
         console.print(
             f"{'resuming' if resume else 'run'} [bold]{run_dir}[/]  (method {recipe.policy.method}, "
@@ -278,9 +332,16 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad)
         if stop.failed:  # a guard (policy.max_kl) stopped it: say so with the exit code too
             code = EXIT_FAILED
             err.print(f"[bold red]stopped:[/] {escape(stop.reason)}", soft_wrap=True)
-        else:
+        elif follower:
+            pass
+        elif latest_checkpoint(run_dir) is not None:
             err.print(
                 f"stopped ({stop.reason}) after a checkpoint; continue with `zopro run --resume {run_dir}`"
+            )
+        else:
+            err.print(
+                f"stopped ({stop.reason}) before the first checkpoint; `zopro run --resume {run_dir}` starts "
+                "it again from the first step"
             )
     except RunDirError as error:  # --resume found no checkpoint it can read; nothing was changed
         code = bad(str(error))
@@ -357,7 +418,7 @@ def _disk_full(error: BaseException, run_dir: Path) -> bool:
 def _record_bug(book: RunBook, writer: RunWriter, error: BaseException, err: Console, run_dir: Path) -> int:
     first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     try:
-        (run_dir / "error.log").write_text(traceback.format_exc())
+        atomic_write_text(run_dir / "error.log", traceback.format_exc())
         first += f" (traceback in {run_dir / 'error.log'})"
     except OSError:
         pass

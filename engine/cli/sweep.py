@@ -20,8 +20,10 @@ from engine.cli.exit_codes import EXIT_FAILED, EXIT_OK
 from engine.cli.runner import run_training
 from engine.jobs.command import run_command
 from engine.jobs.sweep import SUMMARY_JSON, Sweep, point_state, short_keys, sorted_rows, write_summary
+from engine.rundir.files import append_log
 from engine.rundir.reader import is_run_dir
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, warnings_cell
+from engine.rundir.safe_io import is_link
 
 
 # -- the summary table -----------------------------------------------------------------------------------
@@ -52,15 +54,12 @@ def summary_table(sweep: Sweep, rows: list[dict], sort: str = "final_gold", widt
     return table
 
 
+LINKED_POINT = "its folder is a symbolic link; zopro writes nothing through links inside a sweep"
+
+
 # -- running ---------------------------------------------------------------------------------------------
 def _resumable(folder: Path) -> bool:
     return (folder / "recipe.toml").exists() and is_run_dir(folder)
-
-
-def _clear_unstarted(folder: Path) -> None:
-    """A point killed before it wrote its recipe (while loading the model): start it again from nothing."""
-    if folder.exists() and not _resumable(folder):
-        shutil.rmtree(folder)
 
 
 def run_sweep(
@@ -101,8 +100,11 @@ def run_sweep(
 def _run_sequential(sweep: Sweep, todo: list[dict], quiet: bool, console: Console, err: Console) -> int:
     worst = EXIT_OK
     for point in todo:
-        folder = sweep.point_dir(point)
-        _clear_unstarted(folder)
+        folder = sweep.point_dir(point)  # killed before its recipe.toml: a new run takes it, nothing removed
+        if is_link(folder):
+            err.print(f"point {point['name']}: {LINKED_POINT}; the sweep goes on", soft_wrap=True)
+            worst = EXIT_FAILED
+            continue
         resume = _resumable(folder)
         console.print(
             f"[bold]{escape(point['name'])}[/] {'(resuming) ' if resume else ''}-> {escape(str(folder))}",
@@ -164,8 +166,10 @@ def _run_parallel(sweep: Sweep, todo: list[dict], parallel: int, console: Consol
         while pending or running:
             while pending and len(running) < parallel:
                 point = pending.pop(0)
-                folder = sweep.point_dir(point)
-                _clear_unstarted(folder)
+                if is_link(sweep.point_dir(point)):
+                    err.print(f"point {point['name']}: {LINKED_POINT}", soft_wrap=True)
+                    worst = EXIT_FAILED
+                    continue
                 busy = {gpu for _, _, gpu in running.values()}
                 gpu = next(
                     (g for g in gpus if g not in busy), gpus[len(running) % len(gpus)] if gpus else None
@@ -173,15 +177,19 @@ def _run_parallel(sweep: Sweep, todo: list[dict], parallel: int, console: Consol
                 env = dict(env_base)
                 if gpu is not None and len(gpus) > 1:
                     env["CUDA_VISIBLE_DEVICES"] = gpu
-                log = open(sweep.path / f"{point['name']}.log", "ab")
-                with log:
-                    process = subprocess.Popen(
-                        point_command(sweep, point),
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
+                try:
+                    with append_log(sweep.path / f"{point['name']}.log") as log:
+                        process = subprocess.Popen(
+                            point_command(sweep, point),
+                            stdin=subprocess.DEVNULL,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            env=env,
+                        )
+                except OSError as error:
+                    err.print(f"point {point['name']}: {error.filename}: {error.strerror}", soft_wrap=True)
+                    worst = EXIT_FAILED
+                    continue
                 running[point["name"]] = (process, point, gpu)
                 where = f" on GPU {gpu}" if gpu is not None and len(gpus) > 1 else ""
                 console.print(f"started {escape(point['name'])}{where} (pid {process.pid})", soft_wrap=True)

@@ -108,6 +108,8 @@ def load_dataset(spec: PreferenceSource) -> Dataset:
         return _load_file(local, spec.split)
     if local.is_dir():
         return _load_folder(local, spec)
+    if local.exists():  # a FIFO or a device: reading it would never end
+        raise DataError(f"{spec.path} is not a plain file or a folder; give a {_ACCEPTED_FILES} file.")
     if _looks_local(spec.path):
         raise DataError(
             f"No such file or folder: {spec.path}; give an existing {_ACCEPTED_FILES} file, a folder of them, "

@@ -330,15 +330,14 @@ def _context(
     if spec.format == "preference_table":
         mapping = {key: key for key in TABLE_KEYS}
         mapping.update(spec.columns or {})
-        missing = [
-            f"{mapping[key]!r}" for key in ("prompt", "chosen", "rejected") if mapping[key] not in columns
-        ]
+        keys = [key for key in ("prompt", "chosen", "rejected") if mapping[key] not in columns]
         if "score" in (spec.columns or {}) and mapping["score"] not in columns:
-            missing.append(f"{mapping['score']!r}")
-        if missing:
+            keys.append("score")
+        if keys:
             raise DataError(
-                f"{spec.path} has no column {', '.join(missing)}; columns found: {', '.join(columns) or 'none'} "
-                "(rename them with PreferenceSource.columns)."
+                f"{spec.path} has no column {', '.join(repr(mapping[key]) for key in keys)}; columns found: "
+                f"{', '.join(columns) or 'none'} (choose the right one with "
+                f"{', '.join(f'data.{key}_column' for key in keys)} in the recipe)."
             )
         if mapping["score"] not in columns:
             del mapping["score"]
@@ -353,9 +352,21 @@ def _context(
     return ctx
 
 
-def _iter_examples(dataset: Dataset) -> Iterator[dict[str, Any]]:
-    for batch in dataset.iter(batch_size=_CHUNK):
+def _iter_examples(dataset: Dataset, where: str = "the data") -> Iterator[dict[str, Any]]:
+    batches = iter(dataset.iter(batch_size=_CHUNK))
+    first_row = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            raise DataError(
+                f"{where} is not valid UTF-8 text (a cell in rows {first_row + 1}-{first_row + _CHUNK}); "
+                "save it as UTF-8."
+            ) from None
         keys = list(batch)
+        first_row += _CHUNK
         for values in zip(*(batch[key] for key in keys), strict=True):
             yield dict(zip(keys, values, strict=True))
 
@@ -414,7 +425,7 @@ def load_preferences(
                 rows.append(row)
         pending.clear()
 
-    for example in _iter_examples(dataset):
+    for example in _iter_examples(dataset, spec.path):
         if spec.limit is not None and len(rows) + len(pending) >= spec.limit:
             flush()
             if len(rows) >= spec.limit:

@@ -20,7 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
+import re
 import signal
 import subprocess
 import time
@@ -30,7 +30,11 @@ from typing import Any
 
 from engine.jobs.command import engine_command, run_command
 from engine.recipe import RecipeError, load_recipe
-from engine.rundir.files import spawn_detached
+from engine.rundir.files import atomic_write_text, spawn_detached
+from engine.rundir.reader import process_start, run_info
+from engine.rundir.safe_io import atomic_write_bytes, is_link, open_in_place, read_plain, real_folder
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
 
 QUEUE_DIR = ".queue"
 STATES = ("pending", "running", "finished", "failed", "cancelled")
@@ -56,6 +60,7 @@ class QueueItem:
     ended: float | None = None
     exit_code: int | None = None
     pid: int | None = None
+    pid_start: int | None = None  # the process's start time (clock ticks since boot): who `pid` is
     cancel: bool = False  # asked to cancel while running
 
     def to_json(self) -> dict:
@@ -76,9 +81,27 @@ def queue_dir(root: Path) -> Path:
 
 
 def _write(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def _folders(root: Path) -> Path:
+    """.queue/, items/ and recipes/ as real folders (created when missing; a link there is refused)."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    folder = real_folder(queue_dir(root))
+    real_folder(folder / "items")
+    real_folder(folder / "recipes")
+    return folder
+
+
+@contextlib.contextmanager
+def _items_lock(root: Path):
+    """Held while an entry is numbered and written: two `queue add` at once never take the same id."""
+    fd = open_in_place(_folders(root) / "items.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _item_path(root: Path, item_id: str) -> Path:
@@ -89,21 +112,67 @@ def save(root: Path, item: QueueItem) -> None:
     _write(_item_path(root, item.id), item.to_json())
 
 
-def load_items(root: Path) -> list[QueueItem]:
-    """Every item, in queue order (pending ones by their place; the others where they were)."""
+def load_items(root: Path, damaged: list[str] | None = None) -> list[QueueItem]:
+    """Every item, in queue order (pending ones by their place; the others where they were). An entry
+    that cannot be read is left out (and named in `damaged` when a list is given): it never stops the rest."""
     folder = queue_dir(root) / "items"
     items = []
     try:
+        if is_link(queue_dir(root)) or is_link(folder):
+            raise OSError("a link")
         paths = sorted(folder.glob("*.json"))
     except OSError:
         return []
     for path in paths:
         try:
-            data = json.loads(path.read_text())
-            items.append(QueueItem(**{k: v for k, v in data.items() if k in QueueItem.__dataclass_fields__}))
-        except (OSError, ValueError, TypeError):
+            item = item_from_json(json.loads(read_plain(path, 1 << 20)), path.stem, Path(root))
+        except (OSError, ValueError, TypeError, RecursionError) as error:
+            if damaged is not None:
+                damaged.append(f"{path}: {error}")
             continue
+        items.append(item)
     return sorted(items, key=lambda item: (item.order, item.added))
+
+
+def item_from_json(data: Any, stem: str, root: Path) -> QueueItem:
+    """A QueueItem from an items/<id>.json; ValueError (what is wrong) when it is damaged or points outside
+    the queue's root (its run or sweep goes directly under the root, its recipe copy in recipes/)."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    fields = {k: v for k, v in data.items() if k in QueueItem.__dataclass_fields__}
+    item = QueueItem(**fields)  # TypeError when a required field is missing
+    text = (str,)
+    number = (int, float)
+    checks = {
+        "id": isinstance(item.id, str) and item.id.isdigit() and item.id == stem,
+        "kind": item.kind in ("run", "sweep"),
+        "state": item.state in STATES,
+        "order": isinstance(item.order, number) and not isinstance(item.order, bool),
+        "added": isinstance(item.added, number) and not isinstance(item.added, bool),
+        "overrides": isinstance(item.overrides, list) and all(isinstance(t, str) for t in item.overrides),
+        "grid": isinstance(item.grid, list) and all(isinstance(t, str) for t in item.grid),
+        "source": isinstance(item.source, text),
+        "pid": item.pid is None
+        or (isinstance(item.pid, int) and not isinstance(item.pid, bool) and item.pid > 0),
+        "pid_start": item.pid_start is None or isinstance(item.pid_start, int),
+        "cancel": isinstance(item.cancel, bool),
+        "exit_code": item.exit_code is None or isinstance(item.exit_code, int),
+        "started": item.started is None or isinstance(item.started, number),
+        "ended": item.ended is None or isinstance(item.ended, number),
+    }
+    wrong = [name for name, fine in checks.items() if not fine]
+    if wrong:
+        raise ValueError(f"field {wrong[0]} has the wrong value {getattr(item, wrong[0])!r}")
+    home = Path(root).resolve()
+    for name, parent in (("target", home), ("recipe", home / QUEUE_DIR / "recipes")):
+        value = getattr(item, name)
+        if (
+            not isinstance(value, str)
+            or Path(value).parent != parent
+            or not SAFE_NAME.fullmatch(Path(value).name)
+        ):
+            raise ValueError(f"field {name} {str(value)[:80]!r} is not a folder directly under {parent}")
+    return item
 
 
 def find(root: Path, item_id: str) -> QueueItem:
@@ -131,16 +200,25 @@ def add(root: Path, recipe: Path, overrides: list[str], grid: list[str]) -> Queu
             if not existing.is_dir():
                 raise QueueError(f"--root {root}: {existing} is a file, not a folder")
             break
+    try:
+        with _items_lock(root):  # the id is computed and written under the lock
+            return _add_locked(root, recipe, resolved, overrides, grid)
+    except OSError as error:
+        raise QueueError(
+            f"{error.filename or queue_dir(root)} cannot be written ({error.strerror or error})"
+        ) from None
+
+
+def _add_locked(root: Path, recipe: Path, resolved, overrides: list[str], grid: list[str]) -> QueueItem:
     folder = queue_dir(root)
-    (folder / "items").mkdir(parents=True, exist_ok=True)
-    (folder / "recipes").mkdir(exist_ok=True)
     items = load_items(root)
-    number = 1 + max((int(item.id) for item in items if item.id.isdigit()), default=0)
+    taken = [int(path.stem) for path in (folder / "items").glob("*.json") if path.stem.isdigit()]
+    number = 1 + max(taken, default=0)
     item_id = f"{number:04d}"
     copy = folder / "recipes" / f"{item_id}.toml"
-    shutil.copyfile(recipe, copy)
+    atomic_write_bytes(copy, recipe.read_bytes())
     kind = "sweep" if grid else "run"
-    target = root / (
+    target = root.resolve() / (
         f"{resolved.name}-sweep-q{item_id}"
         if grid
         else f"{resolved.name}-{resolved.policy.method}-q{item_id}"
@@ -152,7 +230,7 @@ def add(root: Path, recipe: Path, overrides: list[str], grid: list[str]) -> Queu
         source=str(recipe.resolve()),
         overrides=list(overrides),
         grid=list(grid),
-        target=str(target.resolve()),
+        target=str(target),
         order=max((item.order for item in items), default=0.0) + 1.0,
         added=time.time(),
     )
@@ -192,8 +270,11 @@ def cancel(root: Path, item_id: str) -> QueueItem:
         save(root, item)
     elif item.state == "running":
         item.cancel = True
+        if not same_process(item):  # its worker and its process are gone: nothing to stop, never a stranger
+            item.state = "cancelled"
+            item.ended = time.time()
         save(root, item)
-        if item.pid and ready_to_stop(item):
+        if item.state == "running" and ready_to_stop(item):
             with contextlib.suppress(OSError):
                 os.kill(item.pid, signal.SIGTERM)
     else:
@@ -201,28 +282,40 @@ def cancel(root: Path, item_id: str) -> QueueItem:
     return item
 
 
+def same_process(item: QueueItem) -> bool:
+    """The process the worker started for `item` is still alive, and is that process (not another one that
+    got the same pid later): its start time matches the one recorded."""
+    if not item.pid or not _alive(item.pid):
+        return False
+    started = process_start(item.pid)
+    if item.pid_start is None or started is None:
+        return False  # no way to tell who has that pid now: never signal it
+    return started == item.pid_start
+
+
 def ready_to_stop(item: QueueItem) -> bool:
     """The entry's process stops cleanly on SIGTERM: a sweep always; a run once its status.json says it runs
     (or is paused) under that pid, which it writes just before taking over the signals."""
     if item.kind == "sweep":
-        return True
+        return same_process(item)
     try:
-        status = json.loads((Path(item.target) / "status.json").read_text())
+        status = json.loads(read_plain(Path(item.target) / "status.json", 1 << 20))
     except (OSError, ValueError):
         return False
     return (
         isinstance(status, dict)
         and status.get("state") in ("running", "paused")
         and status.get("pid") == item.pid
+        and same_process(item)
     )
 
 
 # -- the worker ------------------------------------------------------------------------------------------------
 def _lock(root: Path):
     """The worker lock if free (an open file holding it), else None."""
-    folder = queue_dir(root)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / "worker.lock", "a+")
+    Path(root).mkdir(parents=True, exist_ok=True)
+    folder = real_folder(queue_dir(root))
+    handle = os.fdopen(open_in_place(folder / "worker.lock", os.O_RDWR | os.O_CREAT), "r+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -238,7 +331,10 @@ def _lock(root: Path):
 def worker_running(root: Path) -> bool:
     if not (queue_dir(root) / "worker.lock").exists():
         return False
-    handle = _lock(root)
+    try:
+        handle = _lock(root)
+    except OSError:
+        return False
     if handle is None:
         return True
     handle.close()
@@ -246,15 +342,19 @@ def worker_running(root: Path) -> bool:
 
 
 def start_worker(root: Path) -> int | None:
-    """Start `zopro queue work` detached (its own session) unless a worker runs; its pid, or None."""
-    if worker_running(root):
+    """Start `zopro queue work` detached (its own session) unless a worker runs; its pid, or None. The
+    worker lock is taken here and handed to the worker, so two `queue add` at once start one worker."""
+    handle = _lock(root)
+    if handle is None:
         return None
     folder = queue_dir(root)
     source_root = str(Path(__file__).resolve().parents[2])  # the folder that holds `engine`
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
-    command = engine_command(["queue", "work", "--root", str(Path(root).resolve())])
-    return spawn_detached(command, folder / "worker.log", env).pid
+    fd = handle.fileno()
+    command = engine_command(["queue", "work", "--root", str(Path(root).resolve()), "--lock-fd", str(fd)])
+    with handle:  # the worker holds the lock through its copy of the descriptor
+        return spawn_detached(command, folder / "worker.log", env, pass_fds=(fd,)).pid
 
 
 def item_command(item: QueueItem) -> list[str]:
@@ -276,7 +376,7 @@ def next_item(root: Path) -> QueueItem | None:
     """The first entry to run: one left running by a worker that died, else the first pending one."""
     items = load_items(root)
     for item in items:
-        if item.state == "running" and not (item.pid and _alive(item.pid)):
+        if item.state == "running" and not same_process(item):
             return item
     return next((item for item in items if item.state == "pending"), None)
 
@@ -291,10 +391,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def work(root: Path, log=print) -> int:
-    """Run the queue until nothing is pending (the body of `zopro queue work`)."""
+def work(root: Path, log=print, lock_fd: int | None = None) -> int:
+    """Run the queue until nothing is pending (the body of `zopro queue work`); `lock_fd`: the worker lock,
+    already held (handed over by `start_worker`)."""
     root = Path(root)
-    handle = _lock(root)
+    handle = _adopt(lock_fd) if lock_fd is not None else _lock(root)
     if handle is None:
         log("a queue worker is already running here")
         return 0
@@ -317,6 +418,25 @@ def work(root: Path, log=print) -> int:
             handle.close()
 
 
+def _current(root: Path, item: QueueItem) -> QueueItem:
+    """The entry as it is on disk now (a reader may have cancelled it); as the worker holds it when its
+    file has gone or was damaged meanwhile."""
+    try:
+        return find(root, item.id)
+    except QueueError:
+        return item
+
+
+def _adopt(fd: int):
+    """The worker lock `start_worker` took and passed down: keep it, and write this worker's pid in it."""
+    handle = os.fdopen(fd, "r+")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def _run_item(root: Path, item: QueueItem, log) -> None:
     Path(item.target).parent.mkdir(parents=True, exist_ok=True)
     command = item_command(item)
@@ -324,10 +444,16 @@ def _run_item(root: Path, item: QueueItem, log) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     source_root = str(Path(__file__).resolve().parents[2])  # the folder that holds `engine`
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
-    if find(root, item.id).state == "cancelled":  # cancelled while it was being picked
+    if _current(root, item).state == "cancelled":  # cancelled while it was being picked
+        return
+    if item.kind == "run" and run_info(Path(item.target)).status == "finished":  # it ran on when its
+        item.state, item.exit_code, item.ended = "finished", 0, item.ended or time.time()  # worker died
+        save(root, item)
+        log(f"[{time.strftime('%H:%M:%S')}] {item.id} had finished")
         return
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
     item.state, item.pid, item.started = "running", process.pid, item.started or time.time()
+    item.pid_start = process_start(process.pid)
     save(root, item)
     stopping = False
     while True:
@@ -336,11 +462,11 @@ def _run_item(root: Path, item: QueueItem, log) -> None:
             break
         except subprocess.TimeoutExpired:
             pass
-        if not stopping and find(root, item.id).cancel and ready_to_stop(item):  # a cancel came early
+        if not stopping and _current(root, item).cancel and ready_to_stop(item):  # a cancel came early
             stopping = True
             with contextlib.suppress(OSError):
                 process.send_signal(signal.SIGTERM)
-    current = find(root, item.id)  # a reader may have asked to cancel meanwhile
+    current = _current(root, item)  # a reader may have asked to cancel meanwhile
     current.exit_code = code
     current.ended = time.time()
     current.state = "cancelled" if current.cancel else ("finished" if code == 0 else "failed")

@@ -17,23 +17,24 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.recipe import RecipeError, load_recipe, parse_override
+from engine.rundir.files import atomic_write_text
 from engine.rundir.reader import RunInfo, is_run_dir, run_info
 from engine.rundir.report import comparison_row
+from engine.rundir.safe_io import atomic_write_bytes, read_plain
 from engine.rundir.writer import stamped_folder
 
 SWEEP_JSON = "sweep.json"
 SUMMARY_JSON = "summary.json"
 SWEEP_RECIPE = "recipe.toml"
 MAX_POINTS = 1000
+MAX_SWEEP_JSON_BYTES = 64 << 20
 SORTABLE = ("final_gold", "win_rate_vs_sft", "reward_score", "kl", "wall_time_s")
 
 
@@ -209,26 +210,73 @@ def is_sweep_dir(path: Path) -> bool:
 
 
 def load_sweep(path: Path) -> Sweep:
-    """A sweep directory's sweep.json; SweepError when it is not one."""
+    """A sweep directory's sweep.json; SweepError (one sentence) when it is not one or is damaged."""
     path = Path(path)
     if not path.is_dir() or not is_sweep_dir(path):
         raise SweepError(f"{path} is not a sweep directory (no {SWEEP_JSON}); start one with `zopro sweep`")
+    where = path / SWEEP_JSON
     try:
-        data = json.loads((path / SWEEP_JSON).read_text())
-        points = data["points"]
-        assert isinstance(points, list) and all(isinstance(p.get("name"), str) for p in points)
-    except (OSError, ValueError, KeyError, AssertionError, AttributeError, TypeError):
-        raise SweepError(f"{path / SWEEP_JSON} cannot be read as a sweep; it is damaged") from None
+        data = json.loads(read_plain(where, MAX_SWEEP_JSON_BYTES + 1))
+    except (OSError, ValueError, RecursionError):
+        raise SweepError(f"{where} cannot be read as a sweep; it is damaged") from None
+    if not isinstance(data, dict) or not isinstance(data.get("points"), list):
+        raise SweepError(f"{where} cannot be read as a sweep: it has no list of points; it is damaged")
+    points = data["points"]
+    for number, point in enumerate(points):
+        problem = _point_problem(point)
+        if problem is not None:
+            raise SweepError(f"{where}: point {number} {problem}; the sweep is damaged and nothing was run")
+    names = [point["name"] for point in points]
+    twice = next((name for n, name in enumerate(names) if name in names[:n]), None)
+    if twice is not None:
+        raise SweepError(f"{where}: two points are named {twice!r}; the sweep is damaged and nothing was run")
+    grid, overrides, parallel = data.get("grid") or {}, data.get("overrides") or [], data.get("parallel", 1)
+    if (
+        not isinstance(grid, dict)
+        or not isinstance(overrides, list)
+        or not all(isinstance(text, str) for text in overrides)
+    ):
+        raise SweepError(f"{where}: 'grid' must be an object and 'overrides' a list of key=value texts")
+    if parallel is None:
+        parallel = 1
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise SweepError(f"{where}: 'parallel' is {parallel!r}; accepted: a whole number, 1 or more")
+    created = data.get("created")
     return Sweep(
         path=path,
-        grid=data.get("grid") or {},
-        overrides=list(data.get("overrides") or []),
+        grid=grid,
+        overrides=list(overrides),
         points=points,
-        name=data.get("name") or path.name,
-        created=data.get("created"),
-        parallel=int(data.get("parallel") or 1),
-        source=data.get("source") or "",
+        name=data.get("name") if isinstance(data.get("name"), str) and data.get("name") else path.name,
+        created=created if isinstance(created, (int, float)) and not isinstance(created, bool) else None,
+        parallel=parallel,
+        source=data.get("source") if isinstance(data.get("source"), str) else "",
     )
+
+
+POINT_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]{0,199}")
+
+
+def _point_problem(point: Any) -> str | None:
+    """What is wrong with one entry of sweep.json's points (None: nothing). A point's name is a folder
+    inside the sweep: one plain name, never a path, `.`, `..` or a hidden name (a damaged or hostile
+    sweep.json must not steer zopro to folders elsewhere)."""
+    if not isinstance(point, dict):
+        return "is not an object"
+    name = point.get("name")
+    if not isinstance(name, str) or not POINT_NAME.fullmatch(name) or name in (SWEEP_JSON, SUMMARY_JSON):
+        return (
+            f"has the name {str(name)[:60]!r}; accepted: one folder name of letters, digits and _ . + = -, "
+            "not starting with a dot"
+        )
+    if name == SWEEP_RECIPE:
+        return f"has the name {name!r}, which is one of the sweep's own files"
+    if not isinstance(point.get("values"), dict):
+        return "has no 'values' object"
+    overrides = point.get("overrides")
+    if not isinstance(overrides, list) or not all(isinstance(t, str) and "=" in t for t in overrides):
+        return "has no 'overrides' list of key=value texts"
+    return None
 
 
 def create_sweep(
@@ -248,7 +296,7 @@ def create_sweep(
         raise SweepError(str(error)) from None
     name = validate_points(recipe, fixed, points)
     if sweep_dir is None:
-        sweep_dir = stamped_folder(root, f"{name}-sweep")
+        sweep_dir = stamped_folder(root, f"{name}-sweep", reserve=True)
     elif sweep_dir.exists() and (not sweep_dir.is_dir() or any(sweep_dir.iterdir())):
         raise SweepError(
             f"--sweep-dir {sweep_dir} already holds files; resume a sweep with `zopro sweep --resume "
@@ -272,16 +320,14 @@ def create_sweep(
         source=str(Path(recipe).resolve()),
     )
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(recipe, sweep.recipe)
+    atomic_write_bytes(sweep.recipe, Path(recipe).read_bytes())
     _write_json(sweep_dir / SWEEP_JSON, sweep.to_json())
     write_summary(sweep)
     return sweep
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def point_state(sweep: Sweep, point: dict) -> tuple[str, RunInfo | None]:
@@ -376,16 +422,18 @@ class SweepInfo:
 
 
 def sweep_info(path: Path) -> SweepInfo:
+    """A sweep as listed; a damaged one is `unreadable` with one sentence, never breaking the list."""
     try:
         sweep = load_sweep(path)
-    except SweepError as error:
-        return SweepInfo(path=Path(path), name=Path(path).name, grid={}, points=[], error=str(error))
-    info = SweepInfo(path=sweep.path, name=sweep.path.name, grid=sweep.grid, points=sweep.points)
-    for point in sweep.points:
-        state, run = point_state(sweep, point)
-        info.states[point["name"]] = state
-        if run is not None:
-            info.runs.append(run)
+        info = SweepInfo(path=sweep.path, name=sweep.path.name, grid=sweep.grid, points=sweep.points)
+        for point in sweep.points:
+            state, run = point_state(sweep, point)
+            info.states[point["name"]] = state
+            if run is not None:
+                info.runs.append(run)
+    except Exception as error:  # noqa: BLE001 - one bad sweep must leave every other run listed
+        message = str(error) if isinstance(error, SweepError) else f"{type(error).__name__}: {error}"
+        return SweepInfo(path=Path(path), name=Path(path).name, grid={}, points=[], error=message)
     return info
 
 

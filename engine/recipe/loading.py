@@ -319,8 +319,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{source}: no such recipe file")
     if path.is_dir():
         raise RecipeError(f"{source} is a folder; a recipe is a .toml file")
+    if not path.is_file():  # a FIFO or a device would hang the read
+        raise RecipeError(f"{source} is not a plain file; a recipe is a .toml file")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(
+            path.read_text(encoding="utf-8-sig")
+        )  # a byte-order mark (Windows editors) is fine
     except UnicodeDecodeError:
         raise RecipeError(f"{source}: not a text file; a recipe is TOML") from None
     except tomllib.TOMLDecodeError as error:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from engine.rundir.reader import STALE_AFTER_SECONDS, RunInfo, pid_alive
+from engine.rundir.reader import STALE_AFTER_SECONDS, RunInfo, pid_alive, process_suspended
 
 
 def stale_reason(info: RunInfo, now: float | None = None) -> str:
@@ -29,6 +29,11 @@ def alert_line(info: RunInfo, now: float | None = None) -> tuple[str, str] | Non
     """(kind, one line) for a run that failed, went stale or raised warnings; None for a healthy one."""
     if info.status == "failed":
         return "failed", f"{info.name} failed: {info.error or 'see its events.jsonl'}"
+    if info.status == "stale" and process_suspended(info.pid):
+        return "stale", (
+            f"{info.name} is stale: its process (pid {info.pid}) is stopped (SIGSTOP or Ctrl-Z), not crashed; "
+            f"`kill -CONT {info.pid}` (or `fg` in its terminal) lets it go on"
+        )
     if info.status == "stale":
         return "stale", (
             f"{info.name} is stale ({stale_reason(info, now)}); it may have crashed: "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -10,22 +9,17 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from engine.rundir.safe_io import atomic_write_bytes, open_in_place
+
 
 class RunDirError(RuntimeError):
     """A problem with a run directory that the user can act on (one sentence)."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file under a temporary name, then rename it over the target."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # a full disk leaves no half-written temporary behind
-        raise
+    """Write a whole file under a temporary name, then rename it over the target (never through a link:
+    `engine.rundir.safe_io`)."""
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -52,10 +46,17 @@ def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def spawn_detached(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+def append_log(path: Path):
+    """A log file opened for appending, never through a link (`engine.rundir.safe_io`)."""
+    return os.fdopen(open_in_place(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
+
+
+def spawn_detached(
+    command: list[str], log_path: Path, env: dict[str, str], pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen:
     """Start `command` in its own session (it outlives the terminal, the TUI and an SSH drop), with no
-    input and its output appended to `log_path`."""
-    with open(log_path, "ab") as log:
+    input and its output appended to `log_path`; `pass_fds` stay open in it (a lock it inherits)."""
+    with append_log(log_path) as log:
         return subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -63,5 +64,6 @@ def spawn_detached(command: list[str], log_path: Path, env: dict[str, str]) -> s
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
+            pass_fds=pass_fds,
             env=env,
         )

@@ -16,6 +16,7 @@ from typing import Any
 
 from engine.rundir.events import apply_rewinds, is_number, parse_event_line
 from engine.rundir.progress import eta_seconds
+from engine.rundir.safe_io import open_plain, read_plain
 
 STALE_AFTER_SECONDS = 60.0
 TERMINAL_STATES = ("finished", "failed", "stopped")
@@ -45,7 +46,7 @@ class EventTail:
 
     def iter_new(self, max_bytes: int | None = None) -> Iterator[dict]:
         try:
-            handle = open(self.path, "rb")
+            handle = open_plain(self.path)
         except FileNotFoundError:
             return
         except OSError as error:
@@ -118,10 +119,34 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), or None where that cannot be read."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (ValueError, IndexError):
+        return None
+
+
+def process_suspended(pid: int | None) -> bool:
+    """The process is stopped (SIGSTOP, Ctrl-Z) or held by a debugger: alive, but doing nothing."""
+    fields = _proc_stat(pid) if pid else None
+    return bool(fields) and fields[0] in (b"T", b"t")
+
+
 def _read_object(path: Path) -> tuple[dict, str | None]:
     """A JSON object file as a dict, and what is wrong with it when it exists but is not one."""
     try:
-        value = json.loads(path.read_bytes())
+        value = json.loads(read_plain(path, MAX_LINE_BYTES))
     except FileNotFoundError:
         return {}, None
     except OSError as error:
@@ -209,7 +234,7 @@ def run_info(run_dir: Path, now: float | None = None) -> RunInfo:
     if problem is None and events.exists() and not events.is_file():
         problem = "events.jsonl is not a file"
     try:
-        heartbeat = float((run_dir / "heartbeat").read_text().strip())
+        heartbeat = float(read_plain(run_dir / "heartbeat", 64).decode().strip())
     except (ValueError, OSError):
         heartbeat = None
     now = time.time() if now is None else now
@@ -283,7 +308,7 @@ def latest_samples(run_dir: Path) -> list[dict]:
         return []
     rows = []
     try:
-        text = files[-1].read_bytes()[:MAX_LINE_BYTES].decode("utf-8", errors="replace")
+        text = read_plain(files[-1], MAX_LINE_BYTES).decode("utf-8", errors="replace")
     except OSError:
         return []
     for line in text.splitlines():

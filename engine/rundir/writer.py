@@ -18,11 +18,10 @@ Layout (the contract every reader relies on; see README "The run directory"):
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
-import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +31,14 @@ from typing import Any
 from engine.rundir.controls import CONTROL_REQUESTS
 from engine.rundir.events import stamp as stamp_schema
 from engine.rundir.files import RunDirError, atomic_write_json, atomic_write_text, clean_metrics, json_default
+from engine.rundir.safe_io import (
+    is_link,
+    open_in_place,
+    open_text_in_place,
+    read_plain,
+    real_folder,
+    remove_entry,
+)
 
 HEARTBEAT_SECONDS = 2.0
 PRIVATE_BITS = (
@@ -49,20 +56,57 @@ def adapter_file(checkpoint: Path, adapter: str) -> Path:
     return checkpoint / "adapters" / adapter / "adapter_model.safetensors"
 
 
-def default_run_dir(root: Path, name: str, method: str) -> Path:
-    """A new run's folder under `root`: NAME-METHOD-TIME, with a count when that exists already."""
-    return stamped_folder(root, f"{name}-{method}")
+def default_run_dir(root: Path, name: str, method: str, *, reserve: bool = False) -> Path:
+    """A new run's folder under `root`: NAME-METHOD-TIME, with a count when that exists already (created
+    here with `reserve`)."""
+    return stamped_folder(root, f"{name}-{method}", reserve=reserve)
 
 
-def stamped_folder(root: Path, prefix: str) -> Path:
-    """root/PREFIX-TIME that does not exist yet (PREFIX-TIME-2, -3, ... when it does)."""
+def stamped_folder(root: Path, prefix: str, *, reserve: bool = False) -> Path:
+    """root/PREFIX-TIME that does not exist yet (PREFIX-TIME-2, -3, ... when it does). With `reserve` it is
+    created here, so two processes started in the same second never pick the same one (OSError when root
+    cannot hold it); without, the caller creates it with mkdir(exist_ok=False)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / f"{prefix}-{stamp}"
+    if reserve:
+        Path(root).mkdir(parents=True, exist_ok=True)
     n = 1
-    while path.exists():
+    while True:
+        path = Path(root) / (f"{prefix}-{stamp}" if n == 1 else f"{prefix}-{stamp}-{n}")
+        if not reserve and not os.path.lexists(path):
+            return path
+        if reserve:
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                pass
         n += 1
-        path = root / f"{prefix}-{stamp}-{n}"
-    return path
+
+
+INNER_PATH_BYTES = 160  # the longest path a run writes inside its folder, with room to spare
+
+
+def run_dir_problem(path: Path, flag: str = "--run-dir") -> str | None:
+    """What keeps `path` from holding a run (a name longer than the file system allows, or a path so long
+    that the files inside it would pass the system's limit), as one sentence; None when it can."""
+    full = os.path.abspath(path)
+    name_max, path_max = 255, 4096
+    with contextlib.suppress(OSError, ValueError):
+        existing = next(p for p in (Path(full), *Path(full).parents) if p.exists())
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    for part in Path(full).parts:
+        if len(os.fsencode(part)) > name_max:
+            return (
+                f"{flag} {str(path)[:80]}...: the name {part[:40]}... is {len(os.fsencode(part))} bytes, "
+                f"more than the {name_max} the file system allows; choose a shorter name"
+            )
+    if len(os.fsencode(full)) + INNER_PATH_BYTES > path_max:
+        return (
+            f"{flag} {str(path)[:80]}... is {len(os.fsencode(full))} bytes long; with the files a run writes "
+            f"inside it, paths would pass the system's limit of {path_max}: choose a shorter path"
+        )
+    return None
 
 
 class RunWriter:
@@ -81,52 +125,92 @@ class RunWriter:
         self._status: dict[str, Any] = {}
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
+        self.created_folder = False  # this writer made the folder (or default_run_dir reserved it for it)
+        self._created_lock = False
+        self.opened = False
+        self.dropped_requests: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------
-    def open(self) -> RunWriter:
-        """Take the lock and open the files; RunDirError (one sentence) when the folder cannot be written."""
+    def claim(self, *, new: bool) -> RunWriter:
+        """Take the folder's lock (creating the folder), before anything slow such as loading the model.
+        A new run also checks, under the lock, that the folder holds nothing of another run (only what a
+        run killed before its recipe.toml leaves), so two runs never share a folder. RunDirError otherwise."""
         try:
-            return self._open()
+            self._claim(new)
         except OSError as error:
             self.close()
-            where = error.filename or self.path
-            raise RunDirError(
-                f"{where} cannot be written as part of a run directory ({error.strerror or error}); "
-                "fix or remove it, or choose another directory"
-            ) from None
+            raise _unwritable(error, self.path) from None
+        return self
 
-    def _open(self) -> RunWriter:
+    def _claim(self, new: bool) -> None:
+        if self._lock_handle is not None:
+            return
         os.umask(os.umask(PRIVATE_BITS) | PRIVATE_BITS)  # also covers what torch and safetensors write
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not os.path.lexists(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.created_folder = True
         _make_private(self.path)
-        handle = open(self.path / "lock", "a+")
+        lock = self.path / "lock"
+        self._created_lock = not os.path.lexists(lock)
+        handle = open_text_in_place(lock)
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read(40).strip() or "another process"
             handle.close()
             raise RunDirError(
                 f"{self.path} is already being written by pid {holder}; one writer per run directory "
                 f"(watch it with `zopro status {self.path}`, or stop it first)"
             ) from None
+        if new and not unstarted_leftovers(self.path):
+            handle.close()
+            raise RunDirError(
+                f"--run-dir {self.path} already holds files; resume it with `zopro run --resume {self.path}` "
+                "or choose another directory"
+            )
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
         self._lock_handle = handle
+
+    def open(self) -> RunWriter:
+        """Take the lock (unless `claim` did) and open the files; RunDirError (one sentence) when the folder
+        cannot be written."""
+        try:
+            return self._open()
+        except OSError as error:
+            self.close()
+            raise _unwritable(error, self.path) from None
+
+    def _open(self) -> RunWriter:
+        self._claim(new=False)
         for folder in (self.control_dir, self.checkpoints_dir, self.samples_dir):
-            if folder.exists() and not folder.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
-            folder.mkdir(exist_ok=True)
+            real_folder(folder)
             _make_private(folder)
+        self.dropped_requests = self.take_requests()  # left for a process that is gone: they expire
         self.recover_checkpoints()
-        self._events_fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._events_fd = open_in_place(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         self._events_size = _drop_partial_line(self._events_fd)
+        self.opened = True
         self.beat()
         self._beat_thread = threading.Thread(target=self._beat_loop, name="zopro-heartbeat", daemon=True)
         self._beat_thread.start()
         return self
+
+    def abandon(self) -> None:
+        """Before the run started (bad input found while loading): let go of the lock and remove what this
+        writer created and nothing else (the lock file; the folder too when it made it and it is empty)."""
+        self.close()
+        if self.opened or not unstarted_leftovers(self.path):
+            return
+        if self._created_lock and not is_link(self.path / "lock"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path / "lock")
+        if self.created_folder:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)  # only when empty
 
     def close(self) -> None:
         self._beat_stop.set()
@@ -228,8 +312,12 @@ class RunWriter:
         for name in CONTROL_REQUESTS:
             path = self.control_dir / name
             with contextlib.suppress(FileNotFoundError):
-                found.append((path.stat().st_mtime, name))
-                path.unlink()
+                info = os.lstat(path)
+                if stat.S_ISDIR(info.st_mode):
+                    continue  # not a request, and not the run's to remove
+                os.unlink(path)  # a link goes (never its target) and is not obeyed
+                if stat.S_ISREG(info.st_mode):
+                    found.append((info.st_mtime, name))
         return [name for _, name in sorted(found)]
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -239,18 +327,20 @@ class RunWriter:
         and `checkpoints/latest` names it. A crash inside leaves only a `.tmp-*` folder, ignored and cleaned."""
         final = self.checkpoints_dir / name
         tmp = self.checkpoints_dir / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        real_folder(self.checkpoints_dir, create=False)
+        remove_entry(tmp)
+        tmp.mkdir()
         try:
             yield tmp
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back at once
+            remove_entry(tmp)  # a full disk gets its space back at once
             raise
-        if final.exists():
+        if os.path.lexists(final):
             old = self.checkpoints_dir / f".old-{name}-{os.getpid()}"
+            remove_entry(old)
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_entry(old)
         else:
             os.replace(tmp, final)
         atomic_write_text(self.checkpoints_dir / "latest", name + "\n")
@@ -258,16 +348,54 @@ class RunWriter:
     def recover_checkpoints(self) -> None:
         """Undo what a crash inside `checkpoint` left: a checkpoint moved aside (`.old-NAME-PID`) whose
         replacement never arrived goes back to NAME; partial `.tmp-*` folders and stale `.old-*` ones go."""
+        real_folder(self.checkpoints_dir, create=False)  # never a link: what is below it is removed
         for old in sorted(self.checkpoints_dir.glob(".old-*")):
             name = old.name[len(".old-") :].rsplit("-", 1)[0]
             final = self.checkpoints_dir / name
-            if name and not final.exists() and (old / "state.json").is_file():
+            if name and not is_link(old) and not os.path.lexists(final) and (old / "state.json").is_file():
                 os.replace(old, final)
         for path in self.checkpoints_dir.glob(".*"):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            remove_entry(path)
+
+
+UNSTARTED = ("lock", "heartbeat", "events.jsonl", "control", "checkpoints", "samples")
+
+
+def unstarted_leftovers(folder: Path) -> bool:
+    """The folder holds nothing, or only what a run killed before it wrote recipe.toml leaves (its lock,
+    heartbeat, an empty events.jsonl, control/, checkpoints/ and samples/ with no checkpoint or sample):
+    a new run may take it."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") and ".tmp-" in name and not entry.is_dir(follow_symlinks=False):
+            continue  # a whole-file write cut short
+        if name not in UNSTARTED or entry.is_symlink():
+            return False
+        if name in ("control", "checkpoints", "samples"):
+            if not entry.is_dir(follow_symlinks=False):
+                return False
+            inside = [e.name for e in os.scandir(entry.path)]
+            if name != "control" and any(not n.startswith(".") for n in inside):
+                return False
+        elif name == "events.jsonl" and entry.stat(follow_symlinks=False).st_size > 0:
+            return False
+    return True
+
+
+def _unwritable(error: OSError, path: Path) -> RunDirError:
+    if isinstance(error, RunDirError):
+        return error
+    where = error.filename or path
+    return RunDirError(
+        f"{where} cannot be written as part of a run directory ({error.strerror or error}); "
+        "fix or remove it, or choose another directory"
+    )
 
 
 def _make_private(folder: Path) -> None:
@@ -302,14 +430,16 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     try:
         complete = [
-            p for p in folder.iterdir() if not p.name.startswith(".") and (p / "state.json").is_file()
+            p
+            for p in folder.iterdir()
+            if not p.name.startswith(".") and not p.is_symlink() and (p / "state.json").is_file()
         ]
     except OSError:
         return []
 
     def position(path: Path) -> tuple[int, int, float]:
         try:
-            seq = json.loads((path / "state.json").read_text()).get("event_seq")
+            seq = json.loads(read_plain(path / "state.json", 1 << 24)).get("event_seq")
         except (OSError, ValueError, AttributeError, RecursionError):
             seq = None
         mtime = (path / "state.json").stat().st_mtime
@@ -317,7 +447,7 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
 
     complete.sort(key=position, reverse=True)
     try:
-        named = folder / (folder / "latest").read_text().strip()
+        named = folder / read_plain(folder / "latest", 4096).decode().strip()
     except (OSError, ValueError):
         named = None
     if named in complete:
@@ -336,8 +466,14 @@ class FollowerWriter(RunWriter):
     """What a rank other than 0 of a multi-process run holds: the run directory's paths and the event
     numbering, writing nothing (rank 0 is the one writer; the others read its checkpoints)."""
 
+    def claim(self, *, new: bool) -> FollowerWriter:
+        return self
+
     def open(self) -> FollowerWriter:
         return self
+
+    def abandon(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -86,6 +86,21 @@ class RunBook:
             **({"data": data_report.as_dict()} if data_report is not None else {}),
         )
 
+    def _fit_iterations(self, checkpoint: Path | None) -> None:
+        """train.iterations in recipe.toml lowered below where the checkpoint is: exactly at an iteration's
+        start, the run is done there (it finishes, training nothing); inside or past it, RunDirError."""
+        state, iterations = self.state, self.recipe.train.iterations
+        if checkpoint is None or state.stage == "done" or state.iteration < iterations:
+            return
+        if state.iteration == iterations and state.stage == "policy" and state.step == 0:
+            state.stage = "done"
+            return
+        raise RunDirError(
+            f"{self.writer.path / 'recipe.toml'} sets train.iterations = {iterations}, but checkpoint "
+            f"{checkpoint.name} is already in iteration {state.iteration + 1}; set train.iterations to "
+            f"{state.iteration + 1} or more to continue (nothing was changed)"
+        )
+
     def reopen(self, load_checkpoint: Callable[[Path], None]) -> None:
         """Continue a run from its newest intact checkpoint (`load_checkpoint(folder)` restores the
         training state, or raises CheckpointUnreadable, and that folder is skipped and named); events are
@@ -108,6 +123,7 @@ class RunBook:
                 f"no checkpoint in {writer.checkpoints_dir} can be read ({'; '.join(skipped)}); "
                 "nothing was changed: start a new run"
             )
+        self._fit_iterations(checkpoint)
         writer.load_status()
         writer.number_events_from(self.state.event_seq if checkpoint is not None else 0)
         writer.update_status(

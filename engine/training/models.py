@@ -35,6 +35,7 @@ BUILTIN_SIZES = {
 BUILTIN_VOCAB = 512
 BUILTIN_VERSION = 3  # bump when the build changes, so caches rebuild
 PRETRAIN_STEPS = 300
+TOKENIZER_TEXT_CHARS = 4000  # the built-in tokenizer and pre-training read at most this much of one text
 
 
 class ModelError(RuntimeError):
@@ -86,6 +87,16 @@ def build_builtin(
     target = cache_dir / "builtin" / f"{size}-seed{seed}-{digest}-v{BUILTIN_VERSION}"
     if (target / "config.json").exists():
         return target
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    try:  # before the minutes of building: the cache must take it
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as error:
+        raise ModelError(
+            f"the model cache {cache_dir} cannot be written ({error.strerror or error}); set ZOPRO_CACHE "
+            "(or model.cache_dir) to a folder you can write"
+        ) from None
     if on_build is not None:
         on_build(
             f"building the built-in model builtin:{size} on first use: a tokenizer and a small Llama trained "
@@ -103,7 +114,7 @@ def build_builtin(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(corpus, trainer=trainer)
+    bpe.train_from_iterator((line[:TOKENIZER_TEXT_CHARS] for line in corpus), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
@@ -125,23 +136,29 @@ def build_builtin(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    if text:
-        pretrain(model, tokenizer, text, seed=seed, steps=PRETRAIN_STEPS)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "zopro-builtin.json").write_text(
-        json.dumps(
-            {
-                "size": size,
-                "seed": seed,
-                "corpus_sha": digest,
-                "pretrain_steps": PRETRAIN_STEPS if text else 0,
-            }
+    if text:  # a huge cell of one's own data is cut here, never held whole
+        pretrain(
+            model, tokenizer, [line[:TOKENIZER_TEXT_CHARS] for line in text], seed=seed, steps=PRETRAIN_STEPS
         )
-    )
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "zopro-builtin.json").write_text(
+            json.dumps(
+                {
+                    "size": size,
+                    "seed": seed,
+                    "corpus_sha": digest,
+                    "pretrain_steps": PRETRAIN_STEPS if text else 0,
+                }
+            )
+        )
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(
+            f"the model cache {cache_dir} cannot be written ({error.strerror or error}); set ZOPRO_CACHE "
+            "(or model.cache_dir) to a folder you can write"
+        ) from None
     try:
         os.replace(tmp, target)
     except OSError:  # another process built it first
@@ -368,9 +385,14 @@ def load_preference_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
         base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - a damaged model folder: truncated weights, a config that is a list
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"cannot load model.base = {base!r}: {first[:200]}") from None
+        hint = ""
+        if Path(base).parent.name == "builtin" and (Path(base) / "zopro-builtin.json").exists():
+            hint = f"; the built-in model cached there is damaged: remove {base} and it is built again"
+        elif Path(base).is_dir():
+            hint = "; the model folder is damaged (a copy or download cut short?)"
+        raise ModelError(f"cannot load model.base = {base!r}: {first[:200]}{hint}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -319,6 +319,9 @@ class Run:
     def load_checkpoint(self, folder: Path) -> None:
         """Restore a checkpoint; CheckpointUnreadable (nothing applied) when a file is truncated or garbage.
         trainer_state.pt is read with weights_only: tensors and plain values, never code."""
+        for part in ("state.json", "trainer_state.pt", "score_head.safetensors", *CHECKPOINT_ADAPTERS):
+            if (folder / part).exists() and not (folder / part).is_file():  # a FIFO would hang the read
+                raise CheckpointUnreadable(f"{part} is not a plain file")
         try:
             state = run_state(json.loads((folder / "state.json").read_text()))
         except (OSError, ValueError, TypeError, RecursionError) as error:
@@ -344,7 +347,10 @@ class Run:
                 self.interplay.load_state_dict(trainer["interplay"])
             self.counters.load_state_dict(state.counters)
         except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
-            raise CheckpointUnreadable(f"does not fit this run ({_first_line(error)})") from None
+            raise CheckpointUnreadable(
+                f"does not fit this run's model and adapters ({_first_line(error)}); were model settings "
+                "changed in recipe.toml?"
+            ) from None
         self.book.state = state
         self.book.clock = Stopwatch(state.elapsed)
         if self.adapter_history is not None:  # the one place the history is read from files
@@ -372,6 +378,18 @@ class Run:
         book.writer.update_status(rolled_back_to=folder.name, stopped_by=reason)
 
 
+CHECKPOINT_ADAPTERS = tuple(
+    f"adapters/{name}/adapter_model.safetensors" for name in ("sft", "policy", "reward")
+)
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
+    """The gist of an error in one line: its first line, and the next one when the first only announces
+    a list (torch's "Error(s) in loading state_dict for PeftModel:")."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return text[:300]
