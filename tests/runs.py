@@ -9,8 +9,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from engine.rundir.checkpoints import adapter_file
 from engine.rundir.reader import read_events, run_info
-from engine.rundir.writer import adapter_file
 from tests.conftest import zopro, zopro_popen
 
 

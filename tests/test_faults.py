@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.rundir.checkpoints import adapter_file
 from engine.rundir.reader import EventTail, read_events, run_info
 from engine.rundir.wording import checkpoint_phrase
-from engine.rundir.writer import RunDirError, RunWriter, adapter_file
+from engine.rundir.writer import RunDirError, RunWriter
 from tests.conftest import REPO, zopro, zopro_popen
 from tests.runs import global_step, wait_for
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from engine.rundir.checkpoints import checkpoint_candidates
 from engine.rundir.controls import send_control
 from engine.rundir.files import RunDirError, atomic_write_json
 from engine.rundir.reader import latest_samples, read_events, run_info
-from engine.rundir.writer import RunWriter, checkpoint_candidates
+from engine.rundir.writer import RunWriter
 from tests.test_hardening3_security import make_victim, picture
 
 

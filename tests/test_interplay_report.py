@@ -21,7 +21,7 @@ from engine.export.interplay_report import (
     render_report,
     trajectory_projection,
 )
-from engine.rundir.writer import adapter_file
+from engine.rundir.checkpoints import adapter_file
 from tests.test_interplay import adapter_shapes, flat_update, random_adapter  # noqa: F401
 
 # -- Procrustes and the offline report -------------------------------------------------------------------------

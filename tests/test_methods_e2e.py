@@ -8,8 +8,8 @@ import math
 import pytest
 from safetensors.torch import load_file
 
+from engine.rundir.checkpoints import adapter_file
 from engine.rundir.reader import read_events
-from engine.rundir.writer import adapter_file
 from tests.conftest import FAST_RECIPE, REPO, zopro
 from tests.runs import assert_resume_after_sigterm_is_exact, finished_run
 

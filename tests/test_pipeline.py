@@ -8,9 +8,9 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from engine.rundir.checkpoints import adapter_file
 from engine.rundir.controls import send_control
 from engine.rundir.reader import read_events, run_info
-from engine.rundir.writer import adapter_file
 from tests.conftest import REPO, zopro, zopro_popen
 from tests.runs import assert_resume_after_sigterm_is_exact, global_step, metric_events, wait_for
 

@@ -63,8 +63,8 @@ def test_cancelling_the_running_entry_stops_it_at_a_checkpoint_and_the_queue_goe
     the run stops (checkpoint, `stopped`, resumable) and the worker starts the next entry."""
     import time
 
+    from engine.rundir.checkpoints import latest_checkpoint
     from engine.rundir.reader import read_events, run_info
-    from engine.rundir.writer import latest_checkpoint
     from tests.conftest import zopro_popen
 
     root = tmp_path / "runs"

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
+from engine.rundir.checkpoints import latest_checkpoint
 from engine.rundir.controls import send_control
 from engine.rundir.events import SCHEMA_VERSION, apply_rewinds, schema_version
 from engine.rundir.reader import EventTail, list_runs, read_events, run_info
-from engine.rundir.writer import RunDirError, RunWriter, latest_checkpoint
+from engine.rundir.writer import RunDirError, RunWriter
 
 
 def test_reader_tailing_a_live_writer_sees_every_event_once(tmp_path):

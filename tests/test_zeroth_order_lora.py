@@ -97,7 +97,7 @@ def test_adapter_history_keeps_two_boundaries_as_copies_and_rebuilds_from_checkp
     from safetensors.torch import save_file
 
     from engine.errors import TrainingFailed
-    from engine.rundir.writer import adapter_file
+    from engine.rundir.checkpoints import adapter_file
     from engine.training.adapter_history import AdapterHistory
 
     live = make_params()

@@ -28,6 +28,7 @@ from engine.cli.exit_codes import (
     EXIT_TERMINATED,
 )
 from engine.recipe import RecipeError, load_recipe
+from engine.rundir.checkpoints import latest_checkpoint
 from engine.rundir.files import atomic_write_text
 from engine.rundir.progress import eta_seconds, steps_per_second
 from engine.rundir.reader import read_events, run_info
@@ -38,7 +39,6 @@ from engine.rundir.writer import (
     RunDirError,
     RunWriter,
     default_run_dir,
-    latest_checkpoint,
     run_dir_problem,
     unstarted_leftovers,
 )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from engine.rundir.checkpoints import iteration_checkpoint_name
 from engine.rundir.reader import is_run_dir
-from engine.rundir.writer import iteration_checkpoint_name
 
 ITERATION_NAME = re.compile(r"iter-(\d+)")
 

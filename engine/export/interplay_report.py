@@ -30,7 +30,7 @@ from torch import Tensor
 from engine.analysis.interplay import InterplayTracker
 from engine.analysis.layers import layer_sort_key
 from engine.analysis.projections import derived_seed
-from engine.rundir.writer import adapter_file
+from engine.rundir.checkpoints import adapter_file
 from engine.training.adapter_keys import match_adapter_tensors
 
 _ITERATION_CHECKPOINT = re.compile(r"iter-(\d+)")

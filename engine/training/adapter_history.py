@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.errors import TrainingFailed
-from engine.rundir.writer import adapter_file, iteration_checkpoint_name
+from engine.rundir.checkpoints import adapter_file, iteration_checkpoint_name
 
 ADAPTERS = ("policy", "reward")
 

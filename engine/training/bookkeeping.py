@@ -22,9 +22,10 @@ import torch
 from engine import __version__
 from engine.errors import StopRun, TrainingFailed
 from engine.recipe import Recipe, dump_recipe
+from engine.rundir.checkpoints import checkpoint_candidates, iteration_checkpoint_name
 from engine.rundir.files import RunDirError
 from engine.rundir.wording import ITERATION_STAGES, checkpoint_phrase, stage_message
-from engine.rundir.writer import RunWriter, checkpoint_candidates, iteration_checkpoint_name
+from engine.rundir.writer import RunWriter
 from engine.training.distributed import Distributed
 from engine.training.run_state import STATUS_WARNINGS, RunState
 from engine.training.telemetry import Counters, Stopwatch, memory_metrics, peak_rss_mib, reset_peak

@@ -7,8 +7,8 @@ checkpoint holds, and `book.begin(stage)` is false for the stages a resumed run 
 from __future__ import annotations
 
 from engine.errors import StopRun
+from engine.rundir.checkpoints import iteration_checkpoint_name
 from engine.rundir.wording import short_iteration
-from engine.rundir.writer import iteration_checkpoint_name
 from engine.training.evaluation import evaluate, watch
 from engine.training.run import Run
 from engine.training.stages import (

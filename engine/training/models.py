@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.rundir.writer import adapter_file
+from engine.rundir.checkpoints import adapter_file
 from engine.training.gguf_base import GGUFError, dequantise, is_gguf_reference
 
 ADAPTERS = ("sft", "policy", "reward")
