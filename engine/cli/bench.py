@@ -29,6 +29,7 @@ class BenchConfig:
     device: str = "auto"
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: torch's default)
+    gradient_checkpointing: str = "auto"  # model.gradient_checkpointing: auto, on or off
 
 
 def worker(method: str, config: BenchConfig) -> dict:
@@ -68,6 +69,7 @@ def worker(method: str, config: BenchConfig) -> dict:
                     "lora_alpha": 2.0 * config.lora_rank,
                     "max_new_tokens": config.max_new_tokens,
                     "dtype": config.dtype,
+                    "gradient_checkpointing": config.gradient_checkpointing,
                 },
                 "policy": {"method": method},
                 "train": {
@@ -91,6 +93,7 @@ def worker(method: str, config: BenchConfig) -> dict:
         lora_alpha=2.0 * config.lora_rank,
         target_modules=recipe.model.target_modules,
         seed=config.seed,
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
     )
     counters = Counters()
     counters.enter("bench")
