@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine.rundir.controls import send_control
-from engine.rundir.events import SCHEMA_VERSION, apply_rewinds, schema_version
+from engine.rundir.events import SCHEMA_VERSION, apply_rewinds, parse_event_line, schema_version
 from engine.rundir.reader import EventTail, list_runs, read_events, run_info
 from engine.rundir.writer import RunDirError, RunWriter, latest_checkpoint
 
@@ -169,3 +169,14 @@ def test_status_is_derived_from_heartbeat_and_pid(tmp_path):
     (run / "status.json").write_text(json.dumps(status))
     assert run_info(run).status == "finished"
     assert [r.name for r in list_runs(tmp_path)] == ["run"]
+
+
+def test_an_event_keeps_only_number_and_null_metrics_and_a_bom_is_read_past():
+    line = b'{"seq": 1, "type": "metrics", "metrics": {"a": 1.5, "b": true, "c": "x", "d": null, "e": 3, "f": [1]}}'
+    assert parse_event_line(line)["metrics"] == {"a": 1.5, "d": None, "e": 3}
+    assert parse_event_line(b'{"seq": 2, "type": "metrics", "metrics": {"a": 2, "b": 0.5}}')["metrics"] == {
+        "a": 2,
+        "b": 0.5,
+    }
+    assert parse_event_line(b'\xef\xbb\xbf{"seq": 3, "type": "eval"}') == {"seq": 3, "type": "eval"}
+    assert parse_event_line(b'{"seq": 4, "type": "metrics", "metrics": {"a": "\xff"}}') is None
