@@ -13,7 +13,7 @@ import pytest
 
 from engine.rundir.checkpoints import latest_checkpoint
 from engine.rundir.controls import send_control
-from engine.rundir.events import SCHEMA_VERSION, apply_rewinds, schema_version
+from engine.rundir.events import SCHEMA_VERSION, apply_rewinds, parse_event_line, schema_version
 from engine.rundir.reader import EventTail, list_runs, read_events, run_info
 from engine.rundir.writer import RunDirError, RunWriter
 
@@ -186,3 +186,14 @@ def test_the_reader_says_which_host_the_writer_runs_on(tmp_path):
         assert run_info(run).host == "gpu-node-7"
     (run / "meta.json").write_text("[not an object")
     assert run_info(run).host is None
+
+
+def test_an_event_keeps_only_number_and_null_metrics_and_a_bom_is_read_past():
+    line = b'{"seq": 1, "type": "metrics", "metrics": {"a": 1.5, "b": true, "c": "x", "d": null, "e": 3, "f": [1]}}'
+    assert parse_event_line(line)["metrics"] == {"a": 1.5, "d": None, "e": 3}
+    assert parse_event_line(b'{"seq": 2, "type": "metrics", "metrics": {"a": 2, "b": 0.5}}')["metrics"] == {
+        "a": 2,
+        "b": 0.5,
+    }
+    assert parse_event_line(b'\xef\xbb\xbf{"seq": 3, "type": "eval"}') == {"seq": 3, "type": "eval"}
+    assert parse_event_line(b'{"seq": 4, "type": "metrics", "metrics": {"a": "\xff"}}') is None

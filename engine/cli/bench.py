@@ -29,6 +29,7 @@ class BenchConfig:
     device: str = "auto"
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: torch's default)
+    gradient_checkpointing: str = "auto"  # model.gradient_checkpointing: auto, on or off
 
 
 def worker(method: str, config: BenchConfig) -> dict:
@@ -71,6 +72,7 @@ def worker(method: str, config: BenchConfig) -> dict:
                     "max_new_tokens": config.max_new_tokens,
                     "max_prompt_tokens": 64,  # room for a real model's chat template
                     "dtype": config.dtype,
+                    "gradient_checkpointing": config.gradient_checkpointing,
                 },
                 "policy": {"method": method},
                 "train": {
@@ -94,6 +96,7 @@ def worker(method: str, config: BenchConfig) -> dict:
         lora_alpha=2.0 * config.lora_rank,
         target_modules=recipe.model.target_modules,
         seed=config.seed,
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
     )
     task = speak_through_chat_template(task, models.tokenizer, recipe.model.max_prompt_tokens)
     counters = Counters()

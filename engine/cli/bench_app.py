@@ -35,6 +35,9 @@ def bench_methods(
         Device, typer.Option("--device", parser=one_of(Device, "--device"), help="where the workers run")
     ] = Device.auto,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads per worker (0: default)")] = 0,
+    checkpointing: Annotated[
+        str, typer.Option("--checkpointing", help="model.gradient_checkpointing: auto, on or off")
+    ] = "auto",
     json_path: Annotated[
         Path | None, typer.Option("--json", help="also write the results to this file")
     ] = None,
@@ -51,6 +54,8 @@ def bench_methods(
             f"--methods: unknown {', '.join(unknown)}; accepted: {', '.join(BENCH_METHODS)}, each optionally "
             'with settings of its section ("zopro:sampler=subspace")'
         )
+    if checkpointing not in ("auto", "on", "off"):
+        fail(f"--checkpointing {checkpointing!r}: accepted: auto, on, off")
     for entry in chosen:
         method, variant = split_variant(entry)
         try:
@@ -66,6 +71,7 @@ def bench_methods(
         dtype=dtype.value,
         device=device.value,
         threads=threads,
+        gradient_checkpointing=checkpointing,
     )
     with (
         err.status(f"benchmarking {', '.join(chosen)} on {model}…")

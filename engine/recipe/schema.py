@@ -71,6 +71,12 @@ class ModelConfig:
     max_prompt_tokens: int = spec(32, low=1, high=131072)
     max_new_tokens: int = spec(16, low=1, high=131072, help="response length in tokens (the paper: 53)")
     cache_dir: str = spec("", help="where built-in models are built; default ~/.cache/zopro or $ZOPRO_CACHE")
+    gradient_checkpointing: str = spec(
+        "auto",
+        choices=("auto", "on", "off"),
+        help="recompute each layer's activations in the backward instead of keeping them (auto: on when a "
+        "pass would keep over 256 MiB)",
+    )
 
 
 @dataclass

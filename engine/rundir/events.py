@@ -118,17 +118,23 @@ def checked_event(value: Any) -> dict | None:
         if value.get(key) is not None and not is_number(value[key]):
             return None
     if "metrics" in value:
-        if not isinstance(value["metrics"], dict):
+        metrics = value["metrics"]
+        if not isinstance(metrics, dict):
             return None
-        value["metrics"] = {k: v for k, v in value["metrics"].items() if v is None or is_number(v)}
+        if not set(map(type, metrics.values())) <= NUMBER_OR_NULL:  # the common case costs one set
+            value["metrics"] = {k: v for k, v in metrics.items() if v is None or is_number(v)}
     return value
+
+
+NUMBER_OR_NULL = frozenset((int, float, type(None)))  # the exact classes JSON gives numbers and null
+_DECODER = json.JSONDecoder()
 
 
 def parse_event_line(line: bytes) -> dict | None:
     """One line of events.jsonl as an event, or None when it is not one (bad JSON, bad UTF-8, wrong shape)."""
     try:
-        return checked_event(json.loads(line))
-    except (ValueError, RecursionError):
+        return checked_event(_DECODER.decode(line.decode("utf-8-sig")))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
 
 

@@ -88,6 +88,7 @@ class Run:
             lora_alpha=m.lora_alpha,
             target_modules=m.target_modules,
             seed=recipe.seed,
+            gradient_checkpointing=m.gradient_checkpointing,
         )
         self.data_report = None
         if hasattr(self.task, "bind"):  # a dataset: format prompts for this tokenizer, drop over-long rows

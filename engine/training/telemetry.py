@@ -109,7 +109,7 @@ def _vm_hwm_mib() -> float | None:
     return None
 
 
-def _release_free_memory() -> None:
+def release_free_memory() -> None:
     """Return freed heap pages to the OS (glibc); without it RSS keeps old peaks and hides new ones."""
     try:
         import ctypes
@@ -134,7 +134,7 @@ class PhasePeak:
             self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            _release_free_memory()  # so the RSS we start from is what is really in use
+            release_free_memory()  # so the RSS we start from is what is really in use
             if self.resettable:
                 try:
                     with open("/proc/self/clear_refs", "w") as refs:

@@ -1,0 +1,109 @@
+"""Activation checkpointing of the decoder layers (model.gradient_checkpointing, issue 28)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.data.tasks import make_task
+from engine.recipe import RecipeError, recipe_from_dict
+from engine.training import models
+from engine.training.models import (
+    ModelError,
+    build_builtin,
+    load_preference_model,
+    quiet_transformers,
+    set_activation_checkpointing,
+)
+from engine.training.rollout import sample, token_logprobs
+from engine.training.telemetry import Counters
+
+
+@pytest.fixture(scope="module")
+def pm(model_cache):
+    quiet_transformers()
+    task = make_task(recipe_from_dict({}))
+    base = build_builtin("nano", task.corpus(), 0, model_cache)
+    model = load_preference_model(
+        str(base),
+        dtype="float32",
+        device=torch.device("cpu"),
+        lora_rank=4,
+        lora_alpha=8.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        seed=0,
+    )
+    with torch.no_grad():  # a policy adapter away from its zero-B start, so every LoRA matrix has a gradient
+        gen = torch.Generator().manual_seed(1)
+        for param in model.adapter_parameters("policy").values():
+            param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    with model.adapter("policy"), torch.no_grad():
+        model.seqs = sample(
+            model,
+            task.prompts(8, "test"),
+            max_new_tokens=12,
+            max_prompt_tokens=16,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(0),
+            counters=Counters(),
+        )
+    return model
+
+
+def backward_with_saved_bytes(pm) -> tuple[dict[str, torch.Tensor], int]:
+    """The policy adapter's gradient of the summed response log-probs, and the bytes autograd kept."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    params = pm.adapter_parameters("policy")
+    with pm.adapter("policy"):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = token_logprobs(pm, pm.seqs, Counters()).sum()
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    return grads, sum(storages.values())
+
+
+def test_checkpointed_layers_give_the_same_gradient_and_keep_a_fraction_of_the_activations(pm):
+    try:
+        set_activation_checkpointing(pm, "off")
+        kept_grads, kept_bytes = backward_with_saved_bytes(pm)
+        set_activation_checkpointing(pm, "on")
+        recomputed_grads, recomputed_bytes = backward_with_saved_bytes(pm)
+    finally:
+        set_activation_checkpointing(pm, "auto")
+    assert kept_grads.keys() == recomputed_grads.keys() and kept_grads
+    for name, grad in kept_grads.items():
+        torch.testing.assert_close(recomputed_grads[name], grad, rtol=1e-5, atol=1e-6)
+        assert grad.abs().sum() > 0, name
+    assert recomputed_bytes < 0.5 * kept_bytes, (recomputed_bytes, kept_bytes)
+
+
+def test_auto_checkpoints_only_passes_above_its_threshold(pm, monkeypatch):
+    try:
+        set_activation_checkpointing(pm, "off")
+        _, kept_bytes = backward_with_saved_bytes(pm)
+        set_activation_checkpointing(pm, "on")
+        _, recomputed_bytes = backward_with_saved_bytes(pm)
+        set_activation_checkpointing(pm, "auto")  # a few hundred tokens of a 64-wide model: far below
+        assert backward_with_saved_bytes(pm)[1] == kept_bytes
+        monkeypatch.setattr(models, "CHECKPOINTING_AUTO_BYTES", 0)
+        set_activation_checkpointing(pm, "auto")
+        assert backward_with_saved_bytes(pm)[1] == recomputed_bytes
+    finally:
+        monkeypatch.undo()
+        set_activation_checkpointing(pm, "auto")
+
+
+def test_an_unknown_checkpointing_mode_is_one_sentence(pm):
+    with pytest.raises(
+        ModelError, match="model.gradient_checkpointing = 'sometimes'; accepted: auto, on, off"
+    ):
+        set_activation_checkpointing(pm, "sometimes")
+    with pytest.raises(RecipeError, match="gradient_checkpointing"):
+        recipe_from_dict({"model": {"gradient_checkpointing": "sometimes"}}, "r.toml")
