@@ -75,27 +75,25 @@ def run_section(document: Document, run: LabelledRun) -> None:
 def sweep_section(document: Document, path: Path, runs: list[LabelledRun]) -> None:
     sweep = load_sweep(path)
     document.paragraph(f"grid: {json.dumps(sweep.grid)}; {len(runs)} of {len(sweep.points)} points run")
+    runs_sections(document, runs, "Final held-out evaluation, per point")
+    document.preformatted(_read(path / SWEEP_RECIPE), "the swept recipe (each point sets the grid's keys)")
+
+
+def runs_sections(document: Document, runs: list[LabelledRun], final_title: str) -> None:
+    """What a sweep's and a comparison's pages share, up to the recipe's heading."""
     warnings_section(document, runs)
-    final_table(document, runs, "Final held-out evaluation, per point")
+    final_table(document, runs, final_title)
     iterations_by_run(document, runs)
     curves_section(document, runs)
     interplay_section(document, runs)
     answers_by_run(document, runs)
     hardware_section(document, runs[:1])
     document.heading("Recipe")
-    document.preformatted(_read(path / SWEEP_RECIPE), "the swept recipe (each point sets the grid's keys)")
 
 
 def comparison_section(document: Document, runs: list[LabelledRun]) -> None:
     document.paragraph("The same recipe, seed and data for every method; only the policy update differs.")
-    warnings_section(document, runs)
-    final_table(document, runs, "Final held-out evaluation, per method")
-    iterations_by_run(document, runs)
-    curves_section(document, runs)
-    interplay_section(document, runs)
-    answers_by_run(document, runs)
-    hardware_section(document, runs[:1])
-    document.heading("Recipe")
+    runs_sections(document, runs, "Final held-out evaluation, per method")
     document.preformatted(_read(runs[0].path / "recipe.toml"), f"recipe.toml of {runs[0].label}")
 
 
