@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine.rundir.sweep import create_sweep
 
-from engine.rundir import queue
+from engine.jobs import queue
+from engine.jobs.sweep import create_sweep
 from engine.rundir.writer import RunWriter
 from tests.conftest import FAST_RECIPE, zopro
 

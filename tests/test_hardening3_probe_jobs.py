@@ -11,10 +11,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from engine.rundir.sweep import SweepError, create_sweep, list_sweeps, load_sweep, write_summary
 from rich.console import Console
 
-from engine.rundir import queue
+from engine.jobs import queue
+from engine.jobs.sweep import SweepError, create_sweep, list_sweeps, load_sweep, write_summary
 from engine.rundir.writer import RunDirError, RunWriter
 from tests.conftest import FAST_RECIPE, zopro_popen
 from tests.runs import wait_for

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from engine.rundir.sweep import create_sweep
 
-from engine.rundir import queue
+from engine.jobs import queue
+from engine.jobs.sweep import create_sweep
 from engine.rundir.files import RunDirError, atomic_write_text
 from engine.rundir.writer import RunWriter, default_run_dir
 from tests.conftest import FAST_RECIPE, zopro, zopro_popen
