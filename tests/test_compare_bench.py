@@ -120,3 +120,15 @@ def test_bench_methods_writes_the_json_shape(tmp_path):
     assert report["methods"]["rloo"]["forward_passes_per_update"] == 1
     assert report["methods"]["zopro"]["forward_passes_per_update"] == 2  # q = 1: two forward passes
     assert report["config"]["model"] == "builtin:nano"
+    assert report["config"]["gradient_checkpointing"] == "auto"
+
+
+def test_bench_methods_with_an_unknown_checkpointing_mode_is_one_sentence():
+    result = zopro("bench", "methods", "--checkpointing", "sometimes")
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--checkpointing 'sometimes': accepted: auto, on, off")
+    )
+    assert not result.stdout.strip()
