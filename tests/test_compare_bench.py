@@ -120,6 +120,7 @@ def test_bench_methods_writes_the_json_shape(tmp_path):
     assert report["methods"]["rloo"]["forward_passes_per_update"] == 1
     assert report["methods"]["zopro"]["forward_passes_per_update"] == 2  # q = 1: two forward passes
     assert report["config"]["model"] == "builtin:nano"
+    assert report["config"]["gradient_checkpointing"] == "auto"
 
 
 def test_the_zeroth_order_update_needs_a_fraction_of_rloos_memory(tmp_path):
@@ -140,3 +141,14 @@ def test_the_zeroth_order_update_needs_a_fraction_of_rloos_memory(tmp_path):
     assert rloo > 100, rows  # the activations of a backward over 64 x 48 tokens, well above the noise
     for method in ("mezo", "zopro"):
         assert rows[method]["peak_update_mem_mib"] <= 0.3 * rloo, (method, rows[method], rloo)
+
+
+def test_bench_methods_with_an_unknown_checkpointing_mode_is_one_sentence():
+    result = zopro("bench", "methods", "--checkpointing", "sometimes")
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--checkpointing 'sometimes': accepted: auto, on, off")
+    )
+    assert not result.stdout.strip()
