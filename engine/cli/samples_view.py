@@ -8,6 +8,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from engine.rundir.report import fmt_value
+from engine.rundir.wording import iteration_text
 
 KEPT_CONTROLS = "\n\t"
 
@@ -34,7 +35,7 @@ def samples_view(rows: list[dict], count: int) -> Group:
         body.append(answer if answer.strip() else "(empty)", style="" if answer.strip() else "dim italic")
         iteration = row.get("iteration")
         title = f"{row.get('kind', 'train')} sample" + (
-            "" if iteration is None else f", iteration {iteration}"
+            f", {iteration_text(iteration)}" if isinstance(iteration, int) else ""
         )
         subtitle = f"RM {fmt_value(row.get('score'))}" + (
             f"  gold {fmt_value(row.get('gold'), 2)}" if row.get("gold") is not None else ""
