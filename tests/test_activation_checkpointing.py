@@ -7,13 +7,12 @@ import torch
 
 from engine.data.tasks import make_task
 from engine.recipe import RecipeError, recipe_from_dict
-from engine.training import models
+from engine.training import activation_checkpointing
+from engine.training.activation_checkpointing import set_activation_checkpointing
 from engine.training.models import (
-    ModelError,
     build_builtin,
     load_preference_model,
     quiet_transformers,
-    set_activation_checkpointing,
 )
 from engine.training.rollout import sample, token_logprobs
 from engine.training.telemetry import Counters
@@ -92,7 +91,7 @@ def test_auto_checkpoints_only_passes_above_its_threshold(pm, monkeypatch):
         _, recomputed_bytes = backward_with_saved_bytes(pm)
         set_activation_checkpointing(pm, "auto")  # a few hundred tokens of a 64-wide model: far below
         assert backward_with_saved_bytes(pm)[1] == kept_bytes
-        monkeypatch.setattr(models, "CHECKPOINTING_AUTO_BYTES", 0)
+        monkeypatch.setattr(activation_checkpointing, "CHECKPOINTING_AUTO_BYTES", 0)
         set_activation_checkpointing(pm, "auto")
         assert backward_with_saved_bytes(pm)[1] == recomputed_bytes
     finally:
@@ -102,7 +101,7 @@ def test_auto_checkpoints_only_passes_above_its_threshold(pm, monkeypatch):
 
 def test_an_unknown_checkpointing_mode_is_one_sentence(pm):
     with pytest.raises(
-        ModelError, match="model.gradient_checkpointing = 'sometimes'; accepted: auto, on, off"
+        ValueError, match="model.gradient_checkpointing = 'sometimes'; accepted: auto, on, off"
     ):
         set_activation_checkpointing(pm, "sometimes")
     with pytest.raises(RecipeError, match="gradient_checkpointing"):
