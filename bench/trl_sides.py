@@ -104,7 +104,7 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
         raise RuntimeError("a benchmark has no run directory")
 
     context = MethodContext(
-        pm=preference_model, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
+        models=preference_model, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
         score_policy=unavailable, fresh_rollout=unavailable,
     )  # fmt: skip
     update = make_update("rloo", context)
