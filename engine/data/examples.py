@@ -36,6 +36,24 @@ class PreferencePair:
     score: float | None = None
 
 
+def gold_ranked_pairs(task, prompts: list[str], rng, count: int) -> list[PreferencePair]:
+    """A built-in task's preference pairs: on each prompt a reference answer against a degenerate one (30%)
+    or a second reference one, the task's gold scorer picking the chosen one; ties are skipped, and it stops
+    at `count` pairs. `task` has reference_response, degenerate_response and gold; `rng` a random.Random."""
+    pairs: list[PreferencePair] = []
+    for prompt in prompts:
+        a = task.reference_response(prompt, rng)
+        degenerate = rng.random() < 0.3
+        b = task.degenerate_response(prompt, rng) if degenerate else task.reference_response(prompt, rng)
+        ga, gb = task.gold(prompt, a), task.gold(prompt, b)
+        if abs(ga - gb) < 1e-9:
+            continue
+        pairs.append(PreferencePair(prompt, a if ga > gb else b, b if ga > gb else a))
+        if len(pairs) == count:
+            break
+    return pairs
+
+
 @dataclass
 class DropReport:
     """How many rows were kept and how many were dropped for each reason."""

@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from engine.data.examples import Example, PreferencePair
+from engine.data.examples import Example, PreferencePair, gold_ranked_pairs
 from engine.data.reviews_gold import GoldParts, gold_parts
 
 
@@ -220,18 +220,7 @@ class ReviewsTask:
         """Two answers per prompt (a reference one and, 30% of the time, a degenerate one instead of a
         second reference one); the gold scorer picks the chosen one; ties are skipped."""
         rng = random.Random(f"{self.seed}:reviews-{split}")
-        pairs: list[PreferencePair] = []
-        for prompt in self.prompts(count * 2, split):
-            a = self.reference_response(prompt, rng)
-            degenerate = rng.random() < 0.3
-            b = self.degenerate_response(prompt, rng) if degenerate else self.reference_response(prompt, rng)
-            ga, gb = self.gold(prompt, a), self.gold(prompt, b)
-            if abs(ga - gb) < 1e-9:
-                continue
-            pairs.append(PreferencePair(prompt, a if ga > gb else b, b if ga > gb else a))
-            if len(pairs) == count:
-                break
-        return pairs
+        return gold_ranked_pairs(self, self.prompts(count * 2, split), rng, count)
 
     def held_out_pairs(self, count: int) -> list[PreferencePair]:
         """Pairs on held-out prompts, which the reward model never trained on (for its held-out accuracy)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from engine.data.dataset_task import DatasetTask
-from engine.data.examples import Example, PreferencePair
+from engine.data.examples import Example, PreferencePair, gold_ranked_pairs
 from engine.data.reviews_task import ReviewsTask
 
 SUBJECTS = (
@@ -140,19 +140,7 @@ class SentimentTask:
     def preference_pairs(self, count: int) -> list[PreferencePair]:
         """Two reference responses per prompt; the gold scorer picks the chosen one (ties are skipped)."""
         rng = random.Random(f"{self.seed}:pairs")
-        pairs: list[PreferencePair] = []
-        prompts = self.prompts(count * 2, "pairs")
-        for prompt in prompts:
-            a = self.reference_response(prompt, rng)
-            degenerate = rng.random() < 0.3
-            b = self.degenerate_response(prompt, rng) if degenerate else self.reference_response(prompt, rng)
-            ga, gb = self.gold(prompt, a), self.gold(prompt, b)
-            if abs(ga - gb) < 1e-9:
-                continue
-            pairs.append(PreferencePair(prompt, a if ga > gb else b, b if ga > gb else a))
-            if len(pairs) == count:
-                break
-        return pairs
+        return gold_ranked_pairs(self, self.prompts(count * 2, "pairs"), rng, count)
 
     def held_out_pairs(self, count: int) -> list[PreferencePair]:
         """Pairs on prompts the reward model never trained on (for its held-out accuracy)."""
