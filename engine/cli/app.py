@@ -59,6 +59,15 @@ def run(
             help="train on N processes of this machine (N GPUs, or N CPU processes): starts torchrun for you",
         ),
     ] = 1,
+    stages_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--stages-from",
+            metavar="RUN",
+            help="take the SFT and reward models of RUN (same seed, model, task, data, sft, reward and eval "
+            "settings; any method) instead of training them again",
+        ),
+    ] = None,
 ) -> None:
     """Train: SFT, a reward model, then iterations of policy optimisation (policy.method: rloo, ppo,
     online_dpo, or zeroth-order mezo, zopro) and reward-model refinement."""
@@ -70,15 +79,18 @@ def run(
     if resume is not None:
         if recipe is not None or set_:
             fail("--resume takes the recipe saved in the run directory; drop the recipe argument and --set")
+        if stages_from is not None:
+            fail("--stages-from starts a new run; a resumed run already has its stages")
         code = run_training(None, [], run_dir=resume, resume=True, quiet=quiet, console=console, err=err)
     else:
         path = recipe if recipe is not None else embedded_recipe()
         if compare_runs_all(path):
             from engine.cli.compare import run_comparison
 
-            if run_dir is not None:
+            if run_dir is not None or stages_from is not None:
                 fail(
-                    "--run-dir names one run; a [compare] run_all recipe writes one folder per method under --root"
+                    "--run-dir and --stages-from name one run; a [compare] run_all recipe writes one folder per "
+                    "method under --root (and trains the SFT and reward stages once)"
                 )
             raise typer.Exit(
                 run_comparison(
@@ -100,6 +112,7 @@ def run(
             quiet=quiet,
             console=console,
             err=err,
+            stages_from=stages_from,
         )
     raise typer.Exit(code)
 
@@ -117,6 +130,14 @@ def compare(
         typer.Option("--set", metavar="KEY=VALUE", help="override a recipe key: key.path=value"),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live progress, only the summary")] = False,
+    share_stages: Annotated[
+        bool,
+        typer.Option(
+            "--share-stages/--no-share-stages",
+            help="train the SFT and reward models once and start every method from them (the same models "
+            "each method would train itself: same seed and settings)",
+        ),
+    ] = True,
 ) -> None:
     """Run several methods of one recipe in turn (same seed, same data) and compare them."""
     from engine.cli.compare import run_comparison
@@ -126,7 +147,16 @@ def compare(
     if len(chosen) < 2:
         fail(f"{recipe}: name at least two methods with --methods or in [compare] methods")
     raise typer.Exit(
-        run_comparison(recipe, chosen, set_ or [], root=root, quiet=quiet, console=console, err=err)
+        run_comparison(
+            recipe,
+            chosen,
+            set_ or [],
+            root=root,
+            quiet=quiet,
+            console=console,
+            err=err,
+            share_stages=share_stages,
+        )
     )
 
 

@@ -51,6 +51,14 @@ def comparison_table(rows: list[dict], title: str = "comparison") -> Table:
     return table
 
 
+def same_stages(mine, theirs) -> bool:
+    """Whether two recipes train the same SFT and reward models (so one run's can serve the other)."""
+    from engine.training.shared_stages import SHARED_KEYS, first_difference
+
+    a, b = mine.to_dict(), theirs.to_dict()
+    return all(first_difference(a[key], b[key]) is None for key in SHARED_KEYS)
+
+
 def run_comparison(
     recipe_path: Path,
     methods: list[str],
@@ -60,8 +68,11 @@ def run_comparison(
     quiet: bool,
     console: Console,
     err: Console,
+    share_stages: bool = True,
 ) -> int:
-    """Validate every sibling recipe first (bad input creates nothing), then run them in turn."""
+    """Validate every sibling recipe first (bad input creates nothing), then run them in turn. With
+    `share_stages`, a method whose SFT and reward settings match an earlier one's takes that run's SFT and
+    reward models (engine.training.shared_stages) instead of training the same ones again."""
     from engine.cli.runner import run_training
 
     labels = [variant_label(entry) for entry in methods]
@@ -94,9 +105,22 @@ def run_comparison(
     dirs = []
     for entry in methods:
         run_dir = folder / variant_label(entry)
-        console.print(f"[bold]{escape(entry)}[/] -> {run_dir}")
+        source = next(
+            (d for d, done in dirs if share_stages and same_stages(recipes[entry], recipes[done])), None
+        )
+        console.print(
+            f"[bold]{escape(entry)}[/] -> {run_dir}"
+            + (f"  (SFT and reward model from {escape(source.name)})" if source is not None else "")
+        )
         code = run_training(
-            recipe_path, settings[entry], run_dir=run_dir, resume=False, quiet=quiet, console=console, err=err
+            recipe_path,
+            settings[entry],
+            run_dir=run_dir,
+            resume=False,
+            quiet=quiet,
+            console=console,
+            err=err,
+            stages_from=source,
         )
         dirs.append((run_dir, entry))
         if code != EXIT_OK:

@@ -168,7 +168,10 @@ def run_training(
     quiet: bool,
     console: Console,
     err: Console,
+    stages_from: Path | None = None,
 ) -> int:
+    """`stages_from`: a run whose SFT and reward stages this new run adopts (engine.training.shared_stages)."""
+
     def bad(message: str) -> int:
         err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
         return EXIT_BAD_INPUT
@@ -203,6 +206,13 @@ def run_training(
             )
             if problem is not None:
                 return bad(problem)
+            if stages_from is not None:
+                from engine.training.shared_stages import StagesError, stages_source
+
+                try:
+                    stages_from = stages_source(stages_from, recipe)
+                except StagesError as error:
+                    return bad(str(error))
             for flag, folder in (("--run-dir", run_dir), ("--root", None if run_dir else root)):
                 blocker = _file_in_the_way(folder)
                 if blocker is not None:
@@ -241,7 +251,9 @@ def run_training(
     try:
         if problem is not None:
             return bad(problem)
-        return _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad, writer)
+        return _train(
+            recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad, writer, stages_from
+        )
     finally:
         if writer is not None:
             writer.abandon()  # only before the run started: its lock and the folder it made go
@@ -249,7 +261,7 @@ def run_training(
             dist.close()
 
 
-def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad, writer) -> int:
+def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad, writer, stages_from) -> int:
     from engine.mirror import Mirror, missing_package
 
     missing = missing_package(recipe.log.report_to)
@@ -324,7 +336,7 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad,
             if resume:
                 loop.resume(run)
             else:
-                loop.start(run)
+                loop.start(run, stages_from)
     except StopRun as stop:
         code = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGHUP": EXIT_HANGUP}.get(
             stop.reason, EXIT_OK

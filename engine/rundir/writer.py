@@ -264,6 +264,12 @@ class RunWriter:
             raise
         self._events_size += len(line)
 
+    def append_event(self, event: dict) -> None:
+        """Append an event written by another run as it is (a run adopting another's stages); the next
+        event is numbered after it."""
+        self._append(event)
+        self.seq = event["seq"] + 1
+
     def update_status(self, **fields: Any) -> None:
         """Merge fields into status.json and replace it atomically."""
         self._status.update(fields)

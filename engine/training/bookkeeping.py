@@ -102,11 +102,12 @@ class RunBook:
             f"{state.iteration + 1} or more to continue (nothing was changed)"
         )
 
-    def reopen(self, load_checkpoint: Callable[[Path], None]) -> None:
+    def reopen(self, load_checkpoint: Callable[[Path], None], adopted_from: Path | None = None) -> None:
         """Continue a run from its newest intact checkpoint (`load_checkpoint(folder)` restores the
         training state, or raises CheckpointUnreadable, and that folder is skipped and named); events are
         numbered on from the checkpoint's, and a `resume` event tells readers to drop what came after.
-        With checkpoints but none readable, RunDirError and nothing changes."""
+        With checkpoints but none readable, RunDirError and nothing changes. `adopted_from`: the run whose
+        SFT and reward stages a new run has just copied in (the event says so instead of "resuming")."""
         writer = self.writer
         candidates = checkpoint_candidates(writer.path)
         skipped: list[str] = []
@@ -144,8 +145,13 @@ class RunBook:
             world_size=world,
             **({"skipped": skipped} if skipped else {}),
             **({"previous_world_size": before} if changed else {}),
+            **({"stages_from": str(adopted_from)} if adopted_from is not None else {}),
             message=(
-                f"resuming from {checkpoint_phrase(checkpoint.name)}: "
+                (
+                    f"the SFT and reward stages are {adopted_from}'s: "
+                    if adopted_from is not None
+                    else f"resuming from {checkpoint_phrase(checkpoint.name)}: "
+                )
                 + stage_message(self.state.stage, self.state.iteration, self.recipe.train.iterations)
                 + (f", step {self.state.step}" if self.state.step else "")
                 if checkpoint is not None

@@ -11,6 +11,7 @@ from engine.rundir.checkpoints import iteration_checkpoint_name
 from engine.rundir.wording import short_iteration
 from engine.training.evaluation import evaluate, watch
 from engine.training.run import Run
+from engine.training.shared_stages import StagesSource, adopt_stages
 from engine.training.stages import (
     iteration_metrics,
     optimise_policy,
@@ -61,9 +62,14 @@ def train(run: Run) -> None:
                     raise StopRun(f"{runaway}; the run stopped after checkpoint {checkpoint}", failed=True)
 
 
-def start(run: Run) -> None:
-    """A new run: the bookkeeping writes the resolved recipe, meta and the first status; then train."""
+def start(run: Run, stages_from: StagesSource | None = None) -> None:
+    """A new run: the bookkeeping writes the resolved recipe, meta and the first status; then train. With
+    `stages_from`, the SFT and reward stages are another run's (engine.training.shared_stages): they are
+    copied in, and the run goes on from their checkpoint as a resumed run does."""
     run.book.open_new_run(base=run.models.base_path, total_steps=run.total_steps, data_report=run.data_report)
+    if stages_from is not None:
+        adopt_stages(run, stages_from)
+        run.book.reopen(run.load_checkpoint, adopted_from=stages_from.path)
     train(run)
 
 
