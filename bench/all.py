@@ -6,8 +6,9 @@ into docs/figures.json and docs/figures.md (dated, with the git commit and the m
 
 Pieces (each runs the command it records, in fresh processes):
 - demo: the embedded default `zopro run`: wall time, gold before and after, each stage's wall time;
-- learning: `zopro run recipes/tiny.toml --set seed=S --set policy.method=M` for seeds 0-3 and rloo, zopro
-  (subspace), zopro (the paper's sampler) and mezo: held-out gold per evaluation, the gain over iteration 0;
+- learning: `zopro compare recipes/tiny.toml --set seed=S --methods rloo,zopro,...` for seeds 0-3 and rloo,
+  zopro (subspace), zopro (the paper's sampler) and mezo (SFT and reward models trained once per seed and
+  shared): held-out gold per evaluation, the gain over iteration 0;
 - methods: `zopro bench methods` on builtin:base10m, 1 thread, every sampler;
 - large_vocab: bench/large_vocab.py (vocabulary 131,072);
 - trl: bench/trl_compare.py on builtin:tiny and builtin:base10m, TRL's gradient checkpointing on and off;
@@ -126,25 +127,30 @@ def piece_demo(quick: bool, tmp: Path) -> dict:
 
 
 def piece_learning(quick: bool, tmp: Path) -> dict:
-    from engine.recipe import split_variant
+    """Per seed one `zopro compare` of the variants: the SFT and reward models are trained once per seed and
+    shared (the same models every variant would train itself: docs/architecture.md "Shared stages")."""
+    from engine.recipe import variant_label
 
     seeds = [0] if quick else [0, 1, 2, 3]
     variants = LEARNING_VARIANTS[::3] if quick else LEARNING_VARIANTS  # quick: rloo and mezo
     rows, commands = [], []
     for seed in seeds:
+        root = tmp / f"learning-seed{seed}"
+        command = [*ZOPRO, "compare", "recipes/tiny.toml", "--set", f"seed={seed}"]
+        command += ["--methods", ",".join(entry for _, entry in variants)]
+        for setting in QUICK_RUN if quick else []:
+            command += ["--set", setting]
+        command += ["--root", str(root), "-q"]
+        done, wall = run(command)
+        commands.append(shell(command).split(" --root")[0])
+        folders = sorted(root.iterdir()) if root.is_dir() else []
         for label, entry in variants:
-            method, settings = split_variant(entry)
-            command = [*ZOPRO, "run", "recipes/tiny.toml", "--set", f"seed={seed}", "--set"]
-            command += [f"policy.method={method}"]
-            for setting in [*settings, *(QUICK_RUN if quick else [])]:
-                command += ["--set", setting]
-            command += ["--run-dir", str(tmp / f"learning-{method}-{len(rows)}"), "-q"]
-            done, run_dir = training_run(command)
-            commands.append(done["command"].split(" --run-dir")[0])
-            if run_dir is None:
-                rows.append({"seed": seed, "method": label, "error": done["error"]})
+            run_dir = folders[0] / variant_label(entry) if folders else None
+            evals = evaluations(run_dir) if run_dir is not None and run_dir.is_dir() else []
+            if done.returncode != 0 and not evals:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                rows.append({"seed": seed, "method": label, "error": f"exit {done.returncode}: {tail[:300]}"})
                 continue
-            evals = evaluations(run_dir)
             gold = [m.get("eval/gold") for m in evals]
             rows.append(
                 {

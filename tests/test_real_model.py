@@ -30,6 +30,7 @@ def smollm2_folder(model_cache: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_folder: Path):
+    from engine.recipe.schema import ModelConfig
     from engine.training.models import load_preference_model
 
     with warnings.catch_warnings(record=True) as caught:
@@ -40,16 +41,7 @@ def smollm2(smollm2_folder: Path):
             device=torch.device("cpu"),
             lora_rank=4,
             lora_alpha=8,
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-                "lm_head",
-            ],
+            target_modules=ModelConfig().target_modules,  # the recipe's default: every projection and lm_head
             seed=0,
         )
     pm.load_warnings = [str(w.message) for w in caught]
