@@ -315,7 +315,19 @@ def test_compare_and_zopros_first_iteration_take_the_presets():
         {"policy": {"method": "zopro"}, "zopro": {"first_iteration": "dr_grpo", "sampler": "subspace"}}
     )
     assert recipe.zopro.first_iteration == "dr_grpo"
-    with pytest.raises(RecipeError, match="first-order zopro.first_iteration"):
+    with pytest.raises(RecipeError, match="first_iteration = 'rloo' or a group method"):
         recipe_from_dict(
             {"policy": {"method": "zopro"}, "zopro": {"first_iteration": "mezo", "sampler": "subspace"}}
         )
+
+
+def test_a_sweep_over_the_presets_validates_each_point(tmp_path):
+    from engine.jobs.sweep import SweepError, grid_points, parse_grid, validate_points
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(FAST_RECIPE)
+    points = grid_points(parse_grid(["policy.method=rloo,grpo,dr_grpo,dapo,reinforce_pp"]))
+    assert validate_points(recipe, [], points) == "fast"
+    bad = grid_points(parse_grid(["policy.method=dapo", "dapo.epsilon_high=0.3,0.1"]))
+    with pytest.raises(SweepError, match="epsilon_high"):
+        validate_points(recipe, [], bad)

@@ -211,8 +211,8 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
         )
     if method == "zopro" and recipe.zopro.sampler == "subspace" and recipe.zopro.first_iteration == "mezo":
         raise RecipeError(
-            f"{source}: zopro.sampler = 'subspace' needs a first-order zopro.first_iteration (rloo, "
-            f"{', '.join(GROUP_METHODS)}): the basis is built from a first-order iteration's gradients"
+            f"{source}: zopro.sampler = 'subspace' needs zopro.first_iteration = 'rloo' or a group method "
+            f"({', '.join(GROUP_METHODS)}): the basis is built from a first-order iteration's gradients"
         )
     for name in sorted(
         {method, *_compare_methods(raw), recipe.zopro.first_iteration if method == "zopro" else ""}
