@@ -331,3 +331,16 @@ def test_a_sweep_over_the_presets_validates_each_point(tmp_path):
     bad = grid_points(parse_grid(["policy.method=dapo", "dapo.epsilon_high=0.3,0.1"]))
     with pytest.raises(SweepError, match="epsilon_high"):
         validate_points(recipe, [], bad)
+
+
+def test_zopros_first_order_iteration_and_subspace_basis_can_come_from_grpo(tmp_path):
+    recipe = (
+        FAST_RECIPE
+        + '\n[policy]\nmethod = "zopro"\n\n[zopro]\nfirst_iteration = "grpo"\nsampler = "subspace"\n'
+    )
+    _, run = finished_run(tmp_path, "zopro-grpo", recipe)
+    steps = policy_metrics(run)
+    first, later = steps[:4], steps[4:]
+    assert all(m["zo/first_order"] == 1.0 and "reward_std" in m for m in first)  # GRPO's update and metrics
+    assert [m["zo/basis_snapshots"] for m in first] == [1.0, 2.0, 3.0, 4.0]  # its gradients make the basis
+    assert all(m["zo/first_order"] == 0.0 and math.isfinite(m["zo/g"]) for m in later)
