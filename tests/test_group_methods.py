@@ -283,6 +283,9 @@ def test_a_dapo_run_logs_trls_metric_names_and_two_updates_per_rollout(dapo_run)
     for before, after in zip(steps[:3], steps[1:4], strict=True):  # within iteration 0 (no refinement)
         assert after["compute/backward_passes"] - before["compute/backward_passes"] == 2  # mu = 2
     assert trl_name("clip_ratio/high_mean") == "train/clip_ratio/high_mean"  # TRL's name in the mirrors
+    from zopro_tui.catalogue import wanted_metric
+
+    assert all(wanted_metric(name) for name in ("reward_std", "frac_reward_zero_std", "clip_ratio/low_mean"))
 
 
 def test_a_resumed_dapo_run_with_two_updates_per_rollout_equals_an_uninterrupted_one(dapo_run, tmp_path):
