@@ -1,9 +1,10 @@
 """A full RLOO step (rollout + update) of zopro next to TRL's RLOOTrainer on the same model, LoRA and batch
-(issues 14, 27, 28). Each side runs in its own process, sides alternating; TRL once with its gradient
+(issues 14, 27, 28); with `--method grpo` zopro's `grpo` preset next to TRL's GRPOTrainer (issue 26). Each side runs in its own process, sides alternating; TRL once with its gradient
 checkpointing on (its default) and once with it off, both passed to RLOOConfig and read back from the model.
 
     PYTHONPATH=. python bench/trl_compare.py [--model builtin:base10m] [--rounds 2] [--steps 4] [--threads 1]
         [--trl-gradient-checkpointing on,off] [--trl-python PYTHON] [--no-real-run] [--json FILE]
+        [--method rloo|grpo]
 
 Prints one JSON object. Per side: seconds per step (median, first step of each process dropped), CPU seconds,
 tokens generated per step (answer tokens up to EOS) and decode positions (rows x decode steps), seconds per
@@ -105,8 +106,8 @@ def real_run(model: str, shapes: Shapes, threads: int, folder: Path) -> dict:
         f'name = "trl-compare"\nseed = 0\nthreads = {threads}\n\n[model]\nbase = "{model}"\nlora_rank = 8\n'
         f"lora_alpha = 16\ntarget_modules = {json.dumps(TARGETS)}\nmax_prompt_tokens = 32\n"
         f"max_new_tokens = {shapes.new_tokens}\n\n[task]\neval_prompts = 8\n\n[sft]\nsteps = {shapes.sft_steps}"
-        f'\n\n[reward]\nsteps = {shapes.sft_steps}\n\n[policy]\nmethod = "rloo"\nkl_coef = {BETA}\n'
-        f"kl_target = 0.0\nclip_range = {CLIP}\nmissing_eos_penalty = 0.0\n\n[rloo]\nlr = {LR}\n\n[train]\n"
+        f'\n\n[reward]\nsteps = {shapes.sft_steps}\n\n[policy]\nmethod = "{shapes.method}"\nkl_coef = {BETA}\n'
+        f"kl_target = 0.0\nclip_range = {CLIP}\nmissing_eos_penalty = 0.0\n\n[{shapes.method}]\nlr = {LR}\n\n[train]\n"
         f"iterations = 1\nupdates_per_iteration = {shapes.steps}\nprompts_per_update = {shapes.prompts}\n"
         f"samples_per_prompt = {shapes.k}\n\n[refine]\nepochs = 0\n\n[eval]\nsamples_per_prompt = 1\n"
     )
@@ -248,12 +249,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--sft-steps", type=int, default=100, help="the real run's SFT and reward steps")
+    parser.add_argument(
+        "--method", default="rloo", choices=("rloo", "grpo"), help="vs RLOOTrainer or GRPOTrainer"
+    )
     parser.add_argument("--trl-gradient-checkpointing", default="on,off")
     parser.add_argument("--trl-python", default=None)
     parser.add_argument("--no-real-run", action="store_true", help="skip the real `zopro run`")
     parser.add_argument("--json", type=Path, help="also write the report to this file")
     args = parser.parse_args()
-    shapes = Shapes(args.prompts, args.samples, args.new_tokens, args.steps, args.sft_steps)
+    shapes = Shapes(args.prompts, args.samples, args.new_tokens, args.steps, args.sft_steps, args.method)
     report = compare(
         args.model,
         rounds=args.rounds,

@@ -4,7 +4,9 @@
 
 Prints `RESULT {json}`: per step its seconds, CPU seconds, tokens generated, decode positions and, per phase
 (generation, scoring, update), seconds and peak memory; the process's peak RSS; the gradient checkpointing
-the model really ran with. `trl:1` is TRL's RLOOTrainer with gradient checkpointing on, `trl:0` off."""
+the model really ran with. `trl:1` is TRL's RLOOTrainer (GRPOTrainer with shapes.method = "grpo") with
+gradient checkpointing on, `trl:0` off. zopro's `grpo` preset is matched by GRPOTrainer with loss_type="grpo",
+scale_rewards="group", beta = BETA (k3 in the loss), epsilon = CLIP, num_iterations = 1."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class Shapes:
     new_tokens: int = 48
     steps: int = 4  # per process
     sft_steps: int = 100  # the real run's SFT and reward-model steps
+    method: str = "rloo"  # rloo (TRL RLOOTrainer) or grpo (TRL GRPOTrainer)
 
 
 class Phases:
@@ -88,8 +91,11 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
     recipe = recipe_from_dict(
         {
             "model": {"base": model, "lora_rank": 8, "lora_alpha": 16, "target_modules": TARGETS},
-            "policy": {"method": "rloo", "clip_range": CLIP, "kl_coef": BETA},
-            "rloo": {"lr": LR},
+            "policy": {"method": shapes.method, "clip_range": CLIP, "kl_coef": BETA},
+            shapes.method: {
+                "lr": LR,
+                **({"epsilon": CLIP, "epsilon_high": CLIP} if shapes.method == "grpo" else {}),
+            },
         },
         "<trl-compare>",
     )
@@ -107,7 +113,7 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
         models=preference_model, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
         score_policy=unavailable, fresh_rollout=unavailable,
     )  # fmt: skip
-    update = make_update("rloo", context)
+    update = make_update(shapes.method, context)
     phases = Phases()
     sample = rollout_module.sample_with_logprobs
 
@@ -147,7 +153,7 @@ def trl_side(model: str, prompts: list[str], shapes: Shapes, gradient_checkpoint
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.padding_side = "left"
@@ -169,7 +175,10 @@ def trl_side(model: str, prompts: list[str], shapes: Shapes, gradient_checkpoint
             steps.append(step_record(seconds, cpu, tokens, positions, step_phases))
             seen_checkpointing.append(bool(getattr(model, "is_gradient_checkpointing", False)))
 
-    config = RLOOConfig(
+    grpo = shapes.method == "grpo"
+    extra = {"loss_type": "grpo", "scale_rewards": "group"} if grpo else {}
+    config = (GRPOConfig if grpo else RLOOConfig)(
+        **extra,
         output_dir=str(Path("/tmp") / f"trl-compare-out-{gradient_checkpointing:d}"),
         per_device_train_batch_size=shapes.prompts * shapes.k,
         num_generations=shapes.k,
@@ -194,7 +203,7 @@ def trl_side(model: str, prompts: list[str], shapes: Shapes, gradient_checkpoint
         seed=0,
         dataloader_num_workers=0,
     )
-    trainer = RLOOTrainer(
+    trainer = (GRPOTrainer if grpo else RLOOTrainer)(
         model=model,
         reward_funcs=reward,
         args=config,

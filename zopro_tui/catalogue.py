@@ -79,7 +79,22 @@ STAGE_CHARTS = (
         stages=("refine",),
     ),
 )
-CURVE_CHARTS = REWARD_CHARTS + STAGE_CHARTS
+# The group methods (grpo, dr_grpo, dapo, reinforce_pp), under TRL GRPOTrainer's names; a policy-stage chart,
+# so that a run of another method never lays it out (it never has data there).
+GROUP_CHARTS = (
+    ChartSpec(
+        "reward spread, clipped ratios",
+        (
+            ("reward_std", "reward std"),
+            ("frac_reward_zero_std", "zero-std groups"),
+            ("clip_ratio/low_mean", "clip low"),
+            ("clip_ratio/high_mean", "clip high"),
+        ),
+        "waiting for reward_std and clip_ratio/*: logged by grpo, dr_grpo, dapo and reinforce_pp at each update",
+        stages=("policy",),
+    ),
+)
+CURVE_CHARTS = REWARD_CHARTS + STAGE_CHARTS + GROUP_CHARTS
 
 INTERPLAY_CHARTS = (
     ChartSpec(
@@ -177,7 +192,7 @@ COMPARE_CHARTS = (
 
 _CHART_NAMES = {
     name
-    for specs in (REWARD_CHARTS, STAGE_CHARTS, INTERPLAY_CHARTS, ZO_CHARTS, COMPARE_CHARTS)
+    for specs in (REWARD_CHARTS, STAGE_CHARTS, GROUP_CHARTS, INTERPLAY_CHARTS, ZO_CHARTS, COMPARE_CHARTS)
     for spec in specs
     for name, _ in spec.metrics
 } | {name for x, y, _ in TRAJECTORY.paths for name in (x, y)}

@@ -13,7 +13,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-BENCH_METHODS = ("rloo", "ppo", "online_dpo", "mezo", "zopro")
+from engine.recipe.schema import GROUP_METHODS
+
+BENCH_METHODS = ("rloo", "ppo", "online_dpo", *GROUP_METHODS, "mezo", "zopro")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from engine.recipe.schema import (
+    GROUP_METHODS,
     INT_CEILING,
     METHOD_SECTIONS,
     METHODS,
@@ -178,6 +179,8 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
             f"{', '.join(METHOD_SECTIONS)}"
         )
     allowed = set(sections_used(method))
+    if method == "zopro":  # its first-order iteration 0 reads that method's section
+        allowed.add(recipe.zopro.first_iteration)
     for other in _compare_methods(raw):
         allowed.update(sections_used(other))
     for other, section in METHOD_SECTIONS.items():
@@ -206,17 +209,43 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
         raise RecipeError(
             f"{source}: refine.judge = 'llm' needs refine.judge_model (a local folder or a hub id)"
         )
-    if method == "zopro" and recipe.zopro.sampler == "subspace" and recipe.zopro.first_iteration != "rloo":
+    if method == "zopro" and recipe.zopro.sampler == "subspace" and recipe.zopro.first_iteration == "mezo":
         raise RecipeError(
-            f"{source}: zopro.sampler = 'subspace' needs zopro.first_iteration = 'rloo' (the basis is built "
-            "from a first-order iteration's gradients)"
+            f"{source}: zopro.sampler = 'subspace' needs zopro.first_iteration = 'rloo' or a group method "
+            f"({', '.join(GROUP_METHODS)}): the basis is built from a first-order iteration's gradients"
         )
+    for name in sorted(
+        {method, *_compare_methods(raw), recipe.zopro.first_iteration if method == "zopro" else ""}
+    ):
+        if name in GROUP_METHODS:
+            _check_group_switches(recipe, source, name)
     if recipe.model.target_modules == []:
         raise RecipeError(f"{source}: model.target_modules must name at least one module")
     if recipe.train.prompts_per_update > recipe.task.train_prompts:
         raise RecipeError(
             f"{source}: train.prompts_per_update = {recipe.train.prompts_per_update} exceeds "
             f"task.train_prompts = {recipe.task.train_prompts}; lower it or add prompts"
+        )
+
+
+def _check_group_switches(recipe: Recipe, source: str, method: str) -> None:
+    """The combinations of a group method's switches that have no meaning (docs/method.md section 2b)."""
+    config = getattr(recipe, method)
+    if recipe.policy.whiten_advantages:
+        raise RecipeError(
+            f"{source}: policy.whiten_advantages is RLOO's advantage whitening; for {method} set "
+            f"{method}.scale = 'batch_std' (accepted: none, group_std, batch_std) and whiten_advantages = false"
+        )
+    if config.scale == "group_std" and config.baseline == "none":
+        raise RecipeError(
+            f"{source}: {method}.scale = 'group_std' divides a centred advantage by its group's spread; with "
+            f"{method}.baseline = 'none' use scale = 'none' or 'batch_std', or baseline = 'group_mean' or "
+            "'leave_one_out'"
+        )
+    if config.epsilon_high < config.epsilon:
+        raise RecipeError(
+            f"{source}: {method}.epsilon_high = {config.epsilon_high:g} is below {method}.epsilon = "
+            f"{config.epsilon:g}; the upper clip must be at least the lower one (DAPO's clip-higher: 0.28)"
         )
 
 

@@ -12,7 +12,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-FIRST_ORDER_METHODS = ("rloo", "ppo", "online_dpo")
+GROUP_METHODS = (
+    "grpo",
+    "dr_grpo",
+    "dapo",
+    "reinforce_pp",
+)  # presets of one update (docs/method.md section 2b)
+FIRST_ORDER_METHODS = ("rloo", "ppo", "online_dpo", *GROUP_METHODS)
 REPORT_TO = ("tensorboard", "wandb")  # [log] report_to: engine/mirror.py
 DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes: torch.float32, ...
 DEVICES = ("auto", "cpu", "cuda")
@@ -204,6 +210,74 @@ class RLOOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """The switches of the group methods (engine/training/methods/group.py, docs/method.md section 2b);
+    each method's section starts from its preset: grpo (TRL GRPOTrainer with loss_type='grpo')."""
+
+    lr: float = spec(5e-4, low=0.0, low_open=True)
+    weight_decay: float = spec(0.0, low=0.0)
+    max_grad_norm: float = spec(1.0, low=0.0, low_open=True)
+    baseline: str = spec(
+        "group_mean",
+        choices=("leave_one_out", "group_mean", "none"),
+        help="subtracted from each answer's reward: the mean of the other k - 1 (RLOO), of all k (GRPO)",
+    )
+    scale: str = spec(
+        "group_std", choices=("none", "group_std", "batch_std"), help="advantages / std (batch_std: whiten)"
+    )
+    loss_aggregation: str = spec(
+        "answer_token_mean",
+        choices=("sequence", "answer_token_mean", "token_mean", "constant"),
+        help="sequence: RLOO's sequence ratio; else token ratios averaged per answer (GRPO), over all "
+        "tokens (DAPO), or summed / (answers x max_new_tokens) (Dr. GRPO)",
+    )
+    kl_penalty: str = spec(
+        "loss",
+        choices=("reward", "loss", "off"),
+        help="beta = policy.kl_coef: k1 in the reward (RLOO), k3 per token in the loss (GRPO), or none",
+    )
+    epsilon: float = spec(0.2, low=0.0, low_open=True, high=1.0, help="ratio clipped below at 1 - epsilon")
+    epsilon_high: float = spec(0.2, low=0.0, low_open=True, help="... and above at 1 + epsilon_high")
+    updates_per_rollout: int = spec(1, low=1, high=64, help="mu: optimiser steps on each rollout")
+    dynamic_sampling: bool = spec(False, help="drop groups whose rewards are all equal and refill (DAPO)")
+    max_refills: int = spec(3, low=0, high=64, help="extra rollouts drawn at most to refill the batch")
+
+
+def _preset(name: str, default: Any) -> Any:
+    """GRPOConfig's switch `name` with a preset's default (same accepted values and help)."""
+    return field(default=default, metadata=GRPOConfig.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class DrGRPOConfig(GRPOConfig):
+    """Dr. GRPO (arXiv 2503.20783): no std, a constant normaliser (TRL scale_rewards='none', loss_type='dr_grpo')."""
+
+    scale: str = _preset("scale", "none")
+    loss_aggregation: str = _preset("loss_aggregation", "constant")
+
+
+@dataclass
+class DAPOConfig(GRPOConfig):
+    """DAPO (arXiv 2503.14476): clip-higher, token-mean loss, no KL, dynamic sampling (TRL loss_type='dapo')."""
+
+    loss_aggregation: str = _preset("loss_aggregation", "token_mean")
+    kl_penalty: str = _preset("kl_penalty", "off")
+    epsilon_high: float = _preset("epsilon_high", 0.28)
+    dynamic_sampling: bool = _preset("dynamic_sampling", True)
+
+
+@dataclass
+class ReinforcePPConfig(GRPOConfig):
+    """REINFORCE++ (arXiv 2501.03262): no group baseline, advantages whitened over the batch, k1 KL in the
+    reward, token-mean loss."""
+
+    baseline: str = _preset("baseline", "none")
+    scale: str = _preset("scale", "batch_std")
+    loss_aggregation: str = _preset("loss_aggregation", "token_mean")
+    kl_penalty: str = _preset("kl_penalty", "reward")
+
+
+@dataclass
 class PPOConfig:
     lr: float = spec(5e-4, low=0.0, low_open=True)
     epochs: int = spec(1, low=1, help="passes over each rollout (the paper: 1)")
@@ -252,7 +326,11 @@ class MeZOConfig(ZerothOrderConfig):
 class ZOPrOConfig(ZerothOrderConfig):
     decay_schedule: str = spec("exp", choices=("exp", "linear"), help="d: 0.999 e^-s, or 0.999 - s/S")
     decay_start: float = spec(0.999, low=0.0, high=0.999999)
-    first_iteration: str = spec("rloo", choices=("rloo", "mezo"), help="iteration 0 has no mu or v yet")
+    first_iteration: str = spec(
+        "rloo",
+        choices=("rloo", *GROUP_METHODS, "mezo"),
+        help="iteration 0 has no mu or v yet: a first-order method (rloo or a group method) or mezo",
+    )
     sampler: str = spec(
         "zopro",
         choices=("zopro", "subspace", "block", "isotropic"),
@@ -354,6 +432,10 @@ class Recipe:
     rloo: RLOOConfig = spec(factory=RLOOConfig)
     ppo: PPOConfig = spec(factory=PPOConfig)
     online_dpo: OnlineDPOConfig = spec(factory=OnlineDPOConfig)
+    grpo: GRPOConfig = spec(factory=GRPOConfig)
+    dr_grpo: DrGRPOConfig = spec(factory=DrGRPOConfig)
+    dapo: DAPOConfig = spec(factory=DAPOConfig)
+    reinforce_pp: ReinforcePPConfig = spec(factory=ReinforcePPConfig)
     mezo: MeZOConfig = spec(factory=MeZOConfig)
     zopro: ZOPrOConfig = spec(factory=ZOPrOConfig)
     refine: RefineConfig = spec(factory=RefineConfig)
@@ -366,5 +448,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-METHOD_SECTIONS = {"rloo": "rloo", "ppo": "ppo", "online_dpo": "online_dpo", "mezo": "mezo", "zopro": "zopro"}
+METHOD_SECTIONS = {
+    "rloo": "rloo",
+    "ppo": "ppo",
+    "online_dpo": "online_dpo",
+    "mezo": "mezo",
+    "zopro": "zopro",
+    **{name: name for name in GROUP_METHODS},
+}
 TASK_NAMES = ("builtin:sentiment", "builtin:reviews", "dataset")

@@ -338,9 +338,9 @@ class RunBook:
         if (
             section == "zopro"
             and self.state.iteration == 0
-            and getattr(recipe.zopro, "first_iteration", "") == "rloo"
+            and getattr(recipe.zopro, "first_iteration", "mezo") != "mezo"
         ):
-            section = "rloo"  # zopro's iteration 0 is a first-order rloo update
+            section = recipe.zopro.first_iteration  # zopro's iteration 0 is a first-order update
         lr = getattr(getattr(recipe, section, None), "lr", None)
         return f"{section}.lr = {lr:g}" if isinstance(lr, float) else f"{section}.lr"
 

@@ -17,7 +17,7 @@ from engine.analysis.interplay import InterplayTracker
 from engine.data.chat_task import PromptTooLong, speak_through_chat_template
 from engine.data.preference_data import DataError
 from engine.data.tasks import make_task
-from engine.recipe import Recipe
+from engine.recipe import GROUP_METHODS, Recipe
 from engine.rundir.writer import RunWriter
 from engine.seeds import generator
 from engine.training.adapter_history import AdapterHistory
@@ -155,6 +155,12 @@ class Run:
             raise ModelError(
                 f"train.prompts_per_update = {recipe.train.prompts_per_update} cannot be split evenly over "
                 f"{world} ranks; use a multiple of {world}, or another --nproc-per-node"
+            )
+        method = recipe.policy.method
+        if method in GROUP_METHODS and getattr(recipe, method).dynamic_sampling:
+            raise ModelError(
+                f"{method}.dynamic_sampling = true runs on one process (it refills one rank's batch); set it "
+                "to false with several ranks"
             )
         for key, value in (
             ("sft.batch_size", recipe.sft.batch_size),

@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.data.examples import PreferencePair
+from engine.recipe import GROUP_METHODS
 from engine.seeds import generator, seeded
+from engine.training.dynamic_sampling import refill
 from engine.training.judges import GoldJudge
+from engine.training.methods.group import policy_rewards
 from engine.training.reward_model import (
     bradley_terry_step,
     center_reward,
@@ -22,7 +25,7 @@ from engine.training.reward_model import (
     reward_accuracy,
     reward_snapshot,
 )
-from engine.training.rollout import encode_responses, sample, token_logprobs
+from engine.training.rollout import Rollout, encode_responses, sample, token_logprobs
 from engine.training.telemetry import PhasePeak
 
 if TYPE_CHECKING:
@@ -95,12 +98,29 @@ def optimise_policy(run: Run) -> None:
     updates = recipe.train.updates_per_iteration
     if run.interplay is not None and not run.interplay.started:
         run.interplay.start(*run.adapter_views())
+    method = recipe.policy.method
+    switches = getattr(recipe, method) if method in GROUP_METHODS else None
     while state.step < updates:
         step = state.step
         started = time.monotonic()
         order = torch.randperm(len(chunk), generator=generator(run.seed, "prompts", i, step))
         prompts = [chunk[j] for j in order[: recipe.train.prompts_per_update].tolist()]
         rollout = run.rollout(prompts, generator(run.seed, "rollout", i, step))  # this rank's share
+        sampling_metrics = {}
+        if switches is not None and switches.dynamic_sampling:  # DAPO: refill the uninformative groups
+
+            def draw(extra: int, step: int = step) -> Rollout:  # the extra-th refill of this step
+                order = torch.randperm(len(chunk), generator=generator(run.seed, "prompts", i, step, extra))
+                more = [chunk[j] for j in order[: recipe.train.prompts_per_update].tolist()]
+                return run.rollout(more, generator(run.seed, "rollout", i, step, extra))
+
+            rollout, sampling_metrics = refill(
+                rollout,
+                draw,
+                lambda r: policy_rewards(r, switches.kl_penalty),
+                max_refills=switches.max_refills,
+                pad_id=run.models.tokenizer.pad_token_id,
+            )
         update_started, sent = time.monotonic(), run.dist.sent_bytes()
         with PhasePeak(run.device) as phase:
             update_metrics = run.method.update(
@@ -147,6 +167,7 @@ def optimise_policy(run: Run) -> None:
                 "policy/update": state.policy_updates,
                 "time/update_s": time.monotonic() - started,
                 **update_metrics,
+                **sampling_metrics,
             }
         )
         if state.policy_updates % recipe.log.samples_every == 0 or step == updates - 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from engine.recipe import GROUP_METHODS
 from engine.training.methods.context import MethodContext
 from engine.training.rollout import Rollout
 
@@ -30,6 +31,10 @@ def make_update(method: str, context: MethodContext) -> PolicyUpdate:
         from engine.training.methods.rloo import RLOOUpdate
 
         return RLOOUpdate(context)
+    if method in GROUP_METHODS:
+        from engine.training.methods.group import GroupUpdate
+
+        return GroupUpdate(context, method)
     if method == "ppo":
         from engine.training.methods.ppo import PPOUpdate
 

@@ -17,6 +17,7 @@ import torch
 
 from engine.errors import TrainingFailed
 from engine.training.methods.context import MethodContext
+from engine.training.methods.group import GroupUpdate
 from engine.training.methods.rloo import RLOOUpdate
 from engine.training.methods.zeroth_order.directions import DirectionSource
 from engine.training.methods.zeroth_order.premise import PremiseCheck
@@ -27,6 +28,14 @@ from engine.training.rollout import Rollout, token_logprobs
 
 STALLED_BELOW = 1e-3  # policy change over an iteration, relative to the reference norm: "stopped moving"
 STUCK_AFTER = 5  # updates in a row with every g at the clip, or g = 0, before a warning
+
+
+def first_order_update(context: MethodContext, on_gradient) -> RLOOUpdate | GroupUpdate:
+    """zopro's first-order iterations: zopro.first_iteration, rloo or a group method (grpo, dapo, ...)."""
+    name = context.recipe.zopro.first_iteration
+    if name in ("rloo", "mezo"):  # mezo: no first-order iteration at all (uses_first_order is False)
+        return RLOOUpdate(context, on_gradient=on_gradient)
+    return GroupUpdate(context, name, on_gradient=on_gradient)
 
 
 class ZerothOrderUpdate:
@@ -46,7 +55,7 @@ class ZerothOrderUpdate:
         # iteration 0 of zopro (the paper), and the refresh iterations of the subspace sampler, whose
         # gradients make the subspace basis
         subspace = directions.snapshot_count is not None
-        self.first_order = RLOOUpdate(context, on_gradient=directions.add_gradient if subspace else None)
+        self.first_order = first_order_update(context, directions.add_gradient if subspace else None)
         self.premise_check = PremiseCheck(context, self.config, self.params, self._surrogate)
         self.normalizer = RunningRMS(self.config.g_rms_decay) if self.config.normalize_g else None
         self.consecutive_skips = 0
@@ -61,7 +70,7 @@ class ZerothOrderUpdate:
         if not self.informed:
             return False
         if iteration == 0:
-            return self.config.first_iteration == "rloo"
+            return self.config.first_iteration != "mezo"
         every = self.config.subspace_refresh_every if self.config.sampler == "subspace" else 0
         return bool(every) and iteration % every == 0
 
