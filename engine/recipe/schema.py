@@ -239,6 +239,17 @@ class ZerothOrderConfig:
         False, help="divide each g by its running RMS, so lr is the fraction of |z| moved per update"
     )
     g_rms_decay: float = spec(0.9, low=0.0, high=0.999, help="decay of the running mean of g^2")
+    estimator: str = spec(
+        "two_sided",
+        choices=("two_sided", "one_sided"),
+        help="two_sided: (L+ - L-) / 2 eps, 2 passes a direction; one_sided: (L+ - L0) / eps, 1 pass (FZOO)",
+    )
+    fitness: str = spec(
+        "raw",
+        choices=("raw", "zscore", "loo"),
+        help="the q estimates of an update as they are, z-scored, or leave-one-out (needs directions >= 2)",
+    )
+    updates_per_rollout: int = spec(1, low=1, high=64, help="zeroth-order updates on each rollout")
 
 
 @dataclass
