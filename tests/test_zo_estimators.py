@@ -254,3 +254,45 @@ def test_gains_at_equal_cost_read_the_gold_curves_between_evaluations():
         "over the iterations +0.180 vs +0.300 = 0.60 x" in line
         and "equal wall +0.180 vs +0.150 = 1.20 x" in line
     )
+
+
+# ---------------------------------------------------------------- the subspace spread like the gradients
+
+
+def test_weighted_subspace_directions_follow_the_gradients_spread():
+    from engine.training.methods.zeroth_order.samplers import GradientSnapshots, SubspaceSampler
+
+    params = make_params()
+    shapes = {n: p.shape for n, p in params.items()}
+    generator = torch.Generator().manual_seed(4)
+    common = torch.randn(flat(params).numel(), generator=generator)
+    snapshots = GradientSnapshots(8)
+    for _ in range(6):  # six gradients that share one strong direction, plus weaker noise
+        row = 5.0 * common + torch.randn(common.numel(), generator=generator)
+        snapshots.add(dict(zip(sorted(params), _split(row, params), strict=True)), params)
+    basis, weighted = snapshots.basis(), snapshots.weighted_basis()
+    assert weighted.shape == basis.shape
+    lengths = weighted.norm(dim=0)
+    gram = weighted.T @ weighted
+    assert torch.allclose(gram, torch.diag(lengths**2), atol=1e-5)  # orthogonal columns, lengths s_j / s_max
+    assert float(lengths.max()) == pytest.approx(1.0) and float(lengths.min()) < 0.3
+    # z = R B c / |B c| with the seed's c, by hand
+    sampler = SubspaceSampler(weighted, shapes, 2.0, weighted=True)
+    c = torch.randn(weighted.shape[1], generator=torch.Generator().manual_seed(11))
+    by_hand = weighted @ c * (2.0 / float((weighted @ c).norm()))
+    z = flat(replay_direction(params, sampler, 11))
+    assert torch.allclose(z, by_hand, atol=1e-5) and float(z.norm()) == pytest.approx(2.0, rel=1e-5)
+    # spread like the gradients: closer to their shared direction than the even spread over the span
+    uniform = SubspaceSampler(basis, shapes, 2.0)
+    cos_weighted = sum(abs(cosine(flat(replay_direction(params, sampler, s)), common)) for s in range(200))
+    cos_uniform = sum(abs(cosine(flat(replay_direction(params, uniform, s)), common)) for s in range(200))
+    assert cos_weighted > 1.5 * cos_uniform
+
+
+def _split(row, params):
+    parts, offset = [], 0
+    for name in sorted(params):
+        numel = params[name].numel()
+        parts.append(row[offset : offset + numel].view(params[name].shape))
+        offset += numel
+    return parts

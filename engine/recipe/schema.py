@@ -279,6 +279,11 @@ class ZOPrOConfig(ZerothOrderConfig):
     subspace_snapshots: int = spec(
         16, low=1, high=1024, help="gradients kept for the subspace basis (memory: this x adapter size x 4 B)"
     )
+    subspace_weighting: str = spec(
+        "uniform",
+        choices=("uniform", "gradients"),
+        help="subspace directions evenly over the span, or spread like the gradients (their SVD)",
+    )
     subspace_refresh_every: int = spec(
         0, low=0, help="every M iterations a first-order iteration renews the subspace basis (0: never)"
     )
