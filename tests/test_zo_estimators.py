@@ -4,6 +4,7 @@ group-relative fitness, several updates per rollout; against hand computations, 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from engine.training.methods.zeroth_order.estimators import group_fitness, passe
 from engine.training.methods.zeroth_order.samplers import IsotropicSampler
 from engine.training.methods.zeroth_order.spsa import direction_seed, replay_direction, zo_update
 from engine.training.objectives import clipped_surrogate
+from tests.conftest import zopro
 from tests.runs import assert_resume_after_sigterm_is_exact, finished_run
 from tests.test_methods_e2e import SUBSPACE_RECIPE
 from tests.test_zeroth_order import SHAPES, Quadratic, cosine, flat, make_params, max_abs_diff, snapshot
@@ -296,3 +298,22 @@ def _split(row, params):
         parts.append(row[offset : offset + numel].view(params[name].shape))
         offset += numel
     return parts
+
+
+def test_the_cost_figure_from_a_real_run(equal_cost_run, tmp_path):
+    _, run = equal_cost_run
+    result = zopro("plot", "--preset", "cost", str(run), "-o", str(tmp_path / "cost.png"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cost.png").stat().st_size > 0
+    [row] = json.loads((tmp_path / "cost.json").read_text())
+    events = read_events(run)
+    gold = [e["metrics"]["eval/gold"] for e in events if e["type"] == "eval"]
+    assert row["gain"] == pytest.approx(gold[-1] - gold[1]) and row["seed"] == 0
+    steps = [e["metrics"] for e in events if e["type"] == "metrics" and e["stage"] == "policy"]
+    iteration_one = [m for m in steps if m["zo/first_order"] == 0.0]
+    assert (
+        row["spent_passes"]
+        == iteration_one[-1]["compute/stage_forward_passes"]
+        - (steps[len(steps) - len(iteration_one) - 1]["compute/stage_forward_passes"])
+    )
+    assert row["spent_wall"] == pytest.approx(sum(m["time/update_s"] for m in iteration_one))
