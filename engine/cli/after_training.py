@@ -116,6 +116,14 @@ def plot_command(paths: list[Path], metric: str, x: str, output: Path, preset: s
     console.print(
         f"wrote {escape(str(output))} ({len(runs)} run{'s' if len(runs) > 1 else ''})", soft_wrap=True
     )
+    if preset == "cost":  # the gains at equal cost, per seed, beside the figure
+        from engine.export.equal_cost import curves, gains_table, ratio_lines, write_table
+
+        rows = gains_table(curves(runs))
+        write_table(rows, output.with_suffix(".json"))
+        for line in ratio_lines(rows):
+            console.print(escape(line), soft_wrap=True)
+        console.print(f"per-seed table: {escape(str(output.with_suffix('.json')))}", soft_wrap=True)
 
 
 def report_command(path: Path, output: Path) -> None:

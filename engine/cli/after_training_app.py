@@ -40,7 +40,7 @@ def plot(
     x: Annotated[str, typer.Option("--x", help="step, wall or forward_passes")] = "step",
     preset: Annotated[
         str | None,
-        typer.Option("--preset", help="a paper figure: compute or interplay (instead of --metric)"),
+        typer.Option("--preset", help="a paper figure: compute, interplay or cost (instead of --metric)"),
     ] = None,
 ) -> None:
     """A publication figure of one metric over runs (error bars from the logged standard errors)."""

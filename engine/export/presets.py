@@ -14,6 +14,7 @@ from engine.export.sources import LabelledRun
 PRESETS = {
     "compute": "reward and gold score against forward passes (first- vs zeroth-order)",
     "interplay": "the policy-reward interplay: update angle, successive cosines, trajectories",
+    "cost": "gold against policy forward passes and whole-step wall time, mean over seeds (+ gains table)",
 }
 
 
@@ -22,6 +23,10 @@ def preset_figure(name: str, runs: list[LabelledRun]):
         return compute_figure(runs)
     if name == "interplay":
         return interplay_figure(runs)
+    if name == "cost":
+        from engine.export.equal_cost import equal_cost_figure
+
+        return equal_cost_figure(runs)
     raise ExportError(f"--preset {name!r} is not one of: {', '.join(PRESETS)}")
 
 

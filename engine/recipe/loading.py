@@ -209,6 +209,12 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
         raise RecipeError(
             f"{source}: refine.judge = 'llm' needs refine.judge_model (a local folder or a hub id)"
         )
+    zo = getattr(recipe, method, None) if method in ("mezo", "zopro") else None
+    if zo is not None and zo.fitness != "raw" and zo.directions < 2:
+        raise RecipeError(
+            f"{source}: {method}.fitness = {zo.fitness!r} compares the directions of an update; it needs "
+            f"{method}.directions >= 2 (or {method}.fitness = 'raw')"
+        )
     if method == "zopro" and recipe.zopro.sampler == "subspace" and recipe.zopro.first_iteration == "mezo":
         raise RecipeError(
             f"{source}: zopro.sampler = 'subspace' needs zopro.first_iteration = 'rloo' or a group method "

@@ -313,6 +313,17 @@ class ZerothOrderConfig:
         False, help="divide each g by its running RMS, so lr is the fraction of |z| moved per update"
     )
     g_rms_decay: float = spec(0.9, low=0.0, high=0.999, help="decay of the running mean of g^2")
+    estimator: str = spec(
+        "two_sided",
+        choices=("two_sided", "one_sided"),
+        help="two_sided: (L+ - L-) / 2 eps, 2 passes a direction; one_sided: (L+ - L0) / eps, 1 pass (FZOO)",
+    )
+    fitness: str = spec(
+        "raw",
+        choices=("raw", "zscore", "loo"),
+        help="the q estimates of an update as they are, z-scored, or leave-one-out (needs directions >= 2)",
+    )
+    updates_per_rollout: int = spec(1, low=1, high=64, help="zeroth-order updates on each rollout")
 
 
 @dataclass
@@ -345,6 +356,11 @@ class ZOPrOConfig(ZerothOrderConfig):
     )
     subspace_snapshots: int = spec(
         16, low=1, high=1024, help="gradients kept for the subspace basis (memory: this x adapter size x 4 B)"
+    )
+    subspace_weighting: str = spec(
+        "uniform",
+        choices=("uniform", "gradients"),
+        help="subspace directions evenly over the span, or spread like the gradients (their SVD)",
     )
     subspace_refresh_every: int = spec(
         0, low=0, help="every M iterations a first-order iteration renews the subspace basis (0: never)"

@@ -184,10 +184,11 @@ class RunDirections:
             )
         elif kind == "subspace" and mu is not None:
             shapes = {n: p.shape for n, p in self.params.items()}
+            weighted = self.config.subspace_weighting == "gradients"
             if self.basis is None:  # built once from the snapshots, which are then let go
-                self.basis = self.snapshots.basis()
+                self.basis = self.snapshots.weighted_basis() if weighted else self.snapshots.basis()
                 self.snapshots.clear()
-            sampler = SubspaceSampler(self.basis, shapes, norm, mu=mu, v=v)
+            sampler = SubspaceSampler(self.basis, shapes, norm, mu=mu, v=v, weighted=weighted)
         else:  # mezo, zopro's zeroth-order warm-up iteration 0 (no mu yet), or isotropic by choice
             total = sum(p.numel() for p in self.params.values())
             sampler = IsotropicSampler(norm / math.sqrt(total) if fixed else 1.0)

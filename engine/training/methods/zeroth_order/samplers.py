@@ -266,6 +266,20 @@ class GradientSnapshots:
             raise ValueError("the gradient snapshots are all zero: no subspace to sample from")
         return q[:, keep].contiguous()
 
+    def weighted_basis(self) -> Tensor:
+        """Orthogonal columns U_j s_j / s_max of the snapshots' SVD (columns with s_j <= 1e-6 s_max
+        dropped): with c ~ N(0, I) the direction B c is distributed as the snapshots' own spread, N(0, G G')
+        up to scale (guided ES), instead of evenly over the span. Deterministic on one device."""
+        if not self.rows:
+            raise ValueError(
+                "no gradient snapshots: the subspace sampler needs a first-order iteration first"
+            )
+        u, s, _ = torch.linalg.svd(torch.stack(self.rows, dim=1), full_matrices=False)
+        if not bool((s > 0).any()):
+            raise ValueError("the gradient snapshots are all zero: no subspace to sample from")
+        keep = s > 1e-6 * float(s.max())
+        return (u[:, keep] * (s[keep] / s.max())).contiguous()
+
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "rows": [row.cpu() for row in self.rows]}
 
@@ -276,7 +290,9 @@ class GradientSnapshots:
 
 class SubspaceSampler:
     """z = R Q c / |c| with c ~ N(0, I_r): a direction of norm R inside the span of `basis` (D, r)
-    (orthonormal columns, rows in sorted-name order of the parameters). One r-vector per seed."""
+    (orthonormal columns, rows in sorted-name order of the parameters). One r-vector per seed.
+    `weighted`: the columns are orthogonal with lengths s_j (`GradientSnapshots.weighted_basis`), and
+    z = R B c / |B c|, |B c| = sqrt(sum_j s_j^2 c_j^2): directions follow the gradients' spread."""
 
     name = "subspace"
     decay = 0.0
@@ -288,6 +304,7 @@ class SubspaceSampler:
         norm: float,
         mu: Mapping[str, Tensor] | None = None,
         v: Mapping[str, Tensor] | None = None,
+        weighted: bool = False,
     ):
         total = sum(math.prod(shape) for shape in shapes.values())
         if basis.dim() != 2 or basis.shape[0] != total:
@@ -297,6 +314,7 @@ class SubspaceSampler:
         self.basis, self.norm = basis, float(norm)
         self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
         self.mu, self.v = dict(mu or {}), dict(v or {})
+        self.lengths = torch.linalg.vector_norm(basis, dim=0) if weighted else None
 
     @property
     def rank(self) -> int:
@@ -309,7 +327,10 @@ class SubspaceSampler:
     def replay(self, params: Mapping[str, Tensor], seed: int) -> Iterator[tuple[str, Tensor, Tensor]]:
         generator = torch.Generator(device=self.basis.device).manual_seed(seed)
         c = torch.randn(self.rank, generator=generator, device=self.basis.device, dtype=torch.float32)
-        c = c * (self.norm / torch.linalg.vector_norm(c))  # |Q c| = |c| for orthonormal Q
+        if self.lengths is None:
+            c = c * (self.norm / torch.linalg.vector_norm(c))  # |Q c| = |c| for orthonormal Q
+        else:
+            c = c * (self.norm / torch.linalg.vector_norm(c * self.lengths))  # orthogonal columns
         offset = 0
         for name in sorted(params):
             param = params[name]

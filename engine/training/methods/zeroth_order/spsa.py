@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from engine.seeds import seeded
+from engine.training.methods.zeroth_order.estimators import ESTIMATORS, group_fitness, needs_base_loss
 from engine.training.methods.zeroth_order.samplers import DirectionSampler
 
 DECAY_SCHEDULES = ("exp", "linear")
@@ -113,7 +114,7 @@ class ZOStepResult:
     abs_g: float  # mean |g_i| as estimated: what a watchdog on |g| should see
     skipped: bool  # a non-finite g: theta restored, no update applied
     loss_plus: float  # mean L+
-    loss_minus: float  # mean L-
+    loss_minus: float  # mean L- (one-sided: L0, or the mean L+ without it)
     forward_passes: int  # calls of loss_fn
     cos_z_mu: float  # global cosine between z and mu (0.0 without mu or when a norm is 0)
     cos_z_v: float  # global cosine between z and v (same)
@@ -148,6 +149,10 @@ def zo_update(
     g_clip: float | None = None,
     reduce_g: Callable[[float], float] | None = None,
     normalizer: RunningRMS | None = None,
+    estimator: str = "two_sided",
+    fitness: str = "raw",
+    base_loss: float | None = None,
+    direction_offset: int = 0,
 ) -> ZOStepResult:
     """One SPSA update of `params` in place (see the module docstring); returns what it did.
 
@@ -155,8 +160,15 @@ def zo_update(
     `torch.no_grad()`, twice per direction. `update_index` is the global update index (it seeds z).
     With `normalizer`, each g_i is divided by the running RMS of g before the clip (so `g_clip` is then
     in units of that RMS).
+    `estimator`, `fitness` (estimators.py): one_sided probes theta + eps z only and compares with
+    `base_loss` (L0, the loss at theta; one more pass when it is None and the fitness is raw); fitness
+    zscore or loo makes the q estimates group-relative before the RMS and the clip. `direction_offset`:
+    the directions are number offset .. offset + q - 1 of this update (several updates on one rollout).
     """
     _check_params(params)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; accepted: {', '.join(ESTIMATORS)}")
+    group_fitness([0.0] * max(directions, 2), fitness)  # an unknown fitness fails before any pass
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps}")
     if not (math.isfinite(lr) and lr >= 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
@@ -167,13 +179,20 @@ def zo_update(
         raise ValueError(f"g_clip must be > 0 or None, got {g_clip}")
     sampler.check(params)
 
-    seeds = [direction_seed(run_seed, update_index, i) for i in range(directions)]
+    if fitness != "raw" and directions < 2:
+        raise ValueError(f"{fitness} fitness needs directions >= 2, got {directions}")
+    seeds = [direction_seed(run_seed, update_index, direction_offset + i) for i in range(directions)]
     g_raw: list[float] = []
     losses_plus: list[float] = []
     losses_minus: list[float] = []
     meters: list[_CosineMeter] = []
     with torch.no_grad():
-        for seed in seeds:
+        if estimator == "one_sided":
+            if base_loss is None and needs_base_loss(estimator, fitness):
+                base_loss = float(loss_fn())
+                losses_minus.append(base_loss)
+            g_raw = _one_sided(params, loss_fn, sampler, seeds, eps, base_loss, reduce_g, losses_plus, meters)
+        for seed in seeds if estimator == "two_sided" else ():
             meter = _CosineMeter()
             offset = 0.0  # theta is currently theta + offset * z
             try:
@@ -194,7 +213,7 @@ def zo_update(
                 break
 
         skipped = not all(math.isfinite(g) for g in g_raw)
-        g_used = list(g_raw)
+        g_used = list(g_raw) if skipped else group_fitness(g_raw, fitness)
         if not skipped and normalizer is not None:
             g_used = normalizer.normalize(g_used)
         if g_clip is not None and not skipped:
@@ -213,7 +232,7 @@ def zo_update(
         abs_g=_mean([abs(g) for g in g_raw]),
         skipped=skipped,
         loss_plus=_mean(losses_plus),
-        loss_minus=_mean(losses_minus),
+        loss_minus=_mean(losses_minus) if losses_minus else _baseline(base_loss, losses_plus),
         forward_passes=len(losses_plus) + len(losses_minus),
         cos_z_mu=_mean([m.cosines()[0] for m in meters]),
         cos_z_v=_mean([m.cosines()[1] for m in meters]),
@@ -223,6 +242,66 @@ def zo_update(
         z_norm=_mean([m.z_norm() for m in meters]),
         step_norm=step_norm,
         g_rms=normalizer.rms if normalizer is not None else 0.0,
+    )
+
+
+def _one_sided(
+    params: Mapping[str, Tensor],
+    loss_fn: Callable[[], Tensor | float],
+    sampler: DirectionSampler,
+    seeds: list[int],
+    eps: float,
+    base_loss: float | None,
+    reduce_g: Callable[[float], float] | None,
+    losses_plus: list[float],
+    meters: list[_CosineMeter],
+) -> list[float]:
+    """g_i = (L(theta + eps z_i) - L0) / eps, one pass each (L0 = 0 when the fitness cancels it)."""
+    g_raw: list[float] = []
+    for seed in seeds:
+        meter = _CosineMeter()
+        try:
+            _perturb(params, sampler, seed, eps, meter)  # theta + eps z
+            losses_plus.append(float(loss_fn()))
+        finally:
+            _perturb(params, sampler, seed, -eps)  # restore theta (also if loss_fn raised)
+        g = (losses_plus[-1] - (base_loss or 0.0)) / eps
+        g_raw.append(float(reduce_g(g)) if reduce_g is not None else g)
+        meters.append(meter)
+        if not math.isfinite(g_raw[-1]):
+            return g_raw
+    if base_loss is None:  # no L0: centre on the probes' mean (what zscore and loo do anyway)
+        mean = sum(g_raw) / len(g_raw)
+        g_raw = [g - mean for g in g_raw]
+    return g_raw
+
+
+def combined(results: list[ZOStepResult]) -> ZOStepResult:
+    """Several updates on one rollout as one: means of the per-update means, sums of the passes, the
+    step norm of the last (what a watchdog on the latest step should see), skipped if any was."""
+    if len(results) == 1:
+        return results[0]
+
+    def mean(field: str) -> float:
+        return _mean([getattr(r, field) for r in results])
+
+    last = results[-1]
+    return ZOStepResult(
+        g=mean("g"),
+        g_raw=mean("g_raw"),
+        abs_g=mean("abs_g"),
+        skipped=any(r.skipped for r in results),
+        loss_plus=mean("loss_plus"),
+        loss_minus=mean("loss_minus"),
+        forward_passes=sum(r.forward_passes for r in results),
+        cos_z_mu=mean("cos_z_mu"),
+        cos_z_v=mean("cos_z_v"),
+        decay=last.decay,
+        directions=last.directions,
+        clipped=last.clipped,
+        z_norm=mean("z_norm"),
+        step_norm=last.step_norm,
+        g_rms=last.g_rms,
     )
 
 
@@ -333,6 +412,11 @@ def _decays(name: str) -> bool:
     """Weight decay applies to every tensor except biases and norms (by name)."""
     lowered = name.lower()
     return "bias" not in lowered and "norm" not in lowered
+
+
+def _baseline(base_loss: float | None, losses_plus: list[float]) -> float:
+    """What a one-sided update compared its probes with: L0, or (without it) the probes' mean."""
+    return base_loss if base_loss is not None else _mean(losses_plus)
 
 
 def _mean(values: list[float]) -> float:

@@ -22,7 +22,7 @@ from engine.training.methods.rloo import RLOOUpdate
 from engine.training.methods.zeroth_order.directions import DirectionSource
 from engine.training.methods.zeroth_order.premise import PremiseCheck
 from engine.training.methods.zeroth_order.samplers import SubspaceSampler, ZoproSampler
-from engine.training.methods.zeroth_order.spsa import RunningRMS, decay_at, zo_update
+from engine.training.methods.zeroth_order.spsa import RunningRMS, combined, decay_at, zo_update
 from engine.training.objectives import clipped_surrogate
 from engine.training.rollout import Rollout, token_logprobs
 
@@ -107,20 +107,32 @@ class ZerothOrderUpdate:
             true_gradient = self._true_gradient(surrogate_loss)
             before = {n: p.detach().clone() for n, p in self.params.items()}
         self.models.use("policy")
-        result = zo_update(
-            self.params,
-            surrogate_loss,
-            sampler,
-            run_seed=self.recipe.seed,
-            update_index=update_index,
-            eps=config.eps,
-            lr=lr,
-            weight_decay=config.weight_decay,
-            directions=config.directions,
-            g_clip=config.g_clip or None,
-            reduce_g=self.context.dist.mean_scalar if self.context.dist.enabled else None,
-            normalizer=self.normalizer,
-        )
+        results = []
+        for inner in range(config.updates_per_rollout):  # several updates on one rollout (section 3.1)
+            results.append(
+                zo_update(
+                    self.params,
+                    surrogate_loss,
+                    sampler,
+                    run_seed=self.recipe.seed,
+                    update_index=update_index,
+                    eps=config.eps,
+                    lr=lr,
+                    weight_decay=config.weight_decay,
+                    directions=config.directions,
+                    g_clip=config.g_clip or None,
+                    reduce_g=self.context.dist.mean_scalar if self.context.dist.enabled else None,
+                    normalizer=self.normalizer,
+                    estimator=config.estimator,
+                    fitness=config.fitness,
+                    # at the rollout's policy every ratio is 1: L0 is known without a pass
+                    base_loss=surrogate_at_rollout(rollout, self.clip_range) if inner == 0 else None,
+                    direction_offset=inner * config.directions,
+                )
+            )
+            if results[-1].skipped:
+                break
+        result = combined(results)
         metrics = {
             **extra,
             "zo/g": result.g,
@@ -234,6 +246,12 @@ class ZerothOrderUpdate:
         if self.normalizer is not None and state.get("normalizer"):
             self.normalizer.load_state_dict(state["normalizer"])
         self.directions.load_state_dict(state)
+
+
+def surrogate_at_rollout(rollout: Rollout, clip_range: float) -> float:
+    """The clipped surrogate at the policy that sampled the rollout (every ratio 1): no forward pass."""
+    loss, _ = clipped_surrogate(rollout.old_logprobs, rollout.old_logprobs, rollout.advantages, clip_range)
+    return float(loss)
 
 
 def _cosine_with_step(
