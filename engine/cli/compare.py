@@ -53,10 +53,9 @@ def comparison_table(rows: list[dict], title: str = "comparison") -> Table:
 
 def same_stages(mine, theirs) -> bool:
     """Whether two recipes train the same SFT and reward models (so one run's can serve the other)."""
-    from engine.training.shared_stages import SHARED_KEYS, first_difference
+    from engine.training.shared_stages import stages_difference
 
-    a, b = mine.to_dict(), theirs.to_dict()
-    return all(first_difference(a[key], b[key]) is None for key in SHARED_KEYS)
+    return stages_difference(mine.to_dict(), theirs.to_dict()) is None
 
 
 def run_comparison(

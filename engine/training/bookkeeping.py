@@ -63,10 +63,15 @@ class RunBook:
         self.fill_checkpoint: Callable[[Path], None] = lambda folder: None
 
     # -- opening the run directory -----------------------------------------------------------------------
-    def open_new_run(self, *, base: str, total_steps: int, data_report: Any = None) -> None:
-        """A new run: the resolved recipe, meta.json, the first status and the `run_start` event."""
+    def open_new_run(
+        self, *, base: str, total_steps: int, data_report: Any = None, stages_from: Path | None = None
+    ) -> None:
+        """A new run: the resolved recipe, meta.json, the first status and the `run_start` event.
+        `stages_from`: the run whose SFT and reward stages this one adopts (named in meta.json)."""
         recipe, writer = self.recipe, self.writer
         meta = run_meta(recipe, self.device, self.dist, base)
+        if stages_from is not None:
+            meta["stages_from"] = str(stages_from)
         writer.write_recipe(dump_recipe(recipe))
         writer.write_meta(meta)
         writer.update_status(

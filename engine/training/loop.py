@@ -66,7 +66,12 @@ def start(run: Run, stages_from: StagesSource | None = None) -> None:
     """A new run: the bookkeeping writes the resolved recipe, meta and the first status; then train. With
     `stages_from`, the SFT and reward stages are another run's (engine.training.shared_stages): they are
     copied in, and the run goes on from their checkpoint as a resumed run does."""
-    run.book.open_new_run(base=run.models.base_path, total_steps=run.total_steps, data_report=run.data_report)
+    run.book.open_new_run(
+        base=run.models.base_path,
+        total_steps=run.total_steps,
+        data_report=run.data_report,
+        stages_from=stages_from.path if stages_from is not None else None,
+    )
     if stages_from is not None:
         adopt_stages(run, stages_from)
         run.book.reopen(run.load_checkpoint, adopted_from=stages_from.path)

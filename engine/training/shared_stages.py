@@ -60,6 +60,16 @@ def first_difference(mine: object, theirs: object, key: str = "") -> str | None:
     return None if mine == theirs else key
 
 
+def stages_difference(mine: dict, theirs: dict) -> str | None:
+    """The first shared key where two recipes (as plain dicts) differ; None when the SFT and reward stages
+    of a run of one are those a run of the other would train."""
+    for name in SHARED_KEYS:
+        key = first_difference(mine[name], theirs[name], name)
+        if key is not None:
+            return key
+    return None
+
+
 def stages_source(run_dir: Path, recipe: Recipe) -> StagesSource:
     """Check that `run_dir` holds a complete `reward` checkpoint of a run that agrees with `recipe` on every
     shared key; StagesError (one sentence) otherwise."""
@@ -70,14 +80,12 @@ def stages_source(run_dir: Path, recipe: Recipe) -> StagesSource:
         theirs = load_recipe(run_dir / "recipe.toml").to_dict()
     except RecipeError as error:
         raise StagesError(f"{flag}: its recipe cannot be read ({error})") from None
-    mine = recipe.to_dict()
-    for name in SHARED_KEYS:
-        key = first_difference(mine[name], theirs[name], name)
-        if key is not None:
-            raise StagesError(
-                f"{flag}: its {key} differs from this recipe's, and the SFT and reward stages can only be "
-                f"shared by runs that agree on {', '.join(SHARED_KEYS)}"
-            )
+    key = stages_difference(recipe.to_dict(), theirs)
+    if key is not None:
+        raise StagesError(
+            f"{flag}: its {key} differs from this recipe's, and the SFT and reward stages can only be "
+            f"shared by runs that agree on {', '.join(SHARED_KEYS)}"
+        )
     folder = run_dir / "checkpoints" / iteration_checkpoint_name(-1)
     try:
         state = json.loads(read_plain(folder / "state.json", 1 << 24))
@@ -125,8 +133,9 @@ def plain_files(folder: Path, flag: str) -> list[Path]:
 
 
 def adopt_stages(run, source: StagesSource) -> None:
-    """Copy the source's SFT and reward stages into `run`'s freshly opened folder (its `run_start` written):
-    checkpoints with this run's policy side, then the events and samples before the `reward` checkpoint.
+    """Copy the source's SFT and reward stages into `run`'s freshly opened folder (its `run_start` and
+    meta.json written): checkpoints with this run's policy side (the `reward` one last, so `latest` names
+    it), then the events and samples before the `reward` checkpoint.
     Rank 0 writes; the others wait, and all then reopen the folder as a resume does."""
     book = run.book
     writer = book.writer
@@ -160,7 +169,4 @@ def adopt_stages(run, source: StagesSource) -> None:
             step = samples.stem.removeprefix("samples-")
             if step.isdigit() and int(step) <= source.global_step and not samples.is_symlink():
                 atomic_write_text(writer.samples_dir / samples.name, read_plain(samples, 1 << 30).decode())
-        meta = json.loads(read_plain(writer.path / "meta.json", 1 << 20))
-        writer.write_meta({**meta, "stages_from": str(source.path)})
-        atomic_write_text(writer.checkpoints_dir / "latest", iteration_checkpoint_name(-1) + "\n")
     run.dist.barrier()
