@@ -5,37 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.data.tasks import make_task
 from engine.recipe import RecipeError, recipe_from_dict
 from engine.training import activation_checkpointing
 from engine.training.activation_checkpointing import set_activation_checkpointing
-from engine.training.models import (
-    build_builtin,
-    load_preference_model,
-    quiet_transformers,
-)
 from engine.training.rollout import sample, token_logprobs
 from engine.training.telemetry import Counters
+from tests.nano import nano_preference_model
 
 
 @pytest.fixture(scope="module")
 def pm(model_cache):
-    quiet_transformers()
-    task = make_task(recipe_from_dict({}))
-    base = build_builtin("nano", task.corpus(), 0, model_cache)
-    model = load_preference_model(
-        str(base),
-        dtype="float32",
-        device=torch.device("cpu"),
-        lora_rank=4,
-        lora_alpha=8.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        seed=0,
-    )
-    with torch.no_grad():  # a policy adapter away from its zero-B start, so every LoRA matrix has a gradient
-        gen = torch.Generator().manual_seed(1)
-        for param in model.adapter_parameters("policy").values():
-            param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    # a policy adapter away from its zero-B start, so every LoRA matrix has a gradient
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model, task = nano_preference_model(model_cache, targets, moved=("policy",))
     with model.adapter("policy"), torch.no_grad():
         model.seqs = sample(
             model,

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from engine.data.tasks import make_task
 from engine.mirror import trl_name
 from engine.recipe import RecipeError, recipe_from_dict
 from engine.rundir.reader import read_events
@@ -18,11 +17,11 @@ from engine.training.dynamic_sampling import refill
 from engine.training.methods import make_update
 from engine.training.methods.context import MethodContext
 from engine.training.methods.group import group_advantages, group_loss, policy_rewards
-from engine.training.models import build_builtin, load_preference_model, quiet_transformers
 from engine.training.objectives import clipped_surrogate
 from engine.training.rollout import collect_rollout, token_logprobs
 from engine.training.telemetry import Counters
 from tests.conftest import FAST_RECIPE, zopro
+from tests.nano import nano_preference_model
 from tests.runs import assert_resume_after_sigterm_is_exact, finished_run
 
 PRESETS = ("grpo", "dr_grpo", "dapo", "reinforce_pp")
@@ -149,17 +148,8 @@ def test_grpo_on_sequence_sums_without_std_or_kl_is_rloo_times_g_minus_1_over_g(
 
 @pytest.fixture(scope="module")
 def pm(model_cache):
-    quiet_transformers()
-    task = make_task(recipe_from_dict({}))
-    base = build_builtin("nano", task.corpus(), 0, model_cache)
-    model = load_preference_model(
-        str(base), dtype="float32", device=torch.device("cpu"), lora_rank=4, lora_alpha=8.0,
-        target_modules=["q_proj", "v_proj", "lm_head"], seed=0,
-    )  # fmt: skip
-    with torch.no_grad():  # a policy apart from the reference, so the KL is not zero
-        gen = torch.Generator().manual_seed(1)
-        for param in model.adapter_parameters("policy").values():
-            param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    # a policy apart from the reference, so the KL is not zero
+    model, task = nano_preference_model(model_cache, ["q_proj", "v_proj", "lm_head"], moved=("policy",))
     model.prompts = task.prompts(8, "test")
     return model
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.data.tasks import make_task
-from engine.recipe import recipe_from_dict
-from engine.training.models import build_builtin, load_preference_model, quiet_transformers
 from engine.training.rollout import (
     collect_rollout,
     position_ids,
@@ -17,29 +14,15 @@ from engine.training.rollout import (
     token_logprobs,
 )
 from engine.training.telemetry import Counters
+from tests.nano import nano_preference_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
 @pytest.fixture(scope="module")
 def pm(model_cache):
-    quiet_transformers()
-    task = make_task(recipe_from_dict({}))
-    base = build_builtin("nano", task.corpus(), 0, model_cache)
-    model = load_preference_model(
-        str(base),
-        dtype="float32",
-        device=torch.device("cpu"),
-        lora_rank=4,
-        lora_alpha=8.0,
-        target_modules=TARGETS,
-        seed=0,
-    )
-    with torch.no_grad():  # adapters that differ, so each adapter's pass is told apart
-        gen = torch.Generator().manual_seed(1)
-        for name in ("sft", "policy", "reward"):
-            for param in model.adapter_parameters(name).values():
-                param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    # adapters that differ, so each adapter's pass is told apart
+    model, task = nano_preference_model(model_cache, TARGETS, moved=("sft", "policy", "reward"))
     model.prompts = task.prompts(6, "test")
     return model
 
@@ -203,17 +186,7 @@ def test_copy_adapter_keeps_the_parameters_and_copies_values(pm):
 def test_bf16_base_keeps_float32_adapters_and_recomputes_old_logprobs(model_cache):
     """A bfloat16 base (the paper recipes, on a GPU) with float32 adapters: log-probs come back float32,
     close to the full computation, and the rollout recomputes the old log-probs as the update will."""
-    task = make_task(recipe_from_dict({}))
-    base = build_builtin("nano", task.corpus(), 0, model_cache)
-    pm16 = load_preference_model(
-        str(base),
-        dtype="bfloat16",
-        device=torch.device("cpu"),
-        lora_rank=4,
-        lora_alpha=8.0,
-        target_modules=TARGETS,
-        seed=0,
-    )
+    pm16, task = nano_preference_model(model_cache, TARGETS, dtype="bfloat16")
     assert pm16.base_dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in pm16.adapter_parameters("policy").values())
     counters = Counters()
