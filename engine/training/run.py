@@ -245,7 +245,8 @@ class Run:
         )
 
     def fresh_rollout(self, where: tuple) -> Rollout:
-        """A rollout on training prompts of this iteration drawn from `where` (diagnostics)."""
+        """A rollout on train.prompts_per_update training prompts of this iteration, drawn and sampled on the
+        generators of `where`: an update's (iteration, step), a refill's, a diagnostic's."""
         chunk = self.iteration_prompts(self.state.iteration)
         order = torch.randperm(len(chunk), generator=generator(self.seed, "prompts", *where))
         prompts = [chunk[j] for j in order[: self.recipe.train.prompts_per_update].tolist()]

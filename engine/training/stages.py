@@ -94,7 +94,6 @@ def train_reward_model(run: Run) -> None:
 def optimise_policy(run: Run) -> None:
     recipe, book, state = run.recipe, run.book, run.state
     i = state.iteration
-    chunk = run.iteration_prompts(i)
     updates = recipe.train.updates_per_iteration
     if run.interplay is not None and not run.interplay.started:
         run.interplay.start(*run.adapter_views())
@@ -103,16 +102,12 @@ def optimise_policy(run: Run) -> None:
     while state.step < updates:
         step = state.step
         started = time.monotonic()
-        order = torch.randperm(len(chunk), generator=generator(run.seed, "prompts", i, step))
-        prompts = [chunk[j] for j in order[: recipe.train.prompts_per_update].tolist()]
-        rollout = run.rollout(prompts, generator(run.seed, "rollout", i, step))  # this rank's share
+        rollout = run.fresh_rollout((i, step))  # this rank's share
         sampling_metrics = {}
         if switches is not None and switches.dynamic_sampling:  # DAPO: refill the uninformative groups
 
             def draw(extra: int, step: int = step) -> Rollout:  # the extra-th refill of this step
-                order = torch.randperm(len(chunk), generator=generator(run.seed, "prompts", i, step, extra))
-                more = [chunk[j] for j in order[: recipe.train.prompts_per_update].tolist()]
-                return run.rollout(more, generator(run.seed, "rollout", i, step, extra))
+                return run.fresh_rollout((i, step, extra))
 
             rollout, sampling_metrics = refill(
                 rollout,
