@@ -7,6 +7,8 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -229,6 +231,8 @@ def run_training(
     follower = dist is not None and not dist.is_main
     problem = None
     writer: RunWriter | None = None
+    start_signals = SignalsBeforeTheRun()
+    start_signals.install()  # remembered while the lock is taken, raised once the lock is let go on the way out
     if not follower:  # the lock first, before the model loads: no second run can take this folder
         try:
             if run_dir is None:
@@ -249,11 +253,26 @@ def run_training(
             quiet, console = True, Console(quiet=True)
             writer = FollowerWriter(run_dir)
     try:
+        start_signals.arm()
         if problem is not None:
             return bad(problem)
         return _train(
-            recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad, writer, stages_from
+            recipe,
+            recipe_path,
+            run_dir,
+            resume,
+            quiet,
+            console,
+            err,
+            dist,
+            bad,
+            writer,
+            stages_from,
+            start_signals,
         )
+    except KeyboardInterrupt:  # raised by SignalsBeforeTheRun: the run had not started, its lock goes below
+        err.print("interrupted before the run started")
+        return EXIT_TERMINATED if start_signals.received == "SIGTERM" else EXIT_INTERRUPTED
     finally:
         if writer is not None:
             writer.abandon()  # only before the run started: its lock and the folder it made go
@@ -261,7 +280,38 @@ def run_training(
             dist.close()
 
 
-def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad, writer, stages_from) -> int:
+class SignalsBeforeTheRun:
+    """SIGINT and SIGTERM from the lock to the run's own handlers (RunBook.running). While the lock is taken
+    they are only remembered (an interrupt there would leave the lock behind); once armed, inside the code that
+    lets the lock go on the way out, they interrupt the start at once, as Python's default SIGINT does. Library
+    code that loads a model may swallow the KeyboardInterrupt: `check` after loading ends the start anyway."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.armed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._interrupt)
+            signal.signal(signal.SIGTERM, self._interrupt)
+
+    def arm(self) -> None:
+        self.armed = True
+        self.check()
+
+    def _interrupt(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = signal.Signals(signum).name
+        if self.armed:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+
+
+def _train(
+    recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad, writer, stages_from, start_signals
+) -> int:
     from engine.mirror import Mirror, missing_package
 
     missing = missing_package(recipe.log.report_to)
@@ -309,6 +359,7 @@ def _train(recipe, recipe_path, run_dir, resume, quiet, console, err, dist, bad,
             run = Run(recipe, writer, listener=None if follower else listener, dist=dist, notice=notice)
         except ModelError as error:
             return bad(str(error))
+    start_signals.check()
     view = ProgressView(run.total_steps, recipe.train.iterations, recipe.policy.method, run_dir)
     view_holder.append(view)
     try:
