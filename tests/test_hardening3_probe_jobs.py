@@ -205,13 +205,14 @@ def test_p53_a_fifo_worker_lock_is_no_worker_and_no_hang(tmp_path):
 
 # -- signals --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_p54_ctrl_c_while_the_model_loads_leaves_nothing_behind(tmp_path, recipe):
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_p54_ctrl_c_or_sigterm_while_the_model_loads_leaves_nothing_behind(tmp_path, recipe, sent, code):
     run = tmp_path / "new-run"
     process = zopro_popen("run", str(recipe), "--run-dir", str(run), "-q")
     wait_for(lambda: (run / "lock").exists() or process.poll() is not None, every=0.01)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode == code, stderr
     assert not run.exists(), "the folder it made (and its lock) should be gone"
 
 
