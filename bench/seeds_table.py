@@ -85,6 +85,10 @@ def fmt(value: float | None, se: float | None = None) -> str:
     return f"{text} ± {se:.3f}".replace("± 0.", "± .") if se is not None else text
 
 
+def signed(value: float | None) -> str:
+    return "-" if value is None else ("+" if value >= 0 else "") + fmt(value)
+
+
 def markdown(report: dict) -> str:
     lines = [
         "| method | seed | SFT gold | final gold | win vs SFT | KL | gain over SFT (in SEs of the difference) | gain after iteration 0 |",
@@ -98,11 +102,11 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {method} | {r['seed']} | {fmt(r['gold'][0], r['gold_se'][0])} | "
                 f"{fmt(r['gold'][-1], r['gold_se'][-1])} | {fmt(r['win_vs_sft'], r['win_vs_sft_se'])} | "
-                f"{fmt(r['kl'])} | +{fmt(r['gain_over_sft'])} ({r['gain_in_se']}) | {fmt(r['zo_gain'])} |"
+                f"{fmt(r['kl'])} | {signed(r['gain_over_sft'])} ({r['gain_in_se']}) | {fmt(r['zo_gain'])} |"
             )
         lines.append(
             f"| **{method}, mean** | | {fmt(summary['mean_sft_gold'])} | {fmt(summary['mean_final_gold'])} | "
-            f"{fmt(summary['mean_win_vs_sft'])} | {fmt(summary['mean_kl'])} | +{fmt(summary['mean_gain_over_sft'])} | "
+            f"{fmt(summary['mean_win_vs_sft'])} | {fmt(summary['mean_kl'])} | {signed(summary['mean_gain_over_sft'])} | "
             f"{fmt(summary['mean_zo_gain'])} ({summary['zo_gain_x_reference']} x) |"
         )
     return "\n".join(lines)
