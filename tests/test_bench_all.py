@@ -80,3 +80,25 @@ def test_the_readme_regions_take_the_figures_and_only_theirs():
     assert "by hand" in updated  # a piece that failed leaves its region as it was
     figures["pieces"]["demo"]["quick"] = True
     assert update_readme(text, figures) == text  # quick figures never reach the README
+
+
+def test_only_a_change_outside_the_files_bench_all_writes_marks_the_code_uncommitted(tmp_path, monkeypatch):
+    import subprocess
+
+    import bench.all as bench_all
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True)
+
+    (tmp_path / "docs").mkdir()
+    for name in ("README.md", "docs/figures.json", "docs/figures.md", "engine.py"):
+        (tmp_path / name).write_text("one\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    monkeypatch.setattr(bench_all, "ROOT", tmp_path)
+    for name in ("README.md", "docs/figures.json", "docs/figures.md"):  # what a piece before this one wrote
+        (tmp_path / name).write_text("two\n")
+    assert bench_all.git_commit()["dirty"] is False and len(bench_all.git_commit()["commit"]) == 40
+    (tmp_path / "engine.py").write_text("two\n")
+    assert bench_all.git_commit()["dirty"] is True
