@@ -226,7 +226,7 @@ def test_p54_a_ctrl_c_that_model_loading_swallows_still_ends_the_start():
     try:
         signals.install()
         os.kill(os.getpid(), signal.SIGINT)  # while the lock is taken: remembered, not raised
-        time.sleep(0.2)
+        wait_for(lambda: signals.received is not None, timeout=10, every=0.01)
         assert signals.received == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
             signals.arm()  # ... and raised once the code that lets the lock go is around it

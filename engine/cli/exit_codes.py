@@ -6,3 +6,9 @@ EXIT_BAD_INPUT = 2  # a recipe, a path or an option the user can fix
 EXIT_HANGUP = 129  # SIGHUP: the terminal went away; the run stopped after a checkpoint
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
 EXIT_TERMINATED = 143  # SIGTERM
+
+EXIT_BY_SIGNAL = {
+    "SIGHUP": EXIT_HANGUP,
+    "SIGINT": EXIT_INTERRUPTED,
+    "SIGTERM": EXIT_TERMINATED,
+}  # by signal name

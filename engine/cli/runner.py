@@ -23,11 +23,10 @@ from rich.text import Text
 
 from engine.cli.exit_codes import (
     EXIT_BAD_INPUT,
+    EXIT_BY_SIGNAL,
     EXIT_FAILED,
-    EXIT_HANGUP,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_TERMINATED,
 )
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.checkpoints import latest_checkpoint
@@ -272,7 +271,7 @@ def run_training(
         )
     except KeyboardInterrupt:  # raised by SignalsBeforeTheRun: the run had not started, its lock goes below
         err.print("interrupted before the run started")
-        return EXIT_TERMINATED if start_signals.received == "SIGTERM" else EXIT_INTERRUPTED
+        return EXIT_BY_SIGNAL.get(start_signals.received or "SIGINT", EXIT_INTERRUPTED)
     finally:
         if writer is not None:
             writer.abandon()  # only before the run started: its lock and the folder it made go
@@ -389,9 +388,7 @@ def _train(
             else:
                 loop.start(run, stages_from)
     except StopRun as stop:
-        code = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED, "SIGHUP": EXIT_HANGUP}.get(
-            stop.reason, EXIT_OK
-        )
+        code = EXIT_BY_SIGNAL.get(stop.reason, EXIT_OK)
         if stop.failed:  # a guard (policy.max_kl) stopped it: say so with the exit code too
             code = EXIT_FAILED
             err.print(f"[bold red]stopped:[/] {escape(stop.reason)}", soft_wrap=True)
