@@ -20,7 +20,7 @@ from zopro_tui.launch import launch, plan_run
 from zopro_tui.reading import RunReader
 from zopro_tui.screens.dashboard import DashboardScreen
 from zopro_tui.screens.runs import RunsScreen
-from zopro_tui.series import sample_events
+from zopro_tui.series_parser import sample_events
 
 FIXTURE = REPO / "tests" / "fixtures" / "run_tiny" / "fast-seed0"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -197,3 +198,36 @@ def test_an_event_keeps_only_number_and_null_metrics_and_a_bom_is_read_past():
     }
     assert parse_event_line(b'\xef\xbb\xbf{"seq": 3, "type": "eval"}') == {"seq": 3, "type": "eval"}
     assert parse_event_line(b'{"seq": 4, "type": "metrics", "metrics": {"a": "\xff"}}') is None
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["orjson", "json only"])
+def test_event_lines_read_the_same_with_and_without_orjson(monkeypatch, fast):
+    """orjson reads strict JSON; what Python's json also accepts (NaN, Infinity, a byte-order mark, a lone
+    surrogate) goes to json: the events are the same either way."""
+    from engine.rundir import events
+
+    if not fast:
+        monkeypatch.setattr(events, "_fast_loads", None)
+    parsed = parse_event_line(
+        b'{"seq": 5, "type": "metrics", "metrics": {"a": NaN, "b": -Infinity, "c": 1e400}}'
+    )
+    metrics = parsed["metrics"]
+    assert math.isnan(metrics["a"]) and metrics["b"] == -math.inf and metrics["c"] == math.inf
+    assert parse_event_line(b'\xef\xbb\xbf{"seq": 6, "type": "eval"}') == {"seq": 6, "type": "eval"}
+    assert parse_event_line(b'{"seq": 7, "type": "warning", "message": "\\ud800"}')["message"] == "\ud800"
+    assert parse_event_line(b'{"seq": 8, "type": "metrics", "metrics": {"a": 1}') is None  # cut short
+    assert parse_event_line(b'{"seq": 9, "type": "metrics", "metrics": {"a": "\xff"}}') is None
+    assert parse_event_line(b'{"seq": 10.5, "type": "metrics"}') is None
+    for bad in (
+        b'{"seq": null, "type": "metrics"}',
+        b'{"seq": true, "type": "metrics"}',
+        b'{"seq": 1, "type": 3}',
+        b'{"seq": 1, "type": "eval", "iteration": "2"}',
+        b'{"seq": 1, "type": "eval", "stage": 4}',
+        b'{"seq": 1, "type": "eval", "time": false}',
+        b'{"seq": 1, "type": "resume", "rewind_to_seq": 2.0}',
+        b'{"seq": 1, "type": "metrics", "metrics": [1]}',
+        b"[1, 2]",
+    ):
+        assert parse_event_line(bad) is None, bad
+    assert parse_event_line(b'{"seq": 1, "type": "eval", "iteration": null, "stage": null, "time": 2}')

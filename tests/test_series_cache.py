@@ -86,7 +86,7 @@ def test_a_cache_hit_equals_a_cold_read(tmp_path):
 
 
 def _one_more():
-    from zopro_tui.series import SeriesParser
+    from zopro_tui.series_parser import SeriesParser
 
     batch = SeriesParser().parse(
         [{"seq": 10_000, "type": "metrics", "global_step": 300, "metrics": {"objective/scores": 123.0}}]

@@ -6,7 +6,8 @@ import numpy as np
 
 from engine.rundir.reader import EventTail, read_events
 from engine.rundir.writer import RunWriter
-from zopro_tui.series import MetricStore, SeriesParser, ema, minmax_columns, sample_events
+from zopro_tui.series import MetricStore, ema, minmax_columns
+from zopro_tui.series_parser import SeriesParser, sample_events
 
 
 def store_of(events: list[dict]) -> MetricStore:
@@ -103,3 +104,79 @@ def test_sample_events_spreads_over_the_file(tmp_path):
     sample = sample_events(run / "events.jsonl", 100)
     seqs = [event["seq"] for event in sample]
     assert seqs == sorted(set(seqs)) and seqs[0] == 0 and seqs[-1] > 1900 and 90 <= len(seqs) <= 100
+
+
+def reference_points(events: list[dict], wanted=lambda name: True) -> tuple[dict, list[float], dict]:
+    """What the parser must give, written the plain way: per metric the (event index, value) of every
+    number, the forward passes carried forward per event, the latest number of each metric."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    compute, last, latest, index = [], 0.0, {}, 0
+    for event in events:
+        if event.get("type") not in ("metrics", "eval"):
+            continue
+        metrics = event["metrics"]
+        if metrics.get("compute/forward_passes") is not None:
+            last = float(metrics["compute/forward_passes"])
+        compute.append(last)
+        for name, value in metrics.items():
+            latest[name] = value
+            if value is not None and wanted(name):
+                points.setdefault(name, []).append((index, float(value)))
+        index += 1
+    return points, compute, {k: v for k, v in latest.items() if v is not None}
+
+
+def test_runs_of_one_layout_read_in_bulk_give_what_reading_event_by_event_gives():
+    """The parser stores consecutive metrics events of one layout column by column; layouts that change
+    (a metric appears, goes, the order differs), nulls, NaN and infinities, an eval between them and several
+    parse calls must give the same points as the plain per-event reading."""
+    rng = np.random.default_rng(1)
+    layouts = [("a", "b", "compute/forward_passes"), ("b", "a", "compute/forward_passes"), ("a",), ("c", "a")]
+    events, seq = [], 0
+    for block in range(40):
+        layout = layouts[int(rng.integers(len(layouts)))]
+        for _ in range(int(rng.integers(1, 30))):
+            metrics = {}
+            for name in layout:
+                draw = rng.random()
+                value = (
+                    None
+                    if draw < 0.03
+                    else float("nan")
+                    if draw < 0.05
+                    else float("inf")
+                    if draw < 0.06
+                    else 0.0
+                )
+                metrics[name] = (
+                    value
+                    if value != 0.0
+                    else (seq * 17 if name == "compute/forward_passes" else float(rng.normal()))
+                )
+            events.append({"seq": seq, "type": "metrics", "global_step": seq, "metrics": metrics})
+            seq += 1
+        if block % 7 == 3:
+            events.append(
+                {"seq": seq, "type": "eval", "global_step": seq, "metrics": {"eval/gold": 0.5, "a": 9.0}}
+            )
+            seq += 1
+        if block % 5 == 1:
+            events.append({"seq": seq, "type": "checkpoint", "name": f"c{seq}"})
+            seq += 1
+    wanted = lambda name: name != "c"  # noqa: E731 - a metric the reader does not keep
+    parser, store = SeriesParser(wanted), MetricStore()
+    for start in range(0, len(events), 97):  # several calls: a run of one layout crosses them
+        for batch in parser.parse(events[start : start + 97]):
+            store.extend(batch)
+    points, compute, latest = reference_points(events, wanted)
+    assert "c" not in store.values
+    for name, expected in points.items():
+        index = store.index[name].view
+        values = store.values[name].view
+        assert [int(i) for i in index] == [i for i, _ in expected], name
+        np.testing.assert_array_equal(values, np.array([v for _, v in expected]))
+    np.testing.assert_array_equal(store.axes["compute"].view, np.array(compute))
+    assert set(store.latest) == set(latest) and all(
+        store.latest[k] == latest[k] or (np.isnan(store.latest[k]) and np.isnan(latest[k])) for k in latest
+    )
+    assert [e["type"] for e in store.events] == [e["type"] for e in events if e["type"] not in ("metrics",)]

@@ -14,7 +14,8 @@ from engine.rundir.reader import RunInfo
 
 if TYPE_CHECKING:
     from engine.jobs.queue import QueueItem
-    from zopro_tui.series import MetricStore, SeriesBatch
+    from zopro_tui.series import MetricStore
+    from zopro_tui.series_parser import SeriesBatch
 
 
 class RunsListed(Message):

@@ -28,7 +28,8 @@ from zopro_tui.messages import (
     SeriesRead,
     StatusRead,
 )
-from zopro_tui.series import MetricStore, SeriesBatch, SeriesParser, sample_events
+from zopro_tui.series import MetricStore
+from zopro_tui.series_parser import SeriesBatch, SeriesParser, sample_events
 
 CHUNK_BYTES = 4 << 20  # read at most this much per poll, so a huge log streams in and the UI stays live
 PREVIEW_ABOVE_BYTES = 24 << 20  # bigger logs first get a strided sample, drawn until the full read ends

@@ -1,8 +1,8 @@
 """Metric series of a run for plotting: columns per metric read incrementally, rewinds applied, min/max per column, EMA.
 
-A reader (the TUI, a script) feeds the events that `engine.rundir.reader.EventTail` returns to a `SeriesParser`,
-which turns them into compact `SeriesBatch`es (plain arrays, cheap to hand from a thread to a UI), and
-appends the batches to a `MetricStore`. The store keeps every point of the metrics it was asked for at full
+A reader (the TUI, a script) feeds the events that `engine.rundir.reader.EventTail` returns to a `SeriesParser`
+(`zopro_tui.series_parser`), which turns them into compact `SeriesBatch`es, and appends the batches to a
+`MetricStore`. The store keeps every point of the metrics it was asked for at full
 resolution (8 bytes per value, 4 per index, 32 per event for the x axes) and answers:
 
 - `series(name, axis)`: x and y as numpy arrays, x being the cycle step (`global_step`), the wall time
@@ -12,115 +12,22 @@ resolution (8 bytes per value, 4 per index, 32 per event for the x axes) and ans
   points still shows.
 
 A `resume` event's `rewind_to_seq` drops every stored point with `seq >= rewind_to_seq`, like
-`engine.rundir.reader.apply_rewinds`. `sample_events` reads a strided sample of a big events file for a quick
-first picture while the full read goes on.
+`engine.rundir.reader.apply_rewinds`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from array import array
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
-from engine.rundir.events import METRIC_TYPES, SMALL_FIELDS, drop_rewound, parse_event_line, rewind_point
-from engine.rundir.reader import MAX_LINE_BYTES
+from engine.rundir.events import drop_rewound
+from zopro_tui.series_parser import SeriesBatch
 
 X_AXES = ("step", "time", "compute")
 X_AXIS_LABELS = {"step": "cycle step", "time": "wall time (s)", "compute": "forward passes"}
-COMPUTE_METRIC = "compute/forward_passes"
-
-
-def _empty_floats() -> array:
-    return array("d")
-
-
-@dataclass
-class SeriesBatch:
-    """Metric points from consecutive events, after the rewind (if any) that comes before them."""
-
-    rewind_to_seq: int | None = None
-    seq: array = field(default_factory=lambda: array("q"))
-    step: array = field(default_factory=_empty_floats)
-    time: array = field(default_factory=_empty_floats)
-    compute: array = field(default_factory=_empty_floats)
-    values: dict[str, tuple[array, array]] = field(default_factory=dict)  # name -> (event index, value)
-    latest: dict[str, float] = field(default_factory=dict)
-    events: list[dict] = field(default_factory=list)  # the other events, trimmed to SMALL_FIELDS
-
-    def __len__(self) -> int:
-        return len(self.seq)
-
-
-class SeriesParser:
-    """Turns events (dicts from `EventTail`) into `SeriesBatch`es, keeping only the wanted metric names.
-
-    It carries the forward-pass count across calls (events without `compute/forward_passes` take the
-    last known one), so one parser serves one run's tail from start to end. Set operations on each event's
-    metric names keep the per-event cost low (a million events is the size that matters).
-    """
-
-    def __init__(self, wanted: Callable[[str], bool] | None = None):
-        self.wanted = wanted or (lambda name: True)
-        self.seen_names: set[str] = set()
-        self.wanted_names: set[str] = set()
-        self.last_compute = 0.0
-
-    def parse(self, events: Iterable[dict]) -> list[SeriesBatch]:
-        batches = [SeriesBatch()]
-        batch = batches[0]
-        latest: dict = {}
-        for event in events:
-            kind = event.get("type")
-            if kind in METRIC_TYPES:
-                metrics = event.get("metrics") or {}
-                names = metrics.keys()
-                new = names - self.seen_names
-                if new:
-                    self.seen_names |= new
-                    self.wanted_names |= {name for name in new if self.wanted(name)}
-                compute = metrics.get(COMPUTE_METRIC)
-                if compute is not None:
-                    self.last_compute = float(compute)
-                index = len(batch.seq)
-                batch.seq.append(event.get("seq", -1))
-                batch.step.append(event.get("global_step") or event.get("step") or 0)
-                elapsed = event.get("elapsed")
-                batch.time.append(elapsed if elapsed is not None else metrics.get("time/elapsed_s", math.nan))
-                batch.compute.append(self.last_compute)
-                latest.update(metrics)
-                values = batch.values
-                for name in names & self.wanted_names:
-                    value = metrics[name]
-                    if value is None or value.__class__ is str:
-                        continue
-                    column = values.get(name)
-                    if column is None:
-                        column = values[name] = (array("i"), array("d"))
-                    column[0].append(index)
-                    column[1].append(value)
-                if kind == "eval":  # evaluations also belong in an events pane
-                    trimmed = {k: event[k] for k in SMALL_FIELDS if k in event}
-                    trimmed["metrics"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-                    batch.events.append(trimmed)
-            else:
-                cut = rewind_point(event)
-                if cut is not None:  # a resumed run: what follows comes after the rewind
-                    batch.latest = _numbers(latest)
-                    latest = {}
-                    batch = SeriesBatch(rewind_to_seq=cut)
-                    batches.append(batch)
-                batch.events.append({k: event[k] for k in SMALL_FIELDS if k in event})
-        batch.latest = _numbers(latest)
-        return [b for b in batches if len(b) or b.events or b.rewind_to_seq is not None]
-
-
-def _numbers(metrics: dict) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @dataclass
@@ -398,38 +305,3 @@ class MetricStore:
             if np.isfinite(last):
                 high = max(high, float(last))
         return (float(low), float(high)) if low <= high else None
-
-
-def sample_events(path: Path, count: int, line_bytes: int = 4096) -> list[dict]:
-    """About `count` events spread evenly over a big events file (the first whole line after each of `count`
-    equally spaced byte offsets), for a first picture of a long run before the full read ends."""
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        return []
-    events: list[dict] = []
-    last_start = -1
-    with open(path, "rb", buffering=0) as handle:
-        for i in range(count):
-            offset = size * i // count
-            handle.seek(offset)
-            data = handle.read(line_bytes)
-            start = 0 if offset == 0 else data.find(b"\n") + 1
-            if offset and start == 0:
-                continue  # a line longer than line_bytes: skip this probe
-            data = bytearray(data)
-            end = data.find(b"\n", start)
-            while end < 0 and len(data) <= MAX_LINE_BYTES:  # an endless line is garbage: give up on it
-                more = handle.read(max(line_bytes, len(data)))  # doubling: linear in the line's length
-                if not more:
-                    break
-                searched = len(data)
-                data += more
-                end = data.find(b"\n", searched)
-            if end < 0 or offset + start <= last_start:
-                continue
-            last_start = offset + start
-            event = parse_event_line(bytes(data[start:end]))
-            if event is not None:
-                events.append(event)
-    return events

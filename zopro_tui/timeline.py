@@ -10,7 +10,7 @@ from rich.text import Text
 from engine.rundir.events import drop_rewound
 from engine.rundir.report import fmt_duration
 from engine.rundir.wording import plural, short_iteration
-from zopro_tui.series import SeriesBatch
+from zopro_tui.series_parser import SeriesBatch
 
 BEFORE_ITERATIONS = ("sft", "reward")
 PER_ITERATION = ("policy", "refine", "eval")

@@ -104,19 +104,27 @@ def schema_version(event: dict) -> int:
 
 # -- the reader's side ------------------------------------------------------------------------------------------
 def checked_event(value: Any) -> dict | None:
-    """The event if it has the shape readers rely on (metric values kept only when numbers), else None."""
-    if not isinstance(value, dict) or not isinstance(value.get("type", ""), str):
+    """The event if it has the shape readers rely on (metric values kept only when numbers), else None.
+
+    Types are compared exactly (what JSON decodes to: int, float, str, None; a bool is no number), a set per
+    group of fields, since a long log is read at this function's pace."""
+    if not isinstance(value, dict):
         return None
-    for key in ("seq", "step", "global_step", REWIND_FIELD):
-        if key in value and not is_int(value[key]):
-            return None
-    if value.get("iteration") is not None and not is_int(value["iteration"]):
+    get = value.get
+    if (
+        type(get("type", "")) is not str
+        or not {
+            type(get("seq", 0)),
+            type(get("step", 0)),
+            type(get("global_step", 0)),
+            type(get(REWIND_FIELD, 0)),
+        }
+        <= INT_ONLY
+        or type(get("iteration")) not in INT_OR_NULL
+        or type(get("stage")) not in STR_OR_NULL
+        or not {type(get("time")), type(get("elapsed"))} <= NUMBER_OR_NULL
+    ):
         return None
-    if not isinstance(value.get("stage", ""), (str, type(None))):
-        return None
-    for key in ("time", "elapsed"):
-        if value.get(key) is not None and not is_number(value[key]):
-            return None
     if "metrics" in value:
         metrics = value["metrics"]
         if not isinstance(metrics, dict):
@@ -127,11 +135,28 @@ def checked_event(value: Any) -> dict | None:
 
 
 NUMBER_OR_NULL = frozenset((int, float, type(None)))  # the exact classes JSON gives numbers and null
+INT_ONLY = frozenset((int,))
+INT_OR_NULL = frozenset((int, type(None)))
+STR_OR_NULL = frozenset((str, type(None)))
 _DECODER = json.JSONDecoder()
+
+try:  # orjson decodes an event line in a third of json's time (a million-line log opens that much sooner)
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - orjson is a dependency; a stripped install still reads logs
+    _fast_loads = None
 
 
 def parse_event_line(line: bytes) -> dict | None:
-    """One line of events.jsonl as an event, or None when it is not one (bad JSON, bad UTF-8, wrong shape)."""
+    """One line of events.jsonl as an event, or None when it is not one (bad JSON, bad UTF-8, wrong shape).
+
+    orjson reads strict JSON; what it refuses (a byte-order mark, NaN and Infinity as Python's json writes
+    them, a lone surrogate escape, bad UTF-8) goes to json, which decides. Both give the same objects, but
+    for an integer beyond 64 bits, which orjson reads as a float (a `seq` of that size is then refused)."""
+    if _fast_loads is not None:
+        try:
+            return checked_event(_fast_loads(line))
+        except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
+            pass
     try:
         return checked_event(_DECODER.decode(line.decode("utf-8-sig")))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
