@@ -192,6 +192,8 @@ def test_tiny_rloo_stays_near_its_reference_and_improves(tmp_path, seed):
         str(REPO / "recipes" / "tiny.toml"),
         "--set",
         f"seed={seed}",
+        "--set",
+        "threads=1",  # the suite's two workers share two cores (with the recipe's two threads: healthy too)
         "--run-dir",
         str(run),
         timeout=900,
