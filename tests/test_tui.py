@@ -74,7 +74,10 @@ async def test_start_watch_pause_resume_detach_and_reattach(tmp_path, monkeypatc
             assert isinstance(app.screen, RunsScreen)
             await pilot.press("n")
             await pilot.pause(0.3)
-            await pilot.press("enter")  # the first recipe: ./recipes/fast.toml
+            await pilot.press("home")  # the embedded default is preselected; the first recipe is ours
+            await pilot.pause(0.1)
+            assert app.screen.chosen is not None and app.screen.chosen.name == "fast.toml", app.screen.chosen
+            await pilot.press("enter")
             # long enough to pause in the middle of the policy stage
             await pilot.press(*"train.iterations=40", "space", *"train.updates_per_iteration=20", "enter")
             await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), 10, "the dashboard")

@@ -230,7 +230,10 @@ async def test_a_queue_built_in_the_tui_runs_in_order_after_the_tui_quits(tmp_pa
             for seed in (1, 2, 3):
                 await pilot.press("a")
                 await pilot.pause(0.3)
-                await pilot.press("enter")  # the first recipe: ./recipes/fast.toml
+                await pilot.press("home")  # the embedded default is preselected; the first recipe is ours
+                await pilot.pause(0.1)
+                assert app.screen.chosen is not None and app.screen.chosen.name == "fast.toml"
+                await pilot.press("enter")
                 await pilot.press(*"train.iterations=1", "space", *f"seed={seed}", "enter")
                 await wait_for(pilot, lambda seed=seed: len(screen.items) == seed, 10, f"entry {seed} queued")
             assert [i.state for i in screen.items][1:] == ["pending", "pending"]

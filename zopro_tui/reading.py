@@ -36,6 +36,8 @@ PREVIEW_ABOVE_BYTES = 24 << 20  # bigger logs first get a strided sample, drawn 
 PREVIEW_EVENTS = 3000
 CACHE_ABOVE_BYTES = PREVIEW_ABOVE_BYTES  # bigger logs are cached (smaller ones read in about a second)
 CAUGHT_UP_SLACK_BYTES = 1 << 16
+SETTLE_S = 1.0  # after the first picture of a big log, the UI's time to draw it
+PROGRESS_EVERY_S = 0.25  # how often the progress of a long catch-up is posted
 
 
 # -- readers --------------------------------------------------------------------------------------------------
@@ -322,13 +324,21 @@ def _follow(run_dir: Path, post, cancelled, *, extras: bool, poll_seconds: float
                 post(message)
     if preview is not None and shown is not None:
         shown.wait(3.0)  # let the UI draw the sample before the catch-up competes with it for the GIL
-    last_status = last_extras = time.monotonic()
+    # between reads of a catch-up the UI thread gets the GIL: a longer pause while it finishes its first
+    # picture, then a short one (200 pauses of 20 ms were a third of a million-event log's read)
+    settled = time.monotonic() + SETTLE_S
+    last_status = last_extras = last_progress = time.monotonic()
     while not cancelled():
         read = reader.read_series()
-        if read is not None:
-            post(read)
-            reader.save_cache()  # the history just handed over, before anything can rewind it
         now = time.monotonic()
+        if read is not None:
+            # while a big log's history is built only its progress changes: said a few times a second, so
+            # that the UI thread draws instead of handling messages
+            progress_only = read.store is None and not read.batches and not read.caught_up
+            if not progress_only or now - last_progress >= PROGRESS_EVERY_S:
+                post(read)
+                last_progress = now
+            reader.save_cache()  # the history just handed over, before anything can rewind it
         if now - last_status >= 1.0:
             last_status = now
             post(reader.read_status())
@@ -338,7 +348,7 @@ def _follow(run_dir: Path, post, cancelled, *, extras: bool, poll_seconds: float
                 if message is not None:
                     post(message)
         if read is not None and not read.caught_up:
-            time.sleep(0.02)  # catching up: keep reading, but leave the UI thread room to stay responsive
+            time.sleep(0.02 if now < settled else 0.004)
             continue
         deadline = time.monotonic() + poll_seconds
         while not cancelled() and time.monotonic() < deadline:

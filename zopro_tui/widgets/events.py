@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import Group
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import RichLog
@@ -116,16 +117,18 @@ class EventsPanel(Panel):
             log.clear()  # a rewind: start over
             self._events_shown = 0
         iterations = run.info.iterations if run.info is not None else None
-        for event in events[self._events_shown :]:
-            if event.get("type") in QUIET_EVENTS:
-                continue
+        new = [event for event in events[self._events_shown :] if event.get("type") not in QUIET_EVENTS]
+        lines = []
+        for event in new[-log.max_lines :] if log.max_lines else new:  # the log keeps no more lines than that
             line = Text(no_wrap=event.get("type") not in (*ALERT_EVENTS, "run_end"))  # read whole
             line.append(f"{fmt_duration(event.get('elapsed')):>7} ", style="dim")
             line.append(
                 describe_event(event, iterations, str(run.path)),
                 style=EVENT_STYLES.get(event.get("type", ""), ""),
             )
-            log.write(line)
+            lines.append(line)
+        if lines:  # one write (one render and one scroll) for a whole history's events
+            log.write(Group(*lines))
         self._events_shown = len(events)
         self._last_seq = events[-1].get("seq") if events else None
         new_lines = min(run.log_total - self._log_shown, len(run.log_lines))
