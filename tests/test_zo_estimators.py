@@ -317,3 +317,15 @@ def test_the_cost_figure_from_a_real_run(equal_cost_run, tmp_path):
         - (steps[len(steps) - len(iteration_one) - 1]["compute/stage_forward_passes"])
     )
     assert row["spent_wall"] == pytest.approx(sum(m["time/update_s"] for m in iteration_one))
+
+
+def test_the_fraction_of_the_true_gradient_inside_the_basis_by_hand():
+    """|Q'g| / |g| with the rows of Q in sorted-name order: g = (a: [3, 4], b: [12]) has 5 of its 13 in
+    span(e_a0, e_a1) and 12 of 13 in span(e_b)."""
+    from engine.training.methods.zeroth_order.update import _fraction_in_basis
+
+    gradient = {"b": torch.tensor([12.0]), "a": torch.tensor([3.0, 4.0])}  # sorted: a0, a1, b
+    first_two = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    assert _fraction_in_basis(gradient, first_two) == pytest.approx(5 / 13)
+    assert _fraction_in_basis(gradient, torch.tensor([[0.0], [0.0], [1.0]])) == pytest.approx(12 / 13)
+    assert _fraction_in_basis({"a": torch.zeros(2), "b": torch.zeros(1)}, first_two) == 0.0

@@ -157,6 +157,8 @@ class ZerothOrderUpdate:
             metrics["zo/basis_rank"] = float(sampler.rank)
         if true_gradient is not None and before is not None and not result.skipped:
             metrics["zo/cos_true_grad"] = _cosine_with_step(true_gradient, before, self.params)
+            if isinstance(sampler, SubspaceSampler) and sampler.lengths is None:  # orthonormal columns
+                metrics["zo/true_grad_in_basis"] = _fraction_in_basis(true_gradient, sampler.basis)
         self._watch(result)
         return metrics
 
@@ -266,3 +268,11 @@ def _cosine_with_step(
         grad_sq += float((grad * grad).sum())
         step_sq += float((step * step).sum())
     return dot / math.sqrt(grad_sq * step_sq) if grad_sq > 0 and step_sq > 0 else 0.0
+
+
+def _fraction_in_basis(gradient: dict[str, torch.Tensor], basis: torch.Tensor) -> float:
+    """|Q^T g| / |g|: how much of the true gradient the subspace's orthonormal basis Q (rows in sorted-name
+    order) can express; the rest no direction of the sampler reaches."""
+    flat = torch.cat([gradient[name].reshape(-1).to(basis) for name in sorted(gradient)])
+    norm = float(torch.linalg.vector_norm(flat))
+    return float(torch.linalg.vector_norm(basis.T @ flat)) / norm if norm > 0 else 0.0
