@@ -50,8 +50,8 @@ class SeriesParser:
     """Turns events (dicts from `EventTail`) into `SeriesBatch`es, keeping only the wanted metric names.
 
     It carries the forward-pass count across calls (events without `compute/forward_passes` take the
-    last known one), so one parser serves one run's tail from start to end. Set operations on each event's
-    metric names keep the per-event cost low (a million events is the size that matters).
+    last known one), so one parser serves one run's tail from start to end. Within one `parse` call the
+    `metrics` events of one layout are held and stored in bulk (`_end_run`); nothing is held across calls.
     """
 
     def __init__(self, wanted: Callable[[str], bool] | None = None):
