@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.rundir.events import METRIC_TYPES, SMALL_FIELDS, parse_event_line, rewind_point
+from engine.rundir.events import METRIC_TYPES, SMALL_FIELDS, is_number, parse_event_line, rewind_point
 from engine.rundir.reader import MAX_LINE_BYTES
 
 COMPUTE_METRIC = "compute/forward_passes"
@@ -76,16 +76,11 @@ class SeriesParser:
                         self._learn(metrics.keys())
                         run.start(names, len(batch.seq))
                     run.rows.append(tuple(metrics.values()))
-                    run.last = metrics
                 else:
                     self._end_run(batch, run, latest)
                     self._learn(metrics.keys())
-                    compute = metrics.get(COMPUTE_METRIC)
-                    if compute is not None:
-                        self.last_compute = float(compute)
-                    batch.compute.append(self.last_compute)
                     latest.update(metrics)
-                    self._add_values(batch, len(batch.seq), metrics)
+                    self._add_event(batch, len(batch.seq), metrics)
                     # evaluations also belong in an events pane
                     trimmed = {k: event[k] for k in SMALL_FIELDS if k in event}
                     trimmed["metrics"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
@@ -113,8 +108,13 @@ class SeriesParser:
             self.seen_names |= new
             self.wanted_names |= {name for name in new if self.wanted(name)}
 
-    def _add_values(self, batch: SeriesBatch, index: int, metrics: dict) -> None:
-        """One event's wanted numbers as points (a null is no point)."""
+    def _add_event(self, batch: SeriesBatch, index: int, metrics: dict) -> None:
+        """One event's forward passes (the last known when it has none) and its wanted numbers as points (a
+        null is no point)."""
+        compute = metrics.get(COMPUTE_METRIC)
+        if compute is not None:
+            self.last_compute = float(compute)
+        batch.compute.append(self.last_compute)
         values = batch.values
         for name in metrics.keys() & self.wanted_names:
             value = metrics[name]
@@ -133,19 +133,14 @@ class SeriesParser:
             run.names = None
             return
         names, rows, first = run.names, run.rows, run.first
-        latest.update(run.last)
+        latest.update(zip(names, rows[-1], strict=True))  # the layout is one: the last event has every name
         try:  # a checked event's metrics are numbers and nulls (`engine.rundir.events.checked_event`)
             matrix = np.array(rows, dtype=np.float64)
         except (TypeError, ValueError):  # something else, handed in directly: event by event
             matrix = None
         if matrix is None or (np.isnan(matrix).any() and any(None in row for row in rows)):
             for offset, row in enumerate(rows):
-                metrics = dict(zip(names, row, strict=True))
-                compute = metrics.get(COMPUTE_METRIC)
-                if compute is not None:
-                    self.last_compute = float(compute)
-                batch.compute.append(self.last_compute)
-                self._add_values(batch, first + offset, metrics)
+                self._add_event(batch, first + offset, dict(zip(names, row, strict=True)))
         else:
             if COMPUTE_METRIC in names:
                 compute = matrix[:, names.index(COMPUTE_METRIC)]
@@ -173,14 +168,13 @@ class _Run:
         self.names: tuple[str, ...] | None = None
         self.rows: list[tuple] = []
         self.first = 0  # the batch index of the first held event
-        self.last: dict = {}
 
     def start(self, names: tuple[str, ...], first: int) -> None:
         self.names, self.rows, self.first = names, [], first
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in metrics.items() if is_number(v)}
 
 
 def sample_events(path: Path, count: int, line_bytes: int = 4096) -> list[dict]:
