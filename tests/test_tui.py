@@ -42,6 +42,14 @@ async def wait_for(pilot, condition: Callable[[], bool], timeout: float, what: s
         await pilot.pause(0.2)
 
 
+async def choose_recipe(pilot, app: ZoproApp, name: str) -> None:
+    """In the open recipe picker, move to the first recipe (the embedded default is preselected) and check
+    it is `name`, the test's own."""
+    await pilot.press("home")
+    await pilot.pause(0.1)
+    assert app.screen.chosen is not None and app.screen.chosen.name == name, app.screen.chosen
+
+
 def dashboard(app: ZoproApp) -> DashboardScreen:
     screen = app.screen
     assert isinstance(screen, DashboardScreen), f"expected the dashboard, got {type(screen).__name__}"
@@ -74,9 +82,7 @@ async def test_start_watch_pause_resume_detach_and_reattach(tmp_path, monkeypatc
             assert isinstance(app.screen, RunsScreen)
             await pilot.press("n")
             await pilot.pause(0.3)
-            await pilot.press("home")  # the embedded default is preselected; the first recipe is ours
-            await pilot.pause(0.1)
-            assert app.screen.chosen is not None and app.screen.chosen.name == "fast.toml", app.screen.chosen
+            await choose_recipe(pilot, app, "fast.toml")
             await pilot.press("enter")
             # long enough to pause in the middle of the policy stage
             await pilot.press(*"train.iterations=40", "space", *"train.updates_per_iteration=20", "enter")

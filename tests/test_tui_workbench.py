@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from engine.rundir.writer import RunWriter
-from tests.test_tui import dashboard, wait_for
+from tests.test_tui import choose_recipe, dashboard, wait_for
 from tests.test_tui_zeroth_order import chart_titled
 from zopro_tui.app import ZoproApp
 from zopro_tui.screens.dashboard import DashboardScreen
@@ -230,9 +230,7 @@ async def test_a_queue_built_in_the_tui_runs_in_order_after_the_tui_quits(tmp_pa
             for seed in (1, 2, 3):
                 await pilot.press("a")
                 await pilot.pause(0.3)
-                await pilot.press("home")  # the embedded default is preselected; the first recipe is ours
-                await pilot.pause(0.1)
-                assert app.screen.chosen is not None and app.screen.chosen.name == "fast.toml"
+                await choose_recipe(pilot, app, "fast.toml")
                 await pilot.press("enter")
                 await pilot.press(*"train.iterations=1", "space", *f"seed={seed}", "enter")
                 await wait_for(pilot, lambda seed=seed: len(screen.items) == seed, 10, f"entry {seed} queued")
