@@ -228,3 +228,37 @@ def test_merged_lora_passes_equal_peft_and_leave_the_weights_alone(pm):
     for n, p in pm.model.named_parameters():
         assert torch.equal(p, weights[n]), n
     assert all("forward" not in vars(m) for m in pm.model.modules() if hasattr(m, "lora_A"))  # merged_lora's
+
+
+def test_passes_without_autograd_run_a_chunk_of_rows_at_a_time(pm, monkeypatch):
+    """Without autograd the body runs even chunks of rows that keep one layer's temporaries under the
+    budget: the same hidden states as one pass over the batch; with autograd, one pass whatever the budget."""
+    seqs = draw(pm)
+    mask = seqs.attention_mask
+    rows, width = seqs.input_ids.shape
+    calls = []
+    decoder = type(pm.decoder)
+    forward = decoder.forward
+    monkeypatch.setattr(
+        decoder, "forward", lambda self, **kw: calls.append(len(kw["input_ids"])) or forward(self, **kw)
+    )
+    with torch.no_grad():
+        whole = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
+    assert calls == [rows]
+    per_row = pm.inference_chunk_bytes // pm.inference_rows(width)  # the estimate for one row, at least
+    monkeypatch.setattr(pm, "inference_chunk_bytes", per_row * 2)  # two rows' worth
+    calls.clear()
+    with torch.no_grad():
+        chunked = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
+    assert pm.inference_rows(width) == 2 and calls == [2] * (rows // 2) + [rows % 2] * (rows % 2)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    pm.hidden_states(seqs.input_ids, mask, position_ids(mask)).sum().backward()
+    assert calls == [rows]
+    pm.model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(pm, "inference_chunk_bytes", 1)  # below one row: a row at a time
+    calls.clear()
+    with torch.no_grad():
+        single = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
+    assert calls == [1] * rows
+    torch.testing.assert_close(single, whole, atol=1e-5, rtol=1e-5)

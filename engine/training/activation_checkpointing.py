@@ -38,6 +38,7 @@ def set_activation_checkpointing(pm: Any, mode: str) -> None:  # a models.Prefer
     hidden = config.hidden_size
     per_token_layer = 10 * hidden + 4 * (getattr(config, "intermediate_size", None) or 4 * hidden)
     layers = [m for m in pm.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    pm.kept_bytes_per_token = per_token_layer * len(layers) * pm.base_dtype.itemsize
     for layer in layers:
         layer.forward = _layer_forward.__get__(layer)
         layer.zopro_checkpoint_bytes = {"on": 0, "off": None}.get(mode, CHECKPOINTING_AUTO_BYTES)

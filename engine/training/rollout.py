@@ -295,13 +295,15 @@ def _decode(tok, ids: list[int], mask: list[int], eos: int) -> str:
     return tok.decode(kept, skip_special_tokens=True).strip()
 
 
-def token_logprobs(pm: PreferenceModel, seqs: Sequences, counters: Counters) -> torch.Tensor:
+def token_logprobs(pm: PreferenceModel, seqs: Sequences, counters: Counters | None) -> torch.Tensor:
     """Per-token log-probs of the response tokens under the active adapter, (N, R); zero on padding.
     The lm_head is applied to the response positions only, in chunks (`selective_logprobs`): the full
-    float32 logits of the batch never exist, with or without autograd."""
+    float32 logits of the batch never exist, with or without autograd. `counters` None: not counted (a
+    part of a pass that its caller counts)."""
     mask = seqs.attention_mask
     hidden = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
-    counters.add(forward_passes=1, tokens=int(mask.sum()))
+    if counters is not None:
+        counters.add(forward_passes=1, tokens=int(mask.sum()))
     hidden = hidden[:, seqs.prompt_width - 1 : -1, :]  # position t predicts response token t
     return selective_logprobs(hidden, pm.lm_head, seqs.response_ids, seqs.response_mask)
 

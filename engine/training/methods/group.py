@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from engine.training.accumulation import backward_in_chunks
 from engine.training.methods.context import MethodContext
-from engine.training.rollout import Rollout, Sums, rloo_advantages, token_logprobs, whiten
+from engine.training.rollout import Rollout, Sums, rloo_advantages, whiten
 
 STD_EPS = 1e-4  # TRL GRPOTrainer: advantages / (std + 1e-4)
 
@@ -151,31 +152,40 @@ class GroupUpdate:
         kl_coef = rollout.kl_coef if c.kl_penalty == "loss" else 0.0
         # the gradient's mean over every rank: per token for the token mean, else per answer
         weight = float(seqs.response_mask.sum()) if c.loss_aggregation == "token_mean" else len(seqs.prompts)
+        mask, rows = seqs.response_mask, len(seqs.prompts)
+        tokens = float(mask.sum().clamp(min=1.0))
+        per_token = c.loss_aggregation != "sequence"  # the clip statistics are token means then
+
+        def chunk_loss(part: slice, new_logprobs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            loss, stats = group_loss(
+                new_logprobs,
+                rollout.old_logprobs[part],
+                rollout.ref_logprobs[part],
+                mask[part],
+                advantages[part],
+                aggregation=c.loss_aggregation,
+                epsilon=c.epsilon,
+                epsilon_high=c.epsilon_high,
+                kl_coef=kl_coef,
+                max_new_tokens=self.max_new_tokens,
+            )
+            # each part's share of the batch's mean: by answers, or by tokens for a token mean
+            by_rows, by_tokens = (part.stop - part.start) / max(rows, 1), float(mask[part].sum()) / tokens
+            share = by_tokens if c.loss_aggregation == "token_mean" else by_rows
+            stat_share = {key: by_tokens if key == "kl" or per_token else by_rows for key in stats}
+            return loss * share, {key: value * stat_share[key] for key, value in stats.items()}
+
         steps: list[dict[str, float]] = []
         for _ in range(c.updates_per_rollout):
             with self.pm.adapter("policy"):
-                new_logprobs = token_logprobs(self.pm, seqs, self.counters)
-                loss, stats = group_loss(
-                    new_logprobs,
-                    rollout.old_logprobs,
-                    rollout.ref_logprobs,
-                    seqs.response_mask,
-                    advantages,
-                    aggregation=c.loss_aggregation,
-                    epsilon=c.epsilon,
-                    epsilon_high=c.epsilon_high,
-                    kl_coef=kl_coef,
-                    max_new_tokens=self.max_new_tokens,
-                )
-                loss.backward()
-            self.counters.add(backward_passes=1)
+                loss, stats = backward_in_chunks(self.pm, seqs, self.counters, chunk_loss)
             self.dist.sync_gradients(self.params, weight)
             if self.on_gradient is not None:
                 self.on_gradient({name: p.grad for name, p in self.named_params.items()})
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            steps.append({"loss/policy": float(loss.detach()), "policy/grad_norm": float(grad_norm), **stats})
+            steps.append({"loss/policy": loss, "policy/grad_norm": float(grad_norm), **stats})
         means = {key: sum(step[key] for step in steps) / len(steps) for key in steps[0]}
         return {
             **means,

@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
+from engine.training.accumulation import backward_in_chunks
 from engine.training.methods.context import MethodContext
 from engine.training.objectives import clipped_surrogate
-from engine.training.rollout import Rollout, token_logprobs
+from engine.training.rollout import Rollout
 
 
 class RLOOUpdate:
@@ -34,13 +35,17 @@ class RLOOUpdate:
     def update(self, rollout: Rollout, *, update_index: int, step_in_iteration: int) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        with self.pm.adapter("policy"):
-            new_logprobs = token_logprobs(self.pm, rollout.sequences, self.counters)
+        rows = len(rollout.sequences.prompts)
+
+        def chunk_loss(part: slice, new_logprobs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             loss, stats = clipped_surrogate(
-                new_logprobs, rollout.old_logprobs, rollout.advantages, self.clip_range
+                new_logprobs, rollout.old_logprobs[part], rollout.advantages[part], self.clip_range
             )
-            loss.backward()
-        self.counters.add(backward_passes=1)
+            share = (part.stop - part.start) / max(rows, 1)  # the loss and its statistics are means over rows
+            return loss * share, {key: value * share for key, value in stats.items()}
+
+        with self.pm.adapter("policy"):
+            loss, stats = backward_in_chunks(self.pm, rollout.sequences, self.counters, chunk_loss)
         self.dist.sync_gradients(self.params, len(rollout.sequences.prompts))  # the mean over sequences
         if self.on_gradient is not None:
             self.on_gradient({name: p.grad for name, p in self.named_params.items()})
@@ -48,7 +53,7 @@ class RLOOUpdate:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {
-            "loss/policy": float(loss.detach()),
+            "loss/policy": loss,
             "policy/grad_norm": float(grad_norm),
             "policy/lr": self.lr,
             **stats,

@@ -1,0 +1,55 @@
+"""A first-order update's forward and backward a chunk of rows at a time (gradient accumulation), so that
+the activations kept for the backward are those of a chunk, not of the whole batch.
+
+Kept activations grow with the tokens of a pass (builtin:base10m, 64 x 56 tokens: about 760 MiB estimated).
+On the CPU a chunk of rows whose estimate fits "auto" checkpointing's budget (CHECKPOINTING_AUTO_BYTES)
+keeps them bounded without recomputing anything, where activation checkpointing pays one more forward of
+the body per backward; a chunk that still exceeds it (one row too long for it) is checkpointed as before
+under "auto". The gradient is the batch's to float32 rounding: each chunk's loss is scaled by its share
+of the batch before its backward, and the gradients add up in `.grad`. docs/architecture.md, "Memory"."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.training.activation_checkpointing import CHECKPOINTING_AUTO_BYTES
+from engine.training.models import row_chunks
+from engine.training.rollout import Sequences, token_logprobs
+from engine.training.telemetry import Counters
+
+ALL_ROWS = 1 << 62
+# loss_of(rows, new_logprobs of those rows) -> (the chunk's part of the batch's loss, its part of each
+# statistic): the parts add up over the chunks to the batch's values
+ChunkLoss = Callable[[slice, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+def rows_per_backward(pm: Any, width: int) -> int:  # a models.PreferenceModel
+    """Rows of `width` tokens whose kept activations (every layer's, estimated as "auto" checkpointing
+    estimates them) fit CHECKPOINTING_AUTO_BYTES; at least one. On a GPU the batch stays whole (splitting
+    costs a GPU throughput; there "auto" checkpointing bounds the kept activations as before)."""
+    per_token = pm.kept_bytes_per_token
+    if per_token <= 0 or pm.device.type != "cpu":
+        return ALL_ROWS
+    return max(1, CHECKPOINTING_AUTO_BYTES // (per_token * max(1, width)))
+
+
+def backward_in_chunks(
+    pm: Any, seqs: Sequences, counters: Counters, loss_of: ChunkLoss
+) -> tuple[float, dict[str, float]]:
+    """Forward and backward the active adapter on even chunks of rows (`rows_per_backward`), adding their
+    gradients; returns the batch's loss and statistics (sums of the parts `loss_of` returns). Counted as one
+    forward and one backward pass of the batch."""
+    rows, width = seqs.input_ids.shape
+    loss_total, stats_total = 0.0, {}
+    for part in row_chunks(rows, rows_per_backward(pm, width)):
+        new_logprobs = token_logprobs(pm, seqs.select(torch.arange(part.start, part.stop)), None)
+        loss, stats = loss_of(part, new_logprobs)
+        loss.backward()
+        loss_total += float(loss.detach())
+        for key, value in stats.items():
+            stats_total[key] = stats_total.get(key, 0.0) + value
+    counters.add(forward_passes=1, tokens=int(seqs.attention_mask.sum()), backward_passes=1)
+    return loss_total, stats_total

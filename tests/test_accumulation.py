@@ -1,0 +1,118 @@
+"""First-order updates a chunk of rows at a time (gradient accumulation, engine/training/accumulation.py):
+the same gradient, loss and statistics as one pass over the batch, for rloo and every loss aggregation of
+the group presets; counted as one forward and one backward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.recipe import recipe_from_dict
+from engine.training import accumulation
+from engine.training.methods import make_update
+from engine.training.methods.context import MethodContext
+from engine.training.telemetry import Counters
+from tests.nano import nano_preference_model
+from tests.test_group_methods import rollout_of
+
+AGGREGATIONS = ("sequence", "answer_token_mean", "token_mean", "constant")
+
+
+@pytest.fixture(scope="module")
+def pm(model_cache):
+    # a policy apart from the reference, so the KL is not zero
+    model, task = nano_preference_model(
+        model_cache, ["q_proj", "v_proj", "down_proj", "lm_head"], moved=("policy",)
+    )
+    model.prompts = task.prompts(8, "test")
+    return model
+
+
+def one_update(pm, method, rollout, rows_per_chunk, monkeypatch, **settings):
+    """(raw gradient, metrics, counters, rows of each forward under autograd) of one update of `method`
+    with the kept-activation budget set to `rows_per_chunk` rows of this batch; the adapter is restored."""
+    width = rollout.sequences.input_ids.shape[1]
+    monkeypatch.setattr(
+        accumulation, "CHECKPOINTING_AUTO_BYTES", pm.kept_bytes_per_token * width * rows_per_chunk
+    )
+    recipe = recipe_from_dict({"policy": {"method": method}, **({method: settings} if settings else {})})
+
+    def unavailable(*args):
+        raise RuntimeError("no run")
+
+    counters = Counters()
+    context = MethodContext(
+        models=pm, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
+        score_policy=unavailable, fresh_rollout=unavailable,
+    )  # fmt: skip
+    update = make_update(method, context)
+    before = {n: p.detach().clone() for n, p in update.named_params.items()}
+    seen = {}
+    update.on_gradient = lambda grads: seen.update({n: g.detach().clone() for n, g in grads.items()})
+    rows = []
+    decoder = type(pm.decoder)
+    forward = decoder.forward
+
+    def counted(self, **kwargs):
+        if torch.is_grad_enabled():
+            rows.append(len(kwargs["input_ids"]))
+        return forward(self, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", counted)
+    metrics = update.update(rollout, update_index=0, step_in_iteration=0)
+    monkeypatch.setattr(decoder, "forward", forward)
+    with torch.no_grad():
+        for name, param in update.named_params.items():
+            param.copy_(before[name])
+    return seen, metrics, counters, rows
+
+
+def assert_same_update(whole, chunked):
+    (grads, metrics, counters, _), (chunked_grads, chunked_metrics, chunked_counters, _) = whole, chunked
+    assert grads.keys() == chunked_grads.keys() and any(float(g.abs().max()) > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            chunked_grads[name], grad, atol=1e-6 * float(grad.abs().max()) + 1e-9, rtol=1e-4
+        )
+    assert chunked_metrics.keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert chunked_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+    assert (chunked_counters.forward_passes, chunked_counters.backward_passes) == (1, 1)
+    assert (counters.forward_passes, counters.backward_passes) == (1, 1)
+    assert chunked_counters.tokens == counters.tokens
+
+
+def test_rloo_in_chunks_of_rows_is_the_whole_batchs_update(pm, monkeypatch):
+    rollout = rollout_of(pm, pm.prompts[:4], seed=1, kl_coef=0.1)  # 12 rows
+    noise = torch.randn(rollout.old_logprobs.shape, generator=torch.Generator().manual_seed(0))
+    rollout.old_logprobs += 0.2 * noise * rollout.sequences.response_mask  # ratios away from 1: some clipped
+    whole = one_update(pm, "rloo", rollout, 1000, monkeypatch)
+    chunked = one_update(pm, "rloo", rollout, 5, monkeypatch)
+    assert whole[3] == [12] and chunked[3] == [4, 4, 4]  # the fewest even chunks of at most 5 rows
+    assert whole[1]["policy/clipfrac"] > 0
+    assert_same_update(whole, chunked)
+    assert one_update(pm, "rloo", rollout, 0, monkeypatch)[3] == [1] * 12  # one row over the budget
+
+
+def ragged(rollout):
+    """The rollout with answers of different lengths (row i loses its last i % 5 tokens), so that a chunk's
+    share of the tokens differs from its share of the answers."""
+    seqs, width = rollout.sequences, rollout.sequences.prompt_width
+    for row in range(len(seqs.prompts)):
+        cut = seqs.response_mask.shape[1] - row % 5
+        seqs.response_mask[row, cut:] = 0
+        seqs.attention_mask[row, width + cut :] = 0
+    for name in ("old_logprobs", "ref_logprobs"):
+        setattr(rollout, name, getattr(rollout, name) * seqs.response_mask)
+    return rollout
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_each_loss_aggregation_in_chunks_is_the_whole_batchs_update(pm, monkeypatch, aggregation):
+    rollout = ragged(rollout_of(pm, pm.prompts[:4], seed=2, kl_coef=0.1))
+    settings = {"loss_aggregation": aggregation, "kl_penalty": "loss", "updates_per_rollout": 1}
+    whole = one_update(pm, "grpo", rollout, 1000, monkeypatch, **settings)
+    chunked = one_update(pm, "grpo", rollout, 7, monkeypatch, **settings)
+    assert whole[3] == [12] and chunked[3] == [6, 6]
+    assert whole[1]["kl"] > 0
+    assert_same_update(whole, chunked)
