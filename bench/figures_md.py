@@ -146,7 +146,8 @@ def trl(entries: dict) -> list[str]:
                 [side, number(row["median_step_s"]), number(row["median_step_cpu_s"]),
                  number(row["tokens_per_step"], 0), number(row["s_per_token_ms"], 2), phase("generation"),
                  phase("scoring"), phase("update"), number(row["peak_rss_mib"], 0),
-                 "on" if row.get("gradient_checkpointing") else "off"]
+                 ("on" if row.get("gradient_checkpointing") else "off")
+                 + (f", {row['rows_per_backward']} rows a backward" if row.get("rows_per_backward") else "")]
             )  # fmt: skip
         header = ["side", "s / step", "CPU s / step", "tokens / step", "ms / token", "generation s / MiB"]
         header += ["scoring s / MiB", "update s / MiB", "peak RSS MiB", "checkpointing"]

@@ -37,6 +37,8 @@ WORK_PER_STEP = {
         "scoring: the reference is the SFT adapter on the shared base (one forward); the reward model is the "
         "reward adapter and score head on the same base (one forward, the same token ids)",
         "prompts: the same 16 prompts every step, in the same order",
+        "update: forward and backward a chunk of rows at a time (`rows_per_backward`, gradient accumulation "
+        "under the activation budget) instead of checkpointing the whole batch",
         "the stubbed side (`zopro`) uses the untrained base with fresh LoRA, like TRL's; `zopro_run` is a "
         "real run after SFT and reward training, so its answers end earlier (fewer tokens per step)",
     ],
@@ -79,6 +81,7 @@ def summarise(results: list[dict]) -> dict:
         "steps_s": [[round(s["s"], 3) for s in r["steps"]] for r in ok],
         "peak_rss_mib": max((r["peak_rss_mib"] for r in ok), default=None),
         "gradient_checkpointing": ok[0].get("gradient_checkpointing") if ok else None,
+        **({"rows_per_backward": ok[0]["rows_per_backward"]} if ok and "rows_per_backward" in ok[0] else {}),
         "versions": ok[0].get("versions") if ok else None,
         "errors": [r["error"] for r in results if "error" in r],
     }

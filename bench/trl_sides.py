@@ -83,6 +83,8 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
 
     import engine.training.rollout as rollout_module
     from engine.recipe import recipe_from_dict
+    from engine.training import activation_checkpointing
+    from engine.training.accumulation import rows_per_backward
     from engine.training.methods import make_update
     from engine.training.methods.context import MethodContext
     from engine.training.models import load_preference_model
@@ -124,6 +126,9 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
         return out
 
     rollout_module.sample_with_logprobs = timed_sample
+    recomputed = []  # layers checkpointed in the updates (zopro's own checkpointing, not transformers')
+    checkpoint = activation_checkpointing.checkpoint
+    activation_checkpointing.checkpoint = lambda *a, **kw: recomputed.append(1) or checkpoint(*a, **kw)
     steps = []
     for step in range(shapes.steps):
         started, started_cpu = time.perf_counter(), time.process_time()
@@ -145,8 +150,12 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
                 step_phases,
             )
         )
-    checkpointing = bool(getattr(preference_model.model, "is_gradient_checkpointing", False))
-    return {"steps": steps, "gradient_checkpointing": checkpointing}
+    width = rollout.sequences.input_ids.shape[1]
+    return {
+        "steps": steps,
+        "gradient_checkpointing": bool(recomputed),
+        "rows_per_backward": min(len(rollout.sequences.prompts), rows_per_backward(preference_model, width)),
+    }
 
 
 def trl_side(model: str, prompts: list[str], shapes: Shapes, gradient_checkpointing: bool) -> dict:
