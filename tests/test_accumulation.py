@@ -32,9 +32,8 @@ def one_update(pm, method, rollout, rows_per_chunk, monkeypatch, **settings):
     """(raw gradient, metrics, counters, rows of each forward under autograd) of one update of `method`
     with the kept-activation budget set to `rows_per_chunk` rows of this batch; the adapter is restored."""
     width = rollout.sequences.input_ids.shape[1]
-    monkeypatch.setattr(
-        accumulation, "CHECKPOINTING_AUTO_BYTES", pm.kept_bytes_per_token * width * rows_per_chunk
-    )
+    monkeypatch.setattr(accumulation, "KEPT_CHUNK_BYTES", pm.kept_bytes_per_token * width * rows_per_chunk)
+    monkeypatch.setattr(accumulation, "MIN_CHUNK_TOKENS", 1)
     recipe = recipe_from_dict({"policy": {"method": method}, **({method: settings} if settings else {})})
 
     def unavailable(*args):
@@ -92,6 +91,16 @@ def test_rloo_in_chunks_of_rows_is_the_whole_batchs_update(pm, monkeypatch):
     assert whole[1]["policy/clipfrac"] > 0
     assert_same_update(whole, chunked)
     assert one_update(pm, "rloo", rollout, 0, monkeypatch)[3] == [1] * 12  # one row over the budget
+
+
+def test_a_chunk_holds_at_least_min_chunk_tokens_and_a_gpu_batch_stays_whole(pm, monkeypatch):
+    monkeypatch.setattr(accumulation, "KEPT_CHUNK_BYTES", 0)
+    monkeypatch.setattr(accumulation, "MIN_CHUNK_TOKENS", 100)
+    assert accumulation.rows_per_backward(pm, 30) == 4 and accumulation.rows_per_backward(pm, 200) == 1
+    monkeypatch.setattr(accumulation, "KEPT_CHUNK_BYTES", pm.kept_bytes_per_token * 30 * 7)
+    assert accumulation.rows_per_backward(pm, 30) == 7
+    monkeypatch.setattr(pm, "device", torch.device("meta"))
+    assert accumulation.rows_per_backward(pm, 30) >= 1 << 40
 
 
 def ragged(rollout):

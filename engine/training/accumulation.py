@@ -2,10 +2,10 @@
 the activations kept for the backward are those of a chunk, not of the whole batch.
 
 Kept activations grow with the tokens of a pass (builtin:base10m, 64 x 56 tokens: about 760 MiB estimated).
-On the CPU a chunk of rows whose estimate fits "auto" checkpointing's budget (CHECKPOINTING_AUTO_BYTES)
-keeps them bounded without recomputing anything, where activation checkpointing pays one more forward of
-the body per backward; a chunk that still exceeds it (one row too long for it) is checkpointed as before
-under "auto". The gradient is the batch's to float32 rounding: each chunk's loss is scaled by its share
+On the CPU a chunk of rows whose estimate fits KEPT_CHUNK_BYTES keeps them bounded without recomputing
+anything, where activation checkpointing pays one more forward of the body per backward; a chunk that
+still exceeds "auto" checkpointing's budget (a row or MIN_CHUNK_TOKENS too many for it) is checkpointed as
+before. The gradient is the batch's to float32 rounding: each chunk's loss is scaled by its share
 of the batch before its backward, and the gradients add up in `.grad`. docs/architecture.md, "Memory"."""
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from typing import Any
 
 import torch
 
-from engine.training.activation_checkpointing import CHECKPOINTING_AUTO_BYTES
 from engine.training.models import row_chunks
 from engine.training.rollout import Sequences, token_logprobs
 from engine.training.telemetry import Counters
 
+KEPT_CHUNK_BYTES = 128 * 2**20  # activations a chunk of rows keeps for its backward, estimated
+MIN_CHUNK_TOKENS = (
+    128  # smaller chunks run slowly on the CPU (SmolLM2: a 64-token row a chunk 6.4 s, two 4.6 s)
+)
 ALL_ROWS = 1 << 62
 # loss_of(rows, new_logprobs of those rows) -> (the chunk's part of the batch's loss, its part of each
 # statistic): the parts add up over the chunks to the batch's values
@@ -28,12 +31,14 @@ ChunkLoss = Callable[[slice, torch.Tensor], tuple[torch.Tensor, dict[str, float]
 
 def rows_per_backward(pm: Any, width: int) -> int:  # a models.PreferenceModel
     """Rows of `width` tokens whose kept activations (every layer's, estimated as "auto" checkpointing
-    estimates them) fit CHECKPOINTING_AUTO_BYTES; at least one. On a GPU the batch stays whole (splitting
-    costs a GPU throughput; there "auto" checkpointing bounds the kept activations as before)."""
+    estimates them) fit KEPT_CHUNK_BYTES, but at least MIN_CHUNK_TOKENS tokens' worth (and one row). On a
+    GPU the batch stays whole (splitting costs a GPU throughput; there "auto" checkpointing bounds the
+    kept activations as before)."""
     per_token = pm.kept_bytes_per_token
     if per_token <= 0 or pm.device.type != "cpu":
         return ALL_ROWS
-    return max(1, CHECKPOINTING_AUTO_BYTES // (per_token * max(1, width)))
+    width = max(1, width)
+    return max(1, KEPT_CHUNK_BYTES // (per_token * width), -(-MIN_CHUNK_TOKENS // width))
 
 
 def backward_in_chunks(
