@@ -7,13 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.recipe import recipe_from_dict
 from engine.training import accumulation
-from engine.training.methods import make_update
-from engine.training.methods.context import MethodContext
-from engine.training.telemetry import Counters
 from tests.nano import nano_preference_model
-from tests.test_group_methods import rollout_of
+from tests.test_group_methods import rollout_of, update_once
 
 AGGREGATIONS = ("sequence", "answer_token_mean", "token_mean", "constant")
 
@@ -34,20 +30,6 @@ def one_update(pm, method, rollout, rows_per_chunk, monkeypatch, **settings):
     width = rollout.sequences.input_ids.shape[1]
     monkeypatch.setattr(accumulation, "KEPT_CHUNK_BYTES", pm.kept_bytes_per_token * width * rows_per_chunk)
     monkeypatch.setattr(accumulation, "MIN_CHUNK_TOKENS", 1)
-    recipe = recipe_from_dict({"policy": {"method": method}, **({method: settings} if settings else {})})
-
-    def unavailable(*args):
-        raise RuntimeError("no run")
-
-    counters = Counters()
-    context = MethodContext(
-        models=pm, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
-        score_policy=unavailable, fresh_rollout=unavailable,
-    )  # fmt: skip
-    update = make_update(method, context)
-    before = {n: p.detach().clone() for n, p in update.named_params.items()}
-    seen = {}
-    update.on_gradient = lambda grads: seen.update({n: g.detach().clone() for n, g in grads.items()})
     rows = []
     decoder = type(pm.decoder)
     forward = decoder.forward
@@ -58,11 +40,8 @@ def one_update(pm, method, rollout, rows_per_chunk, monkeypatch, **settings):
         return forward(self, **kwargs)
 
     monkeypatch.setattr(decoder, "forward", counted)
-    metrics = update.update(rollout, update_index=0, step_in_iteration=0)
+    seen, metrics, counters = update_once(pm, method, rollout, **settings)
     monkeypatch.setattr(decoder, "forward", forward)
-    with torch.no_grad():
-        for name, param in update.named_params.items():
-            param.copy_(before[name])
     return seen, metrics, counters, rows
 
 

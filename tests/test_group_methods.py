@@ -161,26 +161,32 @@ def rollout_of(pm, prompts, seed, kl_coef=0.0):
     )  # fmt: skip
 
 
-def gradient_of(pm, method: str, rollout, **settings) -> dict[str, torch.Tensor]:
-    """The raw gradient of one update of `method` (its on_gradient snapshot); the adapter is restored."""
+def update_once(pm, method: str, rollout, **settings) -> tuple[dict[str, torch.Tensor], dict, Counters]:
+    """The raw gradient (its on_gradient snapshot), the metrics and the counters of one update of `method`;
+    the adapter is restored."""
     recipe = recipe_from_dict({"policy": {"method": method}, **({method: settings} if settings else {})})
 
     def unavailable(*args):
         raise RuntimeError("no run")
 
+    counters = Counters()
     context = MethodContext(
-        models=pm, counters=Counters(), recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
+        models=pm, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
         score_policy=unavailable, fresh_rollout=unavailable,
     )  # fmt: skip
     update = make_update(method, context)
     before = {n: p.detach().clone() for n, p in update.named_params.items()}
     seen = {}
     update.on_gradient = lambda grads: seen.update({n: g.detach().clone() for n, g in grads.items()})
-    update.update(rollout, update_index=0, step_in_iteration=0)
+    metrics = update.update(rollout, update_index=0, step_in_iteration=0)
     with torch.no_grad():
         for name, param in update.named_params.items():
             param.copy_(before[name])
-    return seen
+    return seen, metrics, counters
+
+
+def gradient_of(pm, method: str, rollout, **settings) -> dict[str, torch.Tensor]:
+    return update_once(pm, method, rollout, **settings)[0]
 
 
 def test_grpo_gradient_equals_rloos_times_g_minus_1_over_g_on_a_real_rollout(pm):
