@@ -13,6 +13,7 @@ from engine.training.rollout import (
     selective_logprobs,
     token_logprobs,
 )
+from engine.training.row_chunks import inference_rows
 from engine.training.telemetry import Counters
 from tests.nano import nano_preference_model
 
@@ -245,12 +246,12 @@ def test_passes_without_autograd_run_a_chunk_of_rows_at_a_time(pm, monkeypatch):
     with torch.no_grad():
         whole = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
     assert calls == [rows]
-    per_row = pm.inference_chunk_bytes // pm.inference_rows(width)  # the estimate for one row, at least
+    per_row = pm.inference_chunk_bytes // inference_rows(pm, width)  # the estimate for one row, at least
     monkeypatch.setattr(pm, "inference_chunk_bytes", per_row * 2)  # two rows' worth
     calls.clear()
     with torch.no_grad():
         chunked = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
-    assert pm.inference_rows(width) == 2 and calls == [2] * (rows // 2) + [rows % 2] * (rows % 2)
+    assert inference_rows(pm, width) == 2 and calls == [2] * (rows // 2) + [rows % 2] * (rows % 2)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
     calls.clear()
     pm.hidden_states(seqs.input_ids, mask, position_ids(mask)).sum().backward()

@@ -15,15 +15,12 @@ from typing import Any
 
 import torch
 
-from engine.training.models import row_chunks
 from engine.training.rollout import Sequences, token_logprobs
+from engine.training.row_chunks import ALL_ROWS, row_chunks
 from engine.training.telemetry import Counters
 
 KEPT_CHUNK_BYTES = 128 * 2**20  # activations a chunk of rows keeps for its backward, estimated
-MIN_CHUNK_TOKENS = (
-    128  # smaller chunks run slowly on the CPU (SmolLM2: a 64-token row a chunk 6.4 s, two 4.6 s)
-)
-ALL_ROWS = 1 << 62
+MIN_CHUNK_TOKENS = 128  # fewer are slow on the CPU (SmolLM2: one 64-token row a chunk 6.4 s, two 4.6 s)
 # loss_of(rows, new_logprobs of those rows) -> (the chunk's part of the batch's loss, its part of each
 # statistic): the parts add up over the chunks to the batch's values
 ChunkLoss = Callable[[slice, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]

@@ -23,6 +23,7 @@ from torch import nn
 from engine.rundir.checkpoints import adapter_file
 from engine.training.activation_checkpointing import set_activation_checkpointing
 from engine.training.gguf_base import GGUFError, dequantise, is_gguf_reference
+from engine.training.row_chunks import INFERENCE_CHUNK_BYTES, inference_rows, row_chunks
 
 ADAPTERS = ("sft", "policy", "reward")
 BUILTIN_SIZES = {
@@ -37,7 +38,6 @@ BUILTIN_VOCAB = 512
 BUILTIN_VERSION = 3  # bump when the build changes, so caches rebuild
 PRETRAIN_STEPS = 300
 TOKENIZER_TEXT_CHARS = 4000  # the built-in tokenizer and pre-training read at most this much of one text
-INFERENCE_CHUNK_BYTES = 32 * 2**20  # one layer's temporaries in a pass without autograd (inference_rows)
 
 
 class ModelError(RuntimeError):
@@ -201,13 +201,6 @@ def pretrain(
 # --- loading a base and attaching adapters ------------------------------------------------------------------
 
 
-def row_chunks(rows: int, most: int) -> list[slice]:
-    """`rows` split into the fewest even chunks of at most `most` rows (at least one chunk)."""
-    count = max(1, -(-rows // max(1, most)))
-    size = max(1, -(-rows // count))
-    return [slice(start, min(rows, start + size)) for start in range(0, max(rows, 1), size)]
-
-
 @dataclass
 class PreferenceModel:
     """One frozen base with the sft, policy and reward adapters and the reward model's score head."""
@@ -267,9 +260,10 @@ class PreferenceModel:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         """Last hidden states of the base (with the active adapter), without the lm_head. Without autograd
-        on a float32 base, each adapted layer multiplies by its merged weight (`merged_lora`)."""
+        on a float32 base, each adapted layer multiplies by its merged weight (`merged_lora`), and on the CPU
+        the rows run a chunk at a time (`inference_rows`)."""
         rows = input_ids.shape[0]
-        most = rows if torch.is_grad_enabled() else self.inference_rows(input_ids.shape[1])
+        most = rows if torch.is_grad_enabled() else inference_rows(self, input_ids.shape[1])
         with self.merged_lora():
             parts = [
                 self.decoder(
@@ -281,23 +275,6 @@ class PreferenceModel:
                 for part in row_chunks(rows, most)
             ]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def inference_rows(self, width: int) -> int:
-        """Rows per forward of a pass without autograd (rollout scoring, the zeroth-order losses): as many
-        as keep one layer's temporaries under INFERENCE_CHUNK_BYTES, estimated per token as three MLP-wide
-        and eight hidden-wide tensors plus a row of attention weights per head. A pass without autograd
-        keeps no activations, so its peak is one layer's temporaries of the rows it runs at once; a chunk
-        of rows at a time bounds it whatever the batch (builtin:base10m, 64 x 56 tokens: 73 MiB at once).
-        The rows are split evenly; the result is the same to float32 rounding. On a GPU the batch stays
-        whole (splitting it costs a GPU throughput, and its allocator reuses freed blocks)."""
-        if self.device.type != "cpu":
-            return max(1, self.inference_chunk_bytes)  # more rows than any batch
-        config = self.model.get_base_model().config
-        hidden = config.hidden_size
-        mlp = getattr(config, "intermediate_size", None) or 4 * hidden
-        heads = getattr(config, "num_attention_heads", 1)
-        per_token = (3 * mlp + 8 * hidden) * self.base_dtype.itemsize + heads * width * 4
-        return max(1, self.inference_chunk_bytes // max(1, per_token * width))
 
     @contextlib.contextmanager
     def merged_lora(self, keep: bool = False) -> Iterator[None]:

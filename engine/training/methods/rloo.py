@@ -46,7 +46,7 @@ class RLOOUpdate:
 
         with self.pm.adapter("policy"):
             loss, stats = backward_in_chunks(self.pm, rollout.sequences, self.counters, chunk_loss)
-        self.dist.sync_gradients(self.params, len(rollout.sequences.prompts))  # the mean over sequences
+        self.dist.sync_gradients(self.params, rows)  # the mean over sequences
         if self.on_gradient is not None:
             self.on_gradient({name: p.grad for name, p in self.named_params.items()})
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
