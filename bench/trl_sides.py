@@ -88,6 +88,7 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
     from engine.training.methods import make_update
     from engine.training.methods.context import MethodContext
     from engine.training.models import load_preference_model
+    from engine.training.row_chunks import row_chunks
     from engine.training.telemetry import Counters
 
     recipe = recipe_from_dict(
@@ -150,11 +151,12 @@ def zopro_side(model: str, prompts: list[str], shapes: Shapes) -> dict:
                 step_phases,
             )
         )
-    width = rollout.sequences.input_ids.shape[1]
+    rows, width = rollout.sequences.input_ids.shape
+    first = row_chunks(rows, rows_per_backward(preference_model, width))[0]  # the chunks the update ran
     return {
         "steps": steps,
         "gradient_checkpointing": bool(recomputed),
-        "rows_per_backward": min(len(rollout.sequences.prompts), rows_per_backward(preference_model, width)),
+        "rows_per_backward": first.stop - first.start,
     }
 
 

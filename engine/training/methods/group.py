@@ -150,10 +150,10 @@ class GroupUpdate:
         sums = self.dist.sum_floats if self.dist.enabled else None
         advantages = group_advantages(rewards, rollout.samples_per_prompt, c.baseline, c.scale, sums)
         kl_coef = rollout.kl_coef if c.kl_penalty == "loss" else 0.0
+        mask, rows, token_count = seqs.response_mask, len(seqs.prompts), float(seqs.response_mask.sum())
         # the gradient's mean over every rank: per token for the token mean, else per answer
-        weight = float(seqs.response_mask.sum()) if c.loss_aggregation == "token_mean" else len(seqs.prompts)
-        mask, rows = seqs.response_mask, len(seqs.prompts)
-        tokens = float(mask.sum().clamp(min=1.0))
+        weight = token_count if c.loss_aggregation == "token_mean" else rows
+        tokens = max(token_count, 1.0)
         per_token = c.loss_aggregation != "sequence"  # the clip statistics are token means then
 
         def chunk_loss(part: slice, new_logprobs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
