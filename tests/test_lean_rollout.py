@@ -92,6 +92,24 @@ def test_selective_logprobs_with_tiny_chunks_and_without_mask():
     torch.testing.assert_close(g_chunked, g_full)
 
 
+@pytest.mark.parametrize(("chunk_rows", "head_calls"), [(15, 1), (2, 16)])
+def test_selective_logprobs_recomputes_the_head_only_when_chunked(chunk_rows, head_calls):
+    """One chunk keeps its logits for the backward (the head runs once); several are checkpointed (each
+    chunk's head runs again in the backward: 8 chunks of 2 rows, 16 calls). The gradient is the same."""
+    gen = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 50)
+    calls = []
+    head.register_forward_hook(lambda *args: calls.append(1))
+    hidden = torch.randn(3, 5, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(50, (3, 5), generator=gen)
+    chunked = selective_logprobs(hidden, head, targets, chunk_bytes=4 * 50 * chunk_rows)
+    (g_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
+    assert len(calls) == head_calls
+    full = torch.log_softmax(head(hidden), -1).gather(-1, targets[..., None]).squeeze(-1)
+    (g_full,) = torch.autograd.grad(full.sum(), hidden)
+    torch.testing.assert_close(g_chunked, g_full)
+
+
 def test_sampler_is_reproducible_and_its_logprobs_match_a_recomputation(pm):
     with pm.adapter("policy"):
         first, logprobs = sample_with_logprobs(
