@@ -23,6 +23,7 @@ from torch import nn
 from engine.rundir.checkpoints import adapter_file
 from engine.training.activation_checkpointing import set_activation_checkpointing
 from engine.training.gguf_base import GGUFError, dequantise, is_gguf_reference
+from engine.training.lora_forward import install as install_lora_forward
 from engine.training.row_chunks import INFERENCE_CHUNK_BYTES, inference_rows, row_chunks
 
 ADAPTERS = ("sft", "policy", "reward")
@@ -282,8 +283,8 @@ class PreferenceModel:
         x (W + s B A)^T with a temporary merged weight (one layer's at a time) instead of xW^T + s (xA^T)B^T:
         the same function to float32 rounding, at a plain layer's cost once a pass has many more tokens than
         the rank. The weights themselves are never changed, so nothing drifts; the active adapter (or none,
-        under disable_adapter) is read at each call. Autograd passes and low-precision bases keep peft's
-        path (in bf16 a merged perturbation would round away).
+        under disable_adapter) is read at each call. Autograd passes and low-precision bases do not merge
+        (in bf16 a merged perturbation would round away). The layers' forward: engine/training/lora_forward.py.
 
         `keep` (for decoding, one token a call, with the adapters fixed inside): each merged weight, the
         lm_head's included, is made once and kept until the end, when all of them fit in
@@ -301,42 +302,16 @@ class PreferenceModel:
                 yield
                 return
         for module in patched:
-            module.forward = _merged_lora_forward.__get__(module)
-            module.zopro_keep_merged = keep
+            module.zopro_merging = keep
         try:
             yield
         finally:
             for module in patched:
-                del module.forward, module.zopro_keep_merged
+                module.zopro_merging = None
                 vars(module).pop("zopro_merged_weight", None)
 
 
 MERGED_KEEP_BYTES = 512 * 2**20
-
-
-def _merged_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A peft LoRA Linear's forward with its one active adapter merged into a temporary weight."""
-    active = self.active_adapters
-    name = active[0] if len(active) == 1 else None
-    if (
-        self.disable_adapters
-        or self.merged
-        or name not in self.lora_A
-        or self.fan_in_fan_out
-        or self.use_dora.get(name, False)
-        or args
-        or kwargs
-    ):
-        return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
-    weight = vars(self).get("zopro_merged_weight")
-    if weight is None:
-        weight = torch.addmm(
-            base.weight, self.lora_B[name].weight, self.lora_A[name].weight, alpha=self.scaling[name]
-        )
-        if self.zopro_keep_merged:
-            vars(self)["zopro_merged_weight"] = weight
-    return nn.functional.linear(x, weight, base.bias)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -442,6 +417,7 @@ def load_preference_model(
             param.data = param.data.float()
     model.to(device)
     head.to(device)
+    install_lora_forward(model)
     pm = PreferenceModel(model=model, tokenizer=tokenizer, score_head=head, device=device, base_path=base)
     pm.copy_adapter("sft", "policy")  # all start identical; SFT trains sft, policy then copies it
     pm.use("sft")
