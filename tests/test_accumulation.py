@@ -7,9 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.recipe import recipe_from_dict
 from engine.training import accumulation
+from engine.training.methods import make_update
+from engine.training.methods.context import MethodContext
+from engine.training.telemetry import Counters
 from tests.nano import nano_preference_model
-from tests.test_group_methods import rollout_of, update_once
+from tests.test_group_methods import rollout_of
 
 AGGREGATIONS = ("sequence", "answer_token_mean", "token_mean", "constant")
 
@@ -22,6 +26,41 @@ def pm(model_cache):
     )
     model.prompts = task.prompts(8, "test")
     return model
+
+
+def update_with_gradient(pm, method: str, rollout, **settings):
+    """(the gradient the optimiser's clip sees, metrics, counters) of one update of `method`; the trained
+    parameters (the policy adapter, PPO's value head) are restored."""
+    recipe = recipe_from_dict({"policy": {"method": method}, **({method: settings} if settings else {})})
+
+    def unavailable(*args):
+        raise RuntimeError("no run")
+
+    counters = Counters()
+    context = MethodContext(
+        models=pm, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
+        score_policy=unavailable, fresh_rollout=unavailable,
+    )  # fmt: skip
+    update = make_update(method, context)
+    params = list(update.params)
+    before = [p.detach().clone() for p in params]
+    seen = {}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def capture(clipped, *args, **kwargs):
+        clipped = list(clipped)
+        seen.update({str(i): p.grad.detach().clone() for i, p in enumerate(clipped)})
+        return clip(clipped, *args, **kwargs)
+
+    torch.nn.utils.clip_grad_norm_ = capture
+    try:
+        metrics = update.update(rollout, update_index=0, step_in_iteration=0)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+        with torch.no_grad():
+            for param, value in zip(params, before, strict=True):
+                param.copy_(value)
+    return seen, metrics, counters
 
 
 def one_update(pm, method, rollout, rows_per_chunk, monkeypatch, **settings):
@@ -40,12 +79,12 @@ def one_update(pm, method, rollout, rows_per_chunk, monkeypatch, **settings):
         return forward(self, **kwargs)
 
     monkeypatch.setattr(decoder, "forward", counted)
-    seen, metrics, counters = update_once(pm, method, rollout, **settings)
+    seen, metrics, counters = update_with_gradient(pm, method, rollout, **settings)
     monkeypatch.setattr(decoder, "forward", forward)
     return seen, metrics, counters, rows
 
 
-def assert_same_update(whole, chunked):
+def assert_same_update(whole, chunked, forward_passes=1):
     (grads, metrics, counters, _), (chunked_grads, chunked_metrics, chunked_counters, _) = whole, chunked
     assert grads.keys() == chunked_grads.keys() and any(float(g.abs().max()) > 0 for g in grads.values())
     for name, grad in grads.items():
@@ -55,8 +94,8 @@ def assert_same_update(whole, chunked):
     assert chunked_metrics.keys() == metrics.keys()
     for key, value in metrics.items():
         assert chunked_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
-    assert (chunked_counters.forward_passes, chunked_counters.backward_passes) == (1, 1)
-    assert (counters.forward_passes, counters.backward_passes) == (1, 1)
+    assert (chunked_counters.forward_passes, chunked_counters.backward_passes) == (forward_passes, 1)
+    assert (counters.forward_passes, counters.backward_passes) == (forward_passes, 1)
     assert chunked_counters.tokens == counters.tokens
 
 
@@ -103,4 +142,29 @@ def test_each_loss_aggregation_in_chunks_is_the_whole_batchs_update(pm, monkeypa
     chunked = one_update(pm, "grpo", rollout, 7, monkeypatch, **settings)
     assert whole[3] == [12] and chunked[3] == [6, 6]
     assert whole[1]["kl"] > 0
+    assert_same_update(whole, chunked)
+
+
+def test_ppo_in_chunks_of_rows_is_the_whole_batchs_update(pm, monkeypatch):
+    """Token means over the minibatch, a value head read from the same hidden states: the same gradient
+    (the adapter's and the value head's) and statistics in chunks; the old values' pass is the second."""
+    rollout = ragged(rollout_of(pm, pm.prompts[:4], seed=3, kl_coef=0.1))
+    noise = torch.randn(rollout.old_logprobs.shape, generator=torch.Generator().manual_seed(1))
+    rollout.old_logprobs += 0.2 * noise * rollout.sequences.response_mask
+    whole = one_update(pm, "ppo", rollout, 1000, monkeypatch)
+    chunked = one_update(pm, "ppo", rollout, 5, monkeypatch)
+    assert whole[3] == [12] and chunked[3] == [4, 4, 4]
+    assert whole[1]["policy/clipfrac"] > 0 and whole[1]["loss/value"] > 0
+    assert_same_update(whole, chunked, forward_passes=2)
+
+
+def test_online_dpo_keeps_each_pair_in_one_chunk(pm, monkeypatch):
+    """A pair's chosen and rejected answers share a chunk (4 pairs at most 3 rows a chunk: 2 + 2 + 2 + 2
+    rows); the loss, its gradient and the margins are the whole batch's."""
+    rollout = ragged(rollout_of(pm, pm.prompts[:4], seed=4, kl_coef=0.1))
+    rollout.scores = torch.arange(len(rollout.scores), dtype=torch.float32) % 5  # no ties: 4 pairs
+    whole = one_update(pm, "online_dpo", rollout, 1000, monkeypatch)
+    chunked = one_update(pm, "online_dpo", rollout, 3, monkeypatch)
+    assert whole[3] == [8] and chunked[3] == [2, 2, 2, 2]
+    assert whole[1]["dpo/pairs"] == 4
     assert_same_update(whole, chunked)

@@ -244,7 +244,7 @@ kl_coef = 0.1
 missing_eos_penalty = 1.0
 
 [train]
-iterations = 3
+iterations = 4
 updates_per_iteration = 15
 prompts_per_update = 8
 samples_per_prompt = 4
@@ -266,10 +266,12 @@ def test_method_improves_the_held_out_gold_score(tmp_path, method):
     result = zopro("run", str(recipe), "--run-dir", str(run), timeout=900)
     assert result.returncode == 0, result.stderr
     evals = [e["metrics"] for e in read_events(run) if e["type"] == "eval"]
-    assert len(evals) == 1 + 3
+    assert len(evals) == 1 + 4
     # one seed of an RL run: the method must lift gold well above SFT at some iteration and still end above
-    # it (PPO on this seed peaks at iteration 1, .325 -> .429, and gives back to .354 in iteration 2 as its
-    # KL jumps 0.39 -> 2.5; the same with a fixed KL coefficient)
+    # it. Float rounding alone moves a trajectory (the reward model's losses part in the fifth decimal by
+    # step 70): with three iterations this seed passed at 0ab294f and not at 13b39e9, for both methods. With
+    # four, seeds 0-2 gave gold peaks +.097 / +.129 / +.123 (PPO) and +.112 / +.115 / +.054 (online DPO, whose
+    # seed 2 then fell below SFT in iteration 4; `zopro run` of this recipe with `--set seed=S`, 2026-12-07).
     gold = [e["eval/gold"] for e in evals]
     assert max(gold[1:]) > gold[0] + 0.06 and gold[-1] > gold[0], gold
     assert max(e["eval/win_rate_vs_sft"] for e in evals[1:]) > 0.58

@@ -21,9 +21,10 @@ from engine.training.telemetry import Counters
 
 KEPT_CHUNK_BYTES = 128 * 2**20  # activations a chunk of rows keeps for its backward, estimated
 MIN_CHUNK_TOKENS = 128  # fewer are slow on the CPU (SmolLM2: one 64-token row a chunk 6.4 s, two 4.6 s)
-# loss_of(rows, new_logprobs of those rows) -> (the chunk's part of the batch's loss, its part of each
-# statistic): the parts add up over the chunks to the batch's values
-ChunkLoss = Callable[[slice, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+# loss_of(rows, the forward's outputs for those rows: by default their new per-token log-probs) -> (the
+# chunk's part of the batch's loss, its part of each statistic): the parts add up over the chunks to the
+# batch's values
+ChunkLoss = Callable[[slice, Any], tuple[torch.Tensor, dict[str, float]]]
 
 
 def rows_per_backward(pm: Any, width: int) -> int:  # a models.PreferenceModel
@@ -39,16 +40,27 @@ def rows_per_backward(pm: Any, width: int) -> int:  # a models.PreferenceModel
 
 
 def backward_in_chunks(
-    pm: Any, seqs: Sequences, counters: Counters, loss_of: ChunkLoss
+    pm: Any,
+    seqs: Sequences,
+    counters: Counters,
+    loss_of: ChunkLoss,
+    *,
+    forward: Callable[[Sequences], Any] | None = None,
+    group: int = 1,
 ) -> tuple[float, dict[str, float]]:
     """Forward and backward the active adapter on even chunks of rows (`rows_per_backward`), adding their
     gradients; returns the batch's loss and statistics (sums of the parts `loss_of` returns). Counted as one
-    forward and one backward pass of the batch."""
+    forward and one backward pass of the batch.
+
+    `forward(chunk)`: what `loss_of` receives for a chunk's rows (default: the active adapter's per-token
+    log-probs; PPO's adds its values). `group`: rows that must share a chunk, stored next to each other
+    (online DPO's chosen and rejected answer of a pair: group 2)."""
     rows, width = seqs.input_ids.shape
+    forward = forward or (lambda chunk: token_logprobs(pm, chunk, None))
     loss_total, stats_total = 0.0, {}
-    for part in row_chunks(rows, rows_per_backward(pm, width)):
-        new_logprobs = token_logprobs(pm, seqs.select(torch.arange(part.start, part.stop)), None)
-        loss, stats = loss_of(part, new_logprobs)
+    for groups in row_chunks(rows // group, max(1, rows_per_backward(pm, width) // group)):
+        part = slice(groups.start * group, groups.stop * group)
+        loss, stats = loss_of(part, forward(seqs.select(torch.arange(part.start, part.stop))))
         loss.backward()
         loss_total += float(loss.detach())
         for key, value in stats.items():

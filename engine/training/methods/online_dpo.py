@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.training.accumulation import backward_in_chunks
 from engine.training.methods.context import MethodContext
-from engine.training.rollout import Rollout, token_logprobs
+from engine.training.rollout import Rollout
 
 
 def preference_pairs(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,23 +70,31 @@ class OnlineDPOUpdate:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return {"dpo/pairs": 0.0, "policy/grad_norm": float(grad_norm), "policy/lr": lr}
-        rows = torch.cat([chosen, rejected])
+        rows = torch.stack([chosen, rejected], dim=1).reshape(-1)  # each pair's two rows side by side
         reference = rollout.ref_logprobs[rows].sum(-1)
-        with self.models.adapter("policy"):  # active (so trainable) through backward and step
-            logprobs = token_logprobs(self.models, rollout.sequences.select(rows), self.counters).sum(-1)
+        margins = []  # implicit reward margins, pair by pair, and which pairs the policy ranks right
+
+        def chunk_loss(part: slice, logprobs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            sequence, ref = logprobs.sum(-1), reference[part]
             loss, chosen_rewards, rejected_rewards = dpo_loss(
-                logprobs[:pairs], logprobs[pairs:], reference[:pairs], reference[pairs:], self.config.beta
+                sequence[0::2], sequence[1::2], ref[0::2], ref[1::2], self.config.beta
             )
-            loss.backward()
-            self.counters.add(backward_passes=1)
+            margins.append(chosen_rewards - rejected_rewards)
+            return loss * (len(sequence) // 2) / pairs, {}  # the mean over pairs, in parts
+
+        with self.models.adapter("policy"):  # active (so trainable) through backward and step
+            loss, _ = backward_in_chunks(
+                self.models, rollout.sequences.select(rows), self.counters, chunk_loss, group=2
+            )
             self.dist.sync_gradients(self.params, float(pairs))  # the mean over every rank's pairs
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        margin = torch.cat(margins)
         return {
-            "loss/policy": float(loss.detach()),
-            "dpo/reward_margin": float((chosen_rewards - rejected_rewards).mean()),
-            "dpo/accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
+            "loss/policy": loss,
+            "dpo/reward_margin": float(margin.mean()),
+            "dpo/accuracy": float((margin > 0).float().mean()),
             "dpo/pairs": float(pairs),
             "policy/grad_norm": float(grad_norm),
             "policy/lr": lr,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.seeds import generator
+from engine.training.accumulation import backward_in_chunks
 from engine.training.methods.context import MethodContext
 from engine.training.models import PreferenceModel
 from engine.training.rollout import Rollout, Sequences, Sums, position_ids, selective_logprobs
@@ -78,14 +79,16 @@ def gae(
 
 
 def logprobs_and_values(
-    models: PreferenceModel, value_head: nn.Linear, seqs: Sequences, counters: Counters
+    models: PreferenceModel, value_head: nn.Linear, seqs: Sequences, counters: Counters | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward with the active adapter: per-token log-probs of the response tokens and the value of
     the state before each of them, both (N, R) and zero on padding. The logits are the lm_head of the same
-    last hidden states the value head reads (what the causal LM itself computes)."""
+    last hidden states the value head reads (what the causal LM itself computes). `counters=None`: not
+    counted (a chunk of a pass that its caller counts)."""
     mask = seqs.attention_mask
     hidden = models.hidden_states(seqs.input_ids, mask, position_ids(mask))
-    counters.add(forward_passes=1, tokens=int(mask.sum()))
+    if counters is not None:
+        counters.add(forward_passes=1, tokens=int(mask.sum()))
     hidden = hidden[:, seqs.prompt_width - 1 : -1, :]  # position t predicts response token t
     logprobs = selective_logprobs(hidden, models.lm_head, seqs.response_ids, seqs.response_mask)
     values = value_head(hidden.float()).squeeze(-1)
@@ -147,38 +150,54 @@ class PPOUpdate:
                     self.dist.sync_gradients(self.params, 0.0)
                     self._step(c)
                     continue
-                m = mask[rows]
-                with self.models.adapter("policy"):  # active (so trainable) through backward and step
-                    logprobs, values = logprobs_and_values(
-                        self.models, self.value_head, seqs.select(rows), self.counters
-                    )
+                tokens = mask[rows].sum()
+
+                def chunk_loss(part: slice, outputs, rows=rows, tokens=tokens):
+                    """The chunk's part of the minibatch's token means: its masked sums over all the tokens."""
+                    logprobs, values = outputs
+                    at = rows[part]
+                    m = mask[at]
+
+                    def token_mean(values: torch.Tensor) -> torch.Tensor:
+                        return (values * m).sum() / tokens.clamp(min=1)
+
                     # clipped surrogate on token ratios
-                    log_ratio = logprobs - rollout.old_logprobs[rows]
+                    log_ratio = logprobs - rollout.old_logprobs[at]
                     ratio = torch.exp(log_ratio)
-                    pg_unclipped = -advantages[rows] * ratio
-                    pg_clipped = -advantages[rows] * torch.clamp(
+                    pg_unclipped = -advantages[at] * ratio
+                    pg_clipped = -advantages[at] * torch.clamp(
                         ratio, 1.0 - self.clip_range, 1.0 + self.clip_range
                     )
-                    policy_loss = masked_mean(torch.max(pg_unclipped, pg_clipped), m)
+                    policy_loss = token_mean(torch.max(pg_unclipped, pg_clipped))
                     # clipped value loss around the rollout's values
-                    values_clipped = old_values[rows] + torch.clamp(
-                        values - old_values[rows], -c.cliprange_value, c.cliprange_value
+                    old = old_values[at]
+                    values_clipped = old + torch.clamp(values - old, -c.cliprange_value, c.cliprange_value)
+                    value_loss = 0.5 * token_mean(
+                        torch.max((values - returns[at]) ** 2, (values_clipped - returns[at]) ** 2)
                     )
-                    value_loss = 0.5 * masked_mean(
-                        torch.max((values - returns[rows]) ** 2, (values_clipped - returns[rows]) ** 2), m
+                    with torch.no_grad():
+                        parts = {
+                            "policy": float(policy_loss),
+                            "value": float(value_loss),
+                            "clipfrac": float(token_mean((pg_clipped > pg_unclipped).float())),
+                            "approxkl": float(0.5 * token_mean(log_ratio**2)),
+                        }
+                    return policy_loss + c.vf_coef * value_loss, parts
+
+                with self.models.adapter("policy"):  # active (so trainable) through backward and step
+                    loss, parts = backward_in_chunks(
+                        self.models,
+                        seqs.select(rows),
+                        self.counters,
+                        chunk_loss,
+                        forward=lambda chunk: logprobs_and_values(self.models, self.value_head, chunk, None),
                     )
-                    loss = policy_loss + c.vf_coef * value_loss
-                    loss.backward()
-                    self.counters.add(backward_passes=1)
-                    self.dist.sync_gradients(self.params, float(m.sum()))  # the mean over tokens
+                    self.dist.sync_gradients(self.params, float(tokens))  # the mean over tokens
                     grad_norm = self._step(c)
-                with torch.no_grad():
-                    stats["loss"].append(float(loss))
-                    stats["policy"].append(float(policy_loss))
-                    stats["value"].append(float(value_loss))
-                    stats["clipfrac"].append(float(masked_mean((pg_clipped > pg_unclipped).float(), m)))
-                    stats["approxkl"].append(float(0.5 * masked_mean(log_ratio**2, m)))
-                    stats["grad_norm"].append(float(grad_norm))
+                stats["loss"].append(loss)
+                for key, value in parts.items():
+                    stats[key].append(value)
+                stats["grad_norm"].append(float(grad_norm))
 
         def mean(name: str) -> float:
             return sum(stats[name]) / len(stats[name])
