@@ -78,6 +78,10 @@ def test_the_readme_regions_take_the_figures_and_only_theirs():
     )
     assert "old words" not in updated
     assert "by hand" in updated  # a piece that failed leaves its region as it was
+    figures["pieces"]["demo"]["result"]["wall_s_runs"] = [30.2, 31.4, 34.9]
+    assert "<!-- figures:demo -->31 s (30-35 s over 3 runs) on 2 cores, held-out" in update_readme(
+        text, figures
+    )
     figures["pieces"]["demo"]["quick"] = True
     assert update_readme(text, figures) == text  # quick figures never reach the README
 
