@@ -42,6 +42,9 @@ def update_with_gradient(pm, method: str, rollout, **settings):
         score_policy=unavailable, fresh_rollout=unavailable,
     )  # fmt: skip
     update = make_update(method, context)
+    if method == "ppo":  # a value head away from its zero start, so the value loss reaches the adapter too
+        with torch.no_grad():
+            update.value_head.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
     params = list(update.params)
     before = [p.detach().clone() for p in params]
     seen = {}

@@ -58,19 +58,41 @@ def test_the_fused_path_equals_peft_in_output_and_gradient(pm, monkeypatch):
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-4, rtol=1e-3)  # rounding
 
 
-def test_cases_it_does_not_handle_go_to_peft(pm):
+def test_cases_it_does_not_handle_go_to_peft(pm, monkeypatch):
+    """Each case the fused path does not handle calls peft's forward (counted), with peft's result; the
+    plain case under autograd does not."""
     layer = next(
         m for m in lora_layers(pm) if m.get_base_layer().in_features == m.get_base_layer().out_features
     )
     x = torch.randn(3, layer.get_base_layer().in_features, generator=torch.Generator().manual_seed(0))
-    base = layer.get_base_layer()
+    peft_forward, calls = LoraLinear.forward, []
+    monkeypatch.setattr(LoraLinear, "forward", lambda *a, **k: calls.append(1) or peft_forward(*a, **k))
+
+    def peft_calls(run) -> int:
+        calls.clear()
+        run()
+        return len(calls)
+
     with pm.adapter("policy"):
-        with pm.model.disable_adapter():  # adapters off: the base layer alone
-            torch.testing.assert_close(layer(x), base(x))
-        expected = type(layer).forward(layer, x)
-        torch.testing.assert_close(layer(x), expected)  # autograd on: the fused path, same function
-        with torch.no_grad():  # no autograd, outside merged_lora: peft's path exactly
-            assert torch.equal(layer(x), type(layer).forward(layer, x))
-        double = x.double()  # a dtype that is not the weights': peft's path (which raises, as peft does)
-        with pytest.raises(RuntimeError):
-            layer(double)
+        expected = peft_forward(layer, x)
+        assert peft_calls(lambda: torch.testing.assert_close(layer(x), expected)) == 0  # the fused path
+        with torch.no_grad():  # no autograd, outside merged_lora: peft's path
+            assert peft_calls(lambda: torch.testing.assert_close(layer(x), expected)) == 1
+        with pm.model.disable_adapter():  # adapters off: the base layer alone, by peft
+            assert peft_calls(lambda: torch.testing.assert_close(layer(x), layer.get_base_layer()(x))) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert peft_calls(lambda: layer(x)) == 1
+        layer.set_adapter(["policy", "sft"])  # two adapters at once: their sum, by peft
+        try:
+            assert peft_calls(lambda: layer(x)) == 1
+        finally:
+            layer.set_adapter("policy")
+        layer.lora_bias["policy"] = True  # a bias on B (not one zopro configures)
+        try:
+            assert peft_calls(lambda: layer(x)) == 1
+        finally:
+            layer.lora_bias["policy"] = False
+        calls.clear()
+        with pytest.raises(RuntimeError):  # a dtype that is not the weights': peft's path, which refuses it
+            layer(x.double())
+        assert len(calls) == 1

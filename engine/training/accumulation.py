@@ -56,6 +56,8 @@ def backward_in_chunks(
     log-probs; PPO's adds its values). `group`: rows that must share a chunk, stored next to each other
     (online DPO's chosen and rejected answer of a pair: group 2)."""
     rows, width = seqs.input_ids.shape
+    if rows % group:
+        raise ValueError(f"{rows} rows do not make groups of {group}")
     forward = forward or (lambda chunk: token_logprobs(pm, chunk, None))
     loss_total, stats_total = 0.0, {}
     for groups in row_chunks(rows // group, max(1, rows_per_backward(pm, width) // group)):

@@ -11,7 +11,8 @@ takes peft's path except where the same function costs less:
   embedded default (builtin:tiny, 64 x 24 tokens, two threads) took 59-64 ms against 70-78 ms.
 
 Anything else (no adapter or several, adapters disabled or merged into the weights by peft, a LoRA
-variant such as DoRA, fan-in-fan-out weights, mixed dtypes, extra arguments) goes to peft's own forward."""
+variant such as DoRA, a bias on B, fan-in-fan-out weights, mixed dtypes such as a bf16 base under float32
+adapters, autocast, extra arguments) goes to peft's own forward."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def _single_adapter(layer: Any, args: tuple, kwargs: dict) -> str | None:
         or layer.merged
         or name not in layer.lora_A
         or name in layer.lora_variant
+        or layer.lora_bias.get(name, False)
         or layer.fan_in_fan_out
     ):
         return None
@@ -51,18 +53,18 @@ def _single_adapter(layer: Any, args: tuple, kwargs: dict) -> str | None:
 
 def _lora_forward(self: Any, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _single_adapter(self, args, kwargs)
-    if name is not None and self.zopro_merging is not None:
+    grad = torch.is_grad_enabled()
+    if name is not None and self.zopro_merging is not None and not grad:
         return _merged(self, x, name)
     base = self.get_base_layer()
-    if name is None or not torch.is_grad_enabled():
+    if name is None or not grad or torch.is_autocast_enabled(x.device.type):
         return type(self).forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     if not x.dtype == lora_a.dtype == base.weight.dtype:
         return type(self).forward(self, x, *args, **kwargs)
     rows = x.reshape(-1, x.shape[-1])
-    out = nn.functional.linear(
-        rows, base.weight, base.bias
-    )  # a new tensor no backward reads: in place is safe
+    # a new tensor that no backward reads: adding into it in place is safe
+    out = nn.functional.linear(rows, base.weight, base.bias)
     low = nn.functional.linear(self.lora_dropout[name](rows), lora_a)
     out.addmm_(low, (lora_b * self.scaling[name]).t())
     return out.view(*x.shape[:-1], out.shape[-1])
