@@ -61,6 +61,18 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module")
+def moved_nano(model_cache: Path):
+    """The nano preference model with LoRA on every projection and the lm_head, its sft, policy and reward
+    adapters moved apart (so each adapter's pass is told apart), and six test prompts (`.prompts`)."""
+    from tests.nano import nano_preference_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    model, task = nano_preference_model(model_cache, targets, moved=("sft", "policy", "reward"))
+    model.prompts = task.prompts(6, "test")
+    return model
+
+
 @pytest.fixture
 def fast_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "fast.toml"

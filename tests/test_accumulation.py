@@ -7,13 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.recipe import recipe_from_dict
 from engine.training import accumulation
-from engine.training.methods import make_update
-from engine.training.methods.context import MethodContext
-from engine.training.telemetry import Counters
 from tests.nano import nano_preference_model
-from tests.test_group_methods import rollout_of
+from tests.test_group_methods import method_update, rollout_of
 
 AGGREGATIONS = ("sequence", "answer_token_mean", "token_mean", "constant")
 
@@ -31,17 +27,7 @@ def pm(model_cache):
 def update_with_gradient(pm, method: str, rollout, **settings):
     """(the gradient the optimiser's clip sees, metrics, counters) of one update of `method`; the trained
     parameters (the policy adapter, PPO's value head) are restored."""
-    recipe = recipe_from_dict({"policy": {"method": method}, **({method: settings} if settings else {})})
-
-    def unavailable(*args):
-        raise RuntimeError("no run")
-
-    counters = Counters()
-    context = MethodContext(
-        models=pm, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
-        score_policy=unavailable, fresh_rollout=unavailable,
-    )  # fmt: skip
-    update = make_update(method, context)
+    update, counters = method_update(pm, method, **settings)
     if method == "ppo":  # a value head away from its zero start, so the value loss reaches the adapter too
         with torch.no_grad():
             update.value_head.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))

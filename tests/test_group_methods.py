@@ -161,9 +161,8 @@ def rollout_of(pm, prompts, seed, kl_coef=0.0):
     )  # fmt: skip
 
 
-def update_once(pm, method: str, rollout, **settings) -> tuple[dict[str, torch.Tensor], dict, Counters]:
-    """The raw gradient (its on_gradient snapshot), the metrics and the counters of one update of `method`;
-    the adapter is restored."""
+def method_update(pm, method: str, **settings):
+    """(the policy update of `method` with these settings outside any run, its counters)."""
     recipe = recipe_from_dict({"policy": {"method": method}, **({method: settings} if settings else {})})
 
     def unavailable(*args):
@@ -174,7 +173,13 @@ def update_once(pm, method: str, rollout, **settings) -> tuple[dict[str, torch.T
         models=pm, counters=counters, recipe=recipe, current_iteration=lambda: 0, warn=unavailable,
         score_policy=unavailable, fresh_rollout=unavailable,
     )  # fmt: skip
-    update = make_update(method, context)
+    return make_update(method, context), counters
+
+
+def update_once(pm, method: str, rollout, **settings) -> tuple[dict[str, torch.Tensor], dict, Counters]:
+    """The raw gradient (its on_gradient snapshot), the metrics and the counters of one update of `method`;
+    the adapter is restored."""
+    update, counters = method_update(pm, method, **settings)
     before = {n: p.detach().clone() for n, p in update.named_params.items()}
     seen = {}
     update.on_gradient = lambda grads: seen.update({n: g.detach().clone() for n, g in grads.items()})

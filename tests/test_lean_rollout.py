@@ -21,11 +21,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.fixture(scope="module")
-def pm(model_cache):
-    # adapters that differ, so each adapter's pass is told apart
-    model, task = nano_preference_model(model_cache, TARGETS, moved=("sft", "policy", "reward"))
-    model.prompts = task.prompts(6, "test")
-    return model
+def pm(moved_nano):
+    return moved_nano
 
 
 def full_logprobs(pm, seqs):

@@ -8,16 +8,11 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from engine.training.rollout import position_ids
-from tests.nano import nano_preference_model
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
 @pytest.fixture(scope="module")
-def pm(model_cache):
-    model, task = nano_preference_model(model_cache, TARGETS, moved=("sft", "policy", "reward"))
-    model.prompts = task.prompts(6, "test")
-    return model
+def pm(moved_nano):
+    return moved_nano
 
 
 def lora_layers(pm):
