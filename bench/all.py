@@ -118,8 +118,9 @@ def piece_demo(quick: bool, tmp: Path) -> dict:
         if run_dir is None:
             return entry
         runs.append((entry["wall_s"], run_dir))
-    walls = sorted(wall for wall, _ in runs)
-    entry["wall_s"], run_dir = sorted(runs)[len(runs) // 2]
+    runs.sort()
+    walls = [wall for wall, _ in runs]
+    entry["wall_s"], run_dir = runs[len(runs) // 2]
     evals = evaluations(run_dir)
     stages = {}
     for event in read_events(run_dir):

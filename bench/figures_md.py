@@ -42,20 +42,18 @@ def demo(result: dict) -> list[str]:
         f"{number(result['gold_sft'])} -> {number(result['gold_final'])} +- {number(result['gold_final_se'])}"
     )
     stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in result["stage_wall_s"].items())
-    walls = result.get("wall_s_runs") or [result["wall_s"]]
-    wall = f"{result['wall_s']}" + (
-        f" ({min(walls)}-{max(walls)}, {len(walls)} runs)" if len(walls) > 1 else ""
-    )
     return table(
-        ["wall s", "held-out gold (SFT -> final)", "stage wall s (median run)"], [[wall, gold, stages]]
+        ["wall", "held-out gold (SFT -> final)", "stage wall s (median run)"],
+        [[wall_phrase(result, digits=1), gold, stages]],
     )
 
 
-def wall_phrase(result: dict) -> str:
+def wall_phrase(result: dict, digits: int = 0) -> str:
     """`32 s (31-35 s over 3 runs)`, or `32 s` for a single run."""
     walls = result.get("wall_s_runs") or [result["wall_s"]]
-    spread = f" ({min(walls):.0f}-{max(walls):.0f} s over {len(walls)} runs)" if len(walls) > 1 else ""
-    return f"{result['wall_s']:.0f} s{spread}"
+    low, high = min(walls), max(walls)
+    spread = f" ({low:.{digits}f}-{high:.{digits}f} s over {len(walls)} runs)" if len(walls) > 1 else ""
+    return f"{result['wall_s']:.{digits}f} s{spread}"
 
 
 def learning(result: dict) -> list[str]:

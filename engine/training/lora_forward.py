@@ -56,9 +56,9 @@ def _lora_forward(self: Any, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     grad = torch.is_grad_enabled()
     if name is not None and self.zopro_merging is not None and not grad:
         return _merged(self, x, name)
-    base = self.get_base_layer()
     if name is None or not grad or torch.is_autocast_enabled(x.device.type):
         return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     if not x.dtype == lora_a.dtype == base.weight.dtype:
         return type(self).forward(self, x, *args, **kwargs)
