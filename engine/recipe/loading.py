@@ -210,7 +210,13 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
             f"{source}: refine.judge = 'llm' needs refine.judge_model (a local folder or a hub id)"
         )
     zo = getattr(recipe, method, None) if method in ("mezo", "zopro") else None
-    if zo is not None and zo.fitness != "raw" and zo.directions < 2:
+    rows = method == "zopro" and recipe.zopro.probes == "rows"
+    if rows and recipe.zopro.sampler != "subspace":
+        raise RecipeError(
+            f"{source}: zopro.probes = 'rows' perturbs each answer inside the subspace basis; it needs "
+            f"zopro.sampler = 'subspace' (got {recipe.zopro.sampler!r}), or zopro.probes = 'batch'"
+        )
+    if zo is not None and zo.fitness != "raw" and zo.directions < 2 and not rows:
         raise RecipeError(
             f"{source}: {method}.fitness = {zo.fitness!r} compares the directions of an update; it needs "
             f"{method}.directions >= 2 (or {method}.fitness = 'raw')"

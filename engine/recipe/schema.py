@@ -365,6 +365,12 @@ class ZOPrOConfig(ZerothOrderConfig):
     subspace_refresh_every: int = spec(
         0, low=0, help="every M iterations a first-order iteration renews the subspace basis (0: never)"
     )
+    probes: str = spec(
+        "batch",
+        choices=("batch", "rows"),
+        help="batch: each direction probes the whole batch; rows (subspace sampler): each answer probes its "
+        "own direction, N directions a pass, and directions counts rounds of them",
+    )
     premise_check: bool = spec(True, help="score and gold along -mu, 0, +mu at each zeroth-order iteration")
     premise_step: float = spec(0.5, low=0.0, low_open=True, help="the premise check moves this many mu")
     premise_prompts: int = spec(32, low=1, help="held-out prompts of the premise check")

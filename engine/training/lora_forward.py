@@ -30,6 +30,7 @@ def install(model: nn.Module) -> None:
         if isinstance(module, LoraLinear):
             module.forward = _lora_forward.__get__(module)
             module.zopro_merging = None  # True/False inside merged_lora: keep the merged weight or not
+            module.zopro_row_probe = None  # inside row_probes.probing: each row's own perturbation
 
 
 def _single_adapter(layer: Any, args: tuple, kwargs: dict) -> str | None:
@@ -54,6 +55,8 @@ def _single_adapter(layer: Any, args: tuple, kwargs: dict) -> str | None:
 def _lora_forward(self: Any, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _single_adapter(self, args, kwargs)
     grad = torch.is_grad_enabled()
+    if name is not None and self.zopro_row_probe is not None and not grad:
+        return _row_probed(self, x, name, *self.zopro_row_probe)
     if name is not None and self.zopro_merging is not None and not grad:
         return _merged(self, x, name)
     if name is None or not grad or torch.is_autocast_enabled(x.device.type):
@@ -81,3 +84,20 @@ def _merged(self: Any, x: torch.Tensor, name: str) -> torch.Tensor:
         if self.zopro_merging:
             vars(self)["zopro_merged_weight"] = weight
     return nn.functional.linear(x, weight, base.bias)
+
+
+def _row_probed(self: Any, x: torch.Tensor, name: str, basis_a, basis_b, coefficients) -> torch.Tensor:
+    """Row i of `x` through W + s (B + dB_i)(A + dA_i): dA_i, dB_i = the rows `basis_a`, `basis_b` of the
+    subspace basis times row i's coefficients (zeroth-order row probes, docs/method.md section 3.2)."""
+    rows = coefficients.shape[0]
+    if x.dim() != 3 or x.shape[0] != rows:
+        raise ValueError(f"row probes need ({rows}, tokens, features) inputs, got {tuple(x.shape)}")
+    base = self.get_base_layer()
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    delta_a = (coefficients @ basis_a.T).view(rows, *lora_a.shape).to(lora_a.dtype)
+    delta_b = (coefficients @ basis_b.T).view(rows, *lora_b.shape).to(lora_b.dtype)
+    out = nn.functional.linear(x, base.weight, base.bias)
+    x = x.to(lora_a.dtype)  # a bf16 base under float32 adapters: the adapter's part in float32, as peft
+    low = nn.functional.linear(x, lora_a) + torch.bmm(x, delta_a.transpose(1, 2))
+    lora = nn.functional.linear(low, lora_b) + torch.bmm(low, delta_b.transpose(1, 2))
+    return out.add_(lora.to(out.dtype), alpha=self.scaling[name])

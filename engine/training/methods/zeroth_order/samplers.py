@@ -324,20 +324,26 @@ class SubspaceSampler:
         if {n: p.shape for n, p in params.items()} != self.shapes:
             raise ValueError("the subspace basis was built for other parameters (names or shapes differ)")
 
-    def replay(self, params: Mapping[str, Tensor], seed: int) -> Iterator[tuple[str, Tensor, Tensor]]:
+    def coefficients(self, seed: int) -> Tensor:
+        """The r coordinates of the direction of `seed` in the basis: z = Q c, |z| = R."""
         generator = torch.Generator(device=self.basis.device).manual_seed(seed)
         c = torch.randn(self.rank, generator=generator, device=self.basis.device, dtype=torch.float32)
         if self.lengths is None:
-            c = c * (self.norm / torch.linalg.vector_norm(c))  # |Q c| = |c| for orthonormal Q
-        else:
-            c = c * (self.norm / torch.linalg.vector_norm(c * self.lengths))  # orthogonal columns
+            return c * (self.norm / torch.linalg.vector_norm(c))  # |Q c| = |c| for orthonormal Q
+        return c * (self.norm / torch.linalg.vector_norm(c * self.lengths))  # orthogonal columns
+
+    def slices(self, params: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """(name, param, Q_k): the rows of the basis that belong to each tensor, in sorted-name order."""
         offset = 0
         for name in sorted(params):
-            param = params[name]
-            numel = param.numel()
-            z = (self.basis[offset : offset + numel] @ c).view(param.shape)
+            numel = params[name].numel()
+            yield name, params[name], self.basis[offset : offset + numel]
             offset += numel
-            yield name, param, z.to(param.device)
+
+    def replay(self, params: Mapping[str, Tensor], seed: int) -> Iterator[tuple[str, Tensor, Tensor]]:
+        c = self.coefficients(seed)
+        for name, param, rows in self.slices(params):
+            yield name, param, (rows @ c).view(param.shape).to(param.device)
 
     def references(self, name: str) -> tuple[Tensor | None, Tensor | None]:
         return self.mu.get(name), self.v.get(name)

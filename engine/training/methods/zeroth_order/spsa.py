@@ -353,7 +353,7 @@ def _apply_step(
             z = replay.take(name)
             if z is not None:
                 step = z.mul_(coefficient) if step is None else step.add_(z, alpha=coefficient)
-        if decay > 0 and _decays(name):
+        if decay > 0 and decays(name):
             step = param * -decay if step is None else step.add_(param, alpha=-decay)
         if step is None:
             continue
@@ -408,7 +408,7 @@ class _CosineMeter:
         return cos_mu, cos_v
 
 
-def _decays(name: str) -> bool:
+def decays(name: str) -> bool:
     """Weight decay applies to every tensor except biases and norms (by name)."""
     lowered = name.lower()
     return "bias" not in lowered and "norm" not in lowered

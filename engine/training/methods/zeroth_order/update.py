@@ -21,6 +21,7 @@ from engine.training.methods.group import GroupUpdate
 from engine.training.methods.rloo import RLOOUpdate
 from engine.training.methods.zeroth_order.directions import DirectionSource
 from engine.training.methods.zeroth_order.premise import PremiseCheck
+from engine.training.methods.zeroth_order.row_probes import row_probe_update
 from engine.training.methods.zeroth_order.samplers import SubspaceSampler, ZoproSampler
 from engine.training.methods.zeroth_order.spsa import RunningRMS, combined, decay_at, zo_update
 from engine.training.objectives import clipped_surrogate
@@ -109,6 +110,11 @@ class ZerothOrderUpdate:
         self.models.use("policy")
         results = []
         for inner in range(config.updates_per_rollout):  # several updates on one rollout (section 3.1)
+            if getattr(config, "probes", "batch") == "rows":  # each answer its own direction (section 3.2)
+                results.append(self._row_update(rollout, sampler, update_index, lr, inner))
+                if results[-1].skipped:
+                    break
+                continue
             results.append(
                 zo_update(
                     self.params,
@@ -161,6 +167,33 @@ class ZerothOrderUpdate:
                 metrics["zo/true_grad_in_basis"] = _fraction_in_basis(true_gradient, sampler.basis)
         self._watch(result)
         return metrics
+
+    def _row_update(self, rollout: Rollout, sampler, update_index: int, lr: float, inner: int):
+        config, dist = self.config, self.context.dist
+        return row_probe_update(
+            self.models,
+            self.params,
+            rollout,
+            sampler,
+            adapter="policy",
+            run_seed=self.recipe.seed,
+            update_index=update_index,
+            eps=config.eps,
+            lr=lr,
+            clip_range=self.clip_range,
+            rounds=config.directions,
+            estimator=config.estimator,
+            fitness=config.fitness,
+            weight_decay=config.weight_decay,
+            g_clip=config.g_clip or None,
+            normalizer=self.normalizer,
+            at_rollout_policy=inner == 0,
+            direction_offset=inner * config.directions * (rollout.total_rows or len(rollout.advantages)),
+            sums=dist.sum_floats if dist.enabled else None,
+            count_pass=lambda: self.counters.add(
+                forward_passes=1, tokens=int(rollout.sequences.attention_mask.sum())
+            ),
+        )
 
     def _surrogate(self, rollout: Rollout) -> torch.Tensor:
         new_logprobs = token_logprobs(self.models, rollout.sequences, self.counters)

@@ -1,0 +1,181 @@
+"""Row probes (methods/zeroth_order/row_probes.py): each answer of a batch scored at its own perturbed
+policy in one pass, against moving the parameters by hand; the update against a hand computation; the
+settings and a real run's resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.recipe import RecipeError, load_recipe
+from engine.rundir.reader import read_events
+from engine.training.methods.zeroth_order.row_probes import probed_layers, row_probe_update, row_terms
+from engine.training.methods.zeroth_order.samplers import SubspaceSampler
+from engine.training.methods.zeroth_order.spsa import direction_seed
+from engine.training.objectives import surrogate_per_row
+from engine.training.rollout import collect_rollout, token_logprobs
+from engine.training.row_chunks import row_chunks
+from engine.training.telemetry import Counters
+from tests.runs import assert_resume_after_sigterm_is_exact, finished_run
+from tests.test_methods_e2e import SUBSPACE_RECIPE
+
+
+@pytest.fixture(scope="module")
+def pm(moved_nano):
+    return moved_nano
+
+
+@pytest.fixture(scope="module")
+def rollout(pm):
+    with pm.adapter("policy"):
+        return collect_rollout(
+            pm, pm.prompts[:4], k=3, kl_coef=0.0, missing_eos_penalty=0.0, max_new_tokens=8,
+            max_prompt_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(0),
+            counters=Counters(),
+        )  # fmt: skip
+
+
+def subspace(pm, rank: int = 5, seed: int = 0) -> tuple[dict, SubspaceSampler]:
+    params = pm.adapter_parameters("policy")
+    total = sum(p.numel() for p in params.values())
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(total, rank, generator=generator))
+    shapes = {n: p.shape for n, p in params.items()}
+    return params, SubspaceSampler(basis, shapes, norm=3.0)
+
+
+def moved_terms(pm, params, sampler, rollout, c: torch.Tensor) -> torch.Tensor:
+    """Every row's surrogate term with the parameters themselves moved by Q c (then put back)."""
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for _, param, rows in sampler.slices(params):
+            param.add_((rows @ c).view(param.shape))
+        logprobs = token_logprobs(pm, rollout.sequences, None)
+        for name, param in params.items():
+            param.copy_(before[name])
+    terms = surrogate_per_row(logprobs, rollout.old_logprobs, rollout.advantages, 0.2).double()
+    return terms / len(rollout.advantages)
+
+
+def test_each_row_is_scored_at_its_own_perturbation_in_one_pass(pm, rollout, monkeypatch):
+    """Row j of one probed pass equals row j of a pass with the parameters moved by Q c_j, for every
+    adapted layer (the lm_head's included), with the rows split into chunks or not."""
+    params, sampler = subspace(pm)
+    rows = len(rollout.advantages)
+    coefficients = torch.stack([sampler.coefficients(seed) for seed in range(rows)]) * 0.05
+    layers = probed_layers(pm.model, params, sampler, "policy")
+    assert len(layers) == sum("lora_A" in n for n in params)  # every adapted layer, lm_head included
+    for most in (rows, 5):  # one chunk; chunks of at most 5 rows
+        monkeypatch.setattr(
+            "engine.training.methods.zeroth_order.row_probes.inference_rows", lambda *a, most=most: most
+        )
+        assert len(row_chunks(rows, most)) == (1 if most == rows else 3)
+        with pm.adapter("policy"), torch.no_grad():
+            probed = row_terms(pm, layers, rollout, coefficients, 0.2)
+            plain = row_terms(pm, layers, rollout, None, 0.2)
+        for j in range(rows):
+            with pm.adapter("policy"):
+                by_hand = moved_terms(pm, params, sampler, rollout, coefficients[j])
+            assert float(probed[j]) == pytest.approx(float(by_hand[j]), abs=1e-6)
+            assert float(probed[j]) != pytest.approx(float(plain[j]), abs=1e-6)  # the probe moved it
+    assert all(layer.module.zopro_row_probe is None for layer in layers)  # nothing left set
+
+
+def test_the_update_by_hand(pm, rollout):
+    """One-sided, raw fitness: g_j = (l_j(theta + eps z_j) - l_j(theta)) / eps with l_j(theta) = -A_j / N
+    (the rollout's policy), theta <- theta - lr (1/N) sum_j g_j z_j; two rounds draw the next seeds."""
+    params, sampler = subspace(pm)
+    rows, eps, lr = len(rollout.advantages), 5e-2, 0.3
+    before = {n: p.detach().clone() for n, p in params.items()}
+    counted = []
+    with pm.adapter("policy"):
+        result = row_probe_update(
+            pm, params, rollout, sampler, adapter="policy", run_seed=4, update_index=2, eps=eps, lr=lr,
+            clip_range=0.2, rounds=2, count_pass=lambda: counted.append(1),
+        )  # fmt: skip
+        after = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(before[name])
+        base = (-rollout.advantages / rows).double()
+        w = torch.zeros(sampler.rank, dtype=torch.float32)
+        g_all = []
+        for j in range(2 * rows):
+            c = sampler.coefficients(direction_seed(4, 2, j))
+            g = (moved_terms(pm, params, sampler, rollout, eps * c)[j % rows] - base[j % rows]) / eps
+            g_all.append(float(g))
+            w -= lr * float(g) * c / (2 * rows)
+    assert result.directions == 2 * rows and result.forward_passes == 2 == len(counted)
+    assert result.g_raw == pytest.approx(sum(g_all) / len(g_all), rel=1e-3)  # float32 rounding
+    for name, param, basis_rows in sampler.slices(before):
+        expected = before[name] + (basis_rows @ w).view(param.shape)
+        torch.testing.assert_close(after[name], expected, atol=2e-6, rtol=1e-4)
+    assert result.step_norm == pytest.approx(float(torch.linalg.vector_norm(w)), rel=1e-4)
+
+
+def test_two_sided_rows_cost_two_passes_a_round_and_a_non_finite_estimate_skips(pm, rollout):
+    params, sampler = subspace(pm)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with pm.adapter("policy"):
+        result = row_probe_update(
+            pm, params, rollout, sampler, adapter="policy", run_seed=1, update_index=0, eps=1e-2, lr=0.0,
+            clip_range=0.2, estimator="two_sided", fitness="zscore",
+        )  # fmt: skip
+        assert result.forward_passes == 2 and not result.skipped
+        broken = dataclass_replace(rollout, advantages=rollout.advantages * math.nan)
+        skipped = row_probe_update(
+            pm, params, broken, sampler, adapter="policy", run_seed=1, update_index=0, eps=1e-2, lr=0.3,
+            clip_range=0.2,
+        )  # fmt: skip
+    assert skipped.skipped
+    for name, param in params.items():
+        assert torch.equal(param, before[name]), name  # no step, and the probes never moved theta
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def test_a_recipe_names_the_sampler_row_probes_need(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[policy]\nmethod = "zopro"\n[zopro]\nprobes = "rows"\nsampler = "zopro"\n')
+    with pytest.raises(RecipeError, match=r"zopro.probes = 'rows'.*zopro.sampler = 'subspace'"):
+        load_recipe(path)
+    path.write_text(
+        '[policy]\nmethod = "zopro"\n[zopro]\nprobes = "rows"\nsampler = "subspace"\nfitness = "zscore"\n'
+    )
+    assert load_recipe(path).zopro.probes == "rows"  # one round has N directions: zscore is fine
+
+
+ROWS_RECIPE = SUBSPACE_RECIPE.replace(
+    'sampler = "subspace"',
+    'sampler = "subspace"\nprobes = "rows"\nestimator = "one_sided"\nupdates_per_rollout = 2',
+)
+
+
+@pytest.fixture(scope="module")
+def rows_run(tmp_path_factory):
+    return finished_run(tmp_path_factory.mktemp("rows"), "rows", ROWS_RECIPE)
+
+
+def test_a_row_probe_run_moves_the_policy_at_one_pass_a_round(rows_run):
+    _, run = rows_run
+    policy = [e for e in read_events(run) if e["type"] == "metrics" and e["stage"] == "policy"]
+    second = [e["metrics"] for e in policy if e["iteration"] == 1]
+    assert second and all(m["zo/first_order"] == 0.0 and m["zo/skipped"] == 0.0 for m in second)
+    # two updates on each rollout: the first needs 1 pass (l(theta) is the rollout's), the second 2 (its
+    # l(theta) is after the first step), on top of the rollout's 3
+    for before, after in zip(second, second[1:], strict=False):
+        assert after["compute/forward_passes"] - before["compute/forward_passes"] == 3 + 1 + 2
+    assert all(m["zo/step_norm"] > 0 and m["zo/directions"] > 1 for m in second)
+
+
+def test_a_resumed_row_probe_run_equals_an_uninterrupted_one(rows_run, tmp_path):
+    recipe, straight = rows_run
+    assert_resume_after_sigterm_is_exact(
+        recipe, straight, tmp_path / "interrupted", at_step=12 + 12 + 4 + 4 + 2
+    )
