@@ -168,6 +168,34 @@ def test_zeroth_order_on_two_ranks_continues_like_one(one_rank_zopro, tmp_path):
     assert seqs == sorted(set(seqs))
 
 
+ROW_PROBES = [
+    *("--set", "policy.method=zopro", "--set", "zopro.sampler=subspace", "--set", "zopro.probes=rows"),
+    *("--set", "zopro.estimator=one_sided", "--set", "zopro.normalize_g=true", "--set", "zopro.lr=0.1"),
+    *("--set", "zopro.eps=1e-2", "--set", "zopro.g_clip=3.0", "--set", "zopro.premise_check=false"),
+]
+
+
+def test_row_probes_on_two_ranks_continue_like_one(tmp_path):
+    """Row probes seed each row's direction by its index in the whole batch and sum the estimates over the
+    ranks: two ranks, each probing half of the rows, take the steps one process took."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    done = zopro("run", str(recipe(folder)), "--run-dir", "zo", "-q", *ROW_PROBES, cwd=folder)
+    assert done.returncode == 0, done.stderr
+    copy = rewound_copy(folder / "zo", tmp_path / "zo2")
+    done = torchrun("run", "--resume", str(copy), "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = metric(folder / "zo", "zo/g_raw"), metric(copy, "zo/g_raw")
+    zeroth = [m for m in metric(copy, "zo/first_order")].count(0.0)
+    assert zeroth == 4 and len(one) == len(two) == 4  # iteration 1: four zeroth-order updates
+    assert two == pytest.approx(one, rel=1e-2, abs=1e-3)
+    steps_one, steps_two = metric(folder / "zo", "zo/step_norm"), metric(copy, "zo/step_norm")
+    assert steps_two == pytest.approx(steps_one, rel=1e-2) and all(x > 0 for x in steps_one)
+    first = adapters(folder / "zo" / "checkpoints" / "iter-0001")
+    second = adapters(copy / "checkpoints" / "iter-0001")
+    assert max_difference(first, second, "adapters/policy") < 1e-4
+
+
 def test_rloo_on_two_ranks_continues_like_one(tmp_path):
     """RLOO with the gradients all-reduced (weighted by each rank's sequences): the policy after an
     iteration on two ranks is the one-process policy within 1e-4 (Adam divides small gradients by their

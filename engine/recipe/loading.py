@@ -210,7 +210,7 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
             f"{source}: refine.judge = 'llm' needs refine.judge_model (a local folder or a hub id)"
         )
     zo = getattr(recipe, method, None) if method in ("mezo", "zopro") else None
-    rows = method == "zopro" and recipe.zopro.probes == "rows"
+    rows = method == "zopro" and recipe.zopro.probes != "batch"
     if rows and recipe.zopro.sampler != "subspace":
         raise RecipeError(
             f"{source}: zopro.probes = 'rows' perturbs each answer inside the subspace basis; it needs "

@@ -110,32 +110,10 @@ class ZerothOrderUpdate:
         self.models.use("policy")
         results = []
         for inner in range(config.updates_per_rollout):  # several updates on one rollout (section 3.1)
-            if getattr(config, "probes", "batch") == "rows":  # each answer its own direction (section 3.2)
+            if getattr(config, "probes", "batch") == "batch":
+                results.append(self._batch_update(surrogate_loss, rollout, sampler, update_index, lr, inner))
+            else:  # each answer, or each prompt's answers, probes its own direction (section 3.2)
                 results.append(self._row_update(rollout, sampler, update_index, lr, inner))
-                if results[-1].skipped:
-                    break
-                continue
-            results.append(
-                zo_update(
-                    self.params,
-                    surrogate_loss,
-                    sampler,
-                    run_seed=self.recipe.seed,
-                    update_index=update_index,
-                    eps=config.eps,
-                    lr=lr,
-                    weight_decay=config.weight_decay,
-                    directions=config.directions,
-                    g_clip=config.g_clip or None,
-                    reduce_g=self.context.dist.mean_scalar if self.context.dist.enabled else None,
-                    normalizer=self.normalizer,
-                    estimator=config.estimator,
-                    fitness=config.fitness,
-                    # at the rollout's policy every ratio is 1: L0 is known without a pass
-                    base_loss=surrogate_at_rollout(rollout, self.clip_range) if inner == 0 else None,
-                    direction_offset=inner * config.directions,
-                )
-            )
             if results[-1].skipped:
                 break
         result = combined(results)
@@ -168,6 +146,30 @@ class ZerothOrderUpdate:
         self._watch(result)
         return metrics
 
+    def _batch_update(
+        self, surrogate_loss, rollout: Rollout, sampler, update_index: int, lr: float, inner: int
+    ):
+        config = self.config
+        return zo_update(
+            self.params,
+            surrogate_loss,
+            sampler,
+            run_seed=self.recipe.seed,
+            update_index=update_index,
+            eps=config.eps,
+            lr=lr,
+            weight_decay=config.weight_decay,
+            directions=config.directions,
+            g_clip=config.g_clip or None,
+            reduce_g=self.context.dist.mean_scalar if self.context.dist.enabled else None,
+            normalizer=self.normalizer,
+            estimator=config.estimator,
+            fitness=config.fitness,
+            # at the rollout's policy every ratio is 1: L0 is known without a pass
+            base_loss=surrogate_at_rollout(rollout, self.clip_range) if inner == 0 else None,
+            direction_offset=inner * config.directions,
+        )
+
     def _row_update(self, rollout: Rollout, sampler, update_index: int, lr: float, inner: int):
         config, dist = self.config, self.context.dist
         return row_probe_update(
@@ -190,6 +192,7 @@ class ZerothOrderUpdate:
             at_rollout_policy=inner == 0,
             direction_offset=inner * config.directions * (rollout.total_rows or len(rollout.advantages)),
             sums=dist.sum_floats if dist.enabled else None,
+            group=rollout.samples_per_prompt if config.probes == "prompts" else 1,
             count_pass=lambda: self.counters.add(
                 forward_passes=1, tokens=int(rollout.sequences.attention_mask.sum())
             ),
