@@ -8,8 +8,9 @@ Pieces (each runs the command it records, in fresh processes):
 - demo: the embedded default `zopro run`, three times: the median wall time and the range, gold before and
   after, each stage's wall time;
 - learning: `zopro compare recipes/tiny.toml --set seed=S --methods rloo,zopro,...` for seeds 0-3 and rloo,
-  zopro (subspace), zopro (the paper's sampler) and mezo (SFT and reward models trained once per seed and
-  shared): held-out gold per evaluation, the gain over iteration 0;
+  zopro (subspace with the recipe's row probes, and with four whole-batch directions), zopro (the paper's
+  sampler) and mezo (SFT and reward models trained once per seed and shared): held-out gold per
+  evaluation, the gain over iteration 0;
 - methods: `zopro bench methods` on builtin:base10m, 1 thread, every sampler;
 - large_vocab: bench/large_vocab.py (vocabulary 131,072);
 - trl: bench/trl_compare.py on builtin:tiny and builtin:base10m, TRL's gradient checkpointing on and off;
@@ -41,10 +42,16 @@ from bench.figures_md import figures_markdown, update_readme  # noqa: E402
 
 PIECES = ("demo", "learning", "methods", "large_vocab", "trl", "distributed", "tui_open")
 ZOPRO = [sys.executable, "-m", "engine.cli"]
-PAPER_SAMPLER = "zopro:sampler=zopro,z_norm=published,normalize_g=false,lr=0.1,lr_schedule=linear,g_clip=0.5"
+# four directions probing the whole batch, two passes each (what the recipe had before row probes)
+BATCH_PROBES = "probes=batch,estimator=two_sided,directions=4"
+PAPER_SAMPLER = (
+    "zopro:sampler=zopro,z_norm=published,normalize_g=false,lr=0.1,lr_schedule=linear,g_clip=0.5,"
+    + BATCH_PROBES
+)
 LEARNING_VARIANTS = (
     ("rloo", "rloo"),
     ("zopro (subspace)", "zopro"),
+    ("zopro (subspace, batch probes)", "zopro:lr=0.2," + BATCH_PROBES),
     ("zopro (paper sampler)", PAPER_SAMPLER),
 )
 LEARNING_VARIANTS += (("mezo", "mezo"),)
@@ -145,7 +152,7 @@ def piece_learning(quick: bool, tmp: Path) -> dict:
     from engine.recipe import variant_label
 
     seeds = [0] if quick else [0, 1, 2, 3]
-    variants = LEARNING_VARIANTS[::3] if quick else LEARNING_VARIANTS  # quick: rloo and mezo
+    variants = [v for v in LEARNING_VARIANTS if not quick or v[1] in ("rloo", "mezo")]
     rows, commands = [], []
     for seed in seeds:
         root = tmp / f"learning-seed{seed}"
