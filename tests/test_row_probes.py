@@ -162,15 +162,15 @@ def rows_run(tmp_path_factory):
     return finished_run(tmp_path_factory.mktemp("rows"), "rows", ROWS_RECIPE)
 
 
-def test_a_row_probe_run_moves_the_policy_at_one_pass_a_round(rows_run):
+def test_a_row_probe_run_moves_the_policy_at_one_pass_a_round_of_directions(rows_run):
     _, run = rows_run
     policy = [e for e in read_events(run) if e["type"] == "metrics" and e["stage"] == "policy"]
     second = [e["metrics"] for e in policy if e["iteration"] == 1]
     assert second and all(m["zo/first_order"] == 0.0 and m["zo/skipped"] == 0.0 for m in second)
-    # two updates on each rollout: the first needs 1 pass (l(theta) is the rollout's), the second 2 (its
-    # l(theta) is after the first step), on top of the rollout's 3
+    # two rounds (directions = 2), two updates on each rollout: the first costs 2 passes (l(theta) is the
+    # rollout's), the second 1 + 2 (its l(theta) is after the first step), on top of the rollout's 3
     for before, after in zip(second, second[1:], strict=False):
-        assert after["compute/forward_passes"] - before["compute/forward_passes"] == 3 + 1 + 2
+        assert after["compute/forward_passes"] - before["compute/forward_passes"] == 3 + 2 + 1 + 2
     assert all(m["zo/step_norm"] > 0 and m["zo/directions"] > 1 for m in second)
 
 

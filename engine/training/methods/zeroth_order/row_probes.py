@@ -30,9 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from engine.training.methods.zeroth_order.estimators import group_fitness
 from engine.training.methods.zeroth_order.samplers import SubspaceSampler
-from engine.training.methods.zeroth_order.spsa import RunningRMS, ZOStepResult, decays, direction_seed
+from engine.training.methods.zeroth_order.spsa import (
+    RunningRMS,
+    ZOStepResult,
+    decays,
+    direction_seed,
+    step_coefficients,
+)
 from engine.training.objectives import surrogate_per_row
 from engine.training.rollout import Rollout, Sequences, chosen_logprobs, position_ids, token_logprobs
 from engine.training.row_chunks import inference_rows, row_chunks
@@ -184,13 +189,7 @@ def row_probe_update(
             coefficients.append(every)
             plus_sum, minus_sum = plus_sum + float(plus.sum()), minus_sum + float(minus.sum())
 
-        skipped = not all(math.isfinite(g) for g in g_raw)
-        g_used = list(g_raw) if skipped else group_fitness(g_raw, fitness)
-        if not skipped and normalizer is not None:
-            g_used = normalizer.normalize(g_used)
-        if g_clip is not None and not skipped:
-            g_used = [min(max(g, -g_clip), g_clip) for g in g_used]
-        clipped = 0 if skipped or g_clip is None else sum(abs(g) >= g_clip for g in g_used)
+        g_used, skipped, clipped = step_coefficients(g_raw, fitness, normalizer, g_clip)
         step_norm = 0.0
         if not skipped and lr > 0:
             c = torch.cat(coefficients)

@@ -212,13 +212,7 @@ def zo_update(
             if not math.isfinite(g_raw[-1]):
                 break
 
-        skipped = not all(math.isfinite(g) for g in g_raw)
-        g_used = list(g_raw) if skipped else group_fitness(g_raw, fitness)
-        if not skipped and normalizer is not None:
-            g_used = normalizer.normalize(g_used)
-        if g_clip is not None and not skipped:
-            g_used = [min(max(g, -g_clip), g_clip) for g in g_used]
-        clipped = 0 if skipped else sum(abs(g) >= g_clip for g in g_used) if g_clip is not None else 0
+        g_used, skipped, clipped = step_coefficients(g_raw, fitness, normalizer, g_clip)
         step_norm = 0.0
         if not skipped and lr > 0:
             # theta <- theta - lr * ((1/q) sum_i g_i z_i + wd * theta), no wd on biases and norms
@@ -243,6 +237,22 @@ def zo_update(
         step_norm=step_norm,
         g_rms=normalizer.rms if normalizer is not None else 0.0,
     )
+
+
+def step_coefficients(
+    g_raw: list[float], fitness: str, normalizer: RunningRMS | None, g_clip: float | None
+) -> tuple[list[float], bool, int]:
+    """(the step's coefficient of each estimate, skipped, how many the clip changed): the fitness, then
+    the running RMS, then the clip; a non-finite estimate skips the update (the coefficients as estimated)."""
+    if not all(math.isfinite(g) for g in g_raw):
+        return list(g_raw), True, 0
+    g_used = group_fitness(g_raw, fitness)
+    if normalizer is not None:
+        g_used = normalizer.normalize(g_used)
+    if g_clip is None:
+        return g_used, False, 0
+    g_used = [min(max(g, -g_clip), g_clip) for g in g_used]
+    return g_used, False, sum(abs(g) >= g_clip for g in g_used)
 
 
 def _one_sided(
