@@ -367,7 +367,7 @@ class ZOPrOConfig(ZerothOrderConfig):
     )
     probes: str = spec(
         "batch",
-        choices=("batch", "rows", "prompts"),
+        choices=("batch", "rows"),
         help="batch: each direction probes the whole batch; rows (subspace sampler): each answer probes its "
         "own direction, N directions a pass, and directions counts rounds of them",
     )

@@ -136,7 +136,6 @@ def row_probe_update(
     direction_offset: int = 0,
     sums: Callable[[list[float]], list[float]] | None = None,
     count_pass: Callable[[], None] | None = None,
-    group: int = 1,
 ) -> ZOStepResult:
     """One update of `params` in place from row probes (module docstring). `at_rollout_policy`: the
     policy is the one that sampled the rollout, so l_j(theta) needs no pass (a one-sided estimate after an
@@ -148,11 +147,6 @@ def row_probe_update(
     total = rollout.total_rows or rows
     first = rollout.first_row
     local = slice(first, first + rows)
-    if total % group or first % group:
-        raise ValueError(
-            f"row probes share a direction among {group} rows: the batch's rows must make whole groups"
-        )
-    count = total // group  # directions of a round
 
     def passed(terms: Tensor) -> Tensor:
         if count_pass is not None:
@@ -170,11 +164,11 @@ def row_probe_update(
         coefficients, g_raw, plus_sum, minus_sum = [], [], 0.0, 0.0
         for round_index in range(rounds):
             seeds = [
-                direction_seed(run_seed, update_index, direction_offset + round_index * count + d)
-                for d in range(count)
+                direction_seed(run_seed, update_index, direction_offset + round_index * total + j)
+                for j in range(total)
             ]
-            every = torch.stack([sampler.coefficients(seed) for seed in seeds])  # (count, r)
-            probe = every.repeat_interleave(group, 0)[local]
+            every = torch.stack([sampler.coefficients(seed) for seed in seeds])  # (total, r)
+            probe = every[local]
             plus = passed(row_terms(pm, layers, rollout, eps * probe, clip_range))
             if estimator == "two_sided":
                 minus = passed(row_terms(pm, layers, rollout, -eps * probe, clip_range))
@@ -184,8 +178,7 @@ def row_probe_update(
                 g_local = (plus - base) / eps
             whole = [0.0] * total
             whole[local] = g_local.tolist()
-            whole = sums(whole) if sums is not None else whole
-            g_raw.extend(sum(whole[d * group : (d + 1) * group]) for d in range(count))
+            g_raw.extend(sums(whole) if sums is not None else whole)
             coefficients.append(every)
             plus_sum, minus_sum = plus_sum + float(plus.sum()), minus_sum + float(minus.sum())
 

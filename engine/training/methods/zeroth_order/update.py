@@ -112,7 +112,7 @@ class ZerothOrderUpdate:
         for inner in range(config.updates_per_rollout):  # several updates on one rollout (section 3.1)
             if getattr(config, "probes", "batch") == "batch":
                 results.append(self._batch_update(surrogate_loss, rollout, sampler, update_index, lr, inner))
-            else:  # each answer, or each prompt's answers, probes its own direction (section 3.2)
+            else:  # each answer probes its own direction (section 3.2)
                 results.append(self._row_update(rollout, sampler, update_index, lr, inner))
             if results[-1].skipped:
                 break
@@ -192,7 +192,6 @@ class ZerothOrderUpdate:
             at_rollout_policy=inner == 0,
             direction_offset=inner * config.directions * (rollout.total_rows or len(rollout.advantages)),
             sums=dist.sum_floats if dist.enabled else None,
-            group=rollout.samples_per_prompt if config.probes == "prompts" else 1,
             count_pass=lambda: self.counters.add(
                 forward_passes=1, tokens=int(rollout.sequences.attention_mask.sum())
             ),
