@@ -83,6 +83,18 @@ def test_each_row_is_scored_at_its_own_perturbation_in_one_pass(pm, rollout, mon
     assert all(layer.module.zopro_row_probe is None for layer in layers)  # nothing left set
 
 
+def test_a_layer_peft_would_compute_refuses_a_row_probe(pm, rollout):
+    """Where peft's own forward would run (here: adapters disabled), the perturbation would silently be
+    left out; the probe refuses instead."""
+    params, sampler = subspace(pm)
+    layers = probed_layers(pm.model, params, sampler, "policy")
+    coefficients = torch.zeros(len(rollout.advantages), sampler.rank)
+    with pm.adapter("policy"), torch.no_grad(), pm.model.disable_adapter():
+        with pytest.raises(ValueError, match="one plain LoRA adapter"):
+            row_terms(pm, layers, rollout, coefficients, 0.2)
+    assert all(layer.module.zopro_row_probe is None for layer in layers)
+
+
 def test_the_update_by_hand(pm, rollout):
     """One-sided, raw fitness: g_j = (l_j(theta + eps z_j) - l_j(theta)) / eps with l_j(theta) = -A_j / N
     (the rollout's policy), theta <- theta - lr (1/N) sum_j g_j z_j; two rounds draw the next seeds."""

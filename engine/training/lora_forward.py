@@ -55,7 +55,12 @@ def _single_adapter(layer: Any, args: tuple, kwargs: dict) -> str | None:
 def _lora_forward(self: Any, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _single_adapter(self, args, kwargs)
     grad = torch.is_grad_enabled()
-    if name is not None and self.zopro_row_probe is not None and not grad:
+    if self.zopro_row_probe is not None and not grad:
+        if name is None:  # peft's path would silently leave this layer's perturbation out
+            raise ValueError(
+                "zeroth-order row probes need one plain LoRA adapter on every layer (no DoRA, no bias on B, "
+                "no fan-in-fan-out weights); use zopro.probes = 'batch' with this adapter"
+            )
         return _row_probed(self, x, name, *self.zopro_row_probe)
     if name is not None and self.zopro_merging is not None and not grad:
         return _merged(self, x, name)
