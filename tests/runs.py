@@ -80,3 +80,18 @@ def assert_resume_after_sigterm_is_exact(
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] == b[key]).all(), key
+
+
+def zeroth_order_steps(run: Path, iteration: int = 1) -> list[dict]:
+    """The metrics of a zopro run's updates in `iteration`, each checked to be a zeroth-order update that
+    was not skipped."""
+    policy = [e for e in read_events(run) if e["type"] == "metrics" and e["stage"] == "policy"]
+    steps = [e["metrics"] for e in policy if e["iteration"] == iteration]
+    assert steps and all(m["zo/first_order"] == 0.0 and m["zo/skipped"] == 0.0 for m in steps)
+    return steps
+
+
+def passes_per_step(steps: list[dict]) -> set[float]:
+    """The forward passes counted between consecutive steps (the rollout's and the update's)."""
+    counts = [m["compute/forward_passes"] for m in steps]
+    return {after - before for before, after in zip(counts, counts[1:], strict=False)}

@@ -154,48 +154,47 @@ class ZerothOrderUpdate:
             self.params,
             surrogate_loss,
             sampler,
-            run_seed=self.recipe.seed,
-            update_index=update_index,
-            eps=config.eps,
-            lr=lr,
-            weight_decay=config.weight_decay,
+            **self._shared_settings(update_index, lr),
             directions=config.directions,
-            g_clip=config.g_clip or None,
             reduce_g=self.context.dist.mean_scalar if self.context.dist.enabled else None,
-            normalizer=self.normalizer,
-            estimator=config.estimator,
-            fitness=config.fitness,
             # at the rollout's policy every ratio is 1: L0 is known without a pass
             base_loss=surrogate_at_rollout(rollout, self.clip_range) if inner == 0 else None,
             direction_offset=inner * config.directions,
         )
 
     def _row_update(self, rollout: Rollout, sampler, update_index: int, lr: float, inner: int):
-        config, dist = self.config, self.context.dist
+        dist, rounds = self.context.dist, self.config.directions
         return row_probe_update(
             self.models,
             self.params,
             rollout,
             sampler,
+            **self._shared_settings(update_index, lr),
             adapter="policy",
-            run_seed=self.recipe.seed,
-            update_index=update_index,
-            eps=config.eps,
-            lr=lr,
             clip_range=self.clip_range,
-            rounds=config.directions,
-            estimator=config.estimator,
-            fitness=config.fitness,
-            weight_decay=config.weight_decay,
-            g_clip=config.g_clip or None,
-            normalizer=self.normalizer,
+            rounds=rounds,
             at_rollout_policy=inner == 0,
-            direction_offset=inner * config.directions * (rollout.total_rows or len(rollout.advantages)),
+            direction_offset=inner * rounds * (rollout.total_rows or len(rollout.advantages)),
             sums=dist.sum_floats if dist.enabled else None,
             count_pass=lambda: self.counters.add(
                 forward_passes=1, tokens=int(rollout.sequences.attention_mask.sum())
             ),
         )
+
+    def _shared_settings(self, update_index: int, lr: float) -> dict[str, Any]:
+        """What a whole-batch and a row-probe update take alike."""
+        config = self.config
+        return {
+            "run_seed": self.recipe.seed,
+            "update_index": update_index,
+            "eps": config.eps,
+            "lr": lr,
+            "weight_decay": config.weight_decay,
+            "g_clip": config.g_clip or None,
+            "normalizer": self.normalizer,
+            "estimator": config.estimator,
+            "fitness": config.fitness,
+        }
 
     def _surrogate(self, rollout: Rollout) -> torch.Tensor:
         new_logprobs = token_logprobs(self.models, rollout.sequences, self.counters)
