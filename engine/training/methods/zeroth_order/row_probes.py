@@ -34,6 +34,7 @@ from engine.training.methods.zeroth_order.samplers import SubspaceSampler
 from engine.training.methods.zeroth_order.spsa import (
     RunningRMS,
     ZOStepResult,
+    _mean,
     decays,
     direction_seed,
     step_coefficients,
@@ -189,14 +190,11 @@ def row_probe_update(
             weights = torch.tensor(g_used, dtype=c.dtype, device=c.device) * (-lr / len(g_used))
             step_norm = _apply(params, sampler, weights @ c, lr * weight_decay)
 
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values) if values else math.nan
-
     passes_per_round = 2 if estimator == "two_sided" else 1
     return ZOStepResult(
-        g=mean(g_used),
-        g_raw=mean(g_raw),
-        abs_g=mean([abs(g) for g in g_raw]),
+        g=_mean(g_used),
+        g_raw=_mean(g_raw),
+        abs_g=_mean([abs(g) for g in g_raw]),
         skipped=skipped,
         loss_plus=plus_sum / rounds,
         loss_minus=minus_sum / rounds,
