@@ -175,12 +175,15 @@ ROW_PROBES = [
 ]
 
 
-def test_row_probes_on_two_ranks_continue_like_one(tmp_path):
+@pytest.mark.parametrize("gradients", ["batch", "prompts"])
+def test_row_probes_on_two_ranks_continue_like_one(tmp_path, gradients):
     """Row probes seed each row's direction by its index in the whole batch and sum the estimates over the
-    ranks: two ranks, each probing half of the rows, take the steps one process took."""
+    ranks: two ranks, each probing half of the rows, take the steps one process took. With per-prompt
+    snapshots the ranks gather each other's prompt gradients in rank order: the same basis as one process."""
     folder = tmp_path / "one"
     folder.mkdir()
-    done = zopro("run", str(recipe(folder)), "--run-dir", "zo", "-q", *ROW_PROBES, cwd=folder)
+    snapshots = ("--set", f"zopro.subspace_gradients={gradients}", "--set", "zopro.subspace_snapshots=64")
+    done = zopro("run", str(recipe(folder)), "--run-dir", "zo", "-q", *ROW_PROBES, *snapshots, cwd=folder)
     assert done.returncode == 0, done.stderr
     copy = rewound_copy(folder / "zo", tmp_path / "zo2")
     done = torchrun("run", "--resume", str(copy), "-q", cwd=tmp_path)
@@ -194,6 +197,8 @@ def test_row_probes_on_two_ranks_continue_like_one(tmp_path):
     first = adapters(folder / "zo" / "checkpoints" / "iter-0001")
     second = adapters(copy / "checkpoints" / "iter-0001")
     assert max_difference(first, second, "adapters/policy") < 1e-4
+    ranks = metric(copy, "zo/basis_rank")
+    assert ranks == metric(folder / "zo", "zo/basis_rank") and ranks[0] > (4 if gradients == "prompts" else 0)
 
 
 def test_rloo_on_two_ranks_continues_like_one(tmp_path):

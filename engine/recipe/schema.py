@@ -357,6 +357,12 @@ class ZOPrOConfig(ZerothOrderConfig):
     subspace_snapshots: int = spec(
         16, low=1, high=1024, help="gradients kept for the subspace basis (memory: this x adapter size x 4 B)"
     )
+    subspace_gradients: str = spec(
+        "batch",
+        choices=("batch", "prompts"),
+        help="what a first-order update snapshots for the basis: the batch's gradient, or each prompt's "
+        "(prompts_per_update a step: set subspace_snapshots to prompts_per_update x updates_per_iteration)",
+    )
     subspace_weighting: str = spec(
         "uniform",
         choices=("uniform", "gradients"),

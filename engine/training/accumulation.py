@@ -47,6 +47,7 @@ def backward_in_chunks(
     *,
     forward: Callable[[Sequences], Any] | None = None,
     group: int = 1,
+    after_group: Callable[[], None] | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Forward and backward the active adapter on even chunks of rows (`rows_per_backward`), adding their
     gradients; returns the batch's loss and statistics (sums of the parts `loss_of` returns). Counted as one
@@ -54,18 +55,72 @@ def backward_in_chunks(
 
     `forward(chunk)`: what `loss_of` receives for a chunk's rows (default: the active adapter's per-token
     log-probs; PPO's adds its values). `group`: rows that must share a chunk, stored next to each other
-    (online DPO's chosen and rejected answer of a pair: group 2)."""
+    (online DPO's chosen and rejected answer of a pair: group 2). `after_group()`: each chunk is then exactly
+    one group, and this is called after its backward (zopro's per-prompt gradient snapshots)."""
     rows, width = seqs.input_ids.shape
     if rows % group:
         raise ValueError(f"{rows} rows do not make groups of {group}")
     forward = forward or (lambda chunk: token_logprobs(pm, chunk, None))
     loss_total, stats_total = 0.0, {}
-    for groups in row_chunks(rows // group, max(1, rows_per_backward(pm, width) // group)):
+    per_chunk = 1 if after_group is not None else max(1, rows_per_backward(pm, width) // group)
+    for groups in row_chunks(rows // group, per_chunk):
         part = slice(groups.start * group, groups.stop * group)
         loss, stats = loss_of(part, forward(seqs.select(torch.arange(part.start, part.stop))))
         loss.backward()
+        if after_group is not None:
+            after_group()
         loss_total += float(loss.detach())
         for key, value in stats.items():
             stats_total[key] = stats_total.get(key, 0.0) + value
     counters.add(forward_passes=1, tokens=int(seqs.attention_mask.sum()), backward_passes=1)
     return loss_total, stats_total
+
+
+class GroupGradients:
+    """Each group's own gradient out of a backward done a group at a time (`after_group`): the change of
+    the parameters' `.grad` since the previous group, in float32 on their device."""
+
+    def __init__(self, named_params: dict[str, torch.Tensor]):
+        self.named_params = named_params
+        self.gradients: list[dict[str, torch.Tensor]] = []
+        self.total: dict[str, torch.Tensor] | None = None
+
+    def __call__(self) -> None:
+        now = {
+            name: torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.detach().float().clone()
+            for name, p in self.named_params.items()
+        }
+        last = self.total
+        self.gradients.append(now if last is None else {name: now[name] - last[name] for name in now})
+        self.total = now
+
+
+def backward_for_update(
+    pm: Any,
+    seqs: Sequences,
+    counters: Counters,
+    loss_of: ChunkLoss,
+    *,
+    dist: Any,
+    named_params: dict[str, torch.Tensor],
+    weight: float,
+    on_gradient: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    per_prompt: int = 0,
+) -> tuple[float, dict[str, float]]:
+    """A first-order method's backward on the active adapter (`backward_in_chunks`), its gradients then the
+    mean over every rank's `weight` items (`dist.sync_gradients`). `on_gradient({name: raw gradient})`
+    sees, before the clip, the batch's gradient; or, with `per_prompt = k`, each prompt's (its k answers'
+    part of the loss, the backward a prompt at a time), gathered over the ranks in rank order before the
+    sync: zopro's subspace snapshots (`zopro.subspace_gradients`, docs/method.md section 3)."""
+    prompts = GroupGradients(named_params) if on_gradient is not None and per_prompt else None
+    loss, stats = backward_in_chunks(
+        pm, seqs, counters, loss_of, group=per_prompt if prompts else 1, after_group=prompts
+    )
+    if prompts is not None:
+        local = [{name: t.cpu() for name, t in gradient.items()} for gradient in prompts.gradients]
+        for gradient in dist.gather(local, "the per-prompt gradient snapshots"):
+            on_gradient({name: t.to(named_params[name].device) for name, t in gradient.items()})
+    dist.sync_gradients(named_params.values(), weight)
+    if on_gradient is not None and prompts is None:
+        on_gradient({name: p.grad for name, p in named_params.items()})
+    return loss, stats

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from engine.training.accumulation import backward_in_chunks
+from engine.training.accumulation import backward_for_update
 from engine.training.methods.context import MethodContext
 from engine.training.rollout import Rollout, Sums, rloo_advantages, whiten
 
@@ -128,11 +128,13 @@ class GroupUpdate:
         context: MethodContext,
         method: str,
         on_gradient: Callable[[dict[str, torch.Tensor]], None] | None = None,
+        prompt_gradients: bool = False,
     ):
-        """`on_gradient({name: raw gradient})` after each backward, before the clip (zopro's subspace)."""
+        """`on_gradient({name: raw gradient})` after each backward, before the clip: the batch's gradient or
+        (`prompt_gradients`) each prompt's (zopro's subspace, `backward_for_update`)."""
         self.name = method
         self.pm, self.counters, self.dist = context.models, context.counters, context.dist
-        self.on_gradient = on_gradient
+        self.on_gradient, self.prompt_gradients = on_gradient, prompt_gradients
         self.config = getattr(context.recipe, method)
         self.max_new_tokens = context.recipe.model.max_new_tokens
         self.named_params = self.pm.adapter_parameters("policy")
@@ -178,10 +180,17 @@ class GroupUpdate:
         steps: list[dict[str, float]] = []
         for _ in range(c.updates_per_rollout):
             with self.pm.adapter("policy"):
-                loss, stats = backward_in_chunks(self.pm, seqs, self.counters, chunk_loss)
-            self.dist.sync_gradients(self.params, weight)
-            if self.on_gradient is not None:
-                self.on_gradient({name: p.grad for name, p in self.named_params.items()})
+                loss, stats = backward_for_update(
+                    self.pm,
+                    seqs,
+                    self.counters,
+                    chunk_loss,
+                    dist=self.dist,
+                    named_params=self.named_params,
+                    weight=weight,
+                    on_gradient=self.on_gradient,
+                    per_prompt=rollout.samples_per_prompt if self.prompt_gradients else 0,
+                )
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from engine.training.accumulation import backward_in_chunks
+from engine.training.accumulation import backward_for_update
 from engine.training.methods.context import MethodContext
 from engine.training.objectives import clipped_surrogate
 from engine.training.rollout import Rollout
@@ -19,12 +19,16 @@ class RLOOUpdate:
     name = "rloo"
 
     def __init__(
-        self, context: MethodContext, on_gradient: Callable[[dict[str, torch.Tensor]], None] | None = None
+        self,
+        context: MethodContext,
+        on_gradient: Callable[[dict[str, torch.Tensor]], None] | None = None,
+        prompt_gradients: bool = False,
     ):
-        """`on_gradient({name: raw gradient})` is called after each backward, before the clip (the
-        zeroth-order methods keep these snapshots for their subspace sampler)."""
+        """`on_gradient({name: raw gradient})` is called after each backward, before the clip, with the
+        batch's gradient or (`prompt_gradients`) each prompt's: the zeroth-order methods keep these
+        snapshots for their subspace sampler (`backward_for_update`)."""
         self.pm, self.counters, self.dist = context.models, context.counters, context.dist
-        self.on_gradient = on_gradient
+        self.on_gradient, self.prompt_gradients = on_gradient, prompt_gradients
         self.clip_range = context.recipe.policy.clip_range
         config = context.recipe.rloo
         self.lr, self.max_grad_norm = config.lr, config.max_grad_norm
@@ -44,11 +48,18 @@ class RLOOUpdate:
             share = (part.stop - part.start) / max(rows, 1)  # the loss and its statistics are means over rows
             return loss * share, {key: value * share for key, value in stats.items()}
 
-        with self.pm.adapter("policy"):
-            loss, stats = backward_in_chunks(self.pm, rollout.sequences, self.counters, chunk_loss)
-        self.dist.sync_gradients(self.params, rows)  # the mean over sequences
-        if self.on_gradient is not None:
-            self.on_gradient({name: p.grad for name, p in self.named_params.items()})
+        with self.pm.adapter("policy"):  # the gradient: the mean over sequences
+            loss, stats = backward_for_update(
+                self.pm,
+                rollout.sequences,
+                self.counters,
+                chunk_loss,
+                dist=self.dist,
+                named_params=self.named_params,
+                weight=rows,
+                on_gradient=self.on_gradient,
+                per_prompt=rollout.samples_per_prompt if self.prompt_gradients else 0,
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -32,11 +32,13 @@ STUCK_AFTER = 5  # updates in a row with every g at the clip, or g = 0, before a
 
 
 def first_order_update(context: MethodContext, on_gradient) -> RLOOUpdate | GroupUpdate:
-    """zopro's first-order iterations: zopro.first_iteration, rloo or a group method (grpo, dapo, ...)."""
-    name = context.recipe.zopro.first_iteration
+    """zopro's first-order iterations: zopro.first_iteration, rloo or a group method (grpo, dapo, ...);
+    `on_gradient` sees the batch's gradients or each prompt's (`zopro.subspace_gradients`)."""
+    config = context.recipe.zopro
+    name, prompts = config.first_iteration, config.subspace_gradients == "prompts"
     if name in ("rloo", "mezo"):  # mezo: no first-order iteration at all (uses_first_order is False)
-        return RLOOUpdate(context, on_gradient=on_gradient)
-    return GroupUpdate(context, name, on_gradient=on_gradient)
+        return RLOOUpdate(context, on_gradient=on_gradient, prompt_gradients=prompts)
+    return GroupUpdate(context, name, on_gradient=on_gradient, prompt_gradients=prompts)
 
 
 class ZerothOrderUpdate:
