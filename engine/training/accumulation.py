@@ -76,6 +76,13 @@ def backward_in_chunks(
     return loss_total, stats_total
 
 
+def gradient_of(param: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of `param.grad` (zeros where it has none)."""
+    if param.grad is None:
+        return torch.zeros_like(param, dtype=torch.float32)
+    return param.grad.detach().float().clone()
+
+
 class GroupGradients:
     """Each group's own gradient out of a backward done a group at a time (`after_group`): the change of
     the parameters' `.grad` since the previous group, in float32 on their device."""
@@ -86,10 +93,7 @@ class GroupGradients:
         self.total: dict[str, torch.Tensor] | None = None
 
     def __call__(self) -> None:
-        now = {
-            name: torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.detach().float().clone()
-            for name, p in self.named_params.items()
-        }
+        now = {name: gradient_of(p) for name, p in self.named_params.items()}
         last = self.total
         self.gradients.append(now if last is None else {name: now[name] - last[name] for name in now})
         self.total = now
