@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.recipe import RecipeError, load_recipe
 from engine.training.accumulation import backward_for_update, backward_in_chunks
 from engine.training.distributed import Distributed
 from engine.training.objectives import clipped_surrogate
@@ -116,3 +117,18 @@ def test_a_run_builds_its_subspace_from_each_prompts_gradient(tmp_path):
     # more directions than the batch gradients' (one an update) could span
     assert second and all(len(first) < m["zo/basis_rank"] <= prompts * len(first) for m in second)
     assert all(m["zo/step_norm"] > 0 and m["zo/skipped"] == 0.0 for m in second)
+
+
+def test_a_recipe_keeps_room_for_every_prompt_gradient(tmp_path):
+    path = tmp_path / "r.toml"
+    text = (
+        '[policy]\nmethod = "zopro"\n[train]\nprompts_per_update = 8\nupdates_per_iteration = 15\n'
+        '[zopro]\nsampler = "subspace"\nsubspace_gradients = "prompts"\n'
+    )
+    path.write_text(text)
+    with pytest.raises(
+        RecipeError, match=r"= 120 gradients.*subspace_snapshots = 16 keeps only.*set it to 120"
+    ):
+        load_recipe(path)
+    path.write_text(text + "subspace_snapshots = 120\n")
+    assert load_recipe(path).zopro.subspace_gradients == "prompts"

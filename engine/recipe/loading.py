@@ -216,6 +216,19 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
             f"{source}: zopro.probes = 'rows' perturbs each answer inside the subspace basis; it needs "
             f"zopro.sampler = 'subspace' (got {recipe.zopro.sampler!r}), or zopro.probes = 'batch'"
         )
+    if (
+        method == "zopro"
+        and recipe.zopro.sampler == "subspace"
+        and recipe.zopro.subspace_gradients == "prompts"
+    ):
+        wanted = recipe.train.prompts_per_update * recipe.train.updates_per_iteration
+        if recipe.zopro.subspace_snapshots < wanted:
+            raise RecipeError(
+                f"{source}: zopro.subspace_gradients = 'prompts' snapshots train.prompts_per_update x "
+                f"train.updates_per_iteration = {wanted} gradients an iteration, but zopro.subspace_snapshots "
+                f"= {recipe.zopro.subspace_snapshots} keeps only the last of them: set it to {wanted} "
+                f"(or zopro.subspace_gradients = 'batch')"
+            )
     if zo is not None and zo.fitness != "raw" and zo.directions < 2 and not rows:
         raise RecipeError(
             f"{source}: {method}.fitness = {zo.fitness!r} compares the directions of an update; it needs "
