@@ -35,3 +35,16 @@ def nano_preference_model(
             for param in model.adapter_parameters(name).values():
                 param.add_(0.3 * torch.randn(param.shape, generator=gen))
     return model, task
+
+
+def nano_rollout(pm, prompts: int = 4, k: int = 3):
+    """A real rollout of the policy adapter: `prompts` of the model's test prompts, k answers each (seed 0)."""
+    from engine.training.rollout import collect_rollout
+    from engine.training.telemetry import Counters
+
+    with pm.adapter("policy"):
+        return collect_rollout(
+            pm, pm.prompts[:prompts], k=k, kl_coef=0.0, missing_eos_penalty=0.0, max_new_tokens=8,
+            max_prompt_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(0),
+            counters=Counters(),
+        )  # fmt: skip

@@ -11,8 +11,9 @@ from engine.recipe import RecipeError, load_recipe
 from engine.training.accumulation import backward_for_update, backward_in_chunks
 from engine.training.distributed import Distributed
 from engine.training.objectives import clipped_surrogate
-from engine.training.rollout import collect_rollout, token_logprobs
+from engine.training.rollout import token_logprobs
 from engine.training.telemetry import Counters
+from tests.nano import nano_rollout
 from tests.runs import finished_run, read_events
 from tests.test_methods_e2e import SUBSPACE_RECIPE
 
@@ -26,12 +27,7 @@ def pm(moved_nano):
 
 @pytest.fixture(scope="module")
 def rollout(pm):
-    with pm.adapter("policy"):
-        return collect_rollout(
-            pm, pm.prompts[:4], k=K, kl_coef=0.0, missing_eos_penalty=0.0, max_new_tokens=8,
-            max_prompt_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(0),
-            counters=Counters(),
-        )  # fmt: skip
+    return nano_rollout(pm, 4, K)
 
 
 def loss_of(rollout):

@@ -14,9 +14,9 @@ from engine.training.methods.zeroth_order.row_probes import probed_layers, row_p
 from engine.training.methods.zeroth_order.samplers import SubspaceSampler
 from engine.training.methods.zeroth_order.spsa import direction_seed
 from engine.training.objectives import surrogate_per_row
-from engine.training.rollout import collect_rollout, token_logprobs
+from engine.training.rollout import token_logprobs
 from engine.training.row_chunks import row_chunks
-from engine.training.telemetry import Counters
+from tests.nano import nano_rollout
 from tests.runs import assert_resume_after_sigterm_is_exact, finished_run, passes_per_step, zeroth_order_steps
 from tests.test_methods_e2e import SUBSPACE_RECIPE
 
@@ -28,12 +28,7 @@ def pm(moved_nano):
 
 @pytest.fixture(scope="module")
 def rollout(pm):
-    with pm.adapter("policy"):
-        return collect_rollout(
-            pm, pm.prompts[:4], k=3, kl_coef=0.0, missing_eos_penalty=0.0, max_new_tokens=8,
-            max_prompt_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(0),
-            counters=Counters(),
-        )  # fmt: skip
+    return nano_rollout(pm, 4, 3)
 
 
 def subspace(pm, rank: int = 5, seed: int = 0) -> tuple[dict, SubspaceSampler]:
