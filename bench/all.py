@@ -8,7 +8,8 @@ Pieces (each runs the command it records, in fresh processes):
 - demo: the embedded default `zopro run`, three times: the median wall time and the range, gold before and
   after, each stage's wall time;
 - learning: `zopro compare recipes/tiny.toml --set seed=S --methods rloo,zopro,...` for seeds 0-3 and rloo,
-  zopro (subspace with the recipe's row probes, and with four whole-batch directions), zopro (the paper's
+  zopro (subspace with the recipe's row probes, with four whole-batch directions, and with the basis of each
+  prompt's gradient and 16 rounds), zopro (the paper's
   sampler) and mezo (SFT and reward models trained once per seed and shared): held-out gold per
   evaluation, the gain over iteration 0;
 - methods: `zopro bench methods` on builtin:base10m, 1 thread, every sampler;
@@ -44,6 +45,8 @@ PIECES = ("demo", "learning", "methods", "large_vocab", "trl", "distributed", "t
 ZOPRO = [sys.executable, "-m", "engine.cli"]
 # four directions probing the whole batch, two passes each (what the recipe had before row probes)
 BATCH_PROBES = "probes=batch,estimator=two_sided,directions=4"
+# the basis of each prompt's gradient (120 directions), 16 rounds of row probes (README: issue 25)
+PROMPT_BASIS = "subspace_gradients=prompts,subspace_snapshots=120,directions=16,lr=2.0"
 PAPER_SAMPLER = (
     "zopro:sampler=zopro,z_norm=published,normalize_g=false,lr=0.1,lr_schedule=linear,g_clip=0.5,"
     + BATCH_PROBES
@@ -52,6 +55,7 @@ LEARNING_VARIANTS = (
     ("rloo", "rloo"),
     ("zopro (subspace)", "zopro"),
     ("zopro (subspace, batch probes)", "zopro:lr=0.2," + BATCH_PROBES),
+    ("zopro (prompt-gradient basis)", "zopro:" + PROMPT_BASIS),
     ("zopro (paper sampler)", PAPER_SAMPLER),
 )
 LEARNING_VARIANTS += (("mezo", "mezo"),)
@@ -190,6 +194,8 @@ def piece_learning(quick: bool, tmp: Path) -> dict:
     summary = {"mean_gain_over_it0": means}
     if means.get("zopro (subspace)") is not None and means.get("rloo"):
         summary["subspace_x_rloo_gain"] = round(means["zopro (subspace)"] / means["rloo"], 2)
+    if means.get("zopro (prompt-gradient basis)") is not None and means.get("rloo"):
+        summary["prompt_basis_x_rloo_gain"] = round(means["zopro (prompt-gradient basis)"] / means["rloo"], 2)
     return {"command": commands, "result": {"rows": rows, "summary": summary}}
 
 

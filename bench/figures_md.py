@@ -70,8 +70,16 @@ def learning(result: dict) -> list[str]:
     lines = table(header, rows)
     means = result["summary"]["mean_gain_over_it0"]
     lines.append("Mean gain over iteration 0: " + ", ".join(f"{k} {number(v)}" for k, v in means.items()))
-    if "subspace_x_rloo_gain" in result["summary"]:
-        lines.append(f"(zopro subspace / rloo: {result['summary']['subspace_x_rloo_gain']} x)")
+    ratios = [
+        f"{name} / rloo: {result['summary'][key]} x"
+        for key, name in (
+            ("subspace_x_rloo_gain", "zopro subspace"),
+            ("prompt_basis_x_rloo_gain", "prompt-gradient basis"),
+        )
+        if key in result["summary"]
+    ]
+    if ratios:
+        lines.append(f"({'; '.join(ratios)})")
     return lines + [""]
 
 
