@@ -34,9 +34,9 @@ from engine.training.methods.zeroth_order.samplers import SubspaceSampler
 from engine.training.methods.zeroth_order.spsa import (
     RunningRMS,
     ZOStepResult,
-    _mean,
     decays,
     direction_seed,
+    mean_or_nan,
     step_coefficients,
 )
 from engine.training.objectives import surrogate_per_row
@@ -192,9 +192,9 @@ def row_probe_update(
 
     passes_per_round = 2 if estimator == "two_sided" else 1
     return ZOStepResult(
-        g=_mean(g_used),
-        g_raw=_mean(g_raw),
-        abs_g=_mean([abs(g) for g in g_raw]),
+        g=mean_or_nan(g_used),
+        g_raw=mean_or_nan(g_raw),
+        abs_g=mean_or_nan([abs(g) for g in g_raw]),
         skipped=skipped,
         loss_plus=plus_sum / rounds,
         loss_minus=minus_sum / rounds,

@@ -221,19 +221,19 @@ def zo_update(
             )
 
     return ZOStepResult(
-        g=_mean(g_used),
-        g_raw=_mean(g_raw),
-        abs_g=_mean([abs(g) for g in g_raw]),
+        g=mean_or_nan(g_used),
+        g_raw=mean_or_nan(g_raw),
+        abs_g=mean_or_nan([abs(g) for g in g_raw]),
         skipped=skipped,
-        loss_plus=_mean(losses_plus),
-        loss_minus=_mean(losses_minus) if losses_minus else _baseline(base_loss, losses_plus),
+        loss_plus=mean_or_nan(losses_plus),
+        loss_minus=mean_or_nan(losses_minus) if losses_minus else _baseline(base_loss, losses_plus),
         forward_passes=len(losses_plus) + len(losses_minus),
-        cos_z_mu=_mean([m.cosines()[0] for m in meters]),
-        cos_z_v=_mean([m.cosines()[1] for m in meters]),
+        cos_z_mu=mean_or_nan([m.cosines()[0] for m in meters]),
+        cos_z_v=mean_or_nan([m.cosines()[1] for m in meters]),
         decay=float(sampler.decay),
         directions=directions,
         clipped=clipped,
-        z_norm=_mean([m.z_norm() for m in meters]),
+        z_norm=mean_or_nan([m.z_norm() for m in meters]),
         step_norm=step_norm,
         g_rms=normalizer.rms if normalizer is not None else 0.0,
     )
@@ -293,7 +293,7 @@ def combined(results: list[ZOStepResult]) -> ZOStepResult:
         return results[0]
 
     def mean(field: str) -> float:
-        return _mean([getattr(r, field) for r in results])
+        return mean_or_nan([getattr(r, field) for r in results])
 
     last = results[-1]
     return ZOStepResult(
@@ -426,8 +426,9 @@ def decays(name: str) -> bool:
 
 def _baseline(base_loss: float | None, losses_plus: list[float]) -> float:
     """What a one-sided update compared its probes with: L0, or (without it) the probes' mean."""
-    return base_loss if base_loss is not None else _mean(losses_plus)
+    return base_loss if base_loss is not None else mean_or_nan(losses_plus)
 
 
-def _mean(values: list[float]) -> float:
+def mean_or_nan(values: list[float]) -> float:
+    """The mean of `values`; NaN when there are none (the update's logged means; row probes use it too)."""
     return sum(values) / len(values) if values else math.nan
