@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from engine.rundir.controls import send_control
 from engine.rundir.reader import apply_rewinds, read_events
+from engine.training.distributed import Distributed
 from tests.conftest import FAST_RECIPE, REPO, zopro
 
 pytestmark = [
@@ -306,3 +307,55 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
     assert done.returncode != 0
     assert "train.prompts_per_update = 3 cannot be split evenly over 2 ranks" in done.stderr + done.stdout
     assert not (tmp_path / "odd" / "events.jsonl").exists()
+
+
+class SignalledDuringTheGather(Distributed):
+    """Rank `rank` of two, the other rank's (requests, signal) given: the collective is simulated, the signal
+    and its handler are real. `signal_after_gather` sends SIGTERM to this process while it "waits" in the
+    first gather, so Python runs the handler the moment the gather returns, as it does after a blocking gloo
+    call."""
+
+    def __init__(self, rank: int, other: list[tuple[list[str], str | None]], signal_after_gather: bool):
+        super().__init__(rank=rank, world_size=2)
+        self.other, self.signal_after_gather = list(other), signal_after_gather
+
+    def gather(self, items, what="gathering results"):
+        other = [self.other.pop(0) if self.other else ([], None)]
+        every = list(items) + other if self.rank == 0 else other + list(items)
+        if self.signal_after_gather:
+            self.signal_after_gather = False
+            os.kill(os.getpid(), signal.SIGTERM)
+        return every
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_a_signal_handled_as_a_gather_returns_stops_every_rank_at_the_same_poll(tmp_path):
+    """Both ranks stop at the poll after the one the signal came in: the rank that took the signal while
+    agreeing does not stop alone (the other would wait for it in its next collective for ever)."""
+    from engine.errors import StopRun
+    from engine.recipe import load_recipe
+    from engine.rundir.writer import RunWriter
+    from engine.training.bookkeeping import RunBook
+
+    path = recipe(tmp_path)
+    stops = {}
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for rank, other in ((1, [([], None)]), (0, [([], None), ([], "SIGTERM")])):
+            writer = RunWriter(tmp_path / f"rank{rank}").open()
+            dist = SignalledDuringTheGather(rank, other, signal_after_gather=rank == 1)
+            book = RunBook(load_recipe(path), writer, dist=dist)
+            book._install_signal_handlers()
+            for poll in range(3):
+                try:
+                    book.between_steps()
+                except StopRun as stop:
+                    stops[rank] = (poll, str(stop))
+                    break
+            writer.close()
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+    assert stops == {0: (1, "SIGTERM"), 1: (1, "SIGTERM")}

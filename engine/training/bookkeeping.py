@@ -368,19 +368,19 @@ class RunBook:
 
     def between_steps(self) -> None:
         """Poll control requests and signals; pause, checkpoint or stop here, where the state is whole."""
-        requests = self.agreed_requests()
+        requests, signal_name = self.agreed_requests()
         if "checkpoint" in requests:
             self.checkpoint("resume")
-        if "pause" in requests and "resume" not in requests and "stop" not in requests:
+        if "pause" in requests and "resume" not in requests and "stop" not in requests and not signal_name:
             paused_at = time.monotonic()
             self.writer.update_status(state="paused", elapsed=self.clock.elapsed())
             self.emit("paused")
             while True:
                 time.sleep(0.2)
-                later = self.agreed_requests()
+                later, signal_name = self.agreed_requests()
                 if "checkpoint" in later:
                     self.checkpoint("resume")
-                if "stop" in later or self.signal_received:
+                if "stop" in later or signal_name:
                     requests = ["stop"]
                     break
                 if "resume" in later:
@@ -392,22 +392,25 @@ class RunBook:
                 state="running", elapsed=self.clock.elapsed(), paused_s=self.state.paused_s
             )
             self.emit("resumed", paused_s=round(pause, 3))
-        if "stop" in requests or self.signal_received:
-            reason = self.signal_received or "stop request"
+        if "stop" in requests or signal_name:
             self.checkpoint("resume")
-            raise StopRun(reason)
+            raise StopRun(signal_name or "stop request")
 
-    def agreed_requests(self) -> list[str]:
-        """The control requests rank 0 took, and a signal any rank received, the same on every rank: all
-        ranks pause, checkpoint and stop at the same step."""
+    def agreed_requests(self) -> tuple[list[str], str | None]:
+        """The control requests rank 0 took, and the first signal any rank had received when they were
+        gathered, the same on every rank: all ranks pause, checkpoint and stop at the same step. Only the
+        gathered value decides: a signal whose handler runs once the gather returns (Python defers handlers
+        while a collective blocks) would otherwise stop that rank alone, and the others would wait for it in
+        their next collective for ever. It is agreed at the next poll."""
+        received = self.signal_received
         requests = self.writer.take_requests()
         if not self.dist.enabled:
-            return requests
-        every = self.dist.gather([(requests, self.signal_received)], "agreeing on control requests")
+            return requests, received
+        every = self.dist.gather([(requests, received)], "agreeing on control requests")
         signals = [signal_name for _, signal_name in every if signal_name]
         if signals and not self.signal_received:
             self.signal_received = signals[0]
-        return every[0][0]
+        return every[0][0], signals[0] if signals else None
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):  # noqa: ARG001
