@@ -99,7 +99,7 @@ def test_the_update_by_hand(pm, rollout):
     with pm.adapter("policy"):
         result = row_probe_update(
             pm, params, rollout, sampler, adapter="policy", run_seed=4, update_index=2, eps=eps, lr=lr,
-            clip_range=0.2, rounds=2, count_pass=lambda: counted.append(1),
+            clip_range=0.2, rounds=2, count_pass=lambda copies: counted.append(copies),
         )  # fmt: skip
         after = {n: p.detach().clone() for n, p in params.items()}
         with torch.no_grad():
@@ -181,3 +181,36 @@ def test_a_resumed_row_probe_run_equals_an_uninterrupted_one(rows_run, tmp_path)
     assert_resume_after_sigterm_is_exact(
         recipe, straight, tmp_path / "interrupted", at_step=12 + 12 + 4 + 4 + 2
     )
+
+
+@pytest.mark.parametrize("estimator", ["one_sided", "two_sided"])
+def test_rounds_run_together_in_one_pass_give_the_same_update(pm, rollout, estimator):
+    """`rounds_per_pass`: three rounds in passes of 1, 2 + 1, or all 3 rows-times-three: the same estimate
+    and step to float rounding, in fewer passes of more rows (counted as copies of the batch)."""
+    params, sampler = subspace(pm)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    outcomes = {}
+    for together in (1, 2, 0):
+        counted = []
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(before[name])
+        with pm.adapter("policy"):
+            result = row_probe_update(
+                pm, params, rollout, sampler, adapter="policy", run_seed=3, update_index=1, eps=5e-2, lr=0.3,
+                clip_range=0.2, rounds=3, rounds_per_pass=together, estimator=estimator,
+                count_pass=lambda copies, counted=counted: counted.append(copies),
+            )  # fmt: skip
+        outcomes[together] = (result, {n: p.detach().clone() for n, p in params.items()}, counted)
+    sides = 2 if estimator == "two_sided" else 1
+    assert outcomes[1][2] == [1] * 3 * sides and outcomes[2][2] == [2] * sides + [1] * sides
+    assert outcomes[0][2] == [3] * sides and outcomes[0][0].forward_passes == sides
+    first, moved, _ = outcomes[1]
+    assert first.directions == 3 * len(rollout.advantages) and first.step_norm > 0
+    for together in (2, 0):
+        result, after, _ = outcomes[together]
+        assert result.directions == first.directions
+        assert result.g_raw == pytest.approx(first.g_raw, rel=1e-4, abs=1e-6)
+        assert result.step_norm == pytest.approx(first.step_norm, rel=1e-4)
+        for name in moved:
+            torch.testing.assert_close(after[name], moved[name], atol=2e-6, rtol=1e-4)

@@ -81,6 +81,43 @@ def test_a_rank_deficient_set_of_snapshots_keeps_only_its_rank():
         empty.basis()
 
 
+def test_a_truncated_basis_keeps_the_leading_singular_directions_of_the_snapshots():
+    """subspace_rank = k: the k directions that hold most of the snapshots' energy, by hand from their SVD:
+    two strong shared directions among six noisy snapshots come out as the two columns."""
+    params = tensors(0)
+    strong = [flat(tensors(1)), flat(tensors(2))]
+    generator = torch.Generator().manual_seed(3)
+    snapshots = GradientSnapshots(capacity=8)
+    for k in range(6):
+        row = (
+            (k + 3) * strong[0]
+            + (5 - k) * strong[1]
+            + 0.05 * torch.randn(strong[0].numel(), generator=generator)
+        )
+        snapshots.add(dict(zip(sorted(params), _split(row, params), strict=True)), params)
+    full, two = snapshots.basis(), snapshots.basis(2)
+    assert full.shape[1] == 6 and two.shape[1] == 2
+    assert torch.allclose(two.T @ two, torch.eye(2), atol=1e-5)
+    u, s, _ = torch.linalg.svd(torch.stack(snapshots.rows, dim=1), full_matrices=False)
+    assert torch.allclose(two @ two.T, u[:, :2] @ u[:, :2].T, atol=1e-5)  # the same span as by hand
+    for direction in strong:  # the shared directions lie in it
+        assert torch.allclose(
+            two @ (two.T @ direction), direction, rtol=0, atol=0.02 * float(direction.norm())
+        )
+    weighted = snapshots.weighted_basis(2)
+    assert weighted.shape[1] == 2 and torch.allclose(weighted.norm(dim=0), s[:2] / s[0], atol=1e-5)
+    assert snapshots.basis(50).shape[1] == 6  # more than there are: all of them
+
+
+def _split(row: Tensor, params: dict[str, Tensor]) -> list[Tensor]:
+    parts, offset = [], 0
+    for name in sorted(params):
+        numel = params[name].numel()
+        parts.append(row[offset : offset + numel].view(params[name].shape))
+        offset += numel
+    return parts
+
+
 def test_snapshots_keep_the_latest_and_round_trip_through_a_checkpoint():
     params = tensors(0)
     snapshots = GradientSnapshots(capacity=2)

@@ -363,6 +363,13 @@ class ZOPrOConfig(ZerothOrderConfig):
         help="what a first-order update snapshots for the basis: the batch's gradient, or each prompt's "
         "(prompts_per_update a step: set subspace_snapshots to prompts_per_update x updates_per_iteration)",
     )
+    subspace_rank: int = spec(
+        0,
+        low=0,
+        high=1024,
+        help="keep the k leading singular directions of the snapshots (0: their whole span); the zeroth-"
+        "order iterations then hold k x adapter size x 4 B",
+    )
     subspace_weighting: str = spec(
         "uniform",
         choices=("uniform", "gradients"),
@@ -376,6 +383,12 @@ class ZOPrOConfig(ZerothOrderConfig):
         choices=("batch", "rows"),
         help="batch: each direction probes the whole batch; rows (subspace sampler): each answer probes its "
         "own direction, N directions a pass, and directions counts rounds of them",
+    )
+    rounds_per_pass: int = spec(
+        1,
+        low=0,
+        help="rows probes: rounds run together in one forward pass, the batch repeated (0: all of them); "
+        "the same estimate in fewer, larger passes (a GPU runs them at about the cost of one)",
     )
     premise_check: bool = spec(True, help="score and gold along -mu, 0, +mu at each zeroth-order iteration")
     premise_step: float = spec(0.5, low=0.0, low_open=True, help="the premise check moves this many mu")

@@ -40,7 +40,14 @@ from engine.training.methods.zeroth_order.spsa import (
     step_coefficients,
 )
 from engine.training.objectives import surrogate_per_row
-from engine.training.rollout import Rollout, Sequences, chosen_logprobs, position_ids, token_logprobs
+from engine.training.rollout import (
+    LOGITS_CHUNK_BYTES,
+    Rollout,
+    Sequences,
+    chosen_logprobs,
+    position_ids,
+    token_logprobs,
+)
 from engine.training.row_chunks import inference_rows, row_chunks
 
 
@@ -81,37 +88,51 @@ def probing(layers: list[ProbedLayer], coefficients: Tensor) -> Iterator[None]:
 
 
 def row_terms(
-    pm, layers: list[ProbedLayer], rollout: Rollout, coefficients: Tensor | None, clip_range: float
+    pm,
+    layers: list[ProbedLayer],
+    rollout: Rollout,
+    coefficients: Tensor | None,
+    clip_range: float,
+    copies: int = 1,
 ):
     """Each local row's surrogate term (divided by the whole batch's rows), row j at theta + Q c_j (theta
-    itself with `coefficients` None), a chunk of rows at a time (`inference_rows`)."""
+    itself with `coefficients` None), a chunk of rows at a time (`inference_rows`). `copies` > 1: the
+    batch `copies` times over in one pass, copy k's rows with coefficients[k * rows : (k + 1) * rows]
+    (several rounds of probes together); the terms come in the same order."""
     seqs = rollout.sequences
     rows = seqs.input_ids.shape[0]
+    source = torch.arange(rows).repeat(copies)  # the batch row each row of the pass copies
     terms = []
-    for part in row_chunks(rows, inference_rows(pm, seqs.input_ids.shape[1])):
-        chunk = seqs.select(torch.arange(part.start, part.stop))
+    for part in row_chunks(rows * copies, inference_rows(pm, seqs.input_ids.shape[1])):
+        which = source[part]
+        chunk = seqs.select(which)
         if coefficients is None:
             logprobs = token_logprobs(pm, chunk, None)
         else:
             logprobs = _probed_logprobs(pm, layers, chunk, coefficients[part])
+        which = which.to(rollout.advantages.device)
         terms.append(
-            surrogate_per_row(logprobs, rollout.old_logprobs[part], rollout.advantages[part], clip_range)
+            surrogate_per_row(logprobs, rollout.old_logprobs[which], rollout.advantages[which], clip_range)
         )
     return torch.cat(terms).double() / (rollout.total_rows or rows)
 
 
 def _probed_logprobs(pm, layers: list[ProbedLayer], seqs: Sequences, coefficients: Tensor) -> Tensor:
     """`token_logprobs` with row j at theta + Q c_j. The body runs the rows together; the lm_head (an
-    adapted layer in some models) one row's response tokens at a time, so each row's logits are its own."""
+    adapted layer in some models) too, a few rows at a time so that their float32 logits stay under
+    `LOGITS_CHUNK_BYTES` (a real vocabulary: 49k x 16 tokens is 3 MiB a row); each row's logits are its own."""
     mask = seqs.attention_mask
     with probing(layers, coefficients):
         hidden = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
     hidden = hidden[:, seqs.prompt_width - 1 : -1, :]  # position t predicts response token t
-    logprobs = torch.zeros(seqs.response_mask.shape, dtype=torch.float32, device=hidden.device)
-    for j, keep in enumerate(seqs.response_mask.bool()):
-        with probing(layers, coefficients[j : j + 1]):
-            logits = pm.lm_head(hidden[j, keep][None])[0]
-        logprobs[j, keep] = chosen_logprobs(logits.float(), seqs.response_ids[j, keep])
+    rows, width = seqs.response_ids.shape
+    logprobs = torch.zeros((rows, width), dtype=torch.float32, device=hidden.device)
+    vocab = pm.lm_head.weight.shape[0]
+    for part in row_chunks(rows, LOGITS_CHUNK_BYTES // max(1, 4 * vocab * width)):
+        with probing(layers, coefficients[part]):
+            logits = pm.lm_head(hidden[part]).float()
+        chosen = chosen_logprobs(logits.reshape(-1, vocab), seqs.response_ids[part].reshape(-1))
+        logprobs[part] = chosen.view(-1, width).masked_fill(~seqs.response_mask[part].bool(), 0.0)
     return logprobs
 
 
@@ -128,6 +149,7 @@ def row_probe_update(
     lr: float,
     clip_range: float,
     rounds: int = 1,
+    rounds_per_pass: int = 1,
     estimator: str = "one_sided",
     fitness: str = "raw",
     weight_decay: float = 0.0,
@@ -136,12 +158,14 @@ def row_probe_update(
     at_rollout_policy: bool = True,
     direction_offset: int = 0,
     sums: Callable[[list[float]], list[float]] | None = None,
-    count_pass: Callable[[], None] | None = None,
+    count_pass: Callable[[int], None] | None = None,
 ) -> ZOStepResult:
     """One update of `params` in place from row probes (module docstring). `at_rollout_policy`: the
     policy is the one that sampled the rollout, so l_j(theta) needs no pass (a one-sided estimate after an
     earlier update on the same rollout costs one more). `sums`: the sum over ranks of a list of numbers;
-    `count_pass`: called once per forward pass over the local rows."""
+    `count_pass(copies)`: called once per forward pass, over `copies` times the local rows. `rounds_per_pass`: that many rounds'
+    probes run together, the batch repeated in one pass (0: every round in one); the estimate is the same
+    to float rounding, in fewer passes of more rows each."""
     sampler.check(params)
     layers = probed_layers(pm.model, params, sampler, adapter)
     rows = rollout.sequences.input_ids.shape[0]
@@ -149,11 +173,12 @@ def row_probe_update(
     first = rollout.first_row
     local = slice(first, first + rows)
 
-    def passed(terms: Tensor) -> Tensor:
+    def passed(terms: Tensor, copies: int = 1) -> Tensor:
         if count_pass is not None:
-            count_pass()
+            count_pass(copies)
         return terms
 
+    passes = 0  # of probes: rounds / rounds_per_pass, rounded up
     with torch.no_grad():
         base = None
         if estimator == "one_sided":
@@ -163,25 +188,38 @@ def row_probe_update(
             else:
                 base = passed(row_terms(pm, layers, rollout, None, clip_range))
         coefficients, g_raw, plus_sum, minus_sum = [], [], 0.0, 0.0
-        for round_index in range(rounds):
-            seeds = [
-                direction_seed(run_seed, update_index, direction_offset + round_index * total + j)
-                for j in range(total)
+        together = rounds if rounds_per_pass < 1 else min(rounds, rounds_per_pass)
+        for first_round in range(0, rounds, together):
+            group = range(first_round, min(rounds, first_round + together))
+            every = [  # (total, r) per round
+                torch.stack(
+                    [
+                        sampler.coefficients(
+                            direction_seed(run_seed, update_index, direction_offset + k * total + j)
+                        )
+                        for j in range(total)
+                    ]
+                )
+                for k in group
             ]
-            every = torch.stack([sampler.coefficients(seed) for seed in seeds])  # (total, r)
-            probe = every[local]
-            plus = passed(row_terms(pm, layers, rollout, eps * probe, clip_range))
+            probe = torch.cat([each[local] for each in every])
+            copies = len(group)
+            plus_all = passed(row_terms(pm, layers, rollout, eps * probe, clip_range, copies), copies)
             if estimator == "two_sided":
-                minus = passed(row_terms(pm, layers, rollout, -eps * probe, clip_range))
-                g_local = (plus - minus) / (2.0 * eps)
-            else:
-                minus = base
-                g_local = (plus - base) / eps
-            whole = [0.0] * total
-            whole[local] = g_local.tolist()
-            g_raw.extend(sums(whole) if sums is not None else whole)
-            coefficients.append(every)
-            plus_sum, minus_sum = plus_sum + float(plus.sum()), minus_sum + float(minus.sum())
+                minus_all = passed(row_terms(pm, layers, rollout, -eps * probe, clip_range, copies), copies)
+            for plus, minus, each in zip(
+                plus_all.split(rows),
+                _pieces(minus_all if estimator == "two_sided" else None, rows, copies, base),
+                every,
+                strict=True,
+            ):
+                g_local = (plus - minus) / (2.0 * eps) if estimator == "two_sided" else (plus - minus) / eps
+                whole = [0.0] * total
+                whole[local] = g_local.tolist()
+                g_raw.extend(sums(whole) if sums is not None else whole)
+                coefficients.append(each)
+                plus_sum, minus_sum = plus_sum + float(plus.sum()), minus_sum + float(minus.sum())
+            passes += 1
 
         g_used, skipped, clipped = step_coefficients(g_raw, fitness, normalizer, g_clip)
         step_norm = 0.0
@@ -198,7 +236,7 @@ def row_probe_update(
         skipped=skipped,
         loss_plus=plus_sum / rounds,
         loss_minus=minus_sum / rounds,
-        forward_passes=rounds * passes_per_round + (estimator == "one_sided" and not at_rollout_policy),
+        forward_passes=passes * passes_per_round + (estimator == "one_sided" and not at_rollout_policy),
         cos_z_mu=0.0,
         cos_z_v=0.0,
         decay=0.0,
@@ -208,6 +246,11 @@ def row_probe_update(
         step_norm=step_norm,
         g_rms=normalizer.rms if normalizer is not None else 0.0,
     )
+
+
+def _pieces(terms: Tensor | None, rows: int, copies: int, base: Tensor | None) -> list[Tensor]:
+    """The lower point of each round: its slice of a two-sided pass's terms, or the one-sided base."""
+    return list(terms.split(rows)) if terms is not None else [base] * copies
 
 
 def _apply(params: Mapping[str, Tensor], sampler: SubspaceSampler, w: Tensor, decay: float) -> float:

@@ -252,13 +252,18 @@ class GradientSnapshots:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def basis(self) -> Tensor:
+    def basis(self, rank: int = 0) -> Tensor:
         """An orthonormal basis (D, r) of the snapshots' span (QR; columns of a rank-deficient span
-        dropped). Deterministic for the same snapshots on the same device."""
+        dropped); with `rank` k > 0 their k leading left singular vectors instead, the k directions that
+        hold most of the snapshots' energy. Deterministic for the same snapshots on the same device."""
         if not self.rows:
             raise ValueError(
                 "no gradient snapshots: the subspace sampler needs a first-order iteration first"
             )
+        if rank:
+            u, s = self._svd()
+            keep = (s > 1e-6 * float(s.max())) & (torch.arange(len(s), device=s.device) < rank)
+            return u[:, keep].contiguous()
         q, r = torch.linalg.qr(torch.stack(self.rows, dim=1), mode="reduced")
         diagonal = r.diagonal().abs()
         keep = diagonal > 1e-6 * float(diagonal.max())
@@ -266,19 +271,27 @@ class GradientSnapshots:
             raise ValueError("the gradient snapshots are all zero: no subspace to sample from")
         return q[:, keep].contiguous()
 
-    def weighted_basis(self) -> Tensor:
+    def weighted_basis(self, rank: int = 0) -> Tensor:
         """Orthogonal columns U_j s_j / s_max of the snapshots' SVD (columns with s_j <= 1e-6 s_max
-        dropped): with c ~ N(0, I) the direction B c is distributed as the snapshots' own spread, N(0, G G')
-        up to scale (guided ES), instead of evenly over the span. Deterministic on one device."""
+        dropped; with `rank` k > 0 only the k leading ones): with c ~ N(0, I) the direction B c is
+        distributed as the snapshots' own spread, N(0, G G') up to scale (guided ES), instead of evenly over
+        the span. Deterministic on one device."""
         if not self.rows:
             raise ValueError(
                 "no gradient snapshots: the subspace sampler needs a first-order iteration first"
             )
+        u, s = self._svd()
+        keep = s > 1e-6 * float(s.max())
+        if rank:
+            keep &= torch.arange(len(s), device=s.device) < rank
+        return (u[:, keep] * (s[keep] / s.max())).contiguous()
+
+    def _svd(self) -> tuple[Tensor, Tensor]:
+        """Left singular vectors and values of the snapshots (D, n), the values in descending order."""
         u, s, _ = torch.linalg.svd(torch.stack(self.rows, dim=1), full_matrices=False)
         if not bool((s > 0).any()):
             raise ValueError("the gradient snapshots are all zero: no subspace to sample from")
-        keep = s > 1e-6 * float(s.max())
-        return (u[:, keep] * (s[keep] / s.max())).contiguous()
+        return u, s
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "rows": [row.cpu() for row in self.rows]}

@@ -175,11 +175,12 @@ class ZerothOrderUpdate:
             adapter="policy",
             clip_range=self.clip_range,
             rounds=rounds,
+            rounds_per_pass=self.config.rounds_per_pass,
             at_rollout_policy=inner == 0,
             direction_offset=inner * rounds * (rollout.total_rows or len(rollout.advantages)),
             sums=dist.sum_floats if dist.enabled else None,
-            count_pass=lambda: self.counters.add(
-                forward_passes=1, tokens=int(rollout.sequences.attention_mask.sum())
+            count_pass=lambda copies: self.counters.add(
+                forward_passes=1, tokens=copies * int(rollout.sequences.attention_mask.sum())
             ),
         )
 
