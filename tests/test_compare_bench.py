@@ -119,6 +119,9 @@ def test_bench_methods_writes_the_json_shape(tmp_path):
         assert row["sample_tokens_per_s"] > 0 and row["generate_tokens_per_s"] > 0
     assert report["methods"]["rloo"]["forward_passes_per_update"] == 1
     assert report["methods"]["zopro"]["forward_passes_per_update"] == 2  # q = 1: two forward passes
+    rloo, zo = report["methods"]["rloo"], report["methods"]["zopro"]
+    assert rloo["forward_tokens_per_update"] == rloo["tokens_per_update"] > 0  # one pass over the batch
+    assert zo["forward_tokens_per_update"] == 2 * zo["tokens_per_update"]
     assert report["config"]["model"] == "builtin:nano"
     assert report["config"]["gradient_checkpointing"] == "auto"
 

@@ -155,6 +155,9 @@ def test_a_recipe_names_the_sampler_row_probes_need(tmp_path):
         '[policy]\nmethod = "zopro"\n[zopro]\nprobes = "rows"\nsampler = "subspace"\nfitness = "zscore"\n'
     )
     assert load_recipe(path).zopro.probes == "rows"  # one round has N directions: zscore is fine
+    path.write_text('[policy]\nmethod = "zopro"\n[zopro]\nsampler = "subspace"\nrounds_per_pass = 0\n')
+    with pytest.raises(RecipeError, match=r"zopro.rounds_per_pass = 0 .*zopro.probes = 'rows'"):
+        load_recipe(path)
 
 
 ROWS_RECIPE = SUBSPACE_RECIPE.replace(

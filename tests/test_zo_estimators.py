@@ -237,9 +237,9 @@ def test_gains_at_equal_cost_read_the_gold_curves_between_evaluations():
 
     # gold after the RM, then after iterations 0-3; cost cumulative from the start of the policy stage
     rloo = Curve("rloo", 1, gold=[0.2, 0.3, 0.4, 0.5, 0.6], se=[0.01] * 5, passes=[0, 60, 120, 180, 240],
-                 wall=[0, 2, 4, 6, 8])  # fmt: skip
+                 wall=[0, 2, 4, 6, 8], tokens=[0, 600, 1200, 1800, 2400])  # fmt: skip
     zo = Curve("zopro", 1, gold=[0.2, 0.3, 0.36, 0.42, 0.48], se=[0.01] * 5, passes=[0, 60, 165, 270, 375],
-               wall=[0, 2, 3, 4, 5])  # fmt: skip
+               wall=[0, 2, 3, 4, 5], tokens=[0, 600, 2700, 4800, 6900])  # fmt: skip
     [_, row] = gains_table({"rloo": [rloo], "zopro": [zo]})
     assert row["gain"] == pytest.approx(0.18) and row["baseline_gain"] == pytest.approx(0.3)
     # equal passes: rloo spent 180 after iteration 0, zopro 315: zopro at 180 is 75/105 into iteration 2
@@ -247,10 +247,14 @@ def test_gains_at_equal_cost_read_the_gold_curves_between_evaluations():
     assert row["baseline_gain_at_passes"] == pytest.approx(0.3)
     # equal wall time: zopro spent 3 s, rloo reaches 3 s half way through iteration 1
     assert row["gain_at_wall"] == pytest.approx(0.18) and row["baseline_gain_at_wall"] == pytest.approx(0.15)
+    # equal tokens: rloo ran 1800 after iteration 0, zopro (a pass of several rounds) 1800 of its first 2100
+    assert row["gain_at_tokens"] == pytest.approx(0.06 * 1800 / 2100)
+    assert row["baseline_gain_at_tokens"] == pytest.approx(0.3)
     [line] = ratio_lines(gains_table({"rloo": [rloo], "zopro": [zo]}))
     assert (
         "over the iterations +0.180 vs +0.300 = 0.60 x" in line
         and "equal wall +0.180 vs +0.150 = 1.20 x" in line
+        and "equal tokens +0.051 vs +0.300 = 0.17 x" in line
     )
 
 
@@ -313,6 +317,11 @@ def test_the_cost_figure_from_a_real_run(equal_cost_run, tmp_path):
         - (steps[len(steps) - len(iteration_one) - 1]["compute/stage_forward_passes"])
     )
     assert row["spent_wall"] == pytest.approx(sum(m["time/update_s"] for m in iteration_one))
+    assert (
+        row["spent_tokens"]
+        == iteration_one[-1]["compute/stage_tokens"]
+        - (steps[len(steps) - len(iteration_one) - 1]["compute/stage_tokens"])
+    )
 
 
 def test_the_fraction_of_the_true_gradient_inside_the_basis_by_hand():

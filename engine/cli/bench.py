@@ -130,11 +130,12 @@ def worker(method: str, config: BenchConfig) -> dict:
                 snapshots.add(
                     {n: torch.randn(p.shape, generator=gen).to(device) for n, p in params.items()}, params
                 )
-            basis = snapshots.basis()
+            weighted = recipe.zopro.subspace_weighting == "gradients"
+            basis = snapshots.subspace_basis(recipe.zopro.subspace_rank, weighted)
             snapshots.clear()
             sampler_state_mib = basis.numel() * 4 / 2**20  # held between updates, like Adam's moments
             shapes = {n: p.shape for n, p in params.items()}
-            sampler = SubspaceSampler(basis, shapes, norm=1.0, mu=mu, v=v)
+            sampler = SubspaceSampler(basis, shapes, norm=1.0, mu=mu, v=v, weighted=weighted)
         elif recipe.zopro.sampler == "zopro":
             sampler = ZoproSampler(mu, v, decay=0.999)
         elif recipe.zopro.sampler == "block":
@@ -171,9 +172,9 @@ def worker(method: str, config: BenchConfig) -> dict:
     sampling = sampling_speed(models, prompts, config, synced)
     tokens = int(rollout.sequences.attention_mask.sum())
     baseline_rss = rss_mib()
-    times, peaks, passes = [], [], []
+    times, peaks, passes, passed_tokens = [], [], [], []
     for step in range(config.warmup + config.updates):
-        before = counters.forward_passes
+        before, tokens_before = counters.forward_passes, counters.tokens
         started = synced()
         with PhasePeak(device) as phase:
             update.update(rollout, update_index=step, step_in_iteration=step)
@@ -181,11 +182,13 @@ def worker(method: str, config: BenchConfig) -> dict:
             times.append(synced() - started)
             peaks.append(phase.growth_mib)
             passes.append(counters.forward_passes - before)
+            passed_tokens.append(counters.tokens - tokens_before)
     time_per_update = statistics.median(times)
     result = {
         "peak_update_mem_mib": round(max(peaks), 2),
         "time_per_update_s": round(time_per_update, 4),
         "forward_passes_per_update": statistics.median(passes),
+        "forward_tokens_per_update": statistics.median(passed_tokens),  # rows probed together count each copy
         "rollout_s": round(rollout_s, 3),
         "step_s": round(rollout_s + time_per_update, 4),  # a full step: rollout + update
         "peak_rollout_mem_mib": round(rollout_phase.growth_mib, 2),

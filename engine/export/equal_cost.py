@@ -1,5 +1,7 @@
-"""Gold at equal cost (`zopro plot --preset cost`): held-out gold against the policy stage's forward passes
-and against the wall time of its whole steps (rollout + update, `time/update_s`), one curve per method with
+"""Gold at equal cost (`zopro plot --preset cost`): held-out gold against the policy stage's forward passes,
+against the tokens those passes ran (a pass of row probes that runs several rounds together carries that
+many copies of the batch: `zopro.rounds_per_pass`) and against the wall time of its whole steps (rollout +
+update, `time/update_s`), one curve per method with
 the mean over seeds and its standard error, and the table a user decides with: per seed, each method's
 gold gain over the iterations after the first, at the end and at equal cost with the baseline (rloo).
 
@@ -23,7 +25,11 @@ from engine.rundir.reader import read_events
 
 FROM_ITERATION = 0
 BASELINE = "rloo"
-AXES = {"passes": "policy forward passes", "wall": "wall time of whole policy steps (s)"}
+AXES = {
+    "passes": "policy forward passes",
+    "tokens": "tokens through the policy's forward passes",
+    "wall": "wall time of whole policy steps (s)",
+}
 SEED_SUFFIX = re.compile(r"[-_ ,]*(?:seed[-=_ ]?|s)\d+$")
 
 
@@ -37,6 +43,7 @@ class Curve:
     se: list[float] = field(default_factory=list)
     passes: list[float] = field(default_factory=list)  # cumulative, from the start of the policy stage
     wall: list[float] = field(default_factory=list)
+    tokens: list[float] = field(default_factory=list)
 
     def gain(self, axis: str | None = None, budget: float | None = None) -> float:
         """Gold gain after iteration FROM_ITERATION: at the end, or at `budget` of `axis` spent after it."""
@@ -63,17 +70,19 @@ def run_curve(run: LabelledRun) -> Curve:
     except (OSError, ValueError):
         seed = None
     curve = Curve(group_key(run), seed if isinstance(seed, int) else None)
-    passes = wall = 0.0
+    passes = wall = tokens = 0.0
     for event in read_events(run.path):
         metrics = event.get("metrics") or {}
         if event.get("type") == "metrics" and event.get("stage") == "policy" and "time/update_s" in metrics:
             passes = float(metrics.get("compute/stage_forward_passes", passes))
+            tokens = float(metrics.get("compute/stage_tokens", tokens))
             wall += float(metrics["time/update_s"])
         elif event.get("type") == "eval" and isinstance(metrics.get("eval/gold"), (int, float)):
             curve.gold.append(float(metrics["eval/gold"]))
             curve.se.append(float(metrics.get("eval/gold_se") or 0.0))
             curve.passes.append(passes)
             curve.wall.append(wall)
+            curve.tokens.append(tokens)
     if len(curve.gold) < FROM_ITERATION + 3:
         raise ExportError(f"{run.path} has {len(curve.gold)} held-out evaluations; the cost figure needs a run "
                           f"evaluated after at least {FROM_ITERATION + 2} iterations")  # fmt: skip
@@ -89,8 +98,8 @@ def curves(runs: list[LabelledRun]) -> dict[str, list[Curve]]:
 
 
 def gains_table(grouped: dict[str, list[Curve]], baseline: str = BASELINE) -> list[dict]:
-    """Per method and seed: the gain over the iterations after FROM_ITERATION, and at equal passes and
-    equal whole-step wall time with the baseline run of the same seed (with the baseline's gain there)."""
+    """Per method and seed: the gain over the iterations after FROM_ITERATION, and at equal passes, equal
+    tokens and equal whole-step wall time with the baseline run of the same seed (with the baseline's gain there)."""
     base = {c.seed: c for c in grouped.get(baseline, [])}
     rows = []
     for label, members in grouped.items():
@@ -120,6 +129,7 @@ def ratio_lines(rows: list[dict], baseline: str = BASELINE) -> list[str]:
         for key, name in (
             ("", "over the iterations"),
             ("_at_passes", "equal passes"),
+            ("_at_tokens", "equal tokens"),
             ("_at_wall", "equal wall"),
         ):
             ours = _mean([r[f"gain{key}"] for r in paired])
@@ -131,13 +141,13 @@ def ratio_lines(rows: list[dict], baseline: str = BASELINE) -> list[str]:
 
 
 def equal_cost_figure(runs: list[LabelledRun]):
-    """Mean gold (+- the standard error over seeds) against mean passes and mean whole-step wall time."""
+    """Mean gold (+- the standard error over seeds) against mean passes, tokens and whole-step wall time."""
     from engine.export.figures import PALETTE, line_style, new_figure, paper_style
 
     grouped = curves(runs)
     methods = {group_key(run): run.method for run in runs}
     with paper_style():
-        figure, panels = new_figure(columns=2)
+        figure, panels = new_figure(columns=len(AXES))
         for index, (label, members) in enumerate(grouped.items()):
             points = min(len(c.gold) for c in members)
             gold = [_mean([c.gold[i] for c in members]) for i in range(points)]

@@ -216,6 +216,11 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
             f"{source}: zopro.probes = 'rows' perturbs each answer inside the subspace basis; it needs "
             f"zopro.sampler = 'subspace' (got {recipe.zopro.sampler!r}), or zopro.probes = 'batch'"
         )
+    if method == "zopro" and recipe.zopro.rounds_per_pass != 1 and not rows:
+        raise RecipeError(
+            f"{source}: zopro.rounds_per_pass = {recipe.zopro.rounds_per_pass} runs rounds of row probes "
+            "together; it needs zopro.probes = 'rows' (with zopro.probes = 'batch' leave it at 1)"
+        )
     if (
         method == "zopro"
         and recipe.zopro.sampler == "subspace"

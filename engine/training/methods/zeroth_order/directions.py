@@ -186,8 +186,7 @@ class RunDirections:
             shapes = {n: p.shape for n, p in self.params.items()}
             weighted = self.config.subspace_weighting == "gradients"
             if self.basis is None:  # built once from the snapshots, which are then let go
-                rank = self.config.subspace_rank
-                self.basis = self.snapshots.weighted_basis(rank) if weighted else self.snapshots.basis(rank)
+                self.basis = self.snapshots.subspace_basis(self.config.subspace_rank, weighted)
                 self.snapshots.clear()
             sampler = SubspaceSampler(self.basis, shapes, norm, mu=mu, v=v, weighted=weighted)
         else:  # mezo, zopro's zeroth-order warm-up iteration 0 (no mu yet), or isotropic by choice

@@ -286,6 +286,11 @@ class GradientSnapshots:
             keep &= torch.arange(len(s), device=s.device) < rank
         return (u[:, keep] * (s[keep] / s.max())).contiguous()
 
+    def subspace_basis(self, rank: int = 0, weighted: bool = False) -> Tensor:
+        """The basis the subspace sampler draws from: `weighted_basis` or `basis`, of `rank` columns at most
+        (`zopro.subspace_weighting`, `zopro.subspace_rank`)."""
+        return self.weighted_basis(rank) if weighted else self.basis(rank)
+
     def _svd(self) -> tuple[Tensor, Tensor]:
         """Left singular vectors and values of the snapshots (D, n), the values in descending order."""
         u, s, _ = torch.linalg.svd(torch.stack(self.rows, dim=1), full_matrices=False)
