@@ -158,6 +158,9 @@ def test_a_recipe_names_the_sampler_row_probes_need(tmp_path):
     path.write_text('[policy]\nmethod = "zopro"\n[zopro]\nsampler = "subspace"\nrounds_per_pass = 0\n')
     with pytest.raises(RecipeError, match=r"zopro.rounds_per_pass = 0 .*zopro.probes = 'rows'"):
         load_recipe(path)
+    path.write_text('[policy]\nmethod = "zopro"\n[zopro]\nsampler = "zopro"\nsubspace_rank = 8\n')
+    with pytest.raises(RecipeError, match=r"zopro.subspace_rank = 8 .*zopro.sampler = 'subspace'"):
+        load_recipe(path)
 
 
 ROWS_RECIPE = SUBSPACE_RECIPE.replace(

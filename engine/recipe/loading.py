@@ -216,6 +216,11 @@ def _check_recipe(recipe: Recipe, source: str, raw: dict[str, Any]) -> None:
             f"{source}: zopro.probes = 'rows' perturbs each answer inside the subspace basis; it needs "
             f"zopro.sampler = 'subspace' (got {recipe.zopro.sampler!r}), or zopro.probes = 'batch'"
         )
+    if method == "zopro" and recipe.zopro.subspace_rank and recipe.zopro.sampler != "subspace":
+        raise RecipeError(
+            f"{source}: zopro.subspace_rank = {recipe.zopro.subspace_rank} cuts the subspace basis; it needs "
+            f"zopro.sampler = 'subspace' (got {recipe.zopro.sampler!r}), or zopro.subspace_rank = 0"
+        )
     if method == "zopro" and recipe.zopro.rounds_per_pass != 1 and not rows:
         raise RecipeError(
             f"{source}: zopro.rounds_per_pass = {recipe.zopro.rounds_per_pass} runs rounds of row probes "

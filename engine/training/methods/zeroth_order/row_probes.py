@@ -119,20 +119,24 @@ def row_terms(
 
 def _probed_logprobs(pm, layers: list[ProbedLayer], seqs: Sequences, coefficients: Tensor) -> Tensor:
     """`token_logprobs` with row j at theta + Q c_j. The body runs the rows together; the lm_head (an
-    adapted layer in some models) too, a few rows at a time so that their float32 logits stay under
-    `LOGITS_CHUNK_BYTES` (a real vocabulary: 49k x 16 tokens is 3 MiB a row); each row's logits are its own."""
+    adapted layer in some models) too, up to the longest answer's last token, as many rows at a time as keep
+    their float32 logits under `LOGITS_CHUNK_BYTES` (at least one: a real vocabulary, 49k x 16 tokens, is
+    3 MiB a row); each row's logits are its own."""
     mask = seqs.attention_mask
     with probing(layers, coefficients):
         hidden = pm.hidden_states(seqs.input_ids, mask, position_ids(mask))
     hidden = hidden[:, seqs.prompt_width - 1 : -1, :]  # position t predicts response token t
-    rows, width = seqs.response_ids.shape
-    logprobs = torch.zeros((rows, width), dtype=torch.float32, device=hidden.device)
+    rows = seqs.response_ids.shape[0]
+    logprobs = torch.zeros(seqs.response_ids.shape, dtype=torch.float32, device=hidden.device)
+    kept = seqs.response_mask.bool()
+    used = kept.any(0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else 0  # padding after the longest answer: no logits
     vocab = pm.lm_head.weight.shape[0]
     for part in row_chunks(rows, LOGITS_CHUNK_BYTES // max(1, 4 * vocab * width)):
         with probing(layers, coefficients[part]):
-            logits = pm.lm_head(hidden[part]).float()
-        chosen = chosen_logprobs(logits.reshape(-1, vocab), seqs.response_ids[part].reshape(-1))
-        logprobs[part] = chosen.view(-1, width).masked_fill(~seqs.response_mask[part].bool(), 0.0)
+            logits = pm.lm_head(hidden[part, :width]).float()
+        chosen = chosen_logprobs(logits.reshape(-1, vocab), seqs.response_ids[part, :width].reshape(-1))
+        logprobs[part, :width] = chosen.view(-1, width).masked_fill(~kept[part, :width], 0.0)
     return logprobs
 
 

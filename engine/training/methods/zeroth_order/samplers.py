@@ -254,13 +254,13 @@ class GradientSnapshots:
 
     def basis(self, rank: int = 0) -> Tensor:
         """An orthonormal basis (D, r) of the snapshots' span (QR; columns of a rank-deficient span
-        dropped); with `rank` k > 0 their k leading left singular vectors instead, the k directions that
-        hold most of the snapshots' energy. Deterministic for the same snapshots on the same device."""
+        dropped); with `rank` k > 0 fewer than the snapshots their k leading left singular vectors instead,
+        the k directions that hold most of the snapshots' energy. Deterministic for the same snapshots on the same device."""
         if not self.rows:
             raise ValueError(
                 "no gradient snapshots: the subspace sampler needs a first-order iteration first"
             )
-        if rank:
+        if 0 < rank < len(self.rows):  # a rank that covers every snapshot keeps the QR basis below
             u, s = self._svd()
             keep = (s > 1e-6 * float(s.max())) & (torch.arange(len(s), device=s.device) < rank)
             return u[:, keep].contiguous()
