@@ -48,3 +48,14 @@ def nano_rollout(pm, prompts: int = 4, k: int = 3):
             max_prompt_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(0),
             counters=Counters(),
         )  # fmt: skip
+
+
+def split_flat(row: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A flat vector (sorted-name order, as the gradient snapshots keep it) back into tensors shaped like
+    `params`."""
+    parts, offset = {}, 0
+    for name in sorted(params):
+        numel = params[name].numel()
+        parts[name] = row[offset : offset + numel].view(params[name].shape)
+        offset += numel
+    return parts

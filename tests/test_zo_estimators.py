@@ -17,6 +17,7 @@ from engine.training.methods.zeroth_order.samplers import IsotropicSampler
 from engine.training.methods.zeroth_order.spsa import direction_seed, replay_direction, zo_update
 from engine.training.objectives import clipped_surrogate
 from tests.conftest import zopro
+from tests.nano import split_flat
 from tests.runs import assert_resume_after_sigterm_is_exact, finished_run, passes_per_step, zeroth_order_steps
 from tests.test_methods_e2e import SUBSPACE_RECIPE
 from tests.test_zeroth_order import SHAPES, Quadratic, cosine, flat, make_params, max_abs_diff, snapshot
@@ -271,7 +272,7 @@ def test_weighted_subspace_directions_follow_the_gradients_spread():
     snapshots = GradientSnapshots(8)
     for _ in range(6):  # six gradients that share one strong direction, plus weaker noise
         row = 5.0 * common + torch.randn(common.numel(), generator=generator)
-        snapshots.add(dict(zip(sorted(params), _split(row, params), strict=True)), params)
+        snapshots.add(split_flat(row, params), params)
     basis, weighted = snapshots.basis(), snapshots.weighted_basis()
     assert weighted.shape == basis.shape
     lengths = weighted.norm(dim=0)
@@ -289,15 +290,6 @@ def test_weighted_subspace_directions_follow_the_gradients_spread():
     cos_weighted = sum(abs(cosine(flat(replay_direction(params, sampler, s)), common)) for s in range(200))
     cos_uniform = sum(abs(cosine(flat(replay_direction(params, uniform, s)), common)) for s in range(200))
     assert cos_weighted > 1.5 * cos_uniform
-
-
-def _split(row, params):
-    parts, offset = [], 0
-    for name in sorted(params):
-        numel = params[name].numel()
-        parts.append(row[offset : offset + numel].view(params[name].shape))
-        offset += numel
-    return parts
 
 
 def test_the_cost_figure_from_a_real_run(equal_cost_run, tmp_path):

@@ -18,6 +18,7 @@ from engine.training.methods.zeroth_order.samplers import (
     layer_blocks,
 )
 from engine.training.methods.zeroth_order.spsa import RunningRMS, direction_seed, replay_direction, zo_update
+from tests.nano import split_flat
 
 SHAPES = {
     "model.layers.0.q_proj.lora_A.policy.weight": (4, 16),
@@ -94,7 +95,7 @@ def test_a_truncated_basis_keeps_the_leading_singular_directions_of_the_snapshot
             + (5 - k) * strong[1]
             + 0.05 * torch.randn(strong[0].numel(), generator=generator)
         )
-        snapshots.add(dict(zip(sorted(params), _split(row, params), strict=True)), params)
+        snapshots.add(split_flat(row, params), params)
     full, two = snapshots.basis(), snapshots.basis(2)
     assert full.shape[1] == 6 and two.shape[1] == 2
     assert torch.allclose(two.T @ two, torch.eye(2), atol=1e-5)
@@ -107,15 +108,6 @@ def test_a_truncated_basis_keeps_the_leading_singular_directions_of_the_snapshot
     weighted = snapshots.weighted_basis(2)
     assert weighted.shape[1] == 2 and torch.allclose(weighted.norm(dim=0), s[:2] / s[0], atol=1e-5)
     assert snapshots.basis(50).shape[1] == 6  # more than there are: all of them
-
-
-def _split(row: Tensor, params: dict[str, Tensor]) -> list[Tensor]:
-    parts, offset = [], 0
-    for name in sorted(params):
-        numel = params[name].numel()
-        parts.append(row[offset : offset + numel].view(params[name].shape))
-        offset += numel
-    return parts
 
 
 def test_snapshots_keep_the_latest_and_round_trip_through_a_checkpoint():
