@@ -142,6 +142,8 @@ def ratio_lines(rows: list[dict], baseline: str = BASELINE) -> list[str]:
 
 def equal_cost_figure(runs: list[LabelledRun]):
     """Mean gold (+- the standard error over seeds) against mean passes, tokens and whole-step wall time."""
+    from matplotlib.ticker import FuncFormatter
+
     from engine.export.figures import PALETTE, line_style, new_figure, paper_style
 
     grouped = curves(runs)
@@ -159,10 +161,16 @@ def equal_cost_figure(runs: list[LabelledRun]):
                     linestyle=line_style(methods.get(label, label)), marker="o", capsize=2, elinewidth=0.8,
                 )  # fmt: skip
                 axes.set_xlabel(AXES[axis])
+                if axis == "tokens":  # 350000 and its neighbours would run into each other
+                    axes.xaxis.set_major_formatter(FuncFormatter(_thousands))
                 axes.set_ylabel("gold score (held-out), mean over seeds")
         handles, labels = panels[0].get_legend_handles_labels()
         figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
     return figure
+
+
+def _thousands(value: float, _position: int) -> str:
+    return f"{value / 1000:g}k" if value else "0"
 
 
 def _interpolate(xs: list[float], ys: list[float], x: float) -> float:
