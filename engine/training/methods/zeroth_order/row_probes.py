@@ -167,9 +167,9 @@ def row_probe_update(
     """One update of `params` in place from row probes (module docstring). `at_rollout_policy`: the
     policy is the one that sampled the rollout, so l_j(theta) needs no pass (a one-sided estimate after an
     earlier update on the same rollout costs one more). `sums`: the sum over ranks of a list of numbers;
-    `count_pass(copies)`: called once per forward pass, over `copies` times the local rows. `rounds_per_pass`: that many rounds'
-    probes run together, the batch repeated in one pass (0: every round in one); the estimate is the same
-    to float rounding, in fewer passes of more rows each."""
+    `count_pass(copies)`: called once per forward pass, over `copies` times the local rows.
+    `rounds_per_pass`: that many rounds' probes run together, the batch repeated in one pass (0: every
+    round in one); the estimate is the same to float rounding, in fewer passes of more rows each."""
     sampler.check(params)
     layers = probed_layers(pm.model, params, sampler, adapter)
     rows = rollout.sequences.input_ids.shape[0]
@@ -182,7 +182,7 @@ def row_probe_update(
             count_pass(copies)
         return terms
 
-    passes = 0  # of probes: rounds / rounds_per_pass, rounded up
+    passes = 0  # of probes: rounds / rounds_per_pass, rounded up (each doubled two-sided below)
     with torch.no_grad():
         base = None
         if estimator == "one_sided":
