@@ -99,7 +99,8 @@ def curves(runs: list[LabelledRun]) -> dict[str, list[Curve]]:
 
 def gains_table(grouped: dict[str, list[Curve]], baseline: str = BASELINE) -> list[dict]:
     """Per method and seed: the gain over the iterations after FROM_ITERATION, and at equal passes, equal
-    tokens and equal whole-step wall time with the baseline run of the same seed (with the baseline's gain there)."""
+    tokens and equal whole-step wall time with the baseline run of the same seed (with the baseline's gain
+    there)."""
     base = {c.seed: c for c in grouped.get(baseline, [])}
     rows = []
     for label, members in grouped.items():

@@ -182,7 +182,7 @@ def row_probe_update(
             count_pass(copies)
         return terms
 
-    passes = 0  # of probes: rounds / rounds_per_pass, rounded up (each doubled two-sided below)
+    two_sided = estimator == "two_sided"
     with torch.no_grad():
         base = None
         if estimator == "one_sided":
@@ -193,7 +193,8 @@ def row_probe_update(
                 base = passed(row_terms(pm, layers, rollout, None, clip_range))
         coefficients, g_raw, plus_sum, minus_sum = [], [], 0.0, 0.0
         together = rounds if rounds_per_pass < 1 else min(rounds, rounds_per_pass)
-        for first_round in range(0, rounds, together):
+        starts = range(0, rounds, together)  # one pass each (two two-sided)
+        for first_round in starts:
             group = range(first_round, min(rounds, first_round + together))
             every = [  # (total, r) per round
                 torch.stack(
@@ -209,21 +210,19 @@ def row_probe_update(
             probe = torch.cat([each[local] for each in every])
             copies = len(group)
             plus_all = passed(row_terms(pm, layers, rollout, eps * probe, clip_range, copies), copies)
-            if estimator == "two_sided":
+            if two_sided:
                 minus_all = passed(row_terms(pm, layers, rollout, -eps * probe, clip_range, copies), copies)
-            for plus, minus, each in zip(
-                plus_all.split(rows),
-                _pieces(minus_all if estimator == "two_sided" else None, rows, copies, base),
-                every,
-                strict=True,
+            else:
+                minus_all = base.repeat(copies)
+            g_all = (plus_all - minus_all) / (2.0 * eps if two_sided else eps)
+            for plus, minus, g_local, each in zip(
+                plus_all.split(rows), minus_all.split(rows), g_all.split(rows), every, strict=True
             ):
-                g_local = (plus - minus) / (2.0 * eps) if estimator == "two_sided" else (plus - minus) / eps
                 whole = [0.0] * total
                 whole[local] = g_local.tolist()
                 g_raw.extend(sums(whole) if sums is not None else whole)
                 coefficients.append(each)
                 plus_sum, minus_sum = plus_sum + float(plus.sum()), minus_sum + float(minus.sum())
-            passes += 1
 
         g_used, skipped, clipped = step_coefficients(g_raw, fitness, normalizer, g_clip)
         step_norm = 0.0
@@ -232,7 +231,6 @@ def row_probe_update(
             weights = torch.tensor(g_used, dtype=c.dtype, device=c.device) * (-lr / len(g_used))
             step_norm = _apply(params, sampler, weights @ c, lr * weight_decay)
 
-    passes_per_round = 2 if estimator == "two_sided" else 1
     return ZOStepResult(
         g=mean_or_nan(g_used),
         g_raw=mean_or_nan(g_raw),
@@ -240,7 +238,8 @@ def row_probe_update(
         skipped=skipped,
         loss_plus=plus_sum / rounds,
         loss_minus=minus_sum / rounds,
-        forward_passes=passes * passes_per_round + (estimator == "one_sided" and not at_rollout_policy),
+        forward_passes=len(starts) * (2 if two_sided else 1)
+        + (estimator == "one_sided" and not at_rollout_policy),
         cos_z_mu=0.0,
         cos_z_v=0.0,
         decay=0.0,
@@ -250,11 +249,6 @@ def row_probe_update(
         step_norm=step_norm,
         g_rms=normalizer.rms if normalizer is not None else 0.0,
     )
-
-
-def _pieces(terms: Tensor | None, rows: int, copies: int, base: Tensor | None) -> list[Tensor]:
-    """The lower point of each round: its slice of a two-sided pass's terms, or the one-sided base."""
-    return list(terms.split(rows)) if terms is not None else [base] * copies
 
 
 def _apply(params: Mapping[str, Tensor], sampler: SubspaceSampler, w: Tensor, decay: float) -> float:

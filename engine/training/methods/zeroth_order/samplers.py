@@ -255,16 +255,12 @@ class GradientSnapshots:
     def basis(self, rank: int = 0) -> Tensor:
         """An orthonormal basis (D, r) of the snapshots' span (QR; columns of a rank-deficient span
         dropped); with `rank` k > 0 fewer than the snapshots their k leading left singular vectors instead,
-        the k directions that hold most of the snapshots' energy. Deterministic for the same snapshots on the same device."""
-        if not self.rows:
-            raise ValueError(
-                "no gradient snapshots: the subspace sampler needs a first-order iteration first"
-            )
+        the k directions that hold most of the snapshots' energy. Deterministic for the same snapshots on
+        the same device."""
         if 0 < rank < len(self.rows):  # a rank that covers every snapshot keeps the QR basis below
-            u, s = self._svd()
-            keep = (s > 1e-6 * float(s.max())) & (torch.arange(len(s), device=s.device) < rank)
-            return u[:, keep].contiguous()
-        q, r = torch.linalg.qr(torch.stack(self.rows, dim=1), mode="reduced")
+            u, _ = self._leading(rank)
+            return u.contiguous()
+        q, r = torch.linalg.qr(self._stacked(), mode="reduced")
         diagonal = r.diagonal().abs()
         keep = diagonal > 1e-6 * float(diagonal.max())
         if not bool(keep.any()):
@@ -276,27 +272,32 @@ class GradientSnapshots:
         dropped; with `rank` k > 0 only the k leading ones): with c ~ N(0, I) the direction B c is
         distributed as the snapshots' own spread, N(0, G G') up to scale (guided ES), instead of evenly over
         the span. Deterministic on one device."""
-        if not self.rows:
-            raise ValueError(
-                "no gradient snapshots: the subspace sampler needs a first-order iteration first"
-            )
-        u, s = self._svd()
-        keep = s > 1e-6 * float(s.max())
-        if rank:
-            keep &= torch.arange(len(s), device=s.device) < rank
-        return (u[:, keep] * (s[keep] / s.max())).contiguous()
+        u, s = self._leading(rank)
+        return (u * (s / s[0])).contiguous()
 
     def subspace_basis(self, rank: int = 0, weighted: bool = False) -> Tensor:
         """The basis the subspace sampler draws from: `weighted_basis` or `basis`, of `rank` columns at most
         (`zopro.subspace_weighting`, `zopro.subspace_rank`)."""
         return self.weighted_basis(rank) if weighted else self.basis(rank)
 
-    def _svd(self) -> tuple[Tensor, Tensor]:
-        """Left singular vectors and values of the snapshots (D, n), the values in descending order."""
-        u, s, _ = torch.linalg.svd(torch.stack(self.rows, dim=1), full_matrices=False)
+    def _stacked(self) -> Tensor:
+        """The snapshots as the columns of one (D, n) matrix."""
+        if not self.rows:
+            raise ValueError(
+                "no gradient snapshots: the subspace sampler needs a first-order iteration first"
+            )
+        return torch.stack(self.rows, dim=1)
+
+    def _leading(self, rank: int) -> tuple[Tensor, Tensor]:
+        """Left singular vectors and values of the snapshots, in descending order: those above 1e-6 s_max,
+        the first `rank` of them at most (0: all)."""
+        u, s, _ = torch.linalg.svd(self._stacked(), full_matrices=False)
         if not bool((s > 0).any()):
             raise ValueError("the gradient snapshots are all zero: no subspace to sample from")
-        return u, s
+        keep = s > 1e-6 * float(s.max())
+        if rank:
+            keep &= torch.arange(len(s), device=s.device) < rank
+        return u[:, keep], s[keep]
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "rows": [row.cpu() for row in self.rows]}
