@@ -30,10 +30,11 @@ def test_compare_trains_the_stages_once_and_each_method_is_the_run_it_would_have
     own = tmp_path / "own"
     result = zopro("run", str(zopro_recipe), "--run-dir", str(own), "-q")
     assert result.returncode == 0, result.stderr
-    result = zopro(
-        "compare", str(zopro_recipe), "--methods", "rloo,zopro", "--root", str(tmp_path / "cmp"), "-q"
-    )
+    result = zopro("compare", str(zopro_recipe), "--methods", "rloo,zopro", "--root", str(tmp_path / "cmp"))
     assert result.returncode == 0, result.stderr
+    # piped, the second method's lines do not replay the stages it adopted as if it ran them again
+    assert result.stdout.count("supervised fine-tuning") == 1
+    assert "the SFT and reward stages adopted from" in result.stdout
     (folder,) = (tmp_path / "cmp").iterdir()
     shared, first = folder / "zopro", folder / "rloo"
     assert json.loads((shared / "meta.json").read_text())["stages_from"] == str(first)

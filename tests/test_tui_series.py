@@ -180,3 +180,27 @@ def test_runs_of_one_layout_read_in_bulk_give_what_reading_event_by_event_gives(
         store.latest[k] == latest[k] or (np.isnan(store.latest[k]) and np.isnan(latest[k])) for k in latest
     )
     assert [e["type"] for e in store.events] == [e["type"] for e in events if e["type"] not in ("metrics",)]
+
+
+def test_the_eta_after_a_pause_counts_the_steps_since_it_went_on(monkeypatch, tmp_path):
+    """The TUI's ETA is from the recent polls' rate; a pause between them must not read as slow steps."""
+    import zopro_tui.watched as watched_module
+    from engine.rundir.reader import RunInfo
+    from zopro_tui.watched import WatchedRun
+
+    clock = [0.0]
+    monkeypatch.setattr(watched_module.time, "monotonic", lambda: clock[0])
+    run = WatchedRun(tmp_path)
+
+    def poll(at: float, status: str, step: int) -> None:
+        clock[0] = at
+        run.apply_status(RunInfo(tmp_path, "r", status, global_step=step, total_steps=100, started=0.0))
+
+    poll(0.0, "running", 0)
+    poll(10.0, "running", 10)  # one step a second
+    poll(20.0, "paused", 10)
+    poll(80.0, "paused", 10)  # a minute paused
+    poll(90.0, "running", 10)
+    poll(100.0, "running", 20)
+    assert run.steps_per_second() == 1.0
+    assert run.eta() == 80.0

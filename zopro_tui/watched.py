@@ -84,6 +84,8 @@ class WatchedRun:
         self.info = info
         if info.status == "running":
             self.positions.append((time.monotonic(), info.global_step))
+        else:  # a pause must not count as slow steps once the run goes on
+            self.positions.clear()
 
     def apply_log(self, lines: list[str]) -> None:
         self.log_lines.extend(lines)

@@ -130,8 +130,11 @@ def warning_line(event: dict) -> str:
 
 
 def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
-    """Without a terminal (CI, pipes, logs): one line per stage and per evaluation."""
+    """Without a terminal (CI, pipes, logs): one line per stage and per evaluation; none for the stages a
+    run adopts from another (`--stages-from`: the `resume` line names them)."""
     kind = event.get("type")
+    if event.get("adopted"):
+        return
     when = f"[{fmt_duration(event.get('elapsed'))}]"
     if kind == "stage_start":
         console.print(f"{when} {event.get('message')}", markup=False, soft_wrap=True)

@@ -108,7 +108,7 @@ RUN_COLUMNS = [  # rank: 1 matters most; the highest rank is dropped first when 
     Column("gold", "gold", 3),
     Column("win", "win", 5),
     Column("fixed_rm", "fixed RM", 8),
-    Column("time", "time", 6),
+    Column("time", "time +left", 6),  # `1:18 +0:40`: elapsed, and the ETA while it runs
 ]
 
 

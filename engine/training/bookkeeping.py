@@ -153,7 +153,7 @@ class RunBook:
             **({"stages_from": str(adopted_from)} if adopted_from is not None else {}),
             message=(
                 (
-                    f"the SFT and reward stages are {adopted_from}'s: "
+                    f"the SFT and reward stages adopted from {adopted_from}; next: "
                     if adopted_from is not None
                     else f"resuming from {checkpoint_phrase(checkpoint.name)}: "
                 )

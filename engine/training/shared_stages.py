@@ -163,8 +163,8 @@ def adopt_stages(run, source: StagesSource) -> None:
         for event in read_events(source.path):
             if 0 < event["seq"] < source.event_seq and event["type"] not in ("run_start", "resume"):
                 writer.append_event(event)
-                if book.listener is not None:
-                    book.listener(event)
+                if book.listener is not None:  # marked, so a live printer need not show it as happening now
+                    book.listener({**event, "adopted": True})
         for samples in sorted(source.path.glob("samples/samples-*.jsonl")):
             step = samples.stem.removeprefix("samples-")
             if step.isdigit() and int(step) <= source.global_step and not samples.is_symlink():
