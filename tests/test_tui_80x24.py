@@ -134,7 +134,9 @@ async def test_the_runs_list_fits_80_columns_and_keeps_names_apart(runs):
         await settle(pilot, lambda: app.screen.query_one("#runs").row_count == len(LONG_NAMES))
         table = app.screen.query_one("#runs")
         headers = [str(column.label) for column in table.ordered_columns]
-        assert headers == ["run", "status", "position", "gold", "win", "time +left"], "method and fixed RM go first"
+        assert headers == ["run", "status", "position", "gold", "win", "time +left"], (
+            "method and fixed RM go first"
+        )
         width = sum(column.get_render_width(table) for column in table.ordered_columns)
         assert width <= 80, f"{width} columns of cells at 80: {headers}"
         names = [str(table.get_row_at(row)[0]).strip() for row in range(table.row_count)]
