@@ -15,6 +15,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from engine.rundir.columns import Column, fit_columns, middle_ellipsis
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, status_text
 from zopro_tui.catalogue import COMPARE_CHARTS
 from zopro_tui.messages import SeriesRead, StatusRead
@@ -23,22 +24,22 @@ from zopro_tui.view import CURSOR_BINDINGS, CurveView, CurveViewActions
 from zopro_tui.watched import WatchedRun
 from zopro_tui.widgets.chart import LABEL_WIDTH, PALETTE, ChartData, CurveChart
 from zopro_tui.widgets.panel import metric_series
-from zopro_tui.widgets.tables import add_columns
+from zopro_tui.widgets.tables import CELL_PADDING
 
 REDRAW_SECONDS = 0.25
 TABLE_SE_FROM_WIDTH = 110  # narrower, gold and win drop their standard errors so every column still fits
-TABLE_COLUMNS = (
-    ("run", "run"),
-    ("method", "method"),
-    ("status", "status"),
-    ("gold", "gold"),
-    ("win", "win"),
-    ("kl", "KL"),
-    ("wall", "wall"),
-    ("forward", "fwd passes"),
-    ("update", "s/update"),
-    ("peak", "peak MiB"),
-)
+TABLE_COLUMNS = [  # rank: 1 matters most; narrower than all of them, the highest rank goes first
+    Column("run", "run", 1, shrink_to=12),
+    Column("method", "method", 3),
+    Column("status", "status", 7),
+    Column("gold", "gold", 2),
+    Column("win", "win", 8),
+    Column("kl", "KL", 9),
+    Column("wall", "wall", 10),
+    Column("forward", "fwd passes", 4),
+    Column("update", "s/update", 5),
+    Column("peak", "peak MiB", 6),
+]
 
 
 def mean_update_seconds(run: WatchedRun) -> float | None:
@@ -76,8 +77,6 @@ class CompareScreen(CurveViewActions, Screen):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        table = self.query_one("#compare-table", DataTable)
-        add_columns(table, TABLE_COLUMNS)
         for path in self.runs:
             self.run_worker(
                 lambda path=path: self.read_run(path),
@@ -97,6 +96,7 @@ class CompareScreen(CurveViewActions, Screen):
 
     def on_resize(self) -> None:
         self.fit_charts()
+        self.show_table()
 
     def fit_charts(self) -> None:
         """Two columns of charts when wide enough; as many rows of 8+ lines as fit above the table."""
@@ -168,32 +168,53 @@ class CompareScreen(CurveViewActions, Screen):
         self.query_one("#compare-title", Static).update(title)
 
     def show_table(self) -> None:
+        """One row per run, the columns fitted to the width as the runs list's are: long names shortened in
+        the middle, then the columns that matter least dropped."""
         table = self.query_one("#compare-table", DataTable)
-        table.clear()
         with_se = self.size.width >= TABLE_SE_FROM_WIDTH
 
         def score(latest: dict, name: str) -> Text:
             se = latest.get(f"{name}_se") if with_se else None
             return Text(fmt_with_se(latest.get(name), se), justify="right")
 
-        for path, run in self.runs.items():
+        rows = []
+        for run in self.runs.values():
             latest = run.store.latest or (run.info.latest if run.info else {})
             info = run.info
             peak = latest.get("mem/cuda_peak_mib") or latest.get("mem/peak_rss_mib")
-            table.add_row(
-                Text(run.name, style=self.run_colors[path]),
-                run.method,
-                status_text(info)
-                if info is not None
-                else Text(run.status, style=STATUS_STYLE.get(run.status, "")),
-                score(latest, "eval/gold"),
-                score(latest, "eval/win_rate_vs_sft"),
-                Text(fmt_value(latest.get("eval/kl", latest.get("objective/kl"))), justify="right"),
-                fmt_duration(info.elapsed if info else None),
-                Text(fmt_value(latest.get("compute/forward_passes")), justify="right"),
-                Text(fmt_value(mean_update_seconds(run)), justify="right"),
-                Text(fmt_value(peak, 0) if peak is not None else "-", justify="right"),
+            rows.append(
+                {
+                    "run": run.name,
+                    "method": run.method,
+                    "status": status_text(info)
+                    if info is not None
+                    else Text(run.status, style=STATUS_STYLE.get(run.status, "")),
+                    "gold": score(latest, "eval/gold"),
+                    "win": score(latest, "eval/win_rate_vs_sft"),
+                    "kl": Text(fmt_value(latest.get("eval/kl", latest.get("objective/kl"))), justify="right"),
+                    "wall": fmt_duration(info.elapsed if info else None),
+                    "forward": Text(fmt_value(latest.get("compute/forward_passes")), justify="right"),
+                    "update": Text(fmt_value(mean_update_seconds(run)), justify="right"),
+                    "peak": Text(fmt_value(peak, 0) if peak is not None else "-", justify="right"),
+                }
             )
+        natural = {
+            column.key: max([len(column.header)] + [Text(str(row[column.key])).cell_len for row in rows])
+            for column in TABLE_COLUMNS
+        }
+        width = max(20, (self.size.width or self.app.size.width) - 2)
+        shown, widths = fit_columns(TABLE_COLUMNS, natural, width - CELL_PADDING, gap=CELL_PADDING)
+        table.clear(columns=True)
+        for column in shown:
+            table.add_column(column.header, key=column.key, width=widths[column.key])
+        for (path, run), row in zip(self.runs.items(), rows, strict=True):
+            cells = []
+            for column in shown:
+                cell = row[column.key]
+                if column.key == "run":
+                    cell = Text(middle_ellipsis(run.name, widths["run"]), style=self.run_colors[path])
+                cells.append(cell)
+            table.add_row(*cells)
 
     def watch_view(self) -> None:
         self.redraw(force=True)

@@ -24,9 +24,9 @@ from zopro_tui.reading import read_runs
 from zopro_tui.screens.modals import NewRunModal
 from zopro_tui.widgets.chart import fmt_number
 from zopro_tui.widgets.header import run_position
+from zopro_tui.widgets.tables import CELL_PADDING
 
 SWEEP_KEY = "sweep:"  # the row key of a sweep's own row: SWEEP_KEY + its folder
-CELL_PADDING = 2  # a DataTable cell's padding, one each side
 PREFIX = 2  # "● " (marked) or "  " before a run's name; a sweep's points "└ " more
 
 
