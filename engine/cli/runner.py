@@ -435,7 +435,8 @@ def _train(
             )
         )
     if run.state.history and not follower:
-        console.print(RM_NOTE, style="dim", soft_wrap=True)
+        # a terminal wraps it between words; a pipe or log keeps it on one line
+        console.print(RM_NOTE, style="dim", soft_wrap=not console.is_terminal)
     if code == EXIT_OK and run.state.stage == "done":
         paused = run.state.paused_s
         console.print(
