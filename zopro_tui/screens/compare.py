@@ -66,6 +66,7 @@ class CompareScreen(CurveViewActions, Screen):
         self.run_colors = {path: PALETTE[i % len(PALETTE)] for i, path in enumerate(self.runs)}
         self.charts = [CurveChart(ChartData(spec.title, waiting=spec.waiting)) for spec in COMPARE_CHARTS]
         self._dirty = True
+        self._table_layout: tuple[list[str], dict[str, int]] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(id="compare-title")
@@ -204,9 +205,14 @@ class CompareScreen(CurveViewActions, Screen):
         }
         width = max(20, (self.size.width or self.app.size.width) - 2)
         shown, widths = fit_columns(TABLE_COLUMNS, natural, width - CELL_PADDING, gap=CELL_PADDING)
-        table.clear(columns=True)
-        for column in shown:
-            table.add_column(column.header, key=column.key, width=widths[column.key])
+        layout = ([column.key for column in shown], widths)
+        if layout != self._table_layout:  # new columns only when the fit changes, else the same rows anew
+            table.clear(columns=True)
+            for column in shown:
+                table.add_column(column.header, key=column.key, width=widths[column.key])
+            self._table_layout = layout
+        else:
+            table.clear()
         for (path, run), row in zip(self.runs.items(), rows, strict=True):
             cells = []
             for column in shown:
