@@ -15,7 +15,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from engine.rundir.columns import Column, fit_columns, middle_ellipsis
+from engine.rundir.columns import Column, middle_ellipsis
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, status_text
 from zopro_tui.catalogue import COMPARE_CHARTS
 from zopro_tui.messages import SeriesRead, StatusRead
@@ -24,7 +24,7 @@ from zopro_tui.view import CURSOR_BINDINGS, CurveView, CurveViewActions
 from zopro_tui.watched import WatchedRun
 from zopro_tui.widgets.chart import LABEL_WIDTH, PALETTE, ChartData, CurveChart
 from zopro_tui.widgets.panel import metric_series
-from zopro_tui.widgets.tables import CELL_PADDING
+from zopro_tui.widgets.tables import Fit, fit_table
 
 REDRAW_SECONDS = 0.25
 TABLE_SE_FROM_WIDTH = 110  # narrower, gold and win drop their standard errors so every column still fits
@@ -66,7 +66,7 @@ class CompareScreen(CurveViewActions, Screen):
         self.run_colors = {path: PALETTE[i % len(PALETTE)] for i, path in enumerate(self.runs)}
         self.charts = [CurveChart(ChartData(spec.title, waiting=spec.waiting)) for spec in COMPARE_CHARTS]
         self._dirty = True
-        self._table_layout: tuple[list[str], dict[str, int]] | None = None
+        self._fit: Fit | None = None  # the table's columns shown, fitted to the width, and their widths
 
     def compose(self) -> ComposeResult:
         yield Static(id="compare-title")
@@ -200,19 +200,13 @@ class CompareScreen(CurveViewActions, Screen):
                 }
             )
         natural = {
-            column.key: max([len(column.header)] + [Text(str(row[column.key])).cell_len for row in rows])
+            column.key: max((Text(str(row[column.key])).cell_len for row in rows), default=0)
             for column in TABLE_COLUMNS
         }
-        width = max(20, (self.size.width or self.app.size.width) - 2)
-        shown, widths = fit_columns(TABLE_COLUMNS, natural, width - CELL_PADDING, gap=CELL_PADDING)
-        layout = ([column.key for column in shown], widths)
-        if layout != self._table_layout:  # new columns only when the fit changes, else the same rows anew
-            table.clear(columns=True)
-            for column in shown:
-                table.add_column(column.header, key=column.key, width=widths[column.key])
-            self._table_layout = layout
-        else:
-            table.clear()
+        self._fit = fit_table(
+            table, TABLE_COLUMNS, natural, self.size.width or self.app.size.width, self._fit
+        )
+        shown, widths = self._fit
         for (path, run), row in zip(self.runs.items(), rows, strict=True):
             cells = []
             for column in shown:

@@ -15,7 +15,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.worker import get_current_worker
 
-from engine.rundir.columns import fit_columns, middle_ellipsis
+from engine.rundir.columns import middle_ellipsis
 from engine.rundir.reader import RunInfo
 from engine.rundir.report import RUN_COLUMNS, STATUS_STYLE, run_cells
 from zopro_tui.messages import RunsListed
@@ -24,7 +24,7 @@ from zopro_tui.reading import read_runs
 from zopro_tui.screens.modals import NewRunModal
 from zopro_tui.widgets.chart import fmt_number
 from zopro_tui.widgets.header import run_position
-from zopro_tui.widgets.tables import CELL_PADDING
+from zopro_tui.widgets.tables import Fit, fit_table
 
 SWEEP_KEY = "sweep:"  # the row key of a sweep's own row: SWEEP_KEY + its folder
 PREFIX = 2  # "● " (marked) or "  " before a run's name; a sweep's points "└ " more
@@ -146,8 +146,7 @@ class RunsScreen(Screen):
         self.runs: list[RunInfo] = []
         self.sweeps: list = []  # engine.jobs.sweep.SweepInfo: a header row, then a row per point that started
         self.marked: set[Path] = set()
-        self.columns: list[str] = []  # the keys of the columns shown, fitted to the width
-        self._widths: dict[str, int] | None = None
+        self._fit: Fit | None = None  # the columns shown, fitted to the width, and their widths
 
     def compose(self) -> ComposeResult:
         yield Static(id="runs-title")
@@ -225,15 +224,8 @@ class RunsScreen(Screen):
             for key, cell in cells.items():
                 extra = PREFIX + indent if key == "run" else 0
                 natural[key] = max(natural[key], len(str(cell)) + extra)
-        width = max(20, (self.size.width or self.app.size.width) - 2)  # the scrollbar's room
-        shown, widths = fit_columns(RUN_COLUMNS, natural, width - CELL_PADDING, gap=CELL_PADDING)
-        if [column.key for column in shown] != self.columns or widths != self._widths:
-            table.clear(columns=True)
-            for column in shown:
-                table.add_column(column.header, key=column.key, width=widths[column.key])
-            self.columns, self._widths = [column.key for column in shown], widths
-        else:
-            table.clear()
+        self._fit = fit_table(table, RUN_COLUMNS, natural, self.size.width or self.app.size.width, self._fit)
+        shown, widths = self._fit
         for key, cells, indent in rows:
             row = []
             for column in shown:
