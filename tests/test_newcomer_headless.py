@@ -112,7 +112,7 @@ def test_the_live_line_fits_80_columns_without_cutting_a_score():
 
     from rich.console import Console
 
-    from engine.cli.runner import ProgressView
+    from engine.cli.progress_line import ProgressView
 
     view = ProgressView(432, 4, "online_dpo", Path("runs/x"))
     view.on_event(

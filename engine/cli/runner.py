@@ -9,17 +9,13 @@ import os
 import shutil
 import signal
 import threading
-import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from engine.cli.exit_codes import (
     EXIT_BAD_INPUT,
@@ -28,13 +24,13 @@ from engine.cli.exit_codes import (
     EXIT_INTERRUPTED,
     EXIT_OK,
 )
+from engine.cli.progress_line import ProgressView, plain_line, warning_line
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.checkpoints import latest_checkpoint
 from engine.rundir.files import atomic_write_text
-from engine.rundir.progress import eta_seconds, steps_per_second
 from engine.rundir.reader import read_events, run_info
-from engine.rundir.report import evaluations_table, fmt_duration, fmt_value, fmt_with_se, stage_end_text
-from engine.rundir.wording import FIXED_RM_METRIC, RM_NOTE, iteration_text, short_iteration
+from engine.rundir.report import evaluations_table, fmt_duration
+from engine.rundir.wording import RM_NOTE
 from engine.rundir.writer import (
     FollowerWriter,
     RunDirError,
@@ -48,118 +44,6 @@ if TYPE_CHECKING:
     from engine.training.bookkeeping import RunBook
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-class ProgressView:
-    """The live line: stage, iteration, step, reward-model score, gold, KL, steps/s, ETA."""
-
-    def __init__(self, total_steps: int, iterations: int, method: str, run_dir: Path):
-        self.total_steps, self.iterations, self.method, self.run_dir = (
-            total_steps,
-            iterations,
-            method,
-            run_dir,
-        )
-        self.event: dict = {}
-        self.latest: dict = {}
-        self.started = time.monotonic()
-        self.first_step: int | None = None
-        self.stage_title = "loading"
-        self.warnings = 0
-        self.last_warning = ""
-
-    def on_event(self, event: dict) -> None:
-        self.event = event
-        self.latest.update(event.get("metrics", {}))
-        if event.get("type") == "stage_start":
-            self.stage_title = event.get("message", event.get("stage", ""))
-        if event.get("type") == "warning":
-            self.warnings += 1
-            self.last_warning = event.get("code", "")
-        if event.get("type") == "resume":  # the resumed run re-emits what came after its checkpoint
-            self.warnings = event.get("warning_count", 0)
-        if self.first_step is None:
-            self.first_step = event.get("global_step", 0)
-            self.started = time.monotonic()
-
-    def rate(self) -> float | None:
-        done = self.event.get("global_step", 0) - (self.first_step or 0)
-        return steps_per_second(done, time.monotonic() - self.started)
-
-    def __rich_console__(self, console: Console, options) -> Iterator[Table]:
-        """The cells that fit the terminal's width: the rate, then the method, then the word `step` go
-        first, so that the scores and the ETA are never cut."""
-        e, m = self.event, self.latest
-        step = e.get("global_step", 0)
-        rate = self.rate()
-        eta = eta_seconds(self.total_steps, step, rate)
-        iteration = e.get("iteration")
-        cells = [  # (text, style, rank: the highest goes first when the line is too long)
-            (self.method, "bold cyan", 2),
-            (e.get("stage", "loading"), "bold", 0),
-            (short_iteration(iteration, self.iterations) or f"it -/{self.iterations}", "", 0),
-            (f"step {step}/{self.total_steps}", "", 1),
-            (f"RM score {fmt_value(m.get('objective/scores'), 2)}", "", 0),
-            (f"gold {fmt_value(m.get('eval/gold'), 3)}", "green", 0),
-            (f"KL {fmt_value(m.get('objective/kl'), 2)}", "", 0),
-            (f"{rate:.1f} st/s" if rate else "- st/s", "dim", 3),
-            (f"ETA {fmt_duration(eta)}", "", 0),
-        ]
-        if self.warnings:
-            plural = "s" if self.warnings > 1 else ""
-            cells.append(
-                (f"! {self.warnings} warning{plural} {self.last_warning}".rstrip(), "bold yellow", 0)
-            )
-        while sum(len(text) + 1 for text, _, _ in cells) - 1 > options.max_width:
-            rank = max(rank for _, _, rank in cells)
-            if rank == 0:
-                break
-            cells = [cell for cell in cells if cell[2] != rank]
-        grid = Table.grid(padding=(0, 1))
-        for _ in cells:
-            grid.add_column(no_wrap=True, overflow="ellipsis")
-        grid.add_row(*(Text(text, style=style) for text, style, _ in cells))
-        yield grid
-
-
-def warning_line(event: dict) -> str:
-    """One line for a `warning` event: where, the code and the message."""
-    iteration = event.get("iteration")
-    where = iteration_text(iteration) if iteration is not None else event.get("stage", "")
-    return f"warning [{event.get('code', '?')}] {where}: {event.get('message', '')}"
-
-
-def _plain_line(event: dict, view: ProgressView, console: Console) -> None:
-    """Without a terminal (CI, pipes, logs): one line per stage and per evaluation; none for the stages a
-    run adopts from another (`--stages-from`: the `resume` line names them)."""
-    kind = event.get("type")
-    if event.get("adopted"):
-        return
-    when = f"[{fmt_duration(event.get('elapsed'))}]"
-    if kind == "stage_start":
-        console.print(f"{when} {event.get('message')}", markup=False, soft_wrap=True)
-    elif kind == "stage_end" and event.get("paused_s"):
-        console.print(f"{when}   {stage_end_text(event)}", markup=False, soft_wrap=True)
-    elif kind == "paused":
-        console.print(
-            f"{when}   paused by a request in {view.run_dir / 'control'}; it waits for a `resume` request "
-            "(the TUI, or a file named resume there)",
-            markup=False,
-            soft_wrap=True,
-        )
-    elif kind == "resumed":
-        console.print(f"{when}   resumed", markup=False, soft_wrap=True)
-    elif kind == "eval":
-        m = event.get("metrics", {})
-        console.print(
-            f"{when}   eval: gold {fmt_with_se(m.get('eval/gold'), m.get('eval/gold_se'))}  "
-            f"win vs SFT {fmt_with_se(m.get('eval/win_rate_vs_sft'), m.get('eval/win_rate_vs_sft_se'))}  "
-            f"fixed-RM score {fmt_value(m.get(FIXED_RM_METRIC))}  "
-            f"RM score {fmt_value(m.get('eval/reward'))}  "
-            f"KL {fmt_value(m.get('eval/kl'))}",
-            markup=False,
-            soft_wrap=True,
-        )
 
 
 def run_training(
@@ -344,7 +228,7 @@ def _train(
         if view_holder:
             view_holder[0].on_event(event)
             if not live_enabled and not quiet:
-                _plain_line(event, view_holder[0], console)
+                plain_line(event, view_holder[0], console)
 
     live_enabled = console.is_terminal and not quiet
     with (
