@@ -102,3 +102,20 @@ def test_screens_keep_the_premise_check_and_the_standard_errors_they_draw():
         assert wanted_metric(name), name
     assert wanted_metric("eval/win_rate_vs_sft_se") and wanted_metric("zo/step_norm")
     assert not wanted_metric("eval/response_length") and not wanted_metric("eval/response_length_se")
+
+
+async def test_the_value_cursor_past_a_panels_axis_points_beyond_it_instead_of_sitting_on_its_end():
+    """The SFT loss ends at step 100 while the cursor reads step 300 elsewhere: the x labels say that the
+    cursor is past this axis, not that step 300 is at its right end."""
+    app = OneChart()
+    async with app.run_test(size=(48, 14)) as pilot:
+        chart = app.query_one(CurveChart)
+        series = ChartSeries("loss", X, FLAT)
+        labels = {}
+        for cursor in (50.0, 300.0, -20.0):
+            chart.show(ChartData("SFT loss", [series], cursor=cursor))
+            await pilot.pause()
+            labels[cursor] = chart.render_line(chart.size.height - 1).text
+    assert "▲50" in labels[50.0]
+    assert labels[300.0].rstrip().endswith("300▶") and "▲" not in labels[300.0]
+    assert labels[-20.0][LABEL_WIDTH:].startswith("◀-20") and "▲" not in labels[-20.0]

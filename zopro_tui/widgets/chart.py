@@ -439,9 +439,14 @@ class CurveChart(Widget):
         if cursor is not None and not self.data.xy and window[1] > window[0]:
             column = LABEL_WIDTH + int((cursor - window[0]) / (window[1] - window[0]) * (plot_width - 1))
             value = fmt_x(cursor, kind)
-            if not put(column, f"▲{value}") and not put(column - len(value), f"{value}▲"):
-                label = f"▲{value}"  # it matters more than the ends: write over them
-                start = max(0, min(column, width - len(label)))
+            if cursor > window[1]:  # past this panel's axis (a stage that ended earlier): point beyond it
+                label, column = f"{value}▶", width - len(value) - 1
+            elif cursor < window[0]:
+                label, column = f"◀{value}", LABEL_WIDTH
+            else:
+                label = f"▲{value}"
+            if not put(column, label) and (label[0] != "▲" or not put(column - len(value), f"{value}▲")):
+                start = max(0, min(column, width - len(label)))  # it matters more than the ends: write over
                 cells[start : start + len(label)] = list(label)
         elif plot_width >= 30 and right != left:
             middle = fmt_x((window[0] + window[1]) / 2, kind)
