@@ -146,7 +146,7 @@ def test_p39_p40_p44_p45_links_in_the_queue_folder_are_never_written_through(tmp
     assert picture(victim) == before
 
 
-def test_p41_a_linked_entry_is_replaced_when_it_is_rewritten(tmp_path, recipe, victim):
+def test_p41_a_linked_entry_is_neither_read_nor_written_through(tmp_path, recipe, victim):
     root = tmp_path / "runs"
     item = queue.add(root, recipe, [], [])
     path = root / ".queue" / "items" / f"{item.id}.json"
@@ -154,8 +154,11 @@ def test_p41_a_linked_entry_is_replaced_when_it_is_rewritten(tmp_path, recipe, v
     path.unlink()
     path.symlink_to(victim / "item.json")
     before = picture(victim)
-    queue.cancel(root, item.id)
-    assert picture(victim) == before and not path.is_symlink()
+    damaged: list[str] = []
+    assert queue.load_items(root, damaged) == [] and "symbolic link" in damaged[0]
+    with pytest.raises(queue.QueueError, match="no queue entry"):
+        queue.cancel(root, item.id)
+    assert picture(victim) == before
 
 
 @pytest.mark.parametrize("name", ["worker.lock", "worker.log"])

@@ -147,13 +147,14 @@ class ZoproApp(App):
     @work(thread=True, group="export", exit_on_error=False)
     def export_metrics(self, run_dir: Path) -> None:
         """Write the run's metrics as CSV and JSON (what `zopro export` writes) into the export folder."""
+        from engine.rundir.files import atomic_write_text
         from engine.rundir.report import export_metrics
 
         written = []
         try:
             for fmt in ("csv", "json"):
                 path = self.export_dir / f"{Path(run_dir).name}-metrics.{fmt}"
-                path.write_text(export_metrics(Path(run_dir), fmt))
+                atomic_write_text(path, export_metrics(Path(run_dir), fmt))  # a link there is replaced
                 written.append(str(path))
         except OSError as error:
             self.call_from_thread(self.notify, f"export failed: {error}", severity="error")

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from engine.rundir.reader import EventTail, RunInfo, latest_samples, list_runs, run_info
+from engine.rundir.safe_io import open_plain
 from zopro_tui import series_cache
 from zopro_tui.catalogue import wanted_metric
 from zopro_tui.messages import (
@@ -186,7 +187,11 @@ class RunReader:
         if size == self.log_offset:
             return None
         start = max(self.log_offset, size - max_bytes)
-        with open(path, "rb") as handle:
+        try:
+            handle = open_plain(path)  # never a link to a file elsewhere, never a FIFO's hang
+        except OSError:
+            return None
+        with handle:
             handle.seek(start)
             data = handle.read(size - start)
         end = data.rfind(b"\n")

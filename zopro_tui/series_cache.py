@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.rundir.safe_io import open_plain
 from zopro_tui.series import X_AXES, GrowingArray, MetricStore
 
 FORMAT = 1
@@ -46,7 +47,7 @@ def cache_path(events_path: Path) -> Path:
 
 def fingerprint(events_path: Path, offset: int) -> dict[str, str]:
     """Hashes of the first bytes of the log and of those just before `offset`."""
-    with open(events_path, "rb") as handle:
+    with open_plain(events_path) as handle:
         head = handle.read(min(PROBE_BYTES, offset))
         handle.seek(max(0, offset - PROBE_BYTES))
         tail = handle.read(offset - max(0, offset - PROBE_BYTES))

@@ -21,6 +21,7 @@ import numpy as np
 
 from engine.rundir.events import METRIC_TYPES, SMALL_FIELDS, is_number, parse_event_line, rewind_point
 from engine.rundir.reader import MAX_LINE_BYTES
+from engine.rundir.safe_io import open_plain
 
 COMPUTE_METRIC = "compute/forward_passes"
 
@@ -186,7 +187,11 @@ def sample_events(path: Path, count: int, line_bytes: int = 4096) -> list[dict]:
         return []
     events: list[dict] = []
     last_start = -1
-    with open(path, "rb", buffering=0) as handle:
+    try:
+        handle = open_plain(path)
+    except OSError:
+        return []
+    with handle:
         for i in range(count):
             offset = size * i // count
             handle.seek(offset)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from engine.rundir.checkpoints import iteration_checkpoint_name
 from engine.rundir.reader import is_run_dir
+from engine.rundir.safe_io import is_plain_file, is_real_dir, plain_tree, read_inside
 
 ITERATION_NAME = re.compile(r"iter-(\d+)")
 
@@ -25,9 +26,9 @@ def require_run_dir(run_dir: Path) -> Path:
 def complete_checkpoints(run_dir: Path) -> list[str]:
     """The run's complete checkpoints (a folder with state.json), in the order the run wrote them."""
     folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
+    if not is_real_dir(folder):
         return []
-    names = [p.name for p in folder.iterdir() if p.is_dir() and (p / "state.json").is_file()]
+    names = [p.name for p in folder.iterdir() if is_real_dir(p) and is_plain_file(p / "state.json")]
     fixed = [n for n in ("sft", "reward") if n in names]
     return fixed + sorted(n for n in names if ITERATION_NAME.fullmatch(n))
 
@@ -39,8 +40,8 @@ def checkpoint_folder(run_dir: Path, name: str) -> Path:
     wanted = name.strip()
     if wanted == "latest":
         try:
-            wanted = (run_dir / "checkpoints" / "latest").read_text().strip()
-        except OSError:
+            wanted = read_inside(run_dir, run_dir / "checkpoints" / "latest", 4096).decode().strip()
+        except (OSError, UnicodeDecodeError):
             wanted = available[-1] if available else ""
     match = ITERATION_NAME.fullmatch(wanted)
     if match:
@@ -51,7 +52,14 @@ def checkpoint_folder(run_dir: Path, name: str) -> Path:
             f"{run_dir} has no complete checkpoint {name!r}; it has: {shown} "
             "(name one of them, or latest, sft, iter-N)"
         )
-    return run_dir / "checkpoints" / wanted
+    folder = run_dir / "checkpoints" / wanted
+    try:
+        plain_tree(folder)
+    except OSError as error:
+        raise ExportError(
+            f"{error.filename} {error.strerror}; zopro reads a checkpoint only when it holds plain files"
+        ) from None
+    return folder
 
 
 def policy_adapter_of(folder: Path) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from engine.export.checkpoints import ExportError
 from engine.export.sources import LabelledRun
-from engine.rundir.reader import read_events
+from engine.rundir.reader import read_events, run_meta
 
 FROM_ITERATION = 0
 BASELINE = "rloo"
@@ -65,10 +65,7 @@ def group_key(run: LabelledRun) -> str:
 
 def run_curve(run: LabelledRun) -> Curve:
     """The run's gold at each evaluation and the policy stage's cost so far (ExportError if unfinished)."""
-    try:
-        seed = json.loads((run.path / "meta.json").read_text()).get("seed")
-    except (OSError, ValueError):
-        seed = None
+    seed = run_meta(run.path).get("seed")
     curve = Curve(group_key(run), seed if isinstance(seed, int) else None)
     passes = wall = tokens = 0.0
     for event in read_events(run.path):

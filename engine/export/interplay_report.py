@@ -31,6 +31,7 @@ from engine.analysis.interplay import InterplayTracker
 from engine.analysis.layers import layer_sort_key
 from engine.analysis.projections import derived_seed
 from engine.rundir.checkpoints import adapter_file
+from engine.rundir.safe_io import is_real_dir, plain_tree
 from engine.training.adapter_keys import match_adapter_tensors
 
 _ITERATION_CHECKPOINT = re.compile(r"iter-(\d+)")
@@ -101,20 +102,31 @@ def trajectory_projection(adapter: Mapping[str, Tensor], dims: int, seed: int) -
 
 
 def list_checkpoints(run_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
-    """([(name, folder)] of `reward` then `iter-NNNN` in iteration order, [other checkpoint names, skipped])."""
+    """([(name, folder)] of `reward` then `iter-NNNN` in iteration order, [other checkpoint names, skipped]);
+    a checkpoint that is a link or holds one (or a FIFO, a device) is skipped: never read."""
     root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
+    if not is_real_dir(root):
         return [], []
-    folders = [path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")]
+    folders = [path for path in root.iterdir() if is_real_dir(path) and not path.name.startswith(".")]
+    unreadable = [path for path in folders if not _holds_plain_files(path)]
+    folders = [path for path in folders if path not in unreadable]
     iterations = sorted(
         (int(match.group(1)), path)
         for path in folders
         if (match := _ITERATION_CHECKPOINT.fullmatch(path.name))
     )
-    ordered = [("reward", root / "reward")] if (root / "reward").is_dir() else []
+    ordered = [("reward", root / "reward")] if root / "reward" in folders else []
     ordered += [(path.name, path) for _, path in iterations]
     used = {name for name, _ in ordered}
-    return ordered, sorted(path.name for path in folders if path.name not in used)
+    return ordered, sorted(path.name for path in folders + unreadable if path.name not in used)
+
+
+def _holds_plain_files(folder: Path) -> bool:
+    try:
+        plain_tree(folder)
+    except OSError:
+        return False
+    return True
 
 
 def _load_adapter(path: Path) -> dict[str, Tensor]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from engine.export.results import evaluation_rows, results_markdown
 from engine.recipe import Recipe
+from engine.rundir.reader import MAX_RECIPE_BYTES
+from engine.rundir.safe_io import read_plain
 
 KIND_TITLES = {
     "adapter": "LoRA adapter (peft)",
@@ -44,8 +46,8 @@ def model_card(
     """README.md for an exported folder: the recipe, method, data and the run's held-out results."""
     data = recipe.data.path or recipe.task.name
     try:
-        recipe_text = (Path(run_dir) / "recipe.toml").read_text()
-    except OSError:
+        recipe_text = read_plain(Path(run_dir) / "recipe.toml", MAX_RECIPE_BYTES).decode()
+    except (OSError, UnicodeDecodeError):
         recipe_text = ""
     table = results_markdown(evaluation_rows(run_dir))
     lines = [

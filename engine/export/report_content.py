@@ -14,8 +14,9 @@ from engine.export.results import evaluation_rows, score_text
 from engine.export.sources import LabelledRun, is_comparison_dir, labelled_runs
 from engine.jobs.sweep import SWEEP_RECIPE, is_sweep_dir, load_sweep
 from engine.rundir.answers import evaluation_answers, side_by_side
-from engine.rundir.reader import is_run_dir, read_events, run_info
+from engine.rundir.reader import MAX_RECIPE_BYTES, is_run_dir, read_events, run_info, run_meta
 from engine.rundir.report import fmt_duration
+from engine.rundir.safe_io import read_plain
 
 ITERATION_COLUMNS = ["", "gold", "win vs SFT", "reward", "KL", "length", "forward passes", "elapsed"]
 META_FIELDS = ("device", "host", "python", "torch", "transformers", "peft", "zopro")
@@ -44,7 +45,7 @@ def run_section(document: Document, run: LabelledRun) -> None:
     recipe_text = _read(run.path / "recipe.toml")
     document.paragraph(
         f"{info.status}, {info.iterations or '?'} iterations, elapsed {fmt_duration(info.elapsed)}; "
-        f"base {_meta(run.path).get('base', '?')}"
+        f"base {run_meta(run.path).get('base', '?')}"
     )
     warnings_section(document, [run])
     document.heading("Held-out evaluation, per iteration")
@@ -223,7 +224,7 @@ def warnings_section(document: Document, runs: list[LabelledRun]) -> None:
 def hardware_section(document: Document, runs: list[LabelledRun]) -> None:
     document.heading("Hardware and software")
     for run in runs:
-        meta = _meta(run.path)
+        meta = run_meta(run.path)
         peaks: dict[str, float] = {}
         for event in read_events(run.path):
             for key, value in (event.get("metrics") or {}).items():
@@ -249,15 +250,8 @@ def _number(value, spec: str) -> str:
 
 
 def _read(path: Path) -> str:
+    """A recipe copy in a run or sweep folder: a plain file, through no link, without blocking."""
     try:
-        return path.read_text()
+        return read_plain(path, MAX_RECIPE_BYTES).decode()
     except (OSError, UnicodeDecodeError):
         return f"({path.name} cannot be read)"
-
-
-def _meta(run_dir: Path) -> dict:
-    try:
-        meta = json.loads((run_dir / "meta.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}

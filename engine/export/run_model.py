@@ -3,7 +3,6 @@ and a checkpoint's adapters, loaded with the engine's own loaders (no second loa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,13 @@ from engine.data.preference_data import DataError
 from engine.data.tasks import make_task
 from engine.export.checkpoints import ExportError, require_run_dir
 from engine.recipe import Recipe, RecipeError, load_recipe
+from engine.rundir.reader import run_meta
+from engine.rundir.safe_io import checked_inside
 from engine.training.models import (
     ModelError,
     PreferenceModel,
     apply_adapters,
+    default_cache_dir,
     load_preference_model,
     quiet_transformers,
     read_adapters,
@@ -47,8 +49,12 @@ class RunModel:
 def run_recipe(run_dir: Path) -> Recipe:
     run_dir = require_run_dir(run_dir)
     path = run_dir / "recipe.toml"
-    if not path.is_file():
-        raise ExportError(f"{run_dir} has no recipe.toml; it was not written by `zopro run`")
+    try:
+        checked_inside(run_dir, path)
+    except FileNotFoundError:
+        raise ExportError(f"{run_dir} has no recipe.toml; it was not written by `zopro run`") from None
+    except OSError as error:
+        raise ExportError(f"{path} {error.strerror}; it was not written by `zopro run`") from None
     try:
         return load_recipe(path, [])
     except RecipeError as error:
@@ -56,15 +62,17 @@ def run_recipe(run_dir: Path) -> Recipe:
 
 
 def run_base(run_dir: Path, recipe: Recipe, task: Any) -> str:
-    """The base the run trained on: meta.json's resolved folder when it is still there, else resolved again
-    from the recipe (a built-in base is rebuilt, identically, from the task's text and the seed)."""
-    try:
-        base = json.loads((Path(run_dir) / "meta.json").read_text()).get("base")
-    except (OSError, ValueError, AttributeError):
-        base = None
-    if isinstance(base, str) and base and (Path(base) / "config.json").is_file():
-        return base
+    """The base the run trained on: meta.json's resolved folder when it is still there and is one the recipe
+    names (its own folder, or one zopro built or dequantised into the cache), else resolved again from the
+    recipe (a built-in base is rebuilt, identically, from the task's text and the seed). A meta.json never
+    makes zopro load a model from anywhere else."""
     m = recipe.model
+    base = run_meta(run_dir).get("base")
+    cache = Path(m.cache_dir).expanduser() if m.cache_dir else default_cache_dir()
+    if isinstance(base, str) and base and (Path(base) / "config.json").is_file():
+        where = Path(base).resolve()
+        if where == Path(m.base).expanduser().resolve() or where.is_relative_to(cache.resolve()):
+            return base
     return resolve_base(m.base, task.corpus(), recipe.seed, m.cache_dir, task.pretraining_text())
 
 

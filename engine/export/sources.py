@@ -10,6 +10,7 @@ from pathlib import Path
 from engine.export.checkpoints import ExportError
 from engine.jobs.sweep import SweepError, is_sweep_dir, load_sweep, short_keys
 from engine.rundir.reader import is_run_dir, read_events, run_info
+from engine.rundir.safe_io import read_plain
 
 COMPARISON_JSON = "comparison.json"  # `zopro compare` writes its table's rows here, beside the runs
 
@@ -59,7 +60,7 @@ def comparison_runs(path: Path) -> list[LabelledRun]:
     path = Path(path)
     order: list[str] = []
     try:
-        order = [row["run"] for row in json.loads((path / COMPARISON_JSON).read_text())]
+        order = [row["run"] for row in json.loads(read_plain(path / COMPARISON_JSON, 1 << 20))]
     except (OSError, ValueError, TypeError, KeyError):
         pass
     folders = [p for p in sorted(path.iterdir()) if p.is_dir() and is_run_dir(p)]

@@ -172,6 +172,10 @@ def item_from_json(data: Any, stem: str, root: Path) -> QueueItem:
             or not SAFE_NAME.fullmatch(Path(value).name)
         ):
             raise ValueError(f"field {name} {str(value)[:80]!r} is not a folder directly under {parent}")
+        if is_link(Path(value)):
+            raise ValueError(
+                f"field {name} {str(value)[:80]!r} is a symbolic link; zopro writes through none"
+            )
     return item
 
 
@@ -445,6 +449,11 @@ def _run_item(root: Path, item: QueueItem, log) -> None:
     source_root = str(Path(__file__).resolve().parents[2])  # the folder that holds `engine`
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
     if _current(root, item).state == "cancelled":  # cancelled while it was being picked
+        return
+    if is_link(Path(item.target)):  # made a link since the entry was read: never run into it
+        item.state, item.ended = "failed", time.time()
+        save(root, item)
+        log(f"[{time.strftime('%H:%M:%S')}] {item.id} failed: {item.target} is a symbolic link; not run")
         return
     if item.kind == "run" and run_info(Path(item.target)).status == "finished":  # it ran on when its
         item.state, item.exit_code, item.ended = "finished", 0, item.ended or time.time()  # worker died

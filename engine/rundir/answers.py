@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from engine.rundir.reader import MAX_LINE_BYTES
+from engine.rundir.safe_io import read_inside
 
 
 def evaluation_answers(run_dir: Path) -> dict[str, list[dict]]:
@@ -16,7 +17,7 @@ def evaluation_answers(run_dir: Path) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     for path in sorted((Path(run_dir) / "samples").glob("samples-*.jsonl")):
         try:
-            text = path.read_bytes()[:MAX_LINE_BYTES].decode("utf-8", errors="replace")
+            text = read_inside(run_dir, path, MAX_LINE_BYTES).decode("utf-8", errors="replace")
         except OSError:
             continue
         rows: dict[str, list[dict]] = {}

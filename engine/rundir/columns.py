@@ -4,14 +4,22 @@ screen fit the same way."""
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 ELLIPSIS = "…"
 
 
+def printable(text: str) -> str:
+    """`text` with its control characters (an escape sequence in a folder name) shown as `?`, so that a name
+    never reaches the terminal raw."""
+    return "".join("?" if unicodedata.category(char) == "Cc" else char for char in text)
+
+
 def middle_ellipsis(text: str, width: int) -> str:
     """`tiny-compare-rl…-120455` for a name longer than `width`: the start and the end kept, which tell runs
-    apart (the recipe's name and the time)."""
+    apart (the recipe's name and the time); control characters shown as `?` (`printable`)."""
+    text = printable(text)
     if width <= 0:
         return ""
     if len(text) <= width:

@@ -22,6 +22,7 @@ STALE_AFTER_SECONDS = 60.0
 TERMINAL_STATES = ("finished", "failed", "stopped")
 STATES = ("running", "paused", "finished", "failed", "stopped", "created")
 MAX_LINE_BYTES = 4 << 20  # no event comes near this; a longer line is garbage and is skipped, not held
+MAX_RECIPE_BYTES = 1 << 20  # a recipe copy in a run or sweep folder; no recipe comes near it
 
 
 class EventTail:
@@ -141,6 +142,11 @@ def process_suspended(pid: int | None) -> bool:
     """The process is stopped (SIGSTOP, Ctrl-Z) or held by a debugger: alive, but doing nothing."""
     fields = _proc_stat(pid) if pid else None
     return bool(fields) and fields[0] in (b"T", b"t")
+
+
+def run_meta(run_dir: Path) -> dict:
+    """meta.json as a dict ({} when missing or damaged), read through no link."""
+    return _read_object(Path(run_dir) / "meta.json")[0]
 
 
 def _read_object(path: Path) -> tuple[dict, str | None]:

@@ -12,7 +12,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from engine.rundir.columns import Column, fit_columns, middle_ellipsis
+from engine.rundir.columns import Column, fit_columns, middle_ellipsis, printable
 from engine.rundir.reader import RunInfo, read_events, run_info
 from engine.rundir.wording import FIXED_RM_METRIC, RM_NOTE, iteration_text, short_iteration
 
@@ -117,7 +117,7 @@ def run_cells(info: RunInfo) -> dict[str, str | Text]:
     latest = info.latest
     return {
         "run": info.name,
-        "method": info.method,
+        "method": Text(printable(info.method)),  # status.json's words: never rich markup
         "status": status_text(info),
         "position": position(info),
         "gold": fmt_value(latest.get("eval/gold")),
@@ -144,7 +144,7 @@ def runs_table(runs: list[RunInfo], width: int = 80) -> Table:
         for column in shown:
             cell = row[column.key]
             if column.key == "run":
-                cell = middle_ellipsis(str(cell), widths["run"])
+                cell = Text(middle_ellipsis(str(cell), widths["run"]))  # a folder name: never rich markup
             cells.append(cell)
         table.add_row(*cells)
     return table

@@ -16,7 +16,8 @@ The policy (docs/safety.md), in one place, for everything zopro writes, cleans o
   follow links inside it; zopro removes only what it names itself (its temporaries, control requests it
   takes, a run folder it created and never started).
 - Reading: plain files only, opened without blocking, so a FIFO or a device where a file belongs is
-  "not a plain file" instead of a hang.
+  "not a plain file" instead of a hang; no link is followed inside the folder (a copied run folder must not
+  show, copy or load a file from elsewhere: a report, an export, a resume).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import stat
 from pathlib import Path
 
 NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+READ_LINK = "is a symbolic link; zopro reads nothing through links inside its folders"
 CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
@@ -61,6 +63,22 @@ def real_folder(path: Path, *, create: bool = True, mode: int = 0o755) -> Path:
 def is_link(path: Path) -> bool:
     try:
         return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_real_dir(path: Path) -> bool:
+    """A folder, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_plain_file(path: Path) -> bool:
+    """A plain file, not a link, a FIFO or a device."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
 
@@ -126,9 +144,14 @@ def remove_entry(path: Path) -> None:
 
 
 def open_plain(path: Path):
-    """A plain file opened for reading (binary): FileNotFoundError when missing, OSError when it is a FIFO,
-    a device or a folder (opened without blocking: never a hang)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | CLOEXEC)
+    """A plain file opened for reading (binary): FileNotFoundError when missing, OSError when it is a link, a
+    FIFO, a device or a folder (opened without blocking: never a hang)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NO_FOLLOW | CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise unsafe(path, READ_LINK) from None
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a plain file", str(path))
@@ -143,3 +166,48 @@ def read_plain(path: Path, limit: int | None = None) -> bytes:
     """A plain file's bytes (at most `limit`); see `open_plain`."""
     with open_plain(path) as handle:
         return handle.read() if limit is None else handle.read(limit)
+
+
+def checked_inside(root: Path, path: Path) -> Path:
+    """`path`, a file below the folder `root`, checked part by part: the folders on the way are real folders
+    and the file a plain file, no link anywhere below `root` (`root` itself may be one: the user's choice).
+    FileNotFoundError when a part is missing, OSError naming the part that is a link or not a plain file."""
+    root, path = Path(root), Path(path)
+    current = root
+    parts = path.relative_to(root).parts
+    for index, part in enumerate(parts):
+        current = current / part
+        mode = os.lstat(current).st_mode
+        if stat.S_ISLNK(mode):
+            raise unsafe(current, READ_LINK)
+        last = index == len(parts) - 1
+        if not (stat.S_ISREG(mode) if last else stat.S_ISDIR(mode)):
+            raise OSError(errno.EINVAL, "not a plain file" if last else "not a folder", str(current))
+    return path
+
+
+def read_inside(root: Path, path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a plain file below `root` (at most `limit`), through no link; see `checked_inside`."""
+    return read_plain(checked_inside(root, path), limit)
+
+
+def plain_tree(folder: Path) -> list[Path]:
+    """The files below a real folder (a checkpoint), relative; OSError naming the folder when it is a link or
+    not a folder, or the first link or special file inside it: one that holds either is never read."""
+    info = os.lstat(folder)
+    if stat.S_ISLNK(info.st_mode):
+        raise unsafe(folder, READ_LINK)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder", str(folder))
+    found: list[Path] = []
+    for parent, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = Path(parent) / name
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                found.append(path.relative_to(folder))
+            elif stat.S_ISLNK(mode):
+                raise unsafe(path, READ_LINK)
+            elif not stat.S_ISDIR(mode):
+                raise unsafe(path, "is not a plain file (a FIFO, a socket or a device)")
+    return found

@@ -18,6 +18,7 @@ from engine.data.chat_task import PromptTooLong, speak_through_chat_template
 from engine.data.preference_data import DataError
 from engine.data.tasks import make_task
 from engine.recipe import GROUP_METHODS, Recipe
+from engine.rundir.safe_io import plain_tree
 from engine.rundir.writer import RunWriter
 from engine.seeds import generator
 from engine.training.adapter_history import AdapterHistory
@@ -327,9 +328,10 @@ class Run:
     def load_checkpoint(self, folder: Path) -> None:
         """Restore a checkpoint; CheckpointUnreadable (nothing applied) when a file is truncated or garbage.
         trainer_state.pt is read with weights_only: tensors and plain values, never code."""
-        for part in ("state.json", "trainer_state.pt", "score_head.safetensors", *CHECKPOINT_ADAPTERS):
-            if (folder / part).exists() and not (folder / part).is_file():  # a FIFO would hang the read
-                raise CheckpointUnreadable(f"{part} is not a plain file")
+        try:  # a link would read another file, a FIFO would hang the read
+            plain_tree(folder)
+        except OSError as error:
+            raise CheckpointUnreadable(f"{Path(error.filename).name} {error.strerror}") from None
         try:
             state = run_state(json.loads((folder / "state.json").read_text()))
         except (OSError, ValueError, TypeError, RecursionError) as error:
@@ -384,11 +386,6 @@ class Run:
         self.state.stage, self.state.step = "done", 0
         book.emit("rollback", checkpoint=folder.name, reason=reason)
         book.writer.update_status(rolled_back_to=folder.name, stopped_by=reason)
-
-
-CHECKPOINT_ADAPTERS = tuple(
-    f"adapters/{name}/adapter_model.safetensors" for name in ("sft", "policy", "reward")
-)
 
 
 def _first_line(error: BaseException) -> str:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from engine.recipe import Recipe, RecipeError, load_recipe
 from engine.rundir.checkpoints import iteration_checkpoint_name
 from engine.rundir.files import atomic_write_text
 from engine.rundir.reader import read_events
-from engine.rundir.safe_io import read_plain
+from engine.rundir.safe_io import checked_inside, plain_tree, read_inside
 
 # what the SFT stage, the reward stage and the SFT policy's evaluation read of a recipe
 SHARED_KEYS = ("seed", "device", "threads", "model", "task", "data", "sft", "reward", "eval")
@@ -74,8 +72,12 @@ def stages_source(run_dir: Path, recipe: Recipe) -> StagesSource:
     """Check that `run_dir` holds a complete `reward` checkpoint of a run that agrees with `recipe` on every
     shared key; StagesError (one sentence) otherwise."""
     flag = f"--stages-from {run_dir}"
-    if not (run_dir / "recipe.toml").is_file():
-        raise StagesError(f"{flag}: not a run directory (it has no recipe.toml)")
+    try:
+        checked_inside(run_dir, run_dir / "recipe.toml")
+    except FileNotFoundError:
+        raise StagesError(f"{flag}: not a run directory (it has no recipe.toml)") from None
+    except OSError as error:
+        raise StagesError(f"{flag}: its recipe.toml {error.strerror}") from None
     try:
         theirs = load_recipe(run_dir / "recipe.toml").to_dict()
     except RecipeError as error:
@@ -88,7 +90,7 @@ def stages_source(run_dir: Path, recipe: Recipe) -> StagesSource:
         )
     folder = run_dir / "checkpoints" / iteration_checkpoint_name(-1)
     try:
-        state = json.loads(read_plain(folder / "state.json", 1 << 24))
+        state = json.loads(read_inside(run_dir, folder / "state.json", 1 << 24))
     except (OSError, ValueError, RecursionError):
         raise StagesError(
             f"{flag}: it has no complete reward checkpoint yet (checkpoints/reward/state.json); its reward "
@@ -109,27 +111,15 @@ def stages_source(run_dir: Path, recipe: Recipe) -> StagesSource:
 
 
 def plain_files(folder: Path, flag: str) -> list[Path]:
-    """The files below `folder`, relative; StagesError when it holds a link or anything but files and
-    folders (a run folder must never make zopro read or write elsewhere)."""
-    found: list[Path] = []
+    """The files below `folder`, relative; StagesError when it or anything in it is a link or a special file
+    (a run folder must never make zopro read or write elsewhere)."""
     try:
-        info = os.lstat(folder)
-    except OSError:
+        return plain_tree(folder)
+    except FileNotFoundError:
         raise StagesError(f"{flag}: it has no checkpoints/{folder.name}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise StagesError(f"{flag}: checkpoints/{folder.name} is not a folder")
-    for parent, folders, files in os.walk(folder):
-        for name in folders + files:
-            path = Path(parent) / name
-            mode = os.lstat(path).st_mode
-            if stat.S_ISREG(mode):
-                found.append(path.relative_to(folder))
-            elif not stat.S_ISDIR(mode):
-                raise StagesError(
-                    f"{flag}: {path.relative_to(folder.parent.parent)} is a link or a special file, "
-                    "not a plain file; nothing was copied"
-                )
-    return found
+    except OSError as error:
+        where = Path(error.filename).relative_to(folder.parent.parent) if error.filename else folder.name
+        raise StagesError(f"{flag}: {where} {error.strerror}; nothing was copied") from None
 
 
 def adopt_stages(run, source: StagesSource) -> None:
@@ -151,7 +141,7 @@ def adopt_stages(run, source: StagesSource) -> None:
             origin = source.path / "checkpoints" / name
             with writer.checkpoint(name) as folder:
                 for relative in plain_files(origin, flag):
-                    data = read_plain(origin / relative, MAX_FILE_BYTES)
+                    data = read_inside(source.path, origin / relative, MAX_FILE_BYTES)
                     if relative == Path("trainer_state.pt"):
                         trainer = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
                         trainer.update(fresh)
@@ -167,6 +157,10 @@ def adopt_stages(run, source: StagesSource) -> None:
                     book.listener({**event, "adopted": True})
         for samples in sorted(source.path.glob("samples/samples-*.jsonl")):
             step = samples.stem.removeprefix("samples-")
-            if step.isdigit() and int(step) <= source.global_step and not samples.is_symlink():
-                atomic_write_text(writer.samples_dir / samples.name, read_plain(samples, 1 << 30).decode())
+            if step.isdigit() and int(step) <= source.global_step:
+                try:  # through no link: a linked samples folder or file is not copied
+                    text = read_inside(source.path, samples, 1 << 30).decode()
+                except OSError:
+                    continue
+                atomic_write_text(writer.samples_dir / samples.name, text)
     run.dist.barrier()
