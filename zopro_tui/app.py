@@ -171,7 +171,14 @@ class ZoproApp(App):
     def action_screenshot_svg(self) -> None:
         name = type(self.screen).__name__.removesuffix("Screen").lower()
         filename = f"zopro-{name}-{time.strftime('%Y%m%d-%H%M%S')}.svg"
-        path = self.save_screenshot(filename=filename, path=str(self.export_dir))
+        from engine.rundir.files import atomic_write_text
+
+        path = Path(self.export_dir) / filename
+        try:  # by rename, as the metrics export: a link already at the name is replaced, not written through
+            atomic_write_text(path, self.export_screenshot())
+        except OSError as error:
+            self.notify(f"the screen could not be saved: {error}", severity="error")
+            return
         self.notify(f"saved the screen as {path}", timeout=5)
 
     async def action_quit(self) -> None:
