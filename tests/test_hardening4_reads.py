@@ -185,6 +185,9 @@ def test_a_fifo_in_a_run_folder_is_one_sentence_not_a_hang(tmp_path, finished, w
     if where == "recipe.toml":
         assert result.returncode == 2
         one_sentence(result, "recipe.toml")
+    else:  # the latest checkpoint by its folders, the base by the recipe: the export goes on
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "out" / "adapter_config.json").is_file()
     result = zopro("report", str(run), "-o", str(tmp_path / "r.md"), timeout=120)
     assert "Traceback" not in result.stderr and result.returncode in (0, 2), result.stderr
 
@@ -195,7 +198,7 @@ def test_a_fifo_among_the_samples_is_skipped(tmp_path):
     run = copied(FIXTURE_RUN, tmp_path / "r")
     before = evaluation_answers(run)
     fifo(run / "samples" / "samples-99999999.jsonl")
-    assert evaluation_answers(run) == before  # returns: the FIFO is not opened for a blocking read
+    assert returns_within(20, lambda: evaluation_answers(run)) == before
 
 
 # -- writing: no link in the queue's root or the TUI's export folder is written through --------------------------
@@ -254,3 +257,80 @@ def test_ls_shows_a_run_name_as_written_never_as_markup_or_terminal_codes(tmp_pa
     assert result.returncode == 0, result.stderr
     assert "[blink]mk" in result.stdout
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout and "x?]0;PWNED?y" in result.stdout
+
+
+def returns_within(seconds: float, call) -> object:
+    """`call()`'s result; fails (instead of hanging the suite) when it takes longer than `seconds`."""
+    import threading
+
+    box: list = []
+    thread = threading.Thread(target=lambda: box.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    return box[0]
+
+
+def test_status_shows_no_samples_from_a_linked_samples_folder(tmp_path):
+    run = copied(FIXTURE_RUN, tmp_path / "r")
+    elsewhere = tmp_path / "victim" / "notes"
+    elsewhere.mkdir(parents=True)
+    row = {"kind": "rollout", "iteration": 0, "prompt": SECRET, "response": SECRET, "score": 1.0}
+    (elsewhere / "samples-99999999.jsonl").write_text(json.dumps(row) + "\n")
+    shutil.rmtree(run / "samples")
+    (run / "samples").symlink_to(elsewhere)
+    result = zopro("status", str(run), "--samples", "1")
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout
+
+
+def test_resume_takes_no_checkpoint_from_a_linked_checkpoints_folder(tmp_path, finished):
+    from engine.rundir.checkpoints import checkpoint_candidates
+
+    _, source = finished
+    run = copied(source, tmp_path / "r")
+    assert checkpoint_candidates(run)
+    shutil.move(run / "checkpoints", tmp_path / "other-checkpoints")
+    (run / "checkpoints").symlink_to(tmp_path / "other-checkpoints")
+    assert checkpoint_candidates(run) == []
+
+
+def test_the_zeroth_order_adapter_history_reads_no_fifo_or_link(tmp_path, finished):
+    from engine.training.adapter_history import AdapterHistory
+
+    _, source = finished
+    run = copied(source, tmp_path / "r")
+    checkpoint = run / "checkpoints" / "iter-0000"
+    history = AdapterHistory(keep=2)
+    history.read_checkpoint(0, checkpoint)
+    assert 0 in history.boundaries, "a plain checkpoint is read"
+    fifo(checkpoint / "adapters" / "policy" / "adapter_model.safetensors")
+    history = AdapterHistory(keep=2)
+    returns_within(20, lambda: history.read_checkpoint(0, checkpoint))
+    assert 0 not in history.boundaries
+
+
+def test_resume_and_sweep_resume_train_no_recipe_linked_from_elsewhere(tmp_path, finished):
+    from engine.jobs.sweep import create_sweep
+
+    _, source = finished
+    run = copied(source, tmp_path / "r")
+    status = json.loads((run / "status.json").read_text())
+    status["state"] = "stopped"
+    (run / "status.json").write_text(json.dumps(status))
+    (run / "recipe.toml").unlink()
+    (run / "recipe.toml").symlink_to(victim_file(tmp_path, "private.toml", "token = 'SECRET-KEY-x'\n"))
+    result = zopro("run", "--resume", str(run), "-q")
+    assert result.returncode == 2, result.stdout + result.stderr
+    one_sentence(result, "recipe.toml", "symbolic link")
+    assert "SECRET" not in result.stderr + result.stdout
+
+    recipe = tmp_path / "fast.toml"
+    recipe.write_text(FAST_RECIPE)
+    sweep = create_sweep(recipe, ["reward.lr=0.001,0.002"], [], root=tmp_path, sweep_dir=tmp_path / "sw")
+    sweep.recipe.unlink()
+    sweep.recipe.symlink_to(tmp_path / "victim" / "private.toml")
+    result = zopro("sweep", "--resume", str(sweep.path), "-q")
+    assert result.returncode == 2, result.stdout + result.stderr
+    one_sentence(result, "recipe.toml", "symbolic link")
+    assert not list((tmp_path / "sw").glob("*/events.jsonl")), "no point ran"

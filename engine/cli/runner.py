@@ -30,6 +30,7 @@ from engine.rundir.checkpoints import latest_checkpoint
 from engine.rundir.files import atomic_write_text
 from engine.rundir.reader import read_events, run_info
 from engine.rundir.report import evaluations_table, fmt_duration
+from engine.rundir.safe_io import checked_inside
 from engine.rundir.wording import RM_NOTE
 from engine.rundir.writer import (
     FollowerWriter,
@@ -81,6 +82,10 @@ def run_training(
                 return bad(f"{run_dir} is still {info.status} (pid {info.pid}); stop it before resuming")
             if info.status == "unreadable":
                 return bad(f"{run_dir} cannot be resumed: {info.error}")
+            try:  # the run's own copy: never a link to a recipe elsewhere, never a FIFO's hang
+                checked_inside(run_dir, run_dir / "recipe.toml")
+            except OSError as error:
+                return bad(f"{run_dir / 'recipe.toml'} {error.strerror}; it cannot be resumed")
             recipe = load_recipe(run_dir / "recipe.toml")
         else:
             assert recipe_path is not None

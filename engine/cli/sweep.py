@@ -16,14 +16,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from engine.cli.exit_codes import EXIT_FAILED, EXIT_OK
+from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from engine.cli.runner import run_training
 from engine.jobs.command import run_command
 from engine.jobs.sweep import SUMMARY_JSON, Sweep, point_state, short_keys, sorted_rows, write_summary
 from engine.rundir.files import append_log
 from engine.rundir.reader import is_run_dir
 from engine.rundir.report import STATUS_STYLE, fmt_duration, fmt_value, fmt_with_se, warnings_cell
-from engine.rundir.safe_io import is_link
+from engine.rundir.safe_io import is_link, is_plain_file
 
 
 # -- the summary table -----------------------------------------------------------------------------------
@@ -80,6 +80,12 @@ def run_sweep(
             )
             continue
         todo.append(point)
+    if todo and not is_plain_file(sweep.recipe):  # every point trains it: never a recipe elsewhere
+        err.print(
+            f"{sweep.recipe} is missing, a symbolic link or not a plain file; no point was run",
+            soft_wrap=True,
+        )
+        return EXIT_BAD_INPUT
     done = len(sweep.points) - len(todo)
     console.print(
         f"sweep [bold]{escape(str(sweep.path))}[/]: {len(sweep.points)} points"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.rundir.safe_io import read_plain
+from engine.rundir.safe_io import is_real_dir, read_plain
 
 
 def iteration_checkpoint_name(iteration: int) -> str:
@@ -23,6 +23,8 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     """The complete checkpoint folders (state.json written), newest first: the one `checkpoints/latest`
     names, then the others by the event position they saved (unreadable ones last, newest file first)."""
     folder = Path(run_dir) / "checkpoints"
+    if not is_real_dir(folder):  # a link to another run's checkpoints is never resumed from
+        return []
     try:
         complete = [
             p

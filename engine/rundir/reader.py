@@ -16,7 +16,7 @@ from typing import Any
 
 from engine.rundir.events import apply_rewinds, is_number, parse_event_line
 from engine.rundir.progress import eta_seconds
-from engine.rundir.safe_io import open_plain, read_plain
+from engine.rundir.safe_io import open_plain, read_inside, read_plain
 
 STALE_AFTER_SECONDS = 60.0
 TERMINAL_STATES = ("finished", "failed", "stopped")
@@ -314,7 +314,7 @@ def latest_samples(run_dir: Path) -> list[dict]:
         return []
     rows = []
     try:
-        text = read_plain(files[-1], MAX_LINE_BYTES).decode("utf-8", errors="replace")
+        text = read_inside(run_dir, files[-1], MAX_LINE_BYTES).decode("utf-8", errors="replace")
     except OSError:
         return []
     for line in text.splitlines():

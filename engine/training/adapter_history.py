@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from engine.errors import TrainingFailed
 from engine.rundir.checkpoints import adapter_file, iteration_checkpoint_name
+from engine.rundir.safe_io import plain_tree
 
 ADAPTERS = ("policy", "reward")
 
@@ -39,6 +40,7 @@ class AdapterHistory:
         """Rebuild the copies of `iteration` from its checkpoint folder (on resume); a boundary whose files
         cannot be read is left out (`at` says so if a method asks for it)."""
         try:
+            plain_tree(checkpoint)  # a link would load another file, a FIFO would hang the read
             saved = {name: load_file(str(adapter_file(checkpoint, name))) for name in ADAPTERS}
         except Exception:  # noqa: BLE001 - a missing or damaged file: this boundary is not known
             return
