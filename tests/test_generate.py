@@ -19,7 +19,8 @@ from zopro_tui.screens.dashboard import DashboardScreen
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return finished_run(tmp_path_factory.mktemp("generate"), "fast", FAST_RECIPE)[1]
+    recipe = FAST_RECIPE + "\n[eval]\nsamples_per_prompt = 2\n"  # the evaluation draws two answers a prompt
+    return finished_run(tmp_path_factory.mktemp("generate"), "fast", recipe)[1]
 
 
 def generated(*args: str) -> dict:
@@ -32,8 +33,9 @@ def test_with_the_runs_seed_the_answers_are_the_ones_its_evaluation_logged(run):
     out = generated(str(run), "--compare", "sft,iter-1")
     logged = evaluation_answers(run)
     assert out["checkpoints"] == ["sft", "iter-1"] and out["reward_checkpoint"] == "iter-0001"
-    assert [p["prompt"] for p in out["prompts"]] == [row["prompt"] for row in logged["it 1"]]
-    for entry, sft_row, last_row in zip(out["prompts"], logged["SFT"], logged["it 1"], strict=True):
+    firsts = {label: rows[::2] for label, rows in logged.items()}  # each prompt's first of its two answers
+    assert [p["prompt"] for p in out["prompts"]] == [row["prompt"] for row in firsts["it 2"]]
+    for entry, sft_row, last_row in zip(out["prompts"], firsts["SFT"], firsts["it 2"], strict=True):
         assert entry["answers"]["sft"]["response"] == sft_row["response"]
         assert entry["answers"]["iter-1"]["response"] == last_row["response"]
         assert entry["answers"]["iter-1"]["reward"] == pytest.approx(last_row["score"], abs=1e-3)
@@ -98,15 +100,15 @@ async def test_the_samples_panel_opens_two_evaluations_answers_side_by_side(run)
         await pilot.press("a")
         await pilot.pause(0.2)
         screen = app.screen
-        assert isinstance(screen, AnswersScreen) and screen.chosen == ["SFT", "it 1"]
+        assert isinstance(screen, AnswersScreen) and screen.chosen == ["SFT", "it 2"]
         logged = evaluation_answers(run)
         table = screen.query_one("DataTable")
         assert table.row_count == len(logged["SFT"])
         first = [str(cell) for cell in table.get_row_at(0)]
-        assert first[1] == logged["SFT"][0]["response"] and first[4] == logged["it 1"][0]["response"]
+        assert first[1] == logged["SFT"][0]["response"] and first[4] == logged["it 2"][0]["response"]
         await pilot.press("left_square_bracket")
-        assert screen.chosen == ["it 0", "it 1"]
-        assert str(table.get_row_at(0)[1]) == logged["it 0"][0]["response"]
+        assert screen.chosen == ["it 1", "it 2"]
+        assert str(table.get_row_at(0)[1]) == logged["it 1"][0]["response"]
         await pilot.press("escape")
         assert isinstance(app.screen, DashboardScreen)
 
@@ -124,3 +126,22 @@ def test_a_users_prompt_goes_through_the_chat_template_when_the_tokenizer_has_on
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     assert task_prompt(model, "describe the movie .") == "<|user|>describe the movie .<|assistant|>"
+
+
+def test_a_built_in_base_that_is_gone_is_rebuilt_and_gives_the_same_answers(run, tmp_path):
+    """meta.json's base folder removed and another cache: generate builds the base again (its pretraining
+    needs gradients inside generate's no-grad sampling) and answers as before."""
+    import shutil
+    import tomllib
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["base"] = str(tmp_path / "gone")
+    (copy / "meta.json").write_text(json.dumps(meta))
+    recipe = (copy / "recipe.toml").read_text()
+    assert tomllib.loads(recipe)["model"]["cache_dir"] == ""
+    (copy / "recipe.toml").write_text(recipe.replace('cache_dir = ""', f'cache_dir = "{tmp_path / "cache"}"'))
+    again = generated(str(copy), "--compare", "sft,latest")
+    assert list((tmp_path / "cache" / "builtin").iterdir()), "built into the recipe's cache"
+    assert again["prompts"] == generated(str(run), "--compare", "sft,latest")["prompts"]

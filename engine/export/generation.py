@@ -106,15 +106,21 @@ def generate(
     device: str | None = None,
 ) -> Generation:
     """Sample one answer per prompt from each checkpoint's policy on the same generator; `texts` None: the
-    run's first held-out prompts. Scores are the newest checkpoint's reward model's (one judge for all)."""
+    run's first held-out prompts, each with the first of the answers its evaluation drew for it (the same
+    batch, rows and noise). Scores are the newest checkpoint's reward model's (one judge for all)."""
     folders = [checkpoint_folder(run_dir, name) for name in checkpoints]  # refuse before loading a model
     judge = checkpoint_folder(run_dir, "latest")
     run_model = load_run_model(run_dir, device)
     recipe, pm = run_model.recipe, run_model.pm
-    if texts is None:
-        prompts = run_model.task.prompts(recipe.task.eval_prompts, "eval")[:DEFAULT_PROMPTS]
+    rows = None
+    if texts is None:  # the evaluation's own batch (n answers a prompt), of which each prompt's first answer
+        per_prompt = recipe.eval.samples_per_prompt
+        held_out = run_model.task.prompts(recipe.task.eval_prompts, "eval")
+        batch = [prompt for prompt in held_out for _ in range(per_prompt)]
+        rows = slice(0, min(DEFAULT_PROMPTS, len(held_out)) * per_prompt, per_prompt)
+        prompts = batch[rows]
     else:
-        prompts = [task_prompt(run_model, text) for text in texts]
+        batch = prompts = [task_prompt(run_model, text) for text in texts]
     seed = recipe.seed if seed is None else seed
     temperature = recipe.eval.temperature if temperature is None else temperature
     counters = Counters()
@@ -125,7 +131,8 @@ def generate(
             sampled.append(
                 sample(
                     pm,
-                    prompts,
+                    batch,
+                    rows=rows,  # on the noise the whole evaluation batch draws: its logged answers
                     max_new_tokens=max_new_tokens or recipe.model.max_new_tokens,
                     max_prompt_tokens=recipe.model.max_prompt_tokens,
                     temperature=temperature,
@@ -140,12 +147,12 @@ def generate(
     answers: dict[str, list[dict]] = {}
     for name, seqs in zip(checkpoints, sampled, strict=True):
         scores = reward_scores(pm, seqs.input_ids, seqs.attention_mask, counters).tolist()
-        rows = []
+        entries = []
         for i, (prompt, response) in enumerate(zip(prompts, seqs.responses, strict=True)):
             finished = bool(seqs.finished[i])
             gold = task.gold(prompt, response, finished) if task.has_gold else None
-            rows.append({"response": response, "finished": finished, "reward": scores[i], "gold": gold})
-        answers[name] = rows
+            entries.append({"response": response, "finished": finished, "reward": scores[i], "gold": gold})
+        answers[name] = entries
     return Generation(
         run=Path(run_dir).name,
         prompts=prompts,

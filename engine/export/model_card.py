@@ -9,6 +9,7 @@ from engine.export.results import evaluation_rows, results_markdown
 from engine.recipe import Recipe
 from engine.rundir.reader import MAX_RECIPE_BYTES
 from engine.rundir.safe_io import read_plain
+from engine.rundir.wording import plural
 
 KIND_TITLES = {
     "adapter": "LoRA adapter (peft)",
@@ -60,8 +61,8 @@ def model_card(
         "",
         f"Trained with zopro from run `{Path(run_dir).name}`, checkpoint `{checkpoint}`.",
         "",
-        f"- method: **{recipe.policy.method}** ({recipe.train.iterations} iterations of "
-        f"{recipe.train.updates_per_iteration} policy updates, reward model refined between them)",
+        f"- method: **{recipe.policy.method}** ({plural(recipe.train.iterations, 'iteration')} of "
+        f"{plural(recipe.train.updates_per_iteration, 'policy update')}, the reward model refined after each)",
         f"- base: `{recipe.model.base}` ({recipe.model.dtype}), LoRA rank {recipe.model.lora_rank}, "
         f"alpha {recipe.model.lora_alpha:g} on {', '.join(recipe.model.target_modules)}",
         f"- data: `{data}`",
@@ -73,7 +74,9 @@ def model_card(
         table or "The run logged no held-out evaluation.",
         "",
         "Scores are means over held-out prompts with their standard errors; gold is the task's own scorer "
-        "(when it has one), reward the run's reward model, KL the policy's from the SFT policy.",
+        "(when it has one), fixed RM the reward model of the reward stage (comparable across rows), RM score "
+        "the reward model as refined by then (not comparable across rows), KL the policy's from the SFT "
+        "policy.",
         "",
         "## Use",
         "",

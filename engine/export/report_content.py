@@ -4,6 +4,7 @@ curves with their standard errors, the interplay figures, answers side by side, 
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 from engine.export.checkpoints import ExportError
@@ -17,8 +18,20 @@ from engine.rundir.answers import evaluation_answers, side_by_side
 from engine.rundir.reader import MAX_RECIPE_BYTES, is_run_dir, read_events, run_info, run_meta
 from engine.rundir.report import fmt_duration
 from engine.rundir.safe_io import read_plain
+from engine.rundir.wording import FIXED_RM_METRIC, RM_NOTE, iteration_text, plural
 
-ITERATION_COLUMNS = ["", "gold", "win vs SFT", "reward", "KL", "length", "forward passes", "elapsed"]
+ITERATION_COLUMNS = [
+    "",
+    "gold",
+    "win vs SFT",
+    "fixed RM",
+    "RM score",
+    "KL",
+    "length",
+    "forward passes",
+    "elapsed",
+]
+SCORES_CAPTION = f"mean ± standard error over prompts; {RM_NOTE}"
 META_FIELDS = ("device", "host", "python", "torch", "transformers", "peft", "zopro")
 
 
@@ -44,15 +57,13 @@ def run_section(document: Document, run: LabelledRun) -> None:
     info = run_info(run.path)
     recipe_text = _read(run.path / "recipe.toml")
     document.paragraph(
-        f"{info.status}, {info.iterations or '?'} iterations, elapsed {fmt_duration(info.elapsed)}; "
-        f"base {run_meta(run.path).get('base', '?')}"
+        f"{info.status}, {plural(info.iterations, 'iteration') if info.iterations else '? iterations'}, "
+        f"elapsed {fmt_duration(info.elapsed)}; base {base_text(recipe_text, run_meta(run.path).get('base'))}"
     )
     warnings_section(document, [run])
     document.heading("Held-out evaluation, per iteration")
     rows = evaluation_rows(run.path)
-    document.table(
-        ITERATION_COLUMNS, [iteration_row(row) for row in rows], "mean ± standard error over prompts"
-    )
+    document.table(ITERATION_COLUMNS, [iteration_row(row) for row in rows], SCORES_CAPTION)
     curves_section(document, [run])
     interplay_section(document, [run])
     document.heading("Answers: SFT and the last evaluation, same prompts and noise")
@@ -65,6 +76,8 @@ def run_section(document: Document, run: LabelledRun) -> None:
                 [prompt, *_answer(one), *_answer(other)]
                 for prompt, one, other in side_by_side(answers[first], answers[last])
             ],
+            "RM: each answer's score under the reward model as refined at that evaluation, so the same answer "
+            "can score differently in the two columns; gold: the task's own scorer",
         )
     else:
         document.paragraph("The run has not logged two evaluations' answers yet.")
@@ -103,6 +116,7 @@ def iteration_row(row: dict) -> list[str]:
         row["label"],
         score_text(row, "eval/gold"),
         score_text(row, "eval/win_rate_vs_sft"),
+        score_text(row, FIXED_RM_METRIC),
         score_text(row, "eval/reward"),
         score_text(row, "eval/kl"),
         score_text(row, "eval/response_length", 1),
@@ -118,13 +132,15 @@ def final_table(document: Document, runs: list[LabelledRun], title: str) -> None
         rows = evaluation_rows(run.path)
         last = rows[-1] if rows else {"label": "-"}
         table.append([run.label, run.method, run_info(run.path).status, *iteration_row(last)[1:]])
-    document.table(["", "method", "status", *ITERATION_COLUMNS[1:]], table, "the last evaluation of each run")
+    document.table(
+        ["", "method", "status", *ITERATION_COLUMNS[1:]], table, f"the last evaluation of each run; {RM_NOTE}"
+    )
 
 
 def iterations_by_run(document: Document, runs: list[LabelledRun]) -> None:
     document.heading("Held-out evaluation, per iteration")
     table = [[run.label, *iteration_row(row)] for run in runs for row in evaluation_rows(run.path)]
-    document.table(["run", *ITERATION_COLUMNS], table, "mean ± standard error over prompts")
+    document.table(["run", *ITERATION_COLUMNS], table, SCORES_CAPTION)
 
 
 def curves_section(document: Document, runs: list[LabelledRun]) -> None:
@@ -208,11 +224,7 @@ def warnings_section(document: Document, runs: list[LabelledRun]) -> None:
     for run in runs:
         for event in read_events(run.path):
             if event.get("type") == "warning":
-                where = (
-                    f"iteration {event['iteration']}"
-                    if event.get("iteration") is not None
-                    else event.get("stage")
-                )
+                where = iteration_text(event.get("iteration")) or event.get("stage")
                 prefix = f"{run.label}: " if len(runs) > 1 else ""
                 items.append(f"{prefix}[{event.get('code', '?')}] {where}: {event.get('message', '')}")
         info = run_info(run.path)
@@ -247,6 +259,18 @@ def _answer(row: dict | None) -> list[str]:
 
 def _number(value, spec: str) -> str:
     return spec.format(value) if isinstance(value, (int, float)) else "-"
+
+
+def base_text(recipe_text: str, resolved: object) -> str:
+    """The base as the recipe names it, with the folder it resolved to when that differs (a built-in base
+    built into the cache, a GGUF file dequantised there)."""
+    try:
+        named = tomllib.loads(recipe_text).get("model", {}).get("base")
+    except (tomllib.TOMLDecodeError, AttributeError):
+        named = None
+    if not isinstance(named, str):
+        return str(resolved or "?")
+    return named if not resolved or resolved == named else f"{named} ({resolved})"
 
 
 def _read(path: Path) -> str:

@@ -6,19 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.rundir.reader import read_events
+from engine.rundir.wording import FIXED_RM_METRIC, short_iteration
 
 EVAL_COLUMNS = (
     ("gold", "eval/gold"),
     ("win vs SFT", "eval/win_rate_vs_sft"),
-    ("reward", "eval/reward"),
+    ("fixed RM", FIXED_RM_METRIC),
+    ("RM score", "eval/reward"),
     ("KL", "eval/kl"),
     ("length", "eval/response_length"),
 )
 
 
 def evaluation_rows(run_dir: Path, problems: list[str] | None = None) -> list[dict]:
-    """One row per held-out evaluation, in order: label (SFT, it 0, ...), iteration, elapsed, forward
-    passes, global step and the eval/* metrics (with their standard errors)."""
+    """One row per held-out evaluation, in order: label (SFT, it 1, ...: counted from 1, as everywhere),
+    iteration, elapsed, forward passes, global step and the eval/* metrics (with their standard errors)."""
     rows = []
     for event in read_events(run_dir, problems):
         if event.get("type") != "eval":
@@ -27,7 +29,7 @@ def evaluation_rows(run_dir: Path, problems: list[str] | None = None) -> list[di
         iteration = event.get("iteration")
         rows.append(
             {
-                "label": "SFT" if iteration is None else f"it {iteration}",
+                "label": "SFT" if iteration is None else short_iteration(iteration),
                 "iteration": iteration,
                 "elapsed": event.get("elapsed"),
                 "global_step": event.get("global_step"),

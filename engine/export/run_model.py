@@ -14,10 +14,10 @@ from engine.recipe import Recipe, RecipeError, load_recipe
 from engine.rundir.reader import run_meta
 from engine.rundir.safe_io import checked_inside
 from engine.training.models import (
+    BASE_NOTES,
     ModelError,
     PreferenceModel,
     apply_adapters,
-    default_cache_dir,
     load_preference_model,
     quiet_transformers,
     read_adapters,
@@ -62,16 +62,15 @@ def run_recipe(run_dir: Path) -> Recipe:
 
 
 def run_base(run_dir: Path, recipe: Recipe, task: Any) -> str:
-    """The base the run trained on: meta.json's resolved folder when it is still there and is one the recipe
-    names (its own folder, or one zopro built or dequantised into the cache), else resolved again from the
+    """The base the run trained on: meta.json's resolved folder when it is still there and is the recipe's own
+    folder or one zopro built or dequantised (it holds zopro's note of how), else resolved again from the
     recipe (a built-in base is rebuilt, identically, from the task's text and the seed). A meta.json never
     makes zopro load a model from anywhere else."""
     m = recipe.model
     base = run_meta(run_dir).get("base")
-    cache = Path(m.cache_dir).expanduser() if m.cache_dir else default_cache_dir()
     if isinstance(base, str) and base and (Path(base) / "config.json").is_file():
-        where = Path(base).resolve()
-        if where == Path(m.base).expanduser().resolve() or where.is_relative_to(cache.resolve()):
+        made_by_zopro = any((Path(base) / note).is_file() for note in BASE_NOTES)
+        if made_by_zopro or Path(base).resolve() == Path(m.base).expanduser().resolve():
             return base
     return resolve_base(m.base, task.corpus(), recipe.seed, m.cache_dir, task.pretraining_text())
 

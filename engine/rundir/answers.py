@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine.rundir.reader import MAX_LINE_BYTES
 from engine.rundir.safe_io import read_inside
+from engine.rundir.wording import short_iteration
 
 
 def evaluation_answers(run_dir: Path) -> dict[str, list[dict]]:
@@ -29,7 +30,7 @@ def evaluation_answers(run_dir: Path) -> dict[str, list[dict]]:
             if not isinstance(row, dict) or row.get("kind") != "eval":
                 continue
             iteration = row.get("iteration")
-            label = "SFT" if iteration is None else f"it {iteration}"
+            label = "SFT" if iteration is None else short_iteration(iteration)
             rows.setdefault(label, []).append(row)
         found.update(rows)
     return dict(sorted(found.items(), key=lambda item: _order(item[0])))

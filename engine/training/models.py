@@ -23,11 +23,13 @@ from torch import nn
 
 from engine.rundir.checkpoints import adapter_file
 from engine.training.activation_checkpointing import set_activation_checkpointing
-from engine.training.gguf_base import GGUFError, dequantise, is_gguf_reference
+from engine.training.gguf_base import GGUF_NOTE, GGUFError, dequantise, is_gguf_reference
 from engine.training.lora_forward import install as install_lora_forward
 from engine.training.row_chunks import INFERENCE_CHUNK_BYTES, inference_rows, row_chunks
 
 ADAPTERS = ("sft", "policy", "reward")
+BUILTIN_NOTE = "zopro-builtin.json"  # in a folder zopro built: how (size, seed, corpus)
+BASE_NOTES = (BUILTIN_NOTE, GGUF_NOTE)  # a base folder that holds one was made by zopro
 BUILTIN_SIZES = {
     # name: hidden, layers, heads, mlp
     "nano": (64, 2, 4, 256),
@@ -151,7 +153,7 @@ def build_builtin(
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "zopro-builtin.json").write_text(
+        (tmp / BUILTIN_NOTE).write_text(
             json.dumps(
                 {
                     "size": size,
@@ -184,7 +186,13 @@ def pretrain(
     batch_size: int = 32,
     lr: float = 3e-3,
 ) -> float:
-    """Next-token training of all weights on plain lines (each followed by EOS); returns the last loss."""
+    """Next-token training of all weights on plain lines (each followed by EOS); returns the last loss. With
+    gradients on also when the caller has them off (`zopro generate` rebuilding a built-in base)."""
+    with torch.enable_grad():
+        return _pretrain(model, tokenizer, text, seed=seed, steps=steps, batch_size=batch_size, lr=lr)
+
+
+def _pretrain(model, tokenizer, text, *, seed: int, steps: int, batch_size: int, lr: float) -> float:
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -387,7 +395,7 @@ def load_preference_model(
     except Exception as error:  # noqa: BLE001 - a damaged model folder: truncated weights, a config that is a list
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hint = ""
-        if Path(base).parent.name == "builtin" and (Path(base) / "zopro-builtin.json").exists():
+        if Path(base).parent.name == "builtin" and (Path(base) / BUILTIN_NOTE).exists():
             hint = f"; the built-in model cached there is damaged: remove {base} and it is built again"
         elif Path(base).is_dir():
             hint = "; the model folder is damaged (a copy or download cut short?)"

@@ -73,13 +73,3 @@ def run_state(data: Any) -> RunState:
     if not isinstance(state.elapsed, (int, float)) or not isinstance(state.counters, dict):
         raise ValueError("elapsed or counters has the wrong type")
     return state
-
-
-def stage_title(stage: str, iteration: int) -> str:
-    return {
-        "sft": "supervised fine-tuning",
-        "reward": "reward model (Bradley-Terry)",
-        "policy": f"iteration {iteration}: policy optimisation",
-        "refine": f"iteration {iteration}: judge and refine the reward model",
-        "eval": f"iteration {iteration}: held-out evaluation",
-    }.get(stage, stage)
