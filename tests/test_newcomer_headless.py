@@ -4,6 +4,7 @@ pauses said apart, and a first run on a fresh cache says what it builds and neve
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 from engine.rundir.reader import run_info
-from tests.conftest import REPO
+from tests.conftest import REPO, zopro_popen
 
 STAGES = REPO / "tests" / "fixtures" / "run_stages"
 LONG = (
@@ -133,3 +134,16 @@ def test_the_live_line_fits_80_columns_without_cutting_a_score():
     assert "…" not in lines[80] and "KL 0.12" in lines[80] and "ETA 0:" in lines[80], lines[80]
     assert lines[80].startswith("online_dpo policy it 2/4 step 310/432 RM score 0.74"), lines[80]
     assert "st/s" in lines[120] and "st/s" not in lines[80]
+
+
+def test_a_run_whose_output_is_closed_goes_on_to_the_end(tmp_path, fast_recipe):
+    """`zopro run | head -2`: the reader goes away after two lines; the run neither dies silently (rich exits
+    on a broken pipe) nor leaves a stale folder: it says so on stderr, finishes and exits 0."""
+    run_dir = tmp_path / "run"
+    process = zopro_popen("run", str(fast_recipe), "--run-dir", str(run_dir))
+    assert process.stdout.readline().strip()  # "building the built-in model ..." or "run ..."
+    process.stdout.close()  # as head does after its lines
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "broken pipe" in stderr and "Traceback" not in stderr
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"

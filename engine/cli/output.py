@@ -3,6 +3,7 @@ refusal of what a user can fix (exit code 2 unless told)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import NoReturn
@@ -16,6 +17,26 @@ from engine.cli.exit_codes import EXIT_BAD_INPUT
 UNWRAPPED_WIDTH = 200  # to a file or pipe: lines are not hard-wrapped at 80 columns (tables keep their size)
 
 
+class SteadyConsole(Console):
+    """A console whose reader may go away (`zopro run | head`): when its pipe closes it falls silent and the
+    command goes on, instead of exiting at once as rich does: a training run is not a listing, and one
+    killed by its reader would leave no trace of why."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.file.fileno())  # later writes (and the flush at exit) go nowhere
+            os.close(devnull)
+        if self.file is not sys.stderr:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(
+                    "zopro: its output was closed (broken pipe); it goes on without printing (a run: until "
+                    "it ends; Ctrl-C stops it after a checkpoint)\n"
+                )
+                sys.stderr.flush()
+
+
 def _console(stderr: bool = False) -> Console:
     """A terminal's own width; to a file or a pipe (no terminal, no COLUMNS) a width no line reaches."""
     stream = sys.stderr if stderr else sys.stdout
@@ -24,7 +45,7 @@ def _console(stderr: bool = False) -> Console:
     except (AttributeError, ValueError):
         terminal = False
     width = None if terminal or os.environ.get("COLUMNS") else UNWRAPPED_WIDTH
-    return Console(stderr=stderr, highlight=False, width=width)
+    return SteadyConsole(stderr=stderr, highlight=False, width=width)
 
 
 console = _console()
