@@ -174,3 +174,34 @@ def test_llm_judge_on_the_builtin_task_reports_verdicts_and_agreement(tmp_path, 
 def test_parse_verdict():
     assert parse_verdict(" A") == 0 and parse_verdict("B.") == 1 and parse_verdict("(a)") == 0
     assert parse_verdict("Both") is None and parse_verdict("") is None and parse_verdict(" Answer") is None
+
+
+def test_malformed_rows_are_left_out_with_a_warning_not_silently(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        (FIXTURES / "hh-rlhf" / "train.jsonl").read_text()
+        + '{"chosen": 42, "rejected": "x"}\n{"chosen": null}\n'
+    )
+    recipe = recipe_for(tmp_path, "hh_rlhf", data)
+    run = tmp_path / "run"
+    result = zopro("run", str(recipe), "--run-dir", str(run), "-q")
+    assert result.returncode == 0, result.stderr
+    (warning,) = [
+        e for e in read_events(run) if e["type"] == "warning" and e["code"] == "data_malformed_rows"
+    ]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    baseline = zopro(
+        "run",
+        str(recipe_for(plain, "hh_rlhf", FIXTURES / "hh-rlhf" / "train.jsonl")),
+        "--run-dir",
+        str(plain / "run"),
+        "-q",
+    )
+    before = [
+        e for e in read_events(plain / "run") if e["type"] == "warning" and e["code"] == "data_malformed_rows"
+    ]
+    assert baseline.returncode == 0, baseline.stderr
+    already = before[0]["malformed"] if before else 0  # the fixture's own diverging dialogues
+    assert warning["malformed"] == already + 2 and f"{already + 2} rows are malformed" in warning["message"]
+    assert "warning [data_malformed_rows]" in result.stderr and str(data) in result.stderr

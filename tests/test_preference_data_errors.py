@@ -57,9 +57,16 @@ def test_unsupported_file_type_is_a_data_error(tmp_path: Path) -> None:
 
 def test_unreadable_and_empty_files_are_data_errors(tmp_path: Path) -> None:
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"chosen": "\\n\\nHuman: Hi", "rejected":\n')
-    with pytest.raises(DataError, match=r"^Cannot read .*broken\.jsonl as json data \(JSON parse error"):
-        load_preferences(PreferenceSource("hh_rlhf", str(broken)))
+    good = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+    broken.write_text(good * 10 + '{"prompt": "p", "chosen": "a", "rej\n' + good)  # line 11 is cut short
+    with pytest.raises(
+        DataError, match=r"broken\.jsonl line 11 is not valid JSON; each line must be one JSON"
+    ):
+        load_preferences(PreferenceSource("preference_table", str(broken)))
+    broken_json = tmp_path / "broken.json"
+    broken_json.write_text('[{"prompt": "p", "chosen": "a",')
+    with pytest.raises(DataError, match=r"^Cannot read .*broken\.json as json data \("):
+        load_preferences(PreferenceSource("preference_table", str(broken_json)))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match=r"empty\.jsonl is empty\.$"):
@@ -137,3 +144,15 @@ def test_script_only_hub_dataset_falls_back_to_the_parquet_export(monkeypatch: p
         {"split": "train", "data_dir": "en-de", "revision": "refs/convert/parquet"},
     )
     assert drops.kept == 5 and rows[0].chosen == "José Ortega y Gasset besuchte Husserl 1934 in Freiburg."
+
+
+def test_a_save_to_disk_folder_is_read_by_its_split(tmp_path: Path) -> None:
+    rows = {"prompt": ["p1", "p2"], "chosen": ["good one", "good two"], "rejected": ["bad one", "bad two"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "saved"))
+    pairs, report = load_preferences(PreferenceSource("preference_table", str(tmp_path / "saved")))
+    assert [pair.chosen for pair in pairs] == ["good one", "good two"] and report.kept == 2
+    with pytest.raises(DataError, match=r"has no split 'test'; it has: train \(set data.split\)"):
+        load_preferences(PreferenceSource("preference_table", str(tmp_path / "saved"), split="test"))
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    pairs, _ = load_preferences(PreferenceSource("preference_table", str(tmp_path / "one")))
+    assert len(pairs) == 2

@@ -4,6 +4,7 @@ compressed), a local folder, or a hub dataset; every failure a DataError in one 
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,16 +47,54 @@ def _load_file(file: Path, split: str) -> Dataset:
     if file.stat().st_size == 0:
         raise DataError(f"{file} is empty.")
     kwargs: dict[str, Any] = {"delimiter": "\t"} if ".tsv" in [s.lower() for s in file.suffixes] else {}
+    datasets.logging.set_verbosity_error()  # its own log line on a bad file would precede our sentence
     try:
         return datasets.load_dataset(builder, data_files={split: str(file)}, split=split, **kwargs)
     except Exception as exc:
         if "corresponds to no data" in str(exc):
             raise DataError(f"{file} has no rows.") from exc
+        bad_line = _first_bad_json_line(file) if builder == "json" else None
+        if bad_line is not None:
+            raise DataError(
+                f"{file} line {bad_line} is not valid JSON; each line must be one JSON object."
+            ) from exc
         raise DataError(f"Cannot read {file} as {builder} data ({first_line(exc)}).") from exc
+
+
+def _first_bad_json_line(file: Path) -> int | None:
+    """The first line (from 1) of a JSON Lines file that is not a JSON value, for the error sentence (the
+    reader's own message counts rows from 0 and can blame the encoding); None when none or not JSON Lines."""
+    if [s.lower() for s in file.suffixes][-1:] != [".jsonl"]:
+        return None
+    try:
+        with open(file, encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except ValueError:
+                    return number
+    except OSError:
+        return None
+    return None
 
 
 def _load_folder(folder: Path, spec: PreferenceSource) -> Dataset:
     import datasets
+
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():  # save_to_disk's folder
+        try:
+            saved = datasets.load_from_disk(str(folder))
+        except Exception as exc:
+            raise DataError(f"Cannot read the saved dataset in {folder} ({first_line(exc)}).") from exc
+        if isinstance(saved, datasets.DatasetDict):
+            if spec.split not in saved:
+                raise DataError(
+                    f"{folder} (a saved DatasetDict) has no split {spec.split!r}; it has: {', '.join(saved)} "
+                    "(set data.split)"
+                )
+            return saved[spec.split]
+        return saved
 
     if spec.config:
         if (folder / spec.config).is_dir():

@@ -91,6 +91,14 @@ class RunBook:
             world_size=self.dist.world_size,
             **({"data": data_report.as_dict()} if data_report is not None else {}),
         )
+        if data_report is not None and data_report.malformed and stages_from is None:  # (adopted: theirs)
+            self.warn(
+                "data_malformed_rows",
+                f"data.path = {recipe.data.path}: {data_report.malformed} rows are malformed (a missing or "
+                f"ill-typed field, an empty answer; in hh-rlhf, dialogues that part before the last answer) and "
+                f"were left out; {data_report.summary()}",
+                **data_report.as_dict(),
+            )
 
     def _fit_iterations(self, checkpoint: Path | None) -> None:
         """train.iterations in recipe.toml lowered below where the checkpoint is: exactly at an iteration's
