@@ -147,3 +147,22 @@ def test_a_run_whose_output_is_closed_goes_on_to_the_end(tmp_path, fast_recipe):
     assert process.returncode == 0, stderr
     assert "broken pipe" in stderr and "Traceback" not in stderr
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_validate_and_queue_add_check_the_data_file_as_run_does(tmp_path):
+    from tests.conftest import zopro
+
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text(
+        '[task]\nname = "dataset"\n\n[data]\nformat = "preference_table"\npath = "nothere.jsonl"\n\n'
+        '[refine]\njudge = "reward"\n'
+    )
+    for args in (("validate", str(recipe)), ("queue", "add", str(recipe), "--root", str(tmp_path / "q"))):
+        result = zopro(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "data.path = 'nothere.jsonl': No such file or folder" in result.stderr
+    assert not (tmp_path / "q").exists(), "nothing queued"
+    (tmp_path / "empty.jsonl").write_text("")
+    recipe.write_text(recipe.read_text().replace("nothere.jsonl", "empty.jsonl"))
+    result = zopro("validate", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2 and "empty.jsonl is empty." in result.stderr

@@ -250,6 +250,7 @@ def validate(
     show: Annotated[bool, typer.Option("--show", help="print the fully resolved recipe")] = False,
 ) -> None:
     """Check recipes without running anything."""
+    from engine.data.files import recipe_data_problem
     from engine.recipe import dump_recipe
     from engine.rundir.wording import plural
 
@@ -257,6 +258,9 @@ def validate(
     for path in recipes:
         try:
             resolved = load_recipe(path, set_ or [])
+            problem = recipe_data_problem(resolved)
+            if problem is not None:
+                raise RecipeError(f"{path}: {problem}")
         except RecipeError as error:
             err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
             bad += 1

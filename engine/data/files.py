@@ -42,10 +42,9 @@ def _load_file(file: Path, split: str) -> Dataset:
     import datasets
 
     builder = _builder_for(file)
-    if builder is None:
-        raise DataError(f"Cannot read {file}: unsupported file type; accepted files are {_ACCEPTED_FILES}.")
-    if file.stat().st_size == 0:
-        raise DataError(f"{file} is empty.")
+    problem = path_problem(str(file))  # a folder's file as a named one
+    if problem is not None or builder is None:
+        raise DataError(problem or f"Cannot read {file}: unsupported file type.")
     kwargs: dict[str, Any] = {"delimiter": "\t"} if ".tsv" in [s.lower() for s in file.suffixes] else {}
     datasets.logging.set_verbosity_error()  # its own log line on a bad file would precede our sentence
     try:
@@ -141,17 +140,42 @@ def _load_hub(spec: PreferenceSource) -> Dataset:
         ) from exc
 
 
+def path_problem(path: str) -> str | None:
+    """What is wrong with a data path that can be told without reading it (missing, empty, a FIFO, a file
+    type no reader takes), in one sentence; None for a file or folder to read, or a hub id. `zopro validate`
+    and `zopro queue add` ask it, so that a recipe they pass does not fail later in a worker."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        if _builder_for(local) is None:
+            return f"Cannot read {local}: unsupported file type; accepted files are {_ACCEPTED_FILES}."
+        return f"{local} is empty." if local.stat().st_size == 0 else None
+    if local.is_dir():
+        return None
+    if local.exists():  # a FIFO or a device: reading it would never end
+        return f"{path} is not a plain file or a folder; give a {_ACCEPTED_FILES} file."
+    if _looks_local(path):
+        return (
+            f"No such file or folder: {path}; give an existing {_ACCEPTED_FILES} file, a folder of them, "
+            "or a hub id such as 'Anthropic/hh-rlhf'."
+        )
+    return None
+
+
+def recipe_data_problem(recipe) -> str | None:
+    """`path_problem` of a recipe's `data.path`, as `data.path = ...: the problem`; None without a dataset."""
+    if recipe.task.name != "dataset":
+        return None
+    problem = path_problem(recipe.data.path)
+    return None if problem is None else f"data.path = {recipe.data.path!r}: {problem}"
+
+
 def load_dataset(spec: PreferenceSource) -> Dataset:
+    problem = path_problem(spec.path)
+    if problem is not None:
+        raise DataError(problem)
     local = Path(spec.path).expanduser()
     if local.is_file():
         return _load_file(local, spec.split)
     if local.is_dir():
         return _load_folder(local, spec)
-    if local.exists():  # a FIFO or a device: reading it would never end
-        raise DataError(f"{spec.path} is not a plain file or a folder; give a {_ACCEPTED_FILES} file.")
-    if _looks_local(spec.path):
-        raise DataError(
-            f"No such file or folder: {spec.path}; give an existing {_ACCEPTED_FILES} file, a folder of them, "
-            "or a hub id such as 'Anthropic/hh-rlhf'."
-        )
     return _load_hub(spec)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.data.files import recipe_data_problem
 from engine.jobs.command import engine_command, run_command
 from engine.recipe import RecipeError, load_recipe
 from engine.rundir.files import atomic_write_text, spawn_detached
@@ -194,6 +195,9 @@ def add(root: Path, recipe: Path, overrides: list[str], grid: list[str]) -> Queu
     recipe = Path(recipe)
     try:
         resolved = load_recipe(recipe, overrides)
+        problem = recipe_data_problem(resolved)  # a worker would only fail it later
+        if problem is not None:
+            raise RecipeError(f"{recipe}: {problem}")
         if grid:
             validate_points(recipe, overrides, grid_points(parse_grid(grid, overrides)))
     except (RecipeError, SweepError) as error:
