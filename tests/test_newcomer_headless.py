@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from engine.recipe import METHODS
 from engine.rundir.reader import run_info
 from tests.conftest import REPO, zopro_popen
 
@@ -33,7 +34,7 @@ def zopro(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.Com
 def test_help_describes_every_method_without_type_tags():
     top = zopro("--help")
     assert top.returncode == 0
-    for method in ("rloo", "ppo", "online_dpo", "mezo", "zopro"):
+    for method in METHODS:  # the group methods too
         assert method in top.stdout, method
     run = zopro("run", "--help")
     assert "<bool>" not in top.stdout + run.stdout and "--quiet" in run.stdout

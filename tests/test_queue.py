@@ -40,9 +40,9 @@ def test_pending_entries_move_and_cancel(fast_recipe: Path, tmp_path: Path):
     for seed in (1, 2, 3):  # queued in the library: no worker is started here
         add(root, fast_recipe, [f"seed={seed}"], [])
     assert [i.id for i in load_items(root)] == ["0001", "0002", "0003"]
-    move(root, "0003", "first")
+    assert move(root, "0003", "first")[1:] == (1, 3)  # its place in line, of how many
     assert [i.id for i in load_items(root)] == ["0003", "0001", "0002"]
-    move(root, "1", "down")
+    assert move(root, "1", "down")[1:] == (3, 3)
     assert [i.id for i in load_items(root)] == ["0003", "0002", "0001"]
     cancel(root, "0002")
     assert {i.id: i.state for i in load_items(root)}["0002"] == "cancelled"

@@ -251,7 +251,8 @@ def resolve_target(
 
 def workbench(
     target: Annotated[
-        str | None, typer.Argument(help="a recipe .toml to start, or a run directory to attach to")
+        str | None,
+        typer.Argument(help="a recipe .toml to start, a run directory to attach to, or a sweep folder"),
     ] = None,
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
     readonly: Annotated[

@@ -13,7 +13,7 @@ from engine.cli.after_training import generate_command, plot_command, report_com
 
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="iter-N, latest or sft")] = "latest",
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="iter-N, latest, sft or reward")] = "latest",
     compare: Annotated[
         str | None, typer.Option("--compare", help="several checkpoints side by side: sft,iter-0,latest")
     ] = None,

@@ -15,15 +15,16 @@ from engine.cli.choices import ExportFormat, one_of
 from engine.cli.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
 from engine.cli.launch import embedded_recipe, start_torchrun
 from engine.cli.output import console, err, fail
-from engine.recipe import RecipeError, load_recipe
+from engine.recipe import FIRST_ORDER_METHODS, ZEROTH_ORDER_METHODS, RecipeError, load_recipe
 
 app = typer.Typer(
     name="zopro",
     help=(
         "Preference optimisation of language models from the terminal: SFT, a reward model, then "
-        "iterations of policy optimisation with a first-order method (rloo, ppo, online_dpo) or a "
-        "zeroth-order one (mezo, zopro), each followed by refining the reward model. Pick the method "
-        "with policy.method in the recipe or --set policy.method=NAME; watch runs with zopro-tui."
+        f"iterations of policy optimisation with a first-order method ({', '.join(FIRST_ORDER_METHODS)}) "
+        f"or a zeroth-order one ({', '.join(ZEROTH_ORDER_METHODS)}), each followed by refining the reward "
+        "model. Pick the method with policy.method in the recipe or --set policy.method=NAME; watch runs "
+        "with zopro-tui."
     ),
     add_completion=False,
     no_args_is_help=True,
@@ -32,7 +33,14 @@ app = typer.Typer(
 )
 
 
-@app.command(short_help="Train a recipe (any method: rloo, ppo, online_dpo, mezo, zopro).")
+@app.command(
+    short_help="Train a recipe with any method (policy.method).",
+    help=(
+        "Train: SFT, a reward model, then iterations of policy optimisation (policy.method: "
+        f"{', '.join(FIRST_ORDER_METHODS)}, or zeroth-order {', '.join(ZEROTH_ORDER_METHODS)}) and "
+        "reward-model refinement."
+    ),
+)
 def run(
     recipe: Annotated[
         Path | None, typer.Argument(help="recipe TOML (default: the embedded recipes/tiny.toml)")
@@ -69,8 +77,7 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Train: SFT, a reward model, then iterations of policy optimisation (policy.method: rloo, ppo,
-    online_dpo, or zeroth-order mezo, zopro) and reward-model refinement."""
+    """Train a recipe (the command's help says how)."""
     from engine.cli.runner import run_training
 
     if nproc_per_node > 1:
@@ -368,7 +375,7 @@ def export(
         typer.Option("--model", help="write the trained model to this new folder instead of the metrics"),
     ] = None,
     checkpoint: Annotated[
-        str, typer.Option("--checkpoint", help="with --model: iter-N, latest or sft")
+        str, typer.Option("--checkpoint", help="with --model: iter-N, latest, sft or reward")
     ] = "latest",
     merge: Annotated[
         bool,

@@ -107,17 +107,18 @@ def queue_move(
     from engine.jobs.queue import QueueError, move
 
     try:
-        move(root, item_id, where)
+        item, place, pending = move(root, item_id, where)
     except QueueError as error:
         fail(str(error))
+    console.print(f"{item.id}: pending, {place} of {pending} in line", markup=False)
 
 
-@queue_app.command("work", hidden=True)
+@queue_app.command("work")
 def queue_work(
     root: Annotated[Path, typer.Option("--root", help="folder of runs")] = Path("runs"),
     lock_fd: Annotated[int | None, typer.Option("--lock-fd", hidden=True)] = None,
 ) -> None:
-    """Run the queue until nothing is pending (started by `queue add`, which hands it the worker lock)."""
+    """Run the queue here until nothing is pending (`queue add` starts one in the background)."""
     from engine.jobs.queue import work
 
     raise typer.Exit(work(root, log=lambda text: print(text, flush=True), lock_fd=lock_fd))

@@ -246,8 +246,9 @@ def _add_locked(root: Path, recipe: Path, resolved, overrides: list[str], grid: 
     return item
 
 
-def move(root: Path, item_id: str, where: str) -> QueueItem:
-    """Move a pending entry: up, down, first or last among the pending ones."""
+def move(root: Path, item_id: str, where: str) -> tuple[QueueItem, int, int]:
+    """Move a pending entry: up, down, first or last among the pending ones; (the entry, its place among
+    them from 1, how many are pending)."""
     if where not in ("up", "down", "first", "last"):
         raise QueueError(f"move {where!r} is not accepted; choose up, down, first or last")
     item = find(root, item_id)
@@ -263,7 +264,7 @@ def move(root: Path, item_id: str, where: str) -> QueueItem:
         if entry.order != order:
             entry.order = order
             save(root, entry)
-    return item
+    return item, target + 1, len(pending)
 
 
 def cancel(root: Path, item_id: str) -> QueueItem:
