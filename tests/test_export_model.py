@@ -64,6 +64,9 @@ def test_adapter_export_loads_with_peft_and_gives_the_runs_log_probs(float_run, 
     assert (base_only - expected).abs().max() > 1e-3  # the adapter is what makes the difference
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "method: **rloo**" in card and "| it 1 |" in card and "± " in card and "[sft]" in card
+    assert "| it 2 |" in card and "| it 0 |" not in card, "iterations counted from 1, as the run's summary"
+    assert "| fixed RM | RM score |" in card and "2 iterations of 4 policy updates" in card
+    assert "prompts: the builtin:sentiment task's texts as they are" in card
     assert json.loads((tmp_path / "adapter" / "zopro_export.json").read_text())["checkpoint"] == "iter-0001"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.data.prompts import PLAIN_PROMPT_TEMPLATE
 from engine.export.results import evaluation_rows, results_markdown
 from engine.recipe import Recipe
 from engine.rundir.reader import MAX_RECIPE_BYTES
@@ -41,8 +42,33 @@ def usage(kind: str, base: str) -> str:
     )
 
 
+def prompt_format(recipe: Recipe, chat: bool) -> str:
+    """How the run's prompts looked to the model, so that a user prompts the exported one the same way."""
+    if chat:
+        return (
+            "prompts: one user message through the tokenizer's chat template "
+            "(`tokenizer.apply_chat_template([{'role': 'user', 'content': text}], add_generation_prompt=True)`)"
+        )
+    if recipe.task.name != "dataset":
+        return f"prompts: the {recipe.task.name} task's texts as they are (no template), e.g. `describe the movie .`"
+    if recipe.data.format == "preference_table":
+        return f"prompts: `{PLAIN_PROMPT_TEMPLATE.encode('unicode_escape').decode()}` (no chat template)"
+    if recipe.data.format == "hh_rlhf":
+        return "prompts: the dialogue as `\\n\\nHuman: {text}\\n\\nAssistant:` (no chat template)"
+    return (
+        f"prompts: the {recipe.data.format} texts as they are, each ending in its own cue (no chat template)"
+    )
+
+
 def model_card(
-    run_dir: Path, recipe: Recipe, *, kind: str, checkpoint: str, base: str, notes: list[str]
+    run_dir: Path,
+    recipe: Recipe,
+    *,
+    kind: str,
+    checkpoint: str,
+    base: str,
+    notes: list[str],
+    chat: bool = False,
 ) -> str:
     """README.md for an exported folder: the recipe, method, data and the run's held-out results."""
     data = recipe.data.path or recipe.task.name
@@ -67,6 +93,7 @@ def model_card(
         f"alpha {recipe.model.lora_alpha:g} on {', '.join(recipe.model.target_modules)}",
         f"- data: `{data}`",
         f"- seed: {recipe.seed}",
+        f"- {prompt_format(recipe, chat)}",
         *[f"- {note}" for note in notes],
         "",
         "## Held-out results",

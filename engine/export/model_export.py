@@ -69,7 +69,12 @@ def export_model(
         else:
             write_reward(folder, staging, base, recipe.model.dtype, result)
         save_tokenizer(base, staging)
-        card = model_card(run_dir, recipe, kind=kind, checkpoint=folder.name, base=base, notes=result.notes)
+        templated = (staging / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+            (staging / "tokenizer_config.json").read_text()
+        )
+        card = model_card(
+            run_dir, recipe, kind=kind, checkpoint=folder.name, base=base, notes=result.notes, chat=templated
+        )
         (staging / "README.md").write_text(card)
         provenance = {
             "run": str(Path(run_dir).resolve()),
