@@ -206,3 +206,14 @@ def test_tiny_rloo_stays_near_its_reference_and_improves(tmp_path, seed):
     # recipes/tiny.toml's four)
     assert gold[-1] > gold[1] and max(kl) < 5.0, (gold, kl)
     assert not [e for e in read_events(run) if e["type"] == "warning"]
+
+
+def test_watchdog_says_when_the_policy_has_not_moved_from_sft():
+    baseline = {"eval/gold": 0.3, "eval/kl": 0.0}
+    stuck = {"eval/gold": 0.3, "eval/win_rate_vs_sft": 0.5, "eval/win_rate_vs_sft_se": 0.0, "eval/kl": 0.0}
+    (warning,) = check(stuck, [baseline])
+    assert warning.code == "policy_unchanged" and "policy.temperature" in warning.message
+    moved = {**stuck, "eval/win_rate_vs_sft": 0.56, "eval/win_rate_vs_sft_se": 0.03, "eval/kl": 0.4}
+    assert check(moved, [baseline]) == []
+    assert check({**stuck, "eval/kl": 0.2}, [baseline]) == [], "ties, but the policy moved: not this warning"
+    assert check(stuck, []) == [], "the SFT baseline itself is never compared"

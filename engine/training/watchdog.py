@@ -8,6 +8,10 @@ policy ran away from its reference in the last iteration:
   `kl_jump_min` nats per answer (the floor keeps the first iterations, where KL starts from 0, quiet);
 - `gold_drop`: the held-out gold score (the win rate against SFT on tasks without gold) fell by more than
   `gold_drop` (and by more than three standard errors, when the evaluation reports one).
+
+And one sign that it has not moved at all: `policy_unchanged`, after an iteration every held-out answer ties
+with the SFT policy's (win rate exactly 0.5, standard error 0) and the KL to it is ~0: the answers of one
+prompt are likely all the same, so there are no reward differences to learn from.
 """
 
 from __future__ import annotations
@@ -76,4 +80,15 @@ def check(
                     )
                 )
             break  # gold where the task has it, the win rate only without it
+    win, win_se, kl = _number(latest, "eval/win_rate_vs_sft"), _number(latest, "eval/win_rate_vs_sft_se"), kl
+    if win == 0.5 and win_se == 0.0 and kl is not None and abs(kl) < 1e-3:
+        warnings.append(
+            RunWarning(
+                "policy_unchanged",
+                f"every held-out answer ties with the SFT policy's and the KL to it is {kl:.1e}: the policy has "
+                "not moved; its answers to one prompt are likely all alike (no reward differences to learn "
+                "from): raise policy.temperature or train.samples_per_prompt, or shorten SFT (sft.steps)",
+                {"kl": kl},
+            )
+        )
     return warnings
