@@ -13,6 +13,7 @@ import pytest
 
 from engine.jobs import queue
 from tests.conftest import FAST_RECIPE, zopro
+from tests.runs import finished_run
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_RUN = REPO / "tests" / "fixtures" / "run_tiny" / "fast-seed0"
@@ -21,14 +22,9 @@ SECRET = "SECRET-KEY-MATERIAL-not-for-a-report"
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished run with checkpoints (one iteration)."""
-    folder = tmp_path_factory.mktemp("source")
-    recipe = folder / "fast.toml"
-    recipe.write_text(FAST_RECIPE.replace("iterations = 2", "iterations = 1"))
-    run = folder / "run"
-    result = zopro("run", str(recipe), "--run-dir", str(run), "-q")
-    assert result.returncode == 0, result.stderr
-    return recipe, run
+    """A finished run with checkpoints (one iteration): (recipe, run directory)."""
+    one_iteration = FAST_RECIPE.replace("iterations = 2", "iterations = 1")
+    return finished_run(tmp_path_factory.mktemp("source"), "fast", one_iteration)
 
 
 def copied(run: Path, where: Path) -> Path:

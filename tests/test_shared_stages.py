@@ -11,7 +11,7 @@ import torch
 
 from engine.rundir.reader import read_events
 from tests.conftest import FAST_RECIPE, zopro
-from tests.runs import adapters, metric_events
+from tests.runs import adapters, finished_run, metric_events
 
 ZOPRO = (
     FAST_RECIPE
@@ -75,13 +75,9 @@ def test_no_share_stages_trains_them_again(tmp_path, fast_recipe):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("source")
-    recipe = folder / "fast.toml"
-    recipe.write_text(FAST_RECIPE.replace("iterations = 2", "iterations = 1"))
-    run = folder / "run"
-    result = zopro("run", str(recipe), "--run-dir", str(run), "-q")
-    assert result.returncode == 0, result.stderr
-    return recipe, run
+    """A finished run with checkpoints (one iteration): (recipe, run directory)."""
+    one_iteration = FAST_RECIPE.replace("iterations = 2", "iterations = 1")
+    return finished_run(tmp_path_factory.mktemp("source"), "fast", one_iteration)
 
 
 def test_a_run_with_other_sft_settings_cannot_take_them(tmp_path, finished):
