@@ -56,9 +56,7 @@ def checkpoint_folder(run_dir: Path, name: str) -> Path:
     try:
         plain_tree(folder)
     except OSError as error:
-        raise ExportError(
-            f"{error.filename} {error.strerror}; zopro reads a checkpoint only when it holds plain files"
-        ) from None
+        raise ExportError(f"checkpoint {wanted} cannot be used: {error.filename} {error.strerror}") from None
     return folder
 
 
