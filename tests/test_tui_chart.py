@@ -119,3 +119,19 @@ async def test_the_value_cursor_past_a_panels_axis_points_beyond_it_instead_of_s
     assert "▲50" in labels[50.0]
     assert labels[300.0].rstrip().endswith("300▶") and "▲" not in labels[300.0]
     assert labels[-20.0][LABEL_WIDTH:].startswith("◀-20") and "▲" not in labels[-20.0]
+
+
+async def test_a_narrow_legend_keeps_the_names_and_shows_values_while_the_cursor_is_out():
+    app = OneChart()
+    values = np.array([0.1234567, 0.2345678, 0.3456789])
+    series = [ChartSeries("rollouts", X, values), ChartSeries("held-out", X, values[::-1].copy())]
+    async with app.run_test(size=(40, 10)) as pilot:
+        chart = app.query_one(CurveChart)
+        chart.show(ChartData("held-out gold", series))
+        await pilot.pause()
+        plain = chart.render_line(0).text
+        chart.show(ChartData("held-out gold", series, cursor=50.0))
+        await pilot.pause()
+        reading = chart.render_line(0).text
+    assert "rollouts" in plain and "held-out" in plain.split("gold", 1)[1], "which line is which"
+    assert "0.2346" in reading and "rollouts" not in reading, "the values at the cursor"

@@ -372,25 +372,36 @@ class CurveChart(Widget):
 
     def _legend(self, width: int, no_color: bool) -> Text:
         """The title, then each series' marker, label and value (at the cursor) with its standard error. When
-        that does not fit, the legend shortens (no standard errors, then no labels, then cut), never the
-        title: a chart is known by its title."""
+        that does not fit, the legend shortens, never the title (a chart is known by its title): no standard
+        errors, then the labels alone (which line is which), or, while the value cursor is out, the values
+        alone (what the user asked for); then the other; else the first of those two, cut."""
         data = self.data
         title = Text(data.title, style="bold")
         if not data.series or title.cell_len >= width:
             title.truncate(width, overflow="ellipsis")
             return title
         room = width - title.cell_len - 2
+        labels_only = self._series_legend(no_color, with_errors=False, values=False)
+        values_only = self._series_legend(no_color, with_errors=False, labels=False)
+        preferred, other = (
+            (values_only, labels_only) if data.cursor is not None else (labels_only, values_only)
+        )
         for legend in (
             self._series_legend(no_color, with_errors=True),
             self._series_legend(no_color, with_errors=False),
-            self._series_legend(no_color, with_errors=False, labels=False),
+            preferred,
+            other,
         ):
             if legend.cell_len <= room:
                 break
+        else:
+            legend = preferred
         legend.truncate(room, overflow="ellipsis")
         return Text.assemble(title, "  ", legend)
 
-    def _series_legend(self, no_color: bool, with_errors: bool, labels: bool = True) -> Text:
+    def _series_legend(
+        self, no_color: bool, with_errors: bool, labels: bool = True, values: bool = True
+    ) -> Text:
         data = self.data
         legend = Text(no_wrap=True, overflow="ellipsis")
         for index, series in enumerate(data.series):
@@ -398,6 +409,9 @@ class CurveChart(Widget):
             if index:
                 legend.append("  ")
             legend.append(marker, style=Style(color=series.color))
+            if not values:
+                legend.append(f" {series.label}")
+                continue
             legend.append(f" {series.label} " if labels else "")
             value = self._legend_value(series)
             legend.append(fmt_number(value, 8) if value is not None else "-", style="bold")
