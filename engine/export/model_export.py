@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.data.preference_data import DataError
+from engine.data.prompts import has_chat_template
 from engine.data.tasks import make_task
 from engine.export.checkpoints import ExportError, checkpoint_folder, policy_adapter_of
 from engine.export.lora_merge import lora_deltas, merge_into, output_is_tied, read_adapter
@@ -68,12 +69,15 @@ def export_model(
             )
         else:
             write_reward(folder, staging, base, recipe.model.dtype, result)
-        save_tokenizer(base, staging)
-        templated = (staging / "chat_template.jinja").is_file() or "chat_template" in json.loads(
-            (staging / "tokenizer_config.json").read_text()
-        )
+        tokenizer = save_tokenizer(base, staging)
         card = model_card(
-            run_dir, recipe, kind=kind, checkpoint=folder.name, base=base, notes=result.notes, chat=templated
+            run_dir,
+            recipe,
+            kind=kind,
+            checkpoint=folder.name,
+            base=base,
+            notes=result.notes,
+            chat=has_chat_template(tokenizer),
         )
         (staging / "README.md").write_text(card)
         provenance = {
@@ -165,11 +169,12 @@ class _SequenceClassification:
         return self.auto.from_pretrained(base, num_labels=1, **kwargs)
 
 
-def save_tokenizer(base: str, out: Path) -> None:
-    """The base's tokenizer (and chat template), with the pad token the run used."""
+def save_tokenizer(base: str, out: Path):
+    """The base's tokenizer (and chat template), with the pad token the run used; returns it."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(out)
+    return tokenizer
