@@ -41,10 +41,10 @@ def _looks_local(path: str) -> bool:
 def _load_file(file: Path, split: str) -> Dataset:
     import datasets
 
+    problem = path_problem(str(file))  # a folder's file as a named one (its type, empty or not)
+    if problem is not None:
+        raise DataError(problem)
     builder = _builder_for(file)
-    problem = path_problem(str(file))  # a folder's file as a named one
-    if problem is not None or builder is None:
-        raise DataError(problem or f"Cannot read {file}: unsupported file type.")
     kwargs: dict[str, Any] = {"delimiter": "\t"} if ".tsv" in [s.lower() for s in file.suffixes] else {}
     datasets.logging.set_verbosity_error()  # its own log line on a bad file would precede our sentence
     try:
