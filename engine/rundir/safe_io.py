@@ -60,27 +60,26 @@ def real_folder(path: Path, *, create: bool = True, mode: int = 0o755) -> Path:
     return path
 
 
-def is_link(path: Path) -> bool:
+def _lstat_mode(path: Path) -> int:
+    """The entry's own mode (a link's, not its target's); 0 when it cannot be had (missing)."""
     try:
-        return stat.S_ISLNK(os.lstat(path).st_mode)
+        return os.lstat(path).st_mode
     except OSError:
-        return False
+        return 0
+
+
+def is_link(path: Path) -> bool:
+    return stat.S_ISLNK(_lstat_mode(path))
 
 
 def is_real_dir(path: Path) -> bool:
     """A folder, not a link to one."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
+    return stat.S_ISDIR(_lstat_mode(path))
 
 
 def is_plain_file(path: Path) -> bool:
     """A plain file, not a link, a FIFO or a device."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
+    return stat.S_ISREG(_lstat_mode(path))
 
 
 def open_in_place(path: Path, flags: int, mode: int = 0o644) -> int:
